@@ -1,0 +1,360 @@
+"""Tests of raw MovieLens reading, download and TFDS conversion (ncf_jax.movielens)."""
+import contextlib
+import hashlib
+import http.server
+import io
+import os
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+
+from ncf_jax import movielens
+from ncf_jax.errors import UserError
+
+ROWS = [(1, 31, 2.5, 1260759144), (1, 1029, 3.0, 1260759179), (7, 31, 4.5, 851866703),
+        (2, 10, 4.0, 835355493), (2, 17, 5.0, 835355681)]
+
+
+def ratings_text(name, rows=ROWS):
+  fmt = movielens.FORMATS[name]
+  lines = [fmt.header] if fmt.header else []
+  lines += [fmt.sep.join(str(v) for v in r) for r in rows]
+  return '\n'.join(lines) + '\n'
+
+
+def write_folder(data_dir, name, text):
+  fmt = movielens.FORMATS[name]
+  path = os.path.join(data_dir, fmt.folder, fmt.filename)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, 'w') as f:
+    f.write(text)
+  return path
+
+
+def zip_bytes(name, text, extra=()):
+  fmt = movielens.FORMATS[name]
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, 'w', zipfile.ZIP_DEFLATED) as z:
+    z.writestr(f'{fmt.folder}/', '')
+    z.writestr(f'{fmt.folder}/{fmt.filename}', text)
+    for member, content in extra:
+      z.writestr(member, content)
+  return buf.getvalue()
+
+
+def read(data_dir, name):
+  return movielens.read_ratings(movielens.locate(name, str(data_dir)))
+
+
+def assert_rows(ratings, rows=ROWS):
+  np.testing.assert_array_equal(ratings.users, [r[0] for r in rows])
+  np.testing.assert_array_equal(ratings.items, [r[1] for r in rows])
+  np.testing.assert_array_equal(ratings.timestamps, [r[3] for r in rows])
+  assert ratings.users.dtype == np.int32 and ratings.timestamps.dtype == np.int64
+
+
+@pytest.mark.parametrize('name', movielens.NAMES)
+def test_each_format_parses_from_the_extracted_folder(tmp_path, name):
+  rows = [(u, i, int(r) if name in ('ml-100k', 'ml-1m') else r, t) for u, i, r, t in ROWS]
+  write_folder(tmp_path, name, ratings_text(name, rows))
+  ratings = read(tmp_path, name)
+  assert_rows(ratings)
+  assert ratings.where.endswith(movielens.FORMATS[name].filename)
+
+
+@pytest.mark.parametrize('name', ['ml-100k', 'ml-10m', 'ml-20m'])
+def test_zip_gives_the_same_ratings_as_the_folder(tmp_path, name):
+  (tmp_path / f'{name}.zip').write_bytes(zip_bytes(name, ratings_text(name)))
+  source = movielens.locate(name, str(tmp_path))
+  assert source.member == (f'{movielens.FORMATS[name].folder}/'
+                           f'{movielens.FORMATS[name].filename}')
+  assert_rows(movielens.read_ratings(source))
+
+
+def test_ml10m_zip_member_lives_in_ml_10M100K(tmp_path):
+  (tmp_path / 'ml-10m.zip').write_bytes(zip_bytes('ml-10m', ratings_text('ml-10m')))
+  assert movielens.locate('ml-10m', str(tmp_path)).member == 'ml-10M100K/ratings.dat'
+
+
+def test_extracted_folder_is_preferred_over_the_zip(tmp_path):
+  write_folder(tmp_path, 'ml-1m', ratings_text('ml-1m'))
+  (tmp_path / 'ml-1m.zip').write_bytes(b'not read')
+  assert movielens.locate('ml-1m', str(tmp_path)).member is None
+
+
+def test_crlf_line_endings_parse(tmp_path):
+  write_folder(tmp_path, 'ml-20m', ratings_text('ml-20m').replace('\n', '\r\n'))
+  assert_rows(read(tmp_path, 'ml-20m'))
+
+
+def test_missing_files_name_both_paths_and_how_to_get_them(tmp_path):
+  with pytest.raises(UserError) as e:
+    movielens.locate('ml-20m', str(tmp_path))
+  msg = str(e.value)
+  assert str(tmp_path / 'ml-20m' / 'ratings.csv') in msg
+  assert str(tmp_path / 'ml-20m.zip') in msg
+  assert '--download' in msg and 'source=tfds' in msg and 'ml-20m.zip' in msg
+  assert os.listdir(tmp_path) == []
+
+
+def test_missing_data_dir_is_named(tmp_path):
+  with pytest.raises(UserError, match=f'data_dir {tmp_path / "nope"} does not exist'):
+    movielens.locate('ml-1m', str(tmp_path / 'nope'))
+  assert not (tmp_path / 'nope').exists()
+
+
+def test_zip_without_the_ratings_member_is_reported(tmp_path):
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, 'w') as z:
+    z.writestr('other/file.txt', 'x')
+  (tmp_path / 'ml-1m.zip').write_bytes(buf.getvalue())
+  with pytest.raises(UserError, match='has no member ml-1m/ratings.dat'):
+    movielens.locate('ml-1m', str(tmp_path))
+
+
+def test_corrupt_zip_is_reported(tmp_path):
+  (tmp_path / 'ml-1m.zip').write_bytes(b'PK garbage')
+  with pytest.raises(UserError, match='not a readable zip'):
+    movielens.locate('ml-1m', str(tmp_path))
+
+
+# --- bad input: each message names the file and the 1-based line -----------------------
+
+
+@pytest.mark.parametrize('name,text,line', [
+    ('ml-20m', 'userId,movieId,rating,timestamp\n1,2,3.5,10\n1,3,4.0\n', 3),
+    ('ml-20m', 'userId,movieId,rating,timestamp\n1,2,3.5,10\n\n1,3,4,5,6\n', 4),
+    ('ml-1m', '1::2::3::10\n2::3::4::11\n3::4::5\n', 3),
+    ('ml-1m', '1::2::3::10\n2::3::4::11::9\n', 2),
+    ('ml-100k', '1\t2\t3\t10\n1\t2\t3\n', 2),
+])
+def test_malformed_line_names_file_and_line_number(tmp_path, name, text, line):
+  path = write_folder(tmp_path, name, text)
+  with pytest.raises(UserError, match=rf'{path} line {line}: expected 4 fields'):
+    read(tmp_path, name)
+
+
+def test_malformed_line_inside_a_zip_names_the_member(tmp_path):
+  text = 'userId,movieId,rating,timestamp\n1,2,3.5,10\n1,2\n'
+  (tmp_path / 'ml-20m.zip').write_bytes(zip_bytes('ml-20m', text))
+  with pytest.raises(UserError, match=r'ml-20m.zip:ml-20m/ratings.csv line 3: expected 4'):
+    read(tmp_path, 'ml-20m')
+
+
+def test_malformed_line_far_into_a_big_file_gets_the_right_number(tmp_path, monkeypatch):
+  monkeypatch.setattr(movielens, '_DIAGNOSE_BLOCK', 1000)  # many diagnosis blocks
+  rows = ''.join(f'{u}::{u % 97}::3::{1000 + u}\n' for u in range(1, 3001))
+  path = write_folder(tmp_path, 'ml-1m', rows + '5::6::oops::7::8\n' + rows)
+  with pytest.raises(UserError, match=rf'{path} line 3001: expected 4 fields .* found 5: '
+                                      r"'5::6::oops::7::8'"):
+    read(tmp_path, 'ml-1m')
+
+
+@pytest.mark.parametrize('text,line,what', [
+    ('userId,movieId,rating,timestamp\n1,2,3.5,10\nabc,3,4.0,11\n', 3, "user id 'abc'"),
+    ('userId,movieId,rating,timestamp\n1,2,3.5,10\n1,3.0,4.0,11\n', 3, "movie id '3.0'"),
+    ('userId,movieId,rating,timestamp\n1,2,3.5,10\n1,,4.0,11\n', 3, "movie id ''"),
+    ('userId,movieId,rating,timestamp\n1,2,3.5,2020-01-01\n', 2, "timestamp '2020-01-01'"),
+    ('userId,movieId,rating,timestamp\n1,2,3.5,1\n1,2,3.5,1\n-4,2,3.5,1\n', 4, "user id '-4'"),
+    ('userId,movieId,rating,timestamp\n1,3000000000,3.5,1\n', 2, "movie id '3000000000'"),
+])
+def test_non_numeric_id_or_timestamp_names_line_and_value(tmp_path, text, line, what):
+  path = write_folder(tmp_path, 'ml-20m', text)
+  with pytest.raises(UserError, match=rf'{path} line {line}: {what} is not a non-negative'):
+    read(tmp_path, 'ml-20m')
+
+
+def test_non_numeric_id_in_a_double_colon_file_shows_the_original_line(tmp_path):
+  path = write_folder(tmp_path, 'ml-1m', '1::2::3::10\nx::2::3::10\n')
+  with pytest.raises(UserError, match=rf"{path} line 2: user id 'x' .*'x::2::3::10'"):
+    read(tmp_path, 'ml-1m')
+
+
+def test_empty_file_is_reported(tmp_path):
+  path = write_folder(tmp_path, 'ml-1m', '')
+  with pytest.raises(UserError, match=rf'{path} is empty'):
+    read(tmp_path, 'ml-1m')
+
+
+def test_header_only_file_has_no_ratings(tmp_path):
+  path = write_folder(tmp_path, 'ml-20m', 'userId,movieId,rating,timestamp\n')
+  with pytest.raises(UserError, match=rf'{path} has no ratings'):
+    read(tmp_path, 'ml-20m')
+
+
+@pytest.mark.parametrize('name,text,match', [
+    ('ml-20m', 'userId;movieId;rating;timestamp\n1;2;3;4\n', r"line 1: expected the header "
+     r"'userId,movieId,rating,timestamp'.*separated by ';'"),
+    ('ml-20m', '1,2,3.5,4\n', r"line 1: expected the header"),
+    ('ml-1m', '1,2,3,4\n', r"line 1: expected fields separated by '::'.*it uses ','"),
+    ('ml-100k', '1,2,3,4\n', r"line 1: expected fields separated by tabs.*it uses ','"),
+    ('ml-1m', '1::2::3::4\n1\t2\t3\t4\n', r'contains tab characters'),
+])
+def test_wrong_separator_or_header_is_reported(tmp_path, name, text, match):
+  path = write_folder(tmp_path, name, text)
+  with pytest.raises(UserError, match=match) as e:
+    read(tmp_path, name)
+  assert path in str(e.value)
+
+
+def test_known_sizes_mismatch_says_not_the_official_file():
+  with pytest.raises(UserError, match=r"has 5 ratings; the official GroupLens ml-20m has "
+                                      r"20,000,263.*not the official file"):
+    movielens.check_known_sizes('ml-20m', 'f.csv', num_ratings=5)
+  movielens.check_known_sizes('ml-20m', 'f.csv', 20_000_263, 138_493, 26_744)
+  movielens.check_known_sizes('ml-100k', 'f', num_ratings=5)  # no published sizes: no check
+
+
+# --- download from a local server ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve(files):
+  """Serves {path: (body, declared_length or None)} on 127.0.0.1; yields the base URL."""
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+
+    def do_GET(self):  # pylint: disable=invalid-name
+      if self.path not in files:
+        self.send_error(404)
+        return
+      body, length = files[self.path]
+      self.send_response(200)
+      self.send_header('Content-Length', str(length if length is not None else len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+      self.wfile.flush()
+      self.close_connection = True
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+  thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+  thread.start()
+  try:
+    yield f'http://127.0.0.1:{server.server_address[1]}/movielens'
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_places_a_checked_zip_that_then_parses(tmp_path):
+  body = zip_bytes('ml-latest-small', ratings_text('ml-latest-small'))
+  with serve({'/movielens/ml-latest-small.zip': (body, None)}) as base:
+    source = movielens.locate('ml-latest-small', str(tmp_path / 'd'), download=True,
+                              base_url=base)
+  assert os.listdir(tmp_path / 'd') == ['ml-latest-small.zip']
+  assert (tmp_path / 'd' / 'ml-latest-small.zip').read_bytes() == body
+  assert_rows(movielens.read_ratings(source))
+
+
+def test_download_checks_md5_of_names_that_have_one(tmp_path):
+  body = zip_bytes('ml-1m', ratings_text('ml-1m', [(1, 2, 3, 4)]))
+  with serve({'/movielens/ml-1m.zip': (body, None)}) as base:
+    path = movielens.download_zip('ml-1m', str(tmp_path), base_url=base,
+                                  md5={'ml-1m': hashlib.md5(body).hexdigest()})
+  assert path == str(tmp_path / 'ml-1m.zip')
+
+
+def test_download_with_wrong_md5_leaves_no_file(tmp_path):
+  body = zip_bytes('ml-1m', ratings_text('ml-1m', [(1, 2, 3, 4)]))
+  with serve({'/movielens/ml-1m.zip': (body, None)}) as base:
+    with pytest.raises(UserError, match='has MD5 .* expected c4d9eecfca2ab87c1945afe126590906'):
+      movielens.download_zip('ml-1m', str(tmp_path), base_url=base)  # the real MD5 table
+  assert os.listdir(tmp_path) == []
+
+
+def test_truncated_download_leaves_no_file(tmp_path):
+  body = zip_bytes('ml-100k', ratings_text('ml-100k'))
+  with serve({'/movielens/ml-100k.zip': (body[:len(body) // 2], len(body))}) as base:
+    with pytest.raises(UserError, match='download of .*ml-100k.zip (is truncated|failed)'):
+      movielens.download_zip('ml-100k', str(tmp_path), base_url=base)
+  assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_zip_download_without_md5_fails_the_zip_test_and_leaves_no_file(tmp_path):
+  body = bytearray(zip_bytes('ml-100k', ratings_text('ml-100k') * 50))
+  info = zipfile.ZipFile(io.BytesIO(bytes(body))).getinfo('ml-100k/u.data')
+  body[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF
+  with serve({'/movielens/ml-100k.zip': (bytes(body), None)}) as base:
+    with pytest.raises(UserError, match='ml-100k.zip'):
+      movielens.download_zip('ml-100k', str(tmp_path), base_url=base)
+  assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_zip_placed_by_hand_is_reported_when_read(tmp_path):
+  body = bytearray(zip_bytes('ml-100k', ratings_text('ml-100k') * 50))
+  info = zipfile.ZipFile(io.BytesIO(bytes(body))).getinfo('ml-100k/u.data')
+  body[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF
+  (tmp_path / 'ml-100k.zip').write_bytes(bytes(body))
+  with pytest.raises(UserError, match='the zip is corrupt'):
+    read(tmp_path, 'ml-100k')
+
+
+def test_cut_zip_served_whole_fails_and_leaves_no_file(tmp_path):
+  body = zip_bytes('ml-100k', ratings_text('ml-100k'))
+  with serve({'/movielens/ml-100k.zip': (body[:-30], None)}) as base:
+    with pytest.raises(UserError, match='download of .*ml-100k.zip failed'):
+      movielens.download_zip('ml-100k', str(tmp_path), base_url=base)
+  assert os.listdir(tmp_path) == []
+
+
+def test_http_error_is_a_user_error_and_leaves_no_file(tmp_path):
+  with serve({}) as base:
+    with pytest.raises(UserError, match='404'):
+      movielens.locate('ml-25m', str(tmp_path), download=True, base_url=base)
+  assert os.listdir(tmp_path) == []
+
+
+def test_base_url_comes_from_the_environment(tmp_path, monkeypatch):
+  body = zip_bytes('ml-100k', ratings_text('ml-100k'))
+  with serve({'/movielens/ml-100k.zip': (body, None)}) as base:
+    monkeypatch.setenv(movielens.URL_ENV, base)
+    assert movielens.url('ml-100k') == base + '/ml-100k.zip'
+    movielens.download_zip('ml-100k', str(tmp_path))
+  assert os.listdir(tmp_path) == ['ml-100k.zip']
+
+
+def test_default_url_is_the_official_grouplens_one(monkeypatch):
+  monkeypatch.delenv(movielens.URL_ENV, raising=False)
+  assert movielens.url('ml-20m') == 'https://files.grouplens.org/datasets/movielens/ml-20m.zip'
+
+
+# --- TFDS --------------------------------------------------------------------------------
+
+
+def test_tfds_random_mock_records_have_non_numeric_ids_and_say_so(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = movielens.open_tfds('ml-100k', str(tmp_path), download=False)
+    assert len(ds) == 5
+    assert set(ds[0]) >= {'user_id', 'movie_id', 'timestamp', 'user_rating'}
+    with pytest.raises(UserError, match=r'TFDS movielens/100k-ratings record 0: user_id .* is '
+                                        'not a numeric id'):
+      movielens.read_tfds(ds, 'ml-100k')
+
+
+def tfds_records(rows=ROWS, as_bytes=True):
+  enc = (lambda v: str(v).encode()) if as_bytes else str
+  return [{'user_id': enc(u), 'movie_id': enc(i), 'user_rating': np.float32(r),
+           'timestamp': np.int64(t), 'movie_title': b'x', 'movie_genres': np.array([1])}
+          for u, i, r, t in rows]
+
+
+@pytest.mark.parametrize('as_bytes', [True, False])
+def test_tfds_records_convert_to_raw_ratings_in_order(tmp_path, as_bytes):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  records = tfds_records(as_bytes=as_bytes)
+  with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: records):
+    ds = movielens.open_tfds('ml-20m', str(tmp_path), download=False)
+    ratings = movielens.read_tfds(ds, 'ml-20m')
+  assert_rows(ratings)
+  assert ratings.where == 'TFDS movielens/20m-ratings'
+
+
+def test_tfds_has_no_ml10m():
+  with pytest.raises(UserError, match='ml-10m is not in TensorFlow Datasets'):
+    movielens.open_tfds('ml-10m', '/nonexistent', download=False)
