@@ -1,0 +1,150 @@
+"""Training epochs and evaluation candidates as pure functions of (key, epoch, index).
+
+Epoch e is every training positive once (label 1) plus `num_neg` negatives for the same
+user (label 0): num_train * (1 + num_neg) slots, visited in the order of a keyed
+pseudo-random bijection of the slot indices (nothing is materialised). Global batch `step`
+holds epoch positions [step * batch_size, (step + 1) * batch_size); positions past the end
+of the epoch are padding with `valid=False`, so no sample is dropped or seen twice and
+every batch has the same shape. A batch, or any slice of it (one device's share), is
+computed on device from the `DeviceData` arrays; a sample's value depends only on
+(key, epoch, slot), never on the batch size or the device count.
+"""
+from typing import Dict, Iterator, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ncf_jax import data as data_lib
+from ncf_jax import sampling
+
+# Streams of the run key (fold_in), so that each use of randomness is independent.
+STREAM_ORDER, STREAM_TRAIN_NEG, STREAM_EVAL = 0, 1, 2
+
+
+def epoch_size(num_train: int, num_neg: int) -> int:
+  """Samples (slots) in one training epoch."""
+  return int(num_train) * (1 + int(num_neg))
+
+
+def steps_per_epoch(num_train: int, num_neg: int, batch_size: int) -> int:
+  """Global batches per epoch; the last one is padded."""
+  return -(-epoch_size(num_train, num_neg) // int(batch_size))
+
+
+def epoch_keys(key: jax.Array, epoch) -> Tuple[jax.Array, jax.Array]:
+  """Raw keypairs for an epoch's order and its negatives, from the run's data key."""
+  ek = jax.random.fold_in(key, epoch)
+  return (sampling.keypair(jax.random.fold_in(ek, STREAM_ORDER)),
+          sampling.keypair(jax.random.fold_in(ek, STREAM_TRAIN_NEG)))
+
+
+def train_batch(data: sampling.DeviceData, key: jax.Array, epoch, step, *,
+                batch_size: int, num_neg: int, start=0,
+                size: Optional[int] = None) -> Dict[str, jax.Array]:
+  """Training batch `step` of `epoch`, or its slice [start, start + size).
+
+  Pure and jittable; `epoch`, `step` and `start` may be traced.
+
+  Args:
+    data: the device-side dataset.
+    key: the run's data key (a threefry2x32 typed key).
+    epoch: epoch number.
+    step: global batch number within the epoch.
+    batch_size: global batch size.
+    num_neg: negatives per positive.
+    start: first position of the slice within the batch (a device's offset).
+    size: slice length (default: the whole batch).
+  Returns:
+    dict of int32 `user`, `item`, float32 `label`, bool `valid` of length `size`.
+  """
+  size = batch_size if size is None else size
+  n_slots = epoch_size(data.num_train, num_neg)
+  order_kp, neg_kp = epoch_keys(key, epoch)
+  position = (jnp.asarray(step, jnp.uint32) * jnp.uint32(batch_size)
+              + jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32))
+  valid = position < jnp.uint32(n_slots)
+  position = jnp.where(valid, position, 0)
+  slot = sampling.permute(position, n_slots, sampling.round_keys(order_kp))
+  k = (slot // (1 + num_neg)).astype(jnp.int32)      # which positive
+  is_pos = (slot % (1 + num_neg)) == 0
+  users = data.train_users[k]
+  offsets = data.user_offsets[users]
+  degrees = data.user_offsets[users + 1] - offsets
+  pos_items = data.shifted[k] + (k - offsets)
+  neg_items = sampling.sample_negatives(data, neg_kp, users, slot, 0, offsets, degrees)
+  return dict(user=users, item=jnp.where(is_pos, pos_items, neg_items),
+              label=is_pos.astype(jnp.float32), valid=valid)
+
+
+def iterate_train(dataset: data_lib.Dataset, key: jax.Array, epoch: int, *,
+                  batch_size: int, num_neg: int) -> Iterator[Dict[str, np.ndarray]]:
+  """Yields an epoch's global batches as NumPy dicts (for inspection and tests)."""
+  data = sampling.to_device(dataset)
+  fn = jax.jit(lambda d, e, s: train_batch(d, key, e, s, batch_size=batch_size,
+                                           num_neg=num_neg))
+  for step in range(steps_per_epoch(dataset.num_train, num_neg, batch_size)):
+    yield jax.device_get(fn(data, epoch, step))
+
+
+def eval_key(key: jax.Array) -> jax.Array:
+  """Keypair of the evaluation candidates: fixed for the whole run."""
+  return sampling.keypair(jax.random.fold_in(key, STREAM_EVAL))
+
+
+def eval_batch(data: sampling.DeviceData, key: jax.Array, users: jax.Array, *,
+               num_neg: int, match_mlperf: bool = False) -> Tuple[jax.Array, jax.Array]:
+  """Candidates of `users`: column 0 the test item, then `num_neg` negatives.
+
+  Default: distinct negatives, never a training positive nor the test item.
+  match_mlperf: the MLPerf reference's draws, with replacement over the items that are not
+  training positives (the test item may be drawn); `mask` is False for a repeated item and
+  for a drawn copy of the test item, so duplicates count once.
+
+  Returns:
+    items int32 [len(users), 1 + num_neg], mask bool of the same shape.
+  """
+  kp = eval_key(key)
+  users = users.astype(jnp.int32)
+  test = data.test_items[users][:, None]
+  if not match_mlperf:
+    negs = sampling.sample_distinct_negatives(data, kp, users, num_neg)
+    items = jnp.concatenate([test, negs], axis=1)
+    return items, jnp.ones(items.shape, bool)
+  counters = (users[:, None].astype(jnp.uint32) * jnp.uint32(num_neg)
+              + jnp.arange(num_neg, dtype=jnp.uint32)[None, :])
+  negs = sampling.sample_negatives(data, kp, users[:, None], counters, stream=1)
+  items = jnp.concatenate([test, negs], axis=1)
+  return items, first_occurrence(items)
+
+
+def first_occurrence(items: jax.Array) -> jax.Array:
+  """True where an item appears for the first time in its row (column 0 always True)."""
+  order = jnp.argsort(items, axis=1, stable=True)
+  sorted_items = jnp.take_along_axis(items, order, axis=1)
+  first_sorted = jnp.concatenate(
+      [jnp.ones_like(sorted_items[:, :1], bool), sorted_items[:, 1:] != sorted_items[:, :-1]],
+      axis=1)
+  mask = jnp.zeros_like(first_sorted)
+  rows = jnp.arange(items.shape[0])[:, None]
+  return mask.at[rows, order].set(first_sorted)
+
+
+def eval_candidates(dataset: data_lib.Dataset, key: jax.Array, *, num_neg: int,
+                    match_mlperf: bool = False,
+                    batch_users: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
+  """All users' candidates as NumPy arrays: (users [U], items [U, 1 + num_neg]).
+
+  `items[:, 0]` is the test item. The same key gives the same candidates every time.
+  """
+  data = sampling.to_device(dataset)
+  fn = jax.jit(lambda d, u: eval_batch(d, key, u, num_neg=num_neg,
+                                       match_mlperf=match_mlperf)[0])
+  users = np.arange(dataset.num_users, dtype=np.int32)
+  out = []
+  for lo in range(0, dataset.num_users, batch_users):
+    chunk = users[lo:lo + batch_users]
+    padded = np.pad(chunk, (0, batch_users - len(chunk)))
+    out.append(np.asarray(fn(data, padded))[:len(chunk)])
+  items = np.concatenate(out) if out else np.zeros((0, 1 + num_neg), np.int32)
+  return users, items

@@ -1,0 +1,273 @@
+"""Exact uniform negative sampling as pure, jittable functions.
+
+A user's negatives are the items it has no training positive for. To draw one uniformly
+there is no rejection loop: draw r uniformly in [0, num_items - |P_u|) and return the r-th
+non-positive item. With the user's positives p_0 < p_1 < ... stored sorted (CSR), the r-th
+non-positive is r + j where j = #{k : p_k - k <= r}; `p_k - k` is non-decreasing, so j is
+found by bisection. A per-user table of `fences` (the shifted values at 16 evenly spaced
+positions, one cache line per user) narrows each bisection to 1/16 of the user's list.
+
+Randomness is counter-based: every draw is threefry2x32(key, (index, stream)) for a global
+index (sample slot, user, candidate number), so a value never depends on batch size, how a
+batch is split across devices, or how many devices and hosts there are.
+"""
+import functools
+from typing import Tuple
+
+import flax.struct
+import jax
+from jax.extend import random as jex_random
+import jax.numpy as jnp
+import numpy as np
+
+from ncf_jax import data as data_lib
+
+NUM_FENCES = 16
+FEISTEL_ROUNDS = 6  # even, so the mixed-radix state returns to (Z_a, Z_b)
+_U32_MAX = 0xFFFFFFFF
+
+
+@flax.struct.dataclass
+class DeviceData:
+  """Device-resident form of a `Dataset` (replicated on every device).
+
+  Item ids of positives are not stored: `shifted[k] = item_k - (k - user_offsets[u])` holds
+  the same information and is what the sampler bisects (item_k = shifted[k] + local k).
+  """
+  train_users: jax.Array   # int32 [num_train]
+  shifted: jax.Array       # int32 [num_train]
+  user_offsets: jax.Array  # int32 [num_users + 1]
+  fences: jax.Array        # int32 [num_users, NUM_FENCES]
+  test_items: jax.Array    # int32 [num_users]
+  num_users: int = flax.struct.field(pytree_node=False)
+  num_items: int = flax.struct.field(pytree_node=False)
+  max_degree: int = flax.struct.field(pytree_node=False)
+
+  @property
+  def num_train(self) -> int:
+    return int(self.shifted.shape[0])
+
+  @property
+  def search_steps(self) -> int:
+    """Bisection steps that cover the largest fence bucket."""
+    bucket = -(-self.max_degree // NUM_FENCES) + 1
+    return max(1, int(np.ceil(np.log2(bucket + 1))))
+
+
+def host_arrays(dataset: data_lib.Dataset) -> dict:
+  """NumPy arrays of the device form (shifted positives and fences), built once on host."""
+  offsets = dataset.user_offsets.astype(np.int64)
+  degrees = np.diff(offsets)
+  local = np.arange(dataset.num_train, dtype=np.int64) - np.repeat(offsets[:-1], degrees)
+  shifted = (dataset.train_items.astype(np.int64) - local).astype(np.int32)
+  t = np.arange(1, NUM_FENCES + 1, dtype=np.int64)
+  q = (t[None, :] * degrees[:, None]) // NUM_FENCES          # fence positions in [0, n]
+  has = q < degrees[:, None]
+  idx = np.where(has, offsets[:-1, None] + q, 0)
+  fences = np.where(has, shifted[np.minimum(idx, max(dataset.num_train - 1, 0))],
+                    np.iinfo(np.int32).max).astype(np.int32)
+  return dict(train_users=dataset.train_users.astype(np.int32), shifted=shifted,
+              user_offsets=dataset.user_offsets.astype(np.int32), fences=fences,
+              test_items=dataset.test_items.astype(np.int32))
+
+
+def to_device(dataset: data_lib.Dataset, sharding=None) -> DeviceData:
+  """Copies a Dataset to device memory (replicated with `sharding` when given)."""
+  arrays = host_arrays(dataset)
+  if sharding is None:
+    arrays = jax.tree.map(jnp.asarray, arrays)
+  else:
+    arrays = {k: jax.make_array_from_process_local_data(sharding, v)
+              for k, v in arrays.items()}
+  degrees = np.diff(dataset.user_offsets)
+  return DeviceData(num_users=dataset.num_users, num_items=dataset.num_items,
+                    max_degree=int(degrees.max()) if degrees.size else 0, **arrays)
+
+
+# ----------------------------------------------------------------------------------------
+# Counter-based random numbers.
+
+def keypair(key: jax.Array) -> jax.Array:
+  """Raw uint32[2] threefry key of a typed key (made with impl='threefry2x32')."""
+  data = jax.random.key_data(key)
+  if data.shape[-1:] != (2,):
+    raise ValueError('ncf_jax keys must use the threefry2x32 implementation.')
+  return data
+
+
+def random_words(kp: jax.Array, x0: jax.Array, x1) -> Tuple[jax.Array, jax.Array]:
+  """Two uint32 pseudo-random words per counter pair (x0, x1): threefry2x32."""
+  args = [jnp.asarray(v, jnp.uint32) for v in (kp[..., 0], kp[..., 1], x0, x1)]
+  # A zero that carries every operand's shape and (inside shard_map) device variance, so
+  # that the primitive sees operands of one type; XLA folds it away.
+  zero = functools.reduce(jnp.add, [v & 0 for v in args])
+  return tuple(jex_random.threefry2x32_p.bind(*[v + zero for v in args]))
+
+
+def mulhi_u32(a: jax.Array, b: jax.Array) -> jax.Array:
+  """floor(a * b / 2**32) for uint32 a, b, exactly, with 16-bit limbs (no uint64 needed)."""
+  a = a.astype(jnp.uint32)
+  b = b.astype(jnp.uint32)
+  a0, a1 = a & 0xFFFF, a >> 16
+  b0, b1 = b & 0xFFFF, b >> 16
+  p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+  mid = (p00 >> 16) + (p01 & 0xFFFF) + (p10 & 0xFFFF)
+  return p11 + (p01 >> 16) + (p10 >> 16) + (mid >> 16)
+
+
+def uniform_below(bits: jax.Array, span: jax.Array) -> jax.Array:
+  """Maps uniform uint32 bits to [0, span) (Lemire's multiply-high; bias <= span / 2**32)."""
+  return mulhi_u32(bits, span).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------
+# A keyed bijection on [0, n) for any n: mixed-radix Feistel network + cycle walking.
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """murmur3's 32-bit finaliser: a cheap, well-avalanched round function."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _radices(n: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """a = ceil(sqrt(n)), b = ceil(n / a): a * b >= n and a * b - n < a."""
+  n = jnp.maximum(n.astype(jnp.uint32), 1)
+  a = jnp.ceil(jnp.sqrt(n.astype(jnp.float32))).astype(jnp.uint32)
+  a = jnp.where((a - 1) * (a - 1) >= n, a - 1, a)   # fix float rounding either way
+  a = jnp.where(a * a < n, a + 1, a)
+  b = (n + a - 1) // a
+  return a, b
+
+
+def _feistel(x: jax.Array, a: jax.Array, b: jax.Array, round_keys) -> jax.Array:
+  """One pass of the mixed-radix Feistel network: a bijection of [0, a * b)."""
+  left, right = x // b, x % b            # left in Z_a, right in Z_b
+  mods = (a, b)
+  for i, rk in enumerate(round_keys):
+    m = mods[i % 2]
+    f = _mix32(right ^ rk) % m
+    new_right = left + f
+    new_right = jnp.where(new_right >= m, new_right - m, new_right)
+    left, right = right, new_right
+  return left * b + right
+
+
+def permute(x: jax.Array, n: jax.Array, round_keys) -> jax.Array:
+  """Keyed pseudo-random bijection of [0, n), evaluated per element (x < n).
+
+  Args:
+    x: uint32/int32 indices in [0, n).
+    n: domain size (scalar or broadcastable to x), at most 2**32 - 2**17.
+    round_keys: FEISTEL_ROUNDS uint32 arrays broadcastable to x.
+  Returns:
+    uint32 images, a permutation of [0, n) when x ranges over [0, n).
+  """
+  x = x.astype(jnp.uint32)
+  n = jnp.broadcast_to(jnp.asarray(n, jnp.uint32), x.shape)
+  a, b = _radices(n)
+  step = functools.partial(_feistel, a=a, b=b, round_keys=round_keys)
+  y = step(x)
+  # a * b - n < a <= sqrt(n) + 1, so an image outside [0, n) is rare; walking the cycle
+  # until it re-enters [0, n) keeps the map a bijection of [0, n).
+  return jax.lax.while_loop(lambda y: jnp.any(y >= n),
+                            lambda y: jnp.where(y >= n, step(y), y), y)
+
+
+def round_keys(kp: jax.Array, index=0) -> list:
+  """FEISTEL_ROUNDS round keys from a keypair and an index (e.g. a user id)."""
+  index = jnp.asarray(index, jnp.uint32)
+  keys = []
+  for i in range(0, FEISTEL_ROUNDS, 2):
+    y0, y1 = random_words(kp, index, jnp.uint32(0x80000000 + i))
+    keys += [y0, y1]
+  return keys
+
+
+# ----------------------------------------------------------------------------------------
+# The r-th non-positive item of a user.
+
+def nth_nonpositive(data: DeviceData, users: jax.Array, r: jax.Array,
+                    offsets=None, degrees=None) -> jax.Array:
+  """The r-th item (0-based, ascending) that is not a training positive of `users`.
+
+  Requires 0 <= r < num_items - degree(user). Shapes of users and r broadcast.
+  """
+  if offsets is None:
+    offsets = data.user_offsets[users]
+  if degrees is None:
+    degrees = data.user_offsets[users + 1] - offsets
+  r = r.astype(jnp.int32)
+  fences = data.fences[users]                                       # [..., F]
+  c = jnp.sum(fences <= r[..., None], axis=-1, dtype=jnp.int32)    # buckets passed
+  lo = jnp.where(c > 0, (c * degrees) // NUM_FENCES + 1, 0)
+  hi = jnp.where(c + 1 < NUM_FENCES, ((c + 1) * degrees) // NUM_FENCES, degrees)
+  hi = jnp.minimum(hi, degrees)
+  last = jnp.maximum(data.num_train - 1, 0)
+  for _ in range(data.search_steps):
+    mid = (lo + hi) // 2
+    s = data.shifted[jnp.minimum(offsets + mid, last)]
+    active, le = lo < hi, s <= r
+    lo, hi = jnp.where(active & le, mid + 1, lo), jnp.where(active & ~le, mid, hi)
+  return r + lo
+
+
+def count_positives_below(data: DeviceData, users: jax.Array, items: jax.Array,
+                          offsets=None, degrees=None) -> jax.Array:
+  """#{training positives p of the user with p < item} (plain bisection on shifted + k)."""
+  if offsets is None:
+    offsets = data.user_offsets[users]
+  if degrees is None:
+    degrees = data.user_offsets[users + 1] - offsets
+  lo = jnp.zeros_like(degrees)
+  hi = degrees
+  last = jnp.maximum(data.num_train - 1, 0)
+  steps = max(1, int(np.ceil(np.log2(data.max_degree + 2))))
+  for _ in range(steps):
+    mid = (lo + hi) // 2
+    p = data.shifted[jnp.minimum(offsets + mid, last)] + mid
+    active, lt = lo < hi, p < items
+    lo, hi = jnp.where(active & lt, mid + 1, lo), jnp.where(active & ~lt, mid, hi)
+  return lo
+
+
+def sample_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
+                     counters: jax.Array, stream: int = 0,
+                     offsets=None, degrees=None) -> jax.Array:
+  """One uniform negative per (user, counter), with replacement, excluding train positives.
+
+  The draw for a counter is a pure function of (kp, counter, stream), whatever the shape.
+  """
+  if offsets is None:
+    offsets = data.user_offsets[users]
+  if degrees is None:
+    degrees = data.user_offsets[users + 1] - offsets
+  bits, _ = random_words(kp, counters, stream)
+  r = uniform_below(bits, (data.num_items - degrees).astype(jnp.uint32))
+  return nth_nonpositive(data, users, r, offsets, degrees)
+
+
+def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
+                              num_neg: int) -> jax.Array:
+  """`num_neg` distinct negatives per user, never a training positive nor the test item.
+
+  Draws are without replacement: the first num_neg images of a per-user keyed bijection
+  of the user's candidate ranks [0, num_items - degree - 1), mapped to item ids. Requires
+  num_neg <= num_items - degree - 1 for every user in `users`.
+
+  Returns: int32 [len(users), num_neg].
+  """
+  offsets = data.user_offsets[users]
+  degrees = data.user_offsets[users + 1] - offsets
+  test = data.test_items[users]
+  m = (data.num_items - degrees - 1).astype(jnp.uint32)             # candidate count
+  keys = [k[:, None] for k in round_keys(kp, users)]
+  j = jnp.broadcast_to(jnp.arange(num_neg, dtype=jnp.uint32)[None, :],
+                       (users.shape[0], num_neg))
+  ranks = permute(j, m[:, None], keys).astype(jnp.int32)
+  # Skip the test item: its rank among the user's non-positives.
+  test_rank = test - count_positives_below(data, users, test, offsets, degrees)
+  ranks = ranks + (ranks >= test_rank[:, None])
+  return nth_nonpositive(data, users[:, None], ranks, offsets[:, None], degrees[:, None])
