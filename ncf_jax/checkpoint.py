@@ -1,0 +1,106 @@
+"""Checkpoints in WORKDIR/checkpoints via orbax: atomic, last N kept, config-checked resume.
+
+A checkpoint holds the whole TrainState (params, Adam state, global step, the epoch's
+running loss and pipeline-hash accumulators) and, as JSON, the run's seed, config,
+per-epoch metrics and best HR. orbax writes to a temporary directory and renames it when
+complete, so a kill during a save leaves the previous checkpoint intact.
+"""
+import json
+import os
+from typing import Any, Optional, Tuple
+
+from absl import logging
+import ml_collections
+import orbax.checkpoint as ocp
+
+from ncf_jax.errors import UserError
+
+# Fields that may differ between the saved run and a resumed one.
+RESUMABLE_FIELDS = (
+    'num_epochs', 'hr_threshold', 'eval_every_epochs', 'log_every_steps',
+    'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size', 'hash_pipeline',
+    'eval_full_ranking', 'dataset.data_dir', 'dataset.download', 'dataset.source')
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = list(v) if isinstance(v, (tuple, list)) else v
+  return out
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  """JSON-safe dict of a config (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, seed: int) -> None:
+  """Raises UserError naming every field that a resume may not change."""
+  now = _flatten(config_to_dict(config))
+  before = _flatten(saved['config'])
+  diffs = []
+  for k in sorted(set(now) | set(before)):
+    if k in RESUMABLE_FIELDS or k == 'seed':
+      continue
+    if now.get(k) != before.get(k):
+      diffs.append(f'{k}: saved {before.get(k)!r}, now {now.get(k)!r}')
+  if config.seed is not None and int(config.seed) != int(saved['seed']):
+    diffs.append(f'seed: saved {saved["seed"]!r}, now {config.seed!r}')
+  if diffs:
+    raise UserError(
+        'cannot resume: the workdir holds a run with a different config (' + '; '.join(diffs)
+        + '). Use a new --workdir, or restore those values. Fields that may change on '
+        'resume: ' + ', '.join(RESUMABLE_FIELDS) + '.')
+  del seed
+
+
+class Checkpoints:
+  """The checkpoints of one workdir."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'meta'))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def all_steps(self):
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Saves synchronously; a failure leaves earlier checkpoints as they were."""
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+      self.manager.wait_until_finished()
+    except OSError as e:
+      raise UserError(
+          f'could not save the checkpoint of step {step} in {self.directory}: {e}. '
+          f'Earlier checkpoints are intact ({self.all_steps() or "none"}); free space or '
+          'fix permissions, then rerun the same command to resume.') from None
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None) -> Tuple[Any, dict]:
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored['state'], restored['meta']
+
+  def restore_meta(self, step: Optional[int] = None) -> dict:
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))['meta']
+
+  def close(self):
+    self.manager.close()
+
+
+def log_restored(step: int, meta: dict) -> None:
+  logging.info('Resuming from checkpoint at step %d (epoch %d, %d epochs done).', step,
+               meta['epoch'], len(meta['history']))

@@ -1,0 +1,145 @@
+"""NCF models in Flax: NeuMF, GMF, MLP (He et al. 2017) and dot-product MF (Rendle et al. 2020).
+
+Each maps (users, items) int32 [B] to logits [B]. Initialisation follows the MLPerf
+reference (../shared/MLPERF.md 4.2): embeddings N(0, 0.01); MLP kernels Glorot uniform;
+the final kernel LeCun uniform; biases uniform(+-1/sqrt(fan_in)) (PyTorch's Linear
+default). Parameters are float32; `dtype` is the compute dtype. No loss, no data here.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODEL_NAMES = ('neumf', 'gmf', 'mlp', 'mf')
+
+_embed_init = nn.initializers.normal(stddev=0.01)
+
+
+def _torch_bias_init(fan_in: int):
+  bound = 1.0 / np.sqrt(fan_in)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def _dense(features: int, fan_in: int, kernel_init, dtype, name: str) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+                  bias_init=_torch_bias_init(fan_in), name=name)
+
+
+class _Embedding(nn.Module):
+  """A user table and an item table of one width, gathered and cast to `dtype`."""
+  num_users: int
+  num_items: int
+  features: int
+  prefix: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, users, items):
+    u = nn.Embed(self.num_users, self.features, embedding_init=_embed_init,
+                 param_dtype=jnp.float32, name=f'{self.prefix}_user')(users)
+    i = nn.Embed(self.num_items, self.features, embedding_init=_embed_init,
+                 param_dtype=jnp.float32, name=f'{self.prefix}_item')(items)
+    return u.astype(self.dtype), i.astype(self.dtype)
+
+
+class NeuMF(nn.Module):
+  """GMF and/or MLP towers concatenated into one dense logit.
+
+  `use_gmf` / `use_mlp` select the NCF paper's three instantiations: both is NeuMF.
+  """
+  num_users: int
+  num_items: int
+  mf_dim: int = 64
+  mlp_layers: Sequence[int] = (256, 256, 128, 64)
+  dropout: float = 0.0
+  use_gmf: bool = True
+  use_mlp: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, users, items, deterministic: bool = True):
+    towers = []
+    if self.use_gmf:
+      gu, gi = _Embedding(self.num_users, self.num_items, self.mf_dim, 'gmf', self.dtype,
+                          name='gmf')(users, items)
+      towers.append(gu * gi)
+    if self.use_mlp:
+      mu, mi = _Embedding(self.num_users, self.num_items, self.mlp_layers[0] // 2, 'mlp',
+                          self.dtype, name='mlp')(users, items)
+      x = jnp.concatenate([mu, mi], axis=-1)
+      for n, (fan_in, width) in enumerate(zip(self.mlp_layers[:-1], self.mlp_layers[1:])):
+        x = _dense(width, fan_in, nn.initializers.glorot_uniform(), self.dtype,
+                   f'mlp_{n}')(x)
+        x = nn.relu(x)
+        if self.dropout > 0:
+          x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
+      towers.append(x)
+    h = jnp.concatenate(towers, axis=-1) if len(towers) > 1 else towers[0]
+    logits = _dense(1, h.shape[-1], nn.initializers.lecun_uniform(), self.dtype, 'final')(h)
+    return logits[..., 0].astype(jnp.float32)
+
+
+class MF(nn.Module):
+  """Dot-product matrix factorisation with user, item and global biases."""
+  num_users: int
+  num_items: int
+  mf_dim: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, users, items, deterministic: bool = True):
+    del deterministic
+    pu, qi = _Embedding(self.num_users, self.num_items, self.mf_dim, 'mf', self.dtype,
+                        name='mf')(users, items)
+    bu = nn.Embed(self.num_users, 1, embedding_init=nn.initializers.zeros,
+                  name='user_bias')(users)[..., 0]
+    bi = nn.Embed(self.num_items, 1, embedding_init=nn.initializers.zeros,
+                  name='item_bias')(items)[..., 0]
+    g = self.param('global_bias', nn.initializers.zeros, ())
+    dot = jnp.sum(pu * qi, axis=-1).astype(jnp.float32)
+    return dot + bu + bi + g
+
+
+def create_model(model_config, num_users: int, num_items: int, dtype: str) -> nn.Module:
+  """The model named by `model_config.name`, sized from config and dataset."""
+  name = model_config.name
+  layers = tuple(int(w) for w in model_config.mlp_layers)
+  jdtype = jnp.dtype(dtype)
+  if name == 'mf':
+    return MF(num_users, num_items, int(model_config.mf_dim), jdtype)
+  if name not in MODEL_NAMES:
+    raise ValueError(f'unknown model {name!r}')
+  return NeuMF(num_users, num_items, mf_dim=int(model_config.mf_dim), mlp_layers=layers,
+               dropout=float(model_config.dropout), use_gmf=name in ('neumf', 'gmf'),
+               use_mlp=name in ('neumf', 'mlp'), dtype=jdtype)
+
+
+def num_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def neumf_from_pretrained(neumf_params, gmf_params, mlp_params, alpha: float = 0.5):
+  """NeuMF parameters from trained GMF and MLP parameters (NCF paper section 3.4.1).
+
+  Towers are copied; the final layer is [alpha * h_gmf, (1 - alpha) * h_mlp] and its bias
+  the same mix of the two biases.
+  """
+  params = jax.tree.map(lambda x: x, neumf_params)
+  params = dict(params)
+  if gmf_params is not None:
+    params['gmf'] = gmf_params['gmf']
+  if mlp_params is not None:
+    params['mlp'] = mlp_params['mlp']
+    for k, v in mlp_params.items():
+      if k.startswith('mlp_'):
+        params[k] = v
+  if gmf_params is not None and mlp_params is not None:
+    kernel = jnp.concatenate([alpha * gmf_params['final']['kernel'],
+                              (1 - alpha) * mlp_params['final']['kernel']], axis=0)
+    bias = alpha * gmf_params['final']['bias'] + (1 - alpha) * mlp_params['final']['bias']
+    params['final'] = {'kernel': kernel, 'bias': bias}
+  return params

@@ -1,0 +1,600 @@
+"""Training and evaluation loop; `python -m ncf_jax.train --config=configs/<name>.py`.
+
+The logic lives in `train_and_evaluate(config, workdir)` so that tests, sweeps and the
+Colab notebook call it directly; `main` only parses flags, sets up multi-host JAX and
+turns user errors into one message.
+
+Data parallel over every device of every process: a 1-D `data` mesh, parameters and the
+dataset replicated, each device computing its share of the global batch (negatives
+included) inside the compiled step and averaging gradients with an explicit `pmean`.
+"""
+import functools
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from typing import Any, Dict, Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.struct
+from flax.training import train_state
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from ncf_jax import checkpoint as ckpt_lib
+from ncf_jax import data as data_lib
+from ncf_jax import hashing
+from ncf_jax import metrics as metrics_lib
+from ncf_jax import models
+from ncf_jax import pipeline
+from ncf_jax import sampling
+from ncf_jax import writers
+from ncf_jax.errors import UserError, exit_on_user_error
+
+AXIS = 'data'
+
+
+class TrainState(train_state.TrainState):
+  """Parameters, Adam state, global step, and the running epoch's accumulators.
+
+  The accumulators live in the state so that a run stopped mid-epoch and resumed logs the
+  same epoch loss and pipeline hashes as an uninterrupted one.
+  """
+  loss_sum: jax.Array     # float32: sum of per-sample BCE this epoch
+  loss_count: jax.Array   # float32: valid samples this epoch
+  hash_chain: jax.Array   # uint32[2]: chained batch digests this epoch
+  hash_first: jax.Array   # uint32[2]: digest chain after the epoch's first batch
+  bad_step: jax.Array     # int32: first global step with a non-finite loss, or -1
+
+
+# ----------------------------------------------------------------------------------------
+# Config checks: before any expensive work.
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises UserError naming the field, its value and the allowed range."""
+  def bad(field, value, allowed):
+    raise UserError(f'config.{field}={value!r} is invalid: {allowed}.')
+  if config.model.name not in models.MODEL_NAMES:
+    bad('model.name', config.model.name, f'use one of {", ".join(models.MODEL_NAMES)}')
+  if int(config.batch_size) <= 0 or int(config.batch_size) % num_devices:
+    bad('batch_size', config.batch_size,
+        f'it must be a positive multiple of the global device count ({num_devices})')
+  if int(config.eval_batch_size) <= 0 or int(config.eval_batch_size) % num_devices:
+    bad('eval_batch_size', config.eval_batch_size,
+        f'it must be a positive multiple of the global device count ({num_devices})')
+  if int(config.num_neg) < 1:
+    bad('num_neg', config.num_neg, 'it must be >= 1')
+  if int(config.eval_num_neg) < 1:
+    bad('eval_num_neg', config.eval_num_neg, 'it must be >= 1')
+  if not 1 <= int(config.top_k) <= int(config.eval_num_neg) + 1:
+    bad('top_k', config.top_k,
+        f'it must be in [1, eval_num_neg + 1 = {int(config.eval_num_neg) + 1}]')
+  if not float(config.learning_rate) > 0:
+    bad('learning_rate', config.learning_rate, 'it must be > 0')
+  for f in ('beta1', 'beta2'):
+    if not 0 <= float(config[f]) < 1:
+      bad(f, config[f], 'it must be in [0, 1)')
+  if not float(config.eps) >= 0:
+    bad('eps', config.eps, 'it must be >= 0')
+  if int(config.num_epochs) < 1:
+    bad('num_epochs', config.num_epochs, 'it must be >= 1')
+  if config.dtype not in ('float32', 'bfloat16'):
+    bad('dtype', config.dtype, "use 'float32' or 'bfloat16'")
+  layers = tuple(config.model.mlp_layers)
+  if config.model.name in ('neumf', 'mlp') and (
+      len(layers) < 1 or layers[0] % 2 or min(layers) < 1):
+    bad('model.mlp_layers', layers, 'positive widths; the first (user+item) must be even')
+  if int(config.model.mf_dim) < 1:
+    bad('model.mf_dim', config.model.mf_dim, 'it must be >= 1')
+  if not 0 <= float(config.model.dropout) < 1:
+    bad('model.dropout', config.model.dropout, 'it must be in [0, 1)')
+  if float(config.model.l2) < 0:
+    bad('model.l2', config.model.l2, 'it must be >= 0')
+  if config.hr_threshold is not None and not 0 < float(config.hr_threshold) <= 1:
+    bad('hr_threshold', config.hr_threshold, 'it must be in (0, 1] or None')
+  for f in ('eval_every_epochs', 'keep_checkpoints'):
+    if int(config[f]) < 1:
+      bad(f, config[f], 'it must be >= 1')
+  for f in ('log_every_steps', 'checkpoint_every_epochs'):
+    if int(config[f]) < 0:
+      bad(f, config[f], 'it must be >= 0')
+
+
+def validate_against_data(config, dataset: data_lib.Dataset) -> None:
+  """Checks that need the dataset: enough candidate items for every user."""
+  degrees = dataset.user_degrees()
+  worst = int(degrees.max()) if degrees.size else 0
+  candidates = dataset.num_items - worst - (0 if config.match_mlperf else 1)
+  if int(config.eval_num_neg) > candidates:
+    raise UserError(
+        f'config.eval_num_neg={config.eval_num_neg} is invalid: the most active user has '
+        f'{worst} training positives, leaving only {candidates} candidate negatives of '
+        f'{dataset.num_items} items; use eval_num_neg <= {candidates}.')
+  if config.model.pretrained_gmf or config.model.pretrained_mlp:
+    if config.model.name != 'neumf':
+      raise UserError('config.model.pretrained_gmf/pretrained_mlp need model.name=neumf.')
+
+
+# ----------------------------------------------------------------------------------------
+# State and steps.
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  return optax.adam(float(config.learning_rate), b1=float(config.beta1),
+                    b2=float(config.beta2), eps=float(config.eps))
+
+
+def create_train_state(config, model, key: jax.Array, mesh: Mesh) -> TrainState:
+  """Initialised, replicated TrainState (init runs under jit on the mesh)."""
+  tx = make_optimizer(config)
+  replicated = NamedSharding(mesh, P())
+
+  def init(key):
+    dummy = jnp.zeros((2,), jnp.int32)
+    params = model.init({'params': key}, dummy, dummy)['params']
+    return TrainState.create(
+        apply_fn=model.apply, params=params, tx=tx,
+        loss_sum=jnp.zeros((), jnp.float32), loss_count=jnp.zeros((), jnp.float32),
+        hash_chain=hashing.init(), hash_first=hashing.init(),
+        bad_step=jnp.full((), -1, jnp.int32))
+  return jax.jit(init, out_shardings=replicated)(key)
+
+
+def _l2_term(params, l2: float):
+  if not l2:
+    return 0.0
+  return l2 * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
+
+
+def make_keys(seed: int, mesh: Mesh):
+  """(init_key, data_key, dropout_key) from the seed, replicated over the mesh."""
+  def keys():
+    return tuple(jax.random.split(jax.random.key(seed, impl='threefry2x32'), 3))
+  return jax.jit(keys, out_shardings=NamedSharding(mesh, P()))()
+
+
+def make_train_step(config, mesh: Mesh):
+  """The compiled global train step: (state, data, keys, epoch, step) -> state.
+
+  `keys` is (data_key, dropout_key).
+
+  `step` is the batch number within `epoch`; the batch is generated on device.
+  """
+  ndev = mesh.size
+  batch_size, num_neg = int(config.batch_size), int(config.num_neg)
+  local = batch_size // ndev
+  l2 = float(config.model.l2)
+  use_hash = bool(config.hash_pipeline)
+  use_dropout = float(config.model.dropout) > 0
+
+  def per_device(state: TrainState, data, keys, epoch, step):
+    data_key, dropout_key = keys
+    d = jax.lax.axis_index(AXIS)
+    start = d * local
+    batch = pipeline.train_batch(data, data_key, epoch, step, batch_size=batch_size,
+                                 num_neg=num_neg, start=start, size=local)
+    n_valid = jax.lax.psum(jnp.sum(batch['valid'], dtype=jnp.float32), AXIS)
+    rngs = {}
+    if use_dropout:
+      rngs = {'dropout': jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), d)}
+
+    def loss_fn(params):
+      logits = state.apply_fn({'params': params}, batch['user'], batch['item'],
+                              deterministic=not use_dropout, rngs=rngs)
+      local_sum = metrics_lib.bce_sum(logits, batch['label'], batch['valid'])
+      # Scaled so that pmean gives the exact global mean even with padded shards.
+      return local_sum * ndev / jnp.maximum(n_valid, 1.0) + _l2_term(params, l2), local_sum
+
+    (_, local_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, AXIS)
+    loss_sum = jax.lax.psum(local_sum, AXIS)
+    new = state.apply_gradients(grads=grads)
+    first = step == 0
+    finite = jnp.isfinite(loss_sum)
+    updates = dict(
+        loss_sum=jnp.where(first, 0.0, state.loss_sum) + loss_sum,
+        loss_count=jnp.where(first, 0.0, state.loss_count) + n_valid,
+        bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
+    if use_hash:
+      position = start + jnp.arange(local, dtype=jnp.uint32)
+      digest = hashing.batch_digest(batch, position, AXIS)
+      chain = hashing.chain(jnp.where(first, hashing.init(), state.hash_chain), digest)
+      updates.update(hash_chain=chain,
+                     hash_first=jnp.where(first, chain, state.hash_first))
+    return new.replace(**updates)
+
+  step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P()),
+                       out_specs=P())
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int):
+  """Compiled eval of users [first, first + eval_batch_size): sums, counts, digest."""
+  ndev = mesh.size
+  local = int(config.eval_batch_size) // ndev
+  num_neg, top_k = int(config.eval_num_neg), int(config.top_k)
+  match_mlperf = bool(config.match_mlperf)
+  full = bool(config.eval_full_ranking)
+
+  def per_device(params, data, data_key, first):
+    users = first + jax.lax.axis_index(AXIS) * local + jnp.arange(local, dtype=jnp.int32)
+    valid = users < num_users
+    users = jnp.where(valid, users, 0)
+    items, mask = pipeline.eval_batch(data, data_key, users, num_neg=num_neg,
+                                      match_mlperf=match_mlperf)
+    scores = model.apply({'params': params}, jnp.broadcast_to(users[:, None], items.shape),
+                         items)
+    out = metrics_lib.ranking_sums(metrics_lib.positive_rank(scores, mask), valid, top_k)
+    cols = 1 + num_neg
+    position = users[:, None].astype(jnp.uint32) * jnp.uint32(cols) + jnp.arange(
+        cols, dtype=jnp.uint32)
+    out['digest'] = hashing.array_digest(items, position, mask=valid[:, None])
+    if full:
+      full_rank = _full_rank(model, params, data, users)
+      fsums = metrics_lib.ranking_sums(full_rank, valid, top_k)
+      out.update(full_hr_sum=fsums['hr_sum'], full_ndcg_sum=fsums['ndcg_sum'])
+    return jax.tree.map(lambda x: jax.lax.psum(x, AXIS), out)
+
+  step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P())
+  return jax.jit(step)
+
+
+def _full_rank(model, params, data: sampling.DeviceData, users):
+  """Rank of each test item among all items the user has not interacted with."""
+  num_items = data.num_items
+  all_items = jnp.arange(num_items, dtype=jnp.int32)
+  scores = model.apply({'params': params},
+                       jnp.broadcast_to(users[:, None], (users.shape[0], num_items)),
+                       jnp.broadcast_to(all_items[None, :], (users.shape[0], num_items)))
+  test = data.test_items[users]
+  s_test = jnp.take_along_axis(scores, test[:, None], axis=1)
+  above = jnp.sum(scores >= s_test, axis=1, dtype=jnp.int32) - 1   # minus the test item
+  offsets = data.user_offsets[users]
+  degrees = data.user_offsets[users + 1] - offsets
+  k = jnp.arange(max(data.max_degree, 1), dtype=jnp.int32)[None, :]
+  idx = jnp.minimum(offsets[:, None] + k, max(data.num_train - 1, 0))
+  pos_items = data.shifted[idx] + k
+  is_pos = k < degrees[:, None]
+  pos_scores = jnp.take_along_axis(scores, jnp.where(is_pos, pos_items, 0), axis=1)
+  above_pos = jnp.sum(is_pos & (pos_scores >= s_test), axis=1, dtype=jnp.int32)
+  return above - above_pos
+
+
+def evaluate(eval_step, params, data, data_key, num_users: int, eval_batch_size: int):
+  """Runs all eval batches; returns host floats: hr, ndcg (+ full_*) and the digest."""
+  totals = None
+  for first in range(0, num_users, eval_batch_size):
+    out = eval_step(params, data, data_key, np.int32(first))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  # Digests are sums over (user, column) positions: independent of the eval batch size.
+  chain = hashing.chain(hashing.init(), totals.pop('digest'))
+  totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+  result = {'hr': totals['hr_sum'] / totals['count'],
+            'ndcg': totals['ndcg_sum'] / totals['count']}
+  if 'full_hr_sum' in totals:
+    result.update(full_hr=totals['full_hr_sum'] / totals['count'],
+                  full_ndcg=totals['full_ndcg_sum'] / totals['count'])
+  return result, hashing.hexdigest(chain)
+
+
+def params_hash(params) -> str:
+  """Hex digest of the parameters' bytes (host side, once per run)."""
+  import hashlib
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(params)):
+    h.update(np.ascontiguousarray(leaf).tobytes())
+  return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------
+# The loop.
+
+class _Preemption:
+  """Turns SIGTERM into a flag that the loop checks at step boundaries."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:   # not the main thread (e.g. a notebook worker): no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def resolve_seed(config) -> int:
+  if config.seed is not None:
+    return int(config.seed)
+  seed = int.from_bytes(os.urandom(4), 'little') & 0x7FFFFFFF
+  logging.info('config.seed is None: drew seed %d (rerun with --config.seed=%d).', seed, seed)
+  return seed
+
+
+def make_workdir(workdir: Optional[str]) -> str:
+  if not workdir:
+    os.makedirs('runs', exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix=time.strftime('%Y%m%d-%H%M%S-'), dir='runs')
+    print(f'workdir: {workdir}', flush=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, '.write_test')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'workdir {workdir!r} is not writable ({e.strerror}); pass a '
+                    '--workdir you can write to.') from None
+  return workdir
+
+
+def _oom_hint(e: Exception) -> Optional[str]:
+  text = str(e)
+  if 'RESOURCE_EXHAUSTED' in text or 'Out of memory' in text or 'out of memory' in text:
+    return ('out of device memory: reduce config.batch_size and/or config.eval_batch_size '
+            '(or use dtype=bfloat16). Details: ' + text.splitlines()[0][:300])
+  return None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]) -> TrainState:
+  """Trains, evaluates every `eval_every_epochs`, checkpoints, and resumes from `workdir`.
+
+  Writes config.json, metrics.jsonl, summary.json and TensorBoard events to `workdir`.
+  Returns the final TrainState.
+  """
+  try:
+    return _train_and_evaluate(config, workdir)
+  except jax.errors.JaxRuntimeError as e:
+    hint = _oom_hint(e)
+    if hint:
+      raise UserError(hint) from None
+    raise
+
+
+def _train_and_evaluate(config, workdir):
+  mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+  validate_config(config, mesh.size)
+  workdir = make_workdir(workdir)
+  is_main = jax.process_index() == 0
+  ckpts = ckpt_lib.Checkpoints(workdir, int(config.keep_checkpoints))
+  latest = ckpts.latest_step()
+  saved_meta = ckpts.restore_meta(latest) if latest is not None else None
+  if saved_meta is not None:
+    ckpt_lib.check_compatible(saved_meta, config, saved_meta['seed'])
+    seed = int(saved_meta['seed'])
+  else:
+    seed = resolve_seed(config)
+
+  dataset = data_lib.load(config.dataset)
+  validate_against_data(config, dataset)
+  replicated = NamedSharding(mesh, P())
+  data = sampling.to_device(dataset, replicated)
+  spe = pipeline.steps_per_epoch(dataset.num_train, config.num_neg, config.batch_size)
+  eval_batches = -(-dataset.num_users // int(config.eval_batch_size))
+  logging.info('Devices: %d (%d processes), platform %s. Dataset %s: %d users, %d items, '
+               '%d train positives; %d samples/epoch, %d steps/epoch of %d.',
+               mesh.size, jax.process_count(), jax.devices()[0].platform, dataset.name,
+               dataset.num_users, dataset.num_items, dataset.num_train,
+               pipeline.epoch_size(dataset.num_train, config.num_neg), spe, config.batch_size)
+
+  init_key, data_key, dropout_key = make_keys(seed, mesh)
+  model = models.create_model(config.model, dataset.num_users, dataset.num_items,
+                              config.dtype)
+  state = create_train_state(config, model, init_key, mesh)
+  logging.info('Model %s: %d parameters.', config.model.name, models.num_params(state.params))
+
+  history, best_hr, eval_hash = [], 0.0, None
+  elapsed_before = 0.0
+  if latest is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    state, meta = ckpts.restore(abstract, latest)
+    ckpt_lib.log_restored(latest, meta)
+    history, best_hr = meta['history'], meta['best_hr']
+    eval_hash = meta.get('eval_hash')
+    elapsed_before = meta.get('total_wall_s', 0.0)
+  elif config.model.pretrained_gmf or config.model.pretrained_mlp:
+    state = state.replace(params=_load_pretrained(config, state, mesh))
+
+  writer = writers.MetricWriter(workdir, enabled=is_main)
+  writer.write_config(ckpt_lib.config_to_dict(config) | {'resolved_seed': seed})
+  writer.rewrite_history(history)
+  train_step = make_train_step(config, mesh)
+  eval_step = make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
+
+  def meta_now(epoch):
+    return {'seed': seed, 'config': ckpt_lib.config_to_dict(config), 'epoch': epoch,
+            'history': history, 'best_hr': best_hr, 'eval_hash': eval_hash,
+            'total_wall_s': elapsed_before + (time.time() - t_start)}
+
+  t_start = time.time()
+  start_step = int(jax.device_get(state.step))
+  start_epoch = start_step // spe
+  reached = next((h['epoch'] for h in history
+                  if config.hr_threshold is not None and h.get('hr', 0) >= config.hr_threshold),
+                 None)
+  num_epochs = int(config.num_epochs)
+  preempted = False
+  with _Preemption() as preemption:
+    for epoch in range(start_epoch, num_epochs):
+      if reached is not None:
+        break
+      first_step = start_step - epoch * spe if epoch == start_epoch else 0
+      t_epoch = time.time()
+      progress = writers.progress(spe, first_step, f'epoch {epoch}', is_main)
+      for step in range(first_step, spe):
+        if preemption.requested:
+          break
+        state = train_step(state, data, (data_key, dropout_key), np.int32(epoch),
+                           np.int32(step))
+        progress.update(1)
+        if config.log_every_steps and (step + 1) % config.log_every_steps == 0:
+          _check_finite(state, ckpts)
+          writer.log_step(epoch, step + 1, spe, state)
+      progress.close()
+      if preemption.requested:
+        _check_finite(state, ckpts)
+        gstep = int(jax.device_get(state.step))
+        ckpts.save(gstep, state, meta_now(epoch))
+        logging.info('SIGTERM: saved a checkpoint at step %d (epoch %d, batch %d of %d); '
+                     'rerun the same command to resume.', gstep, epoch, gstep - epoch * spe,
+                     spe)
+        preempted = True
+        break
+      _check_finite(state, ckpts)
+      loss_sum, loss_count = jax.device_get((state.loss_sum, state.loss_count))
+      epoch_wall = time.time() - t_epoch
+      record = {'epoch': epoch, 'train_loss': float(loss_sum / max(loss_count, 1.0)),
+                'train_samples_per_sec': float(loss_count) / max(epoch_wall, 1e-9)
+                if first_step == 0 else None}
+      if config.hash_pipeline:
+        record['pipeline_hash_first'] = hashing.hexdigest(state.hash_first)
+        record['pipeline_hash_all'] = hashing.hexdigest(state.hash_chain)
+        logging.info('[pipeline_hash] First batch hash: %s', record['pipeline_hash_first'])
+        logging.info('[pipeline_hash] All batches hash: %s', record['pipeline_hash_all'])
+        logging.info('[pipeline_hash] Batch count: %d', spe)
+      if (epoch + 1) % int(config.eval_every_epochs) == 0 or epoch + 1 == num_epochs:
+        result, digest = evaluate(eval_step, state.params, data, data_key,
+                                  dataset.num_users, int(config.eval_batch_size))
+        if config.hash_pipeline and eval_hash is None:
+          logging.info('[pipeline_hash] Eval candidates hash: %s', digest)
+        eval_hash = digest
+        record.update(result)
+        best_hr = max(best_hr, result['hr'])
+        logging.info('Iteration %d: HR = %.4f, NDCG = %.4f', epoch, result['hr'],
+                     result['ndcg'])
+      record['epoch_wall_s'] = time.time() - t_epoch
+      record['total_wall_s'] = elapsed_before + (time.time() - t_start)
+      history.append(record)
+      writer.write_epoch(record)
+      if (config.hr_threshold is not None and record.get('hr') is not None
+          and record['hr'] >= float(config.hr_threshold)):
+        reached = epoch
+        logging.info('Reached HR@%d >= %s after %d epochs in %.1f s.', config.top_k,
+                     config.hr_threshold, epoch + 1, record['total_wall_s'])
+      last = epoch + 1 == num_epochs or reached is not None
+      every = int(config.checkpoint_every_epochs)
+      if last or (every and (epoch + 1) % every == 0):
+        ckpts.save(int(jax.device_get(state.step)), state, meta_now(epoch + 1))
+
+  phash = params_hash(state.params)
+  logging.info('[params_hash] %s', phash)
+  summary = {
+      'seed': seed, 'params_hash': phash, 'epochs_done': len(history),
+      'best_hr': best_hr, 'best_ndcg': max([h.get('ndcg', 0.0) for h in history] or [0.0]),
+      'final': history[-1] if history else None, 'eval_candidates_hash': eval_hash,
+      'hr_threshold': config.hr_threshold, 'epochs_to_target': None if reached is None
+      else reached + 1, 'seconds_to_target': None if reached is None
+      else history[[h['epoch'] for h in history].index(reached)]['total_wall_s'],
+      'preempted': preempted, 'num_devices': mesh.size,
+      'num_processes': jax.process_count(), 'workdir': os.path.abspath(workdir)}
+  writer.write_summary(summary)
+  writer.close()
+  ckpts.close()
+  return state
+
+
+def _check_finite(state: TrainState, ckpts: ckpt_lib.Checkpoints) -> None:
+  bad = int(jax.device_get(state.bad_step))
+  if bad >= 0:
+    latest = ckpts.latest_step()
+    where = (f'the last good checkpoint (step {latest}) in {ckpts.directory} is untouched'
+             if latest is not None else 'no checkpoint had been saved yet')
+    raise UserError(f'the training loss became NaN or inf at global step {bad}; {where}. '
+                    'Lower config.learning_rate or check the data.')
+
+
+def _load_pretrained(config, state: TrainState, mesh: Mesh):
+  """NeuMF params from the final checkpoints of trained GMF / MLP workdirs."""
+  def load(path, name):
+    if not path:
+      return None
+    ck = ckpt_lib.Checkpoints(path, 1)
+    step = ck.latest_step()
+    if step is None:
+      raise UserError(f'config.model.pretrained_{name}={path!r} has no checkpoint; train '
+                      f'a {name} model with --workdir={path} first.')
+    meta = ck.restore_meta(step)
+    saved = meta['config']['model']
+    if saved['name'] != name:
+      raise UserError(f'config.model.pretrained_{name}={path!r} holds a {saved["name"]} '
+                      f'model, not {name}.')
+    restored = ck.manager.restore(step, args=ckpt_lib.ocp.args.Composite(
+        state=ckpt_lib.ocp.args.StandardRestore()))['state']
+    ck.close()
+    return restored['params']
+  gmf = load(config.model.pretrained_gmf, 'gmf')
+  mlp = load(config.model.pretrained_mlp, 'mlp')
+  params = models.neumf_from_pretrained(jax.device_get(state.params), gmf, mlp)
+  try:
+    return jax.device_put(params, NamedSharding(mesh, P()))
+  except (ValueError, TypeError) as e:
+    raise UserError(f'pretrained GMF/MLP shapes do not match this NeuMF config: {e}') from None
+
+
+# ----------------------------------------------------------------------------------------
+# Command line.
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py',
+                                          'Training config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (made if absent; resumed).')
+_COORD = flags.DEFINE_string('coordinator_address', None,
+                             'Multi-host: host:port of process 0 (jax.distributed).')
+_NPROC = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+_PID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
+
+
+def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
+                                 process_id=None) -> None:
+  """jax.distributed from flags, or from the environment where JAX can detect it."""
+  explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
+  env = os.environ
+  detectable = (env.get('JAX_COORDINATOR_ADDRESS') or int(env.get('SLURM_NTASKS', '1')) > 1
+                or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+  if not (explicit or detectable):
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def deterministic_flags(config) -> None:
+  """With a fixed seed, ask XLA for deterministic GPU kernels (before backends start)."""
+  if config.seed is not None:
+    flag = '--xla_gpu_deterministic_ops=true'
+    current = os.environ.get('XLA_FLAGS', '')
+    if flag not in current:
+      os.environ['XLA_FLAGS'] = (current + ' ' + flag).strip()
+
+
+@exit_on_user_error
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  deterministic_flags(config)
+  maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  logging.info('JAX process %d of %d, %d local devices of %d.', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

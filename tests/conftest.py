@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny hand-made datasets (no files, no jax import here)."""
+import os
+
+# Tests that need several devices set this before jax is imported (see multidevice tests).
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+
+import numpy as np
+import pytest
+
+from ncf_jax import data as data_lib
+
+
+def make_dataset(positives, test_items, num_items, name='handmade'):
+  """Builds a Dataset from {user: iterable of train items} and a test item per user."""
+  num_users = len(test_items)
+  users, items = [], []
+  for u in range(num_users):
+    its = sorted(set(positives.get(u, ())))
+    users += [u] * len(its)
+    items += its
+  degrees = np.bincount(np.asarray(users, np.int64), minlength=num_users)
+  offsets = np.concatenate([[0], np.cumsum(degrees)]).astype(np.int32)
+  return data_lib.Dataset(
+      name=name, num_users=num_users, num_items=num_items,
+      train_users=np.asarray(users, np.int32), train_items=np.asarray(items, np.int32),
+      user_offsets=offsets, test_items=np.asarray(test_items, np.int32))
+
+
+def random_dataset(num_users=40, num_items=60, seed=0, max_degree=30):
+  """A reproducible random dataset with varied degrees (1..max_degree)."""
+  rng = np.random.default_rng(seed)
+  positives, tests = {}, []
+  for u in range(num_users):
+    n = int(rng.integers(1, max_degree + 1))
+    chosen = rng.choice(num_items, size=n + 1, replace=False)
+    positives[u] = chosen[:-1].tolist()
+    tests.append(int(chosen[-1]))
+  return make_dataset(positives, tests, num_items, name='random')
+
+
+@pytest.fixture
+def tiny_dataset():
+  """5 users, 12 items, hand-made."""
+  positives = {0: [0, 1, 2], 1: [3, 4, 5, 6, 7, 8, 9, 10], 2: [0, 11], 3: [5], 4: [1, 3, 5, 7, 9]}
+  return make_dataset(positives, [4, 11, 5, 6, 0], num_items=12, name='tiny')
