@@ -2,11 +2,25 @@
 
 Raw MovieLens files / TFDS / the synthetic generator -> preprocessing (MLPerf rules,
 ../shared/MLPERF.md) -> a cached, checksummed binary -> `Dataset`.
+
+  dataset = data.load(config.dataset)   # cache hit: about a second at ml-20m scale
+
+No jax here: numpy and pyarrow only, so the data layer and its tests stay fast.
 """
 import dataclasses
-from typing import Optional
+import hashlib
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
 
+from absl import logging
 import numpy as np
+
+import ncf_jax
+from ncf_jax import cache
+from ncf_jax import movielens
+from ncf_jax import synthetic
+from ncf_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,3 +69,320 @@ class Dataset:
   def user_degrees(self) -> np.ndarray:
     """Training positives per user, int32 [num_users]."""
     return np.diff(self.user_offsets).astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------
+# Preprocessing (MLPerf NCF rules, ../shared/MLPERF.md section 1, with the differences
+# documented in README: ascending-id relabelling and a deterministic tie rule).
+
+# Bump when the preprocessing output changes for the same input: old caches are rebuilt.
+PREPROCESS_VERSION = 1
+NAMES = ('synthetic',) + movielens.NAMES
+SOURCES = ('grouplens', 'tfds')
+# Raw ids up to this bound (or 4x the rows) use an O(n) presence table; larger ones sort.
+_TABLE_IDS = 1 << 24
+
+
+def _factorize(raw: np.ndarray):
+  """Dense 0-based codes of raw non-negative ids in ascending raw order, and the raw ids."""
+  bound = int(raw.max()) + 1
+  if bound <= max(_TABLE_IDS, 4 * raw.size):
+    present = np.zeros(bound, bool)
+    present[raw] = True
+    lookup = np.cumsum(present, dtype=np.int32) - 1
+    return lookup[raw], np.flatnonzero(present)
+  order = np.argsort(raw, kind='stable')
+  ordered = raw[order]
+  first = np.empty(raw.size, bool)
+  first[:1] = True
+  np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+  codes = np.empty(raw.size, np.int32)
+  codes[order] = np.cumsum(first, dtype=np.int32) - 1
+  return codes, ordered[first]
+
+
+def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
+               name: str, min_ratings: int, where: str,
+               num_items: Optional[int] = None) -> Tuple[Dataset, np.ndarray]:
+  """MLPerf NCF preprocessing of raw interactions given in file order.
+
+  Every row is a positive. Users with fewer than `min_ratings` rows are dropped; users and
+  items get dense 0-based ids in ascending raw-id order. Per user the row with the latest
+  timestamp is the test item; among rows tied at that timestamp the last one in the input
+  wins. All other rows are training positives, de-duplicated, without the user's test
+  pair, sorted by (user, item) with CSR offsets. Vectorized, O(n) apart from one sort of
+  int64 (user, item) keys (linear when the input is already in that order, as ml-20m is).
+
+  Args:
+    users, items: raw non-negative ids, one per rating, in file order.
+    timestamps: int64 seconds, same length.
+    name: dataset name stored in the result.
+    min_ratings: minimum ratings per kept user (>= 1).
+    where: the source (file name) for error messages.
+    num_items: when given, `items` are already dense ids in [0, num_items) and kept as is
+      (the synthetic generator's catalogue, items without interactions included).
+
+  Returns:
+    (dataset, kept_raw_users): the Dataset and, for dense user u, its raw id.
+
+  Raises:
+    UserError: no rating, no user left after the filter, or a user without any training
+      positive (names the raw user id).
+  """
+  n = int(users.shape[0])
+  if n == 0:
+    raise UserError(f'{where} has no ratings.')
+  ucode, uraw = _factorize(users)
+  counts = np.bincount(ucode)
+  keep = counts >= min_ratings
+  if not keep.all():
+    if not keep.any():
+      raise UserError(f'{where}: no user has at least min_ratings={min_ratings} ratings (the '
+                      f'most is {int(counts.max())}); lower config.dataset.min_ratings.')
+    rows = keep[ucode]
+    ucode = (np.cumsum(keep, dtype=np.int32) - 1)[ucode[rows]]
+    uraw, items, timestamps = uraw[keep], items[rows], timestamps[rows]
+    n = int(ucode.shape[0])
+  num_users = int(uraw.shape[0])
+  if num_items is None:
+    icode, iraw = _factorize(items)
+    num_items = int(iraw.shape[0])
+  else:
+    icode = items.astype(np.int32, copy=False)
+
+  # Test row per user: max of (timestamp, position) as one int64 key, so the last of the
+  # rows tied at the latest timestamp wins (position = order in the input).
+  tmin = int(timestamps.min())
+  span = int(timestamps.max()) - tmin + 1
+  if span * n < 2**62:
+    key = (timestamps - tmin) * n + np.arange(n, dtype=np.int64)
+    best = np.full(num_users, -1, np.int64)
+    np.maximum.at(best, ucode, key)
+    del key
+    test_pos = best % n
+  else:  # huge timestamp range: fall back to a lexicographic sort
+    order = np.lexsort((np.arange(n), timestamps, ucode))
+    last = np.concatenate([np.flatnonzero(np.diff(ucode[order])), [n - 1]])
+    test_pos = order[last]
+  test_items = icode[test_pos]
+
+  # Training positives: all other rows, as sorted unique (user, item) keys.
+  is_test = np.zeros(n, bool)
+  is_test[test_pos] = True
+  train = ucode.astype(np.int64)
+  train *= num_items
+  train += icode
+  train = train[~is_test]
+  del is_test
+  train.sort(kind='stable')  # timsort: linear on already ordered input
+  train_users = train // num_items
+  keep_row = np.empty(train.shape[0], bool)
+  keep_row[:1] = True
+  np.not_equal(train[1:], train[:-1], out=keep_row[1:])
+  keep_row &= train != (np.arange(num_users, dtype=np.int64) * num_items + test_items)[
+      train_users]
+  train_items = (train - train_users * num_items)[keep_row].astype(np.int32)
+  train_users = train_users[keep_row].astype(np.int32)
+  del train, keep_row
+  degrees = np.bincount(train_users, minlength=num_users)
+  if not degrees.all():
+    u = int(np.argmin(degrees))
+    raise UserError(
+        f'{where}: user {int(uraw[u])} has no training positive left after holding out its '
+        f'latest rating (it rated {int(np.count_nonzero(ucode == u))} time(s), '
+        f'min_ratings={min_ratings}). Use --config.dataset.min_ratings=2 or more '
+        '(MLPerf: 20).')
+  offsets = np.zeros(num_users + 1, np.int64)
+  np.cumsum(degrees, out=offsets[1:])
+  if offsets[-1] >= 2**31:
+    raise UserError(f'{where}: {offsets[-1]} training positives exceed int32 offsets.')
+  dataset = Dataset(name=name, num_users=num_users, num_items=int(num_items),
+                    train_users=train_users, train_items=train_items,
+                    user_offsets=offsets.astype(np.int32),
+                    test_items=test_items.astype(np.int32))
+  return dataset, uraw
+
+
+# --------------------------------------------------------------------------------------
+# Building, caching and loading.
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """What `prepare` did."""
+  dataset: Dataset
+  cache_path: Optional[str]  # None when the cache could not be written (a warning says why)
+  built: bool                # False when loaded from a valid cache
+
+
+def _config_values(cfg) -> Dict[str, Any]:
+  """Checks the dataset config block; returns its values as a plain dict."""
+  name = cfg.name
+  if name not in NAMES:
+    raise UserError(f'unknown dataset name {name!r} (config.dataset.name); valid names: '
+                    f'{", ".join(NAMES)}.')
+  values = {'name': name, 'source': cfg.source, 'data_dir': cfg.data_dir,
+            'download': bool(cfg.download), 'min_ratings': cfg.min_ratings}
+  if name != 'synthetic' and cfg.source not in SOURCES:
+    raise UserError(f'unknown config.dataset.source {cfg.source!r}; valid sources: '
+                    f'{", ".join(SOURCES)}.')
+  if (not isinstance(cfg.min_ratings, (int, np.integer)) or isinstance(cfg.min_ratings, bool)
+      or cfg.min_ratings < 1):
+    raise UserError(f'config.dataset.min_ratings is {cfg.min_ratings!r}; it must be an '
+                    'integer >= 1 (MLPerf: 20).')
+  if not cfg.data_dir:
+    raise UserError('config.dataset.data_dir is empty; set it to a folder for the raw files '
+                    'and the processed cache.')
+  values['data_dir'] = os.path.abspath(os.path.expanduser(cfg.data_dir))
+  if name == 'synthetic':
+    values['synthetic'] = {
+        'num_users': int(cfg.synthetic_num_users), 'num_items': int(cfg.synthetic_num_items),
+        'mean_interactions': float(cfg.synthetic_mean_interactions),
+        'num_topics': int(cfg.synthetic_num_topics), 'seed': int(cfg.synthetic_seed)}
+  return values
+
+
+def cache_dir(data_dir: str) -> str:
+  """Folder of the processed caches (and the source-hash memo) under data_dir."""
+  return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), 'processed')
+
+
+def _build_synthetic(params: Dict[str, Any], min_ratings: int) -> Dataset:
+  gen = synthetic.generate(**params)
+  dataset, kept = preprocess(gen.users, gen.items, gen.timestamps, name='synthetic',
+                             min_ratings=min_ratings, where='synthetic data',
+                             num_items=gen.num_items)
+  oracle = SyntheticOracle(theta=np.ascontiguousarray(gen.oracle.theta[kept]),
+                           item_topic=gen.oracle.item_topic,
+                           within_topic=gen.oracle.within_topic)
+  return dataclasses.replace(dataset, oracle=oracle)
+
+
+def _build_movielens(ratings: 'movielens.Ratings', name: str, min_ratings: int) -> Dataset:
+  movielens.check_known_sizes(name, ratings.where, num_ratings=len(ratings))
+  dataset, _ = preprocess(ratings.users, ratings.items, ratings.timestamps, name=name,
+                          min_ratings=min_ratings, where=ratings.where)
+  if min_ratings <= 20:  # the published counts are after the (no-op) MLPerf filter
+    movielens.check_known_sizes(name, ratings.where, num_users=dataset.num_users,
+                                num_items=dataset.num_items)
+  return dataset
+
+
+def build_grouplens(source: 'movielens.Source', min_ratings: int) -> Dataset:
+  """Parses and preprocesses a located GroupLens file (no cache)."""
+  return _build_movielens(movielens.read_ratings(source), source.name, min_ratings)
+
+
+def _to_arrays(dataset: Dataset) -> Dict[str, np.ndarray]:
+  arrays = {'train_items': dataset.train_items, 'user_offsets': dataset.user_offsets,
+            'test_items': dataset.test_items}
+  if dataset.oracle is not None:
+    arrays.update(oracle_theta=dataset.oracle.theta,
+                  oracle_item_topic=dataset.oracle.item_topic,
+                  oracle_within_topic=dataset.oracle.within_topic)
+  return arrays
+
+
+def _from_arrays(arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> Dataset:
+  num_users, num_items = int(meta['num_users']), int(meta['num_items'])
+  offsets, items = arrays['user_offsets'], arrays['train_items']
+  test = arrays['test_items']
+  if (offsets.dtype != np.int32 or items.dtype != np.int32 or test.dtype != np.int32
+      or offsets.shape != (num_users + 1,) or test.shape != (num_users,)
+      or int(offsets[-1]) != items.shape[0]):
+    raise cache.CacheError('arrays do not match the header counts')
+  degrees = np.diff(offsets)
+  oracle = None
+  if 'oracle_theta' in arrays:
+    oracle = SyntheticOracle(theta=arrays['oracle_theta'],
+                             item_topic=arrays['oracle_item_topic'],
+                             within_topic=arrays['oracle_within_topic'])
+  return Dataset(name=meta['name'], num_users=num_users, num_items=num_items,
+                 train_users=np.repeat(np.arange(num_users, dtype=np.int32), degrees),
+                 train_items=items, user_offsets=offsets, test_items=test, oracle=oracle)
+
+
+def _try_cache(path: str, params: Dict[str, Any], source_id: str) -> Optional[Dataset]:
+  try:
+    arrays, meta = cache.read(path)
+    if meta.get('params') != params:
+      raise cache.CacheError('built with other parameters')
+    if meta.get('source') != source_id:
+      raise cache.CacheError(f'built from another source ({meta.get("source")}, now '
+                             f'{source_id})')
+    return _from_arrays(arrays, meta)
+  except FileNotFoundError:
+    return None
+  except (cache.CacheError, OSError, KeyError, TypeError, ValueError) as e:
+    logging.warning('Processed cache %s is not valid (%s); rebuilding it.', path, e)
+    return None
+
+
+def prepare(dataset_config, *, force: bool = False) -> Prepared:
+  """Loads the processed dataset from its cache under data_dir, building it if needed.
+
+  The cache file is `<data_dir>/processed/<name>-<key>.ncfcache`, key = hash of the
+  preprocessing parameters (name, source kind, min_ratings, PREPROCESS_VERSION, synthetic
+  generator parameters and version). Its header also records the source's identity
+  (content SHA-256 of the GroupLens file or zip, memoised by (path, size, mtime_ns) in
+  processed/source_hashes.json; the TFDS name, version and size; the generator version);
+  a cache from another source, of another format version, truncated or failing its
+  checksum is rebuilt (one warning line). Writes are atomic, so concurrent prepares are
+  safe and a failed build never touches an existing cache.
+
+  Args:
+    dataset_config: the `config.dataset` block (see configs/default.py).
+    force: rebuild even when a valid cache exists.
+
+  Raises:
+    UserError: bad config, missing or malformed data (one message saying what to do).
+  """
+  v = _config_values(dataset_config)
+  name, data_dir, min_ratings = v['name'], v['data_dir'], v['min_ratings']
+  params = {'name': name, 'min_ratings': min_ratings,
+            'preprocess_version': PREPROCESS_VERSION}
+  if name == 'synthetic':
+    params.update(source='synthetic', generator=v['synthetic'],
+                  generator_version=synthetic.GENERATOR_VERSION)
+    source_id = f'synthetic-generator-v{synthetic.GENERATOR_VERSION}'
+    build = lambda: _build_synthetic(v['synthetic'], min_ratings)
+  elif v['source'] == 'grouplens':
+    params['source'] = 'grouplens'
+    src = movielens.locate(name, data_dir, download=v['download'])
+    source_id = cache.content_hash(src.path,
+                                   os.path.join(cache_dir(data_dir), 'source_hashes.json'))
+    build = lambda: build_grouplens(src, min_ratings)
+  else:
+    params['source'] = 'tfds'
+    ds = movielens.open_tfds(name, os.path.join(data_dir, 'tfds'), v['download'])
+    source_id = movielens.tfds_identity(ds, name)
+    build = lambda: _build_movielens(movielens.read_tfds(ds, name), name, min_ratings)
+  key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+  path = os.path.join(cache_dir(data_dir), f'{name}-{key}.ncfcache')
+
+  if not force:
+    dataset = _try_cache(path, params, source_id)
+    if dataset is not None:
+      logging.info('Loaded %s from %s', name, path)
+      return Prepared(dataset, path, built=False)
+  logging.info('Building %s (%s)', name, source_id)
+  dataset = build()
+  meta = {'name': name, 'num_users': dataset.num_users, 'num_items': dataset.num_items,
+          'num_train': dataset.num_train, 'params': params, 'source': source_id,
+          'ncf_jax_version': ncf_jax.__version__}
+  try:
+    cache.write(path, _to_arrays(dataset), meta)
+  except OSError as e:
+    logging.warning('Could not write the processed cache %s (%s); continuing without it.',
+                    path, e)
+    return Prepared(dataset, None, built=True)
+  logging.info('Wrote %s', path)
+  return Prepared(dataset, path, built=True)
+
+
+def load(dataset_config) -> Dataset:
+  """The processed dataset of `config.dataset`: from its cache, or built (and cached).
+
+  This is what training calls. See `prepare` for the cache and `Dataset` for the fields.
+  """
+  return prepare(dataset_config).dataset

@@ -1,0 +1,382 @@
+"""Tests of MLPerf preprocessing, the processed cache and `data.load` (ncf_jax.data)."""
+import logging
+import os
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+
+from configs import default
+from ncf_jax import cache
+from ncf_jax import data
+from ncf_jax import movielens
+from ncf_jax.errors import UserError
+
+# (raw user, raw movie, timestamp) in file order: 5 users, 12 movies.
+ROWS = [
+    (3, 500, 10), (3, 100, 20), (3, 900, 20),    # user 3: tie at its latest ts, 900 is last
+    (10, 200, 5), (10, 300, 6), (10, 200, 7),    # user 10: duplicate training pair (10, 200)
+    (10, 1200, 9),
+    (7, 100, 1), (7, 400, 2), (7, 100, 3),       # user 7: the test pair also appears earlier
+    (42, 600, 100), (42, 700, 50), (42, 800, 60),  # user 42: latest row comes first
+    (5, 1000, 1), (5, 1100, 2),                  # user 5: 2 ratings, dropped at min_ratings 3
+    (3, 400, 15),
+]
+# Expected at min_ratings=3: users 3, 7, 10, 42 -> 0..3; movies 100..900, 1200 -> 0..9.
+EXPECTED_OFFSETS = [0, 3, 4, 6, 8]
+EXPECTED_TRAIN_USERS = [0, 0, 0, 1, 2, 2, 3, 3]
+EXPECTED_TRAIN_ITEMS = [0, 3, 4, 3, 1, 2, 6, 7]
+EXPECTED_TEST = [8, 0, 9, 5]
+
+
+def write_ratings(data_dir, name, rows=ROWS, as_zip=False):
+  fmt = movielens.FORMATS[name]
+  lines = [fmt.header] if fmt.header else []
+  lines += [fmt.sep.join([str(u), str(i), '4' if fmt.sep != ',' else '3.5', str(t)])
+            for u, i, t in rows]
+  text = '\n'.join(lines) + '\n'
+  member = f'{fmt.folder}/{fmt.filename}'
+  os.makedirs(data_dir, exist_ok=True)
+  if as_zip:
+    path = os.path.join(data_dir, f'{name}.zip')
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as z:
+      z.writestr(member, text)
+  else:
+    path = os.path.join(data_dir, member)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      f.write(text)
+  return path
+
+
+def config(data_dir, name='ml-latest-small', **kwargs):
+  c = default.get_dataset_config()
+  c.name, c.data_dir, c.min_ratings = name, str(data_dir), 3
+  for k, v in kwargs.items():
+    setattr(c, k, v)
+  return c
+
+
+def synthetic_config(data_dir, **kwargs):
+  c = config(data_dir, 'synthetic', min_ratings=20, synthetic_num_users=200,
+             synthetic_num_items=300, synthetic_mean_interactions=30.0, synthetic_num_topics=4)
+  for k, v in kwargs.items():
+    setattr(c, k, v)
+  return c
+
+
+@pytest.fixture(autouse=True)
+def _no_size_check_on_tiny_files(monkeypatch):
+  # The tiny files use the ml-1m / ml-20m layouts; the published sizes are tested separately.
+  monkeypatch.setattr(movielens, 'KNOWN_SIZES', {})
+
+
+def assert_expected(ds):
+  assert (ds.num_users, ds.num_items, ds.num_train, ds.num_test) == (4, 10, 8, 4)
+  np.testing.assert_array_equal(ds.user_offsets, EXPECTED_OFFSETS)
+  np.testing.assert_array_equal(ds.train_users, EXPECTED_TRAIN_USERS)
+  np.testing.assert_array_equal(ds.train_items, EXPECTED_TRAIN_ITEMS)
+  np.testing.assert_array_equal(ds.test_items, EXPECTED_TEST)
+  for a in (ds.train_users, ds.train_items, ds.user_offsets, ds.test_items):
+    assert a.dtype == np.int32
+
+
+# --- preprocessing rules ------------------------------------------------------------------
+
+
+def test_hand_written_file_gives_the_pinned_dataset(tmp_path):
+  write_ratings(tmp_path, 'ml-latest-small')
+  ds = data.load(config(tmp_path))
+  assert_expected(ds)
+  assert ds.name == 'ml-latest-small' and ds.oracle is None
+
+
+@pytest.mark.parametrize('name', movielens.NAMES)
+@pytest.mark.parametrize('as_zip', [False, True])
+def test_every_format_folder_or_zip_gives_the_same_dataset(tmp_path, name, as_zip):
+  write_ratings(tmp_path, name, as_zip=as_zip)
+  assert_expected(data.load(config(tmp_path, name)))
+
+
+def test_ids_are_dense_in_ascending_raw_order():
+  users = np.array([42, 7, 42, 7, 3, 3], np.int32)
+  items = np.array([9, 1000, 5, 9, 5, 1000], np.int32)
+  ds, raw_users = data.preprocess(users, items, np.arange(6, dtype=np.int64), name='x',
+                                  min_ratings=1, where='w')
+  np.testing.assert_array_equal(raw_users, [3, 7, 42])
+  # Test items (latest row per user): 42 -> 5, 7 -> 9, 3 -> 1000; ascending items 5, 9, 1000.
+  np.testing.assert_array_equal(ds.test_items, [2, 1, 0])
+  np.testing.assert_array_equal(ds.train_items, [0, 2, 1])
+
+
+def test_min_ratings_drops_users_and_their_only_items(tmp_path):
+  write_ratings(tmp_path, 'ml-latest-small')
+  ds2 = data.load(config(tmp_path, min_ratings=2))
+  assert (ds2.num_users, ds2.num_items) == (5, 12)  # user 5 and movies 1000, 1100 stay
+  ds4 = data.load(config(tmp_path, min_ratings=4))
+  assert (ds4.num_users, ds4.num_items) == (2, 7)   # users 3 and 10 only
+  np.testing.assert_array_equal(ds4.test_items, [5, 6])  # 900, 1200 among 7 movies
+
+
+def test_latest_timestamp_is_the_test_item_and_the_last_tied_row_in_the_file_wins():
+  users = np.zeros(5, np.int32)
+  items = np.array([1, 2, 3, 4, 5], np.int32)
+  ts = np.array([7, 9, 3, 9, 8], np.int64)
+  ds, _ = data.preprocess(users, items, ts, name='x', min_ratings=1, where='w')
+  assert ds.test_items[0] == 3  # movie 4: second of the two rows at ts 9
+  ds, _ = data.preprocess(users, items[::-1].copy(), ts[::-1].copy(), name='x', min_ratings=1,
+                          where='w')
+  assert ds.test_items[0] == 1  # reversed file: movie 2 is now last among the tie
+
+
+def test_training_positives_are_deduplicated_and_exclude_the_test_pair():
+  users = np.array([0, 0, 0, 0, 0], np.int32)
+  items = np.array([3, 1, 3, 1, 2], np.int32)
+  ts = np.array([1, 2, 3, 5, 4], np.int64)
+  ds, _ = data.preprocess(users, items, ts, name='x', min_ratings=1, where='w')
+  assert ds.test_items[0] == 0  # movie 1 at ts 5
+  np.testing.assert_array_equal(ds.train_items, [1, 2])  # movies 2, 3 once; no movie 1
+
+
+def test_csr_offsets_slice_each_users_sorted_positives(tmp_path):
+  ds = data.load(synthetic_config(tmp_path))
+  assert ds.user_offsets[0] == 0 and ds.user_offsets[-1] == ds.num_train
+  np.testing.assert_array_equal(ds.user_degrees(), np.bincount(ds.train_users,
+                                                               minlength=ds.num_users))
+  keys = ds.train_users.astype(np.int64) * ds.num_items + ds.train_items
+  assert np.all(np.diff(keys) > 0)
+  for u in (0, 17, ds.num_users - 1):
+    row = ds.train_items[ds.user_offsets[u]:ds.user_offsets[u + 1]]
+    assert np.all(ds.train_users[ds.user_offsets[u]:ds.user_offsets[u + 1]] == u)
+    assert ds.test_items[u] not in row
+
+
+def _reference(users, items, ts, min_ratings):
+  """Slow, obvious per-row implementation of the same rules (test oracle only)."""
+  counts = {}
+  for u in users:
+    counts[u] = counts.get(u, 0) + 1
+  rows = [(u, i, t, k) for k, (u, i, t) in enumerate(zip(users, items, ts))
+          if counts[u] >= min_ratings]
+  umap = {u: d for d, u in enumerate(sorted({r[0] for r in rows}))}
+  imap = {i: d for d, i in enumerate(sorted({r[1] for r in rows}))}
+  test = {}
+  for u, i, t, k in rows:
+    if u not in test or (t, k) > test[u][0]:
+      test[u] = ((t, k), i)
+  train = sorted({(umap[u], imap[i]) for u, i, t, k in rows
+                  if k != test[u][0][1] and i != test[u][1]})
+  return ([imap[test[u][1]] for u in sorted(umap)], [p[0] for p in train],
+          [p[1] for p in train])
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_vectorized_preprocessing_matches_a_per_row_reference(seed):
+  rng = np.random.default_rng(seed)
+  n = 3000
+  users = rng.integers(1, 120, n).astype(np.int32)
+  items = (rng.integers(1, 80, n) * 7).astype(np.int32)
+  ts = rng.integers(0, 40, n).astype(np.int64)  # many ties and duplicates
+  ds, _ = data.preprocess(users, items, ts, name='x', min_ratings=25, where='w')
+  test, tu, ti = _reference(users.tolist(), items.tolist(), ts.tolist(), 25)
+  np.testing.assert_array_equal(ds.test_items, test)
+  np.testing.assert_array_equal(ds.train_users, tu)
+  np.testing.assert_array_equal(ds.train_items, ti)
+
+
+def test_huge_raw_ids_take_the_sorting_path_with_the_same_result():
+  users = np.array([2_000_000_000, 5, 5, 2_000_000_000, 5], np.int32)
+  items = np.array([1_900_000_000, 3, 1_900_000_000, 3, 4], np.int32)
+  ds, raw = data.preprocess(users, items, np.arange(5, dtype=np.int64), name='x',
+                            min_ratings=1, where='w')
+  np.testing.assert_array_equal(raw, [5, 2_000_000_000])
+  np.testing.assert_array_equal(ds.test_items, [1, 0])
+  np.testing.assert_array_equal(ds.train_items, [0, 2, 2])
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_user_without_training_positive_names_the_raw_user_and_min_ratings(tmp_path):
+  write_ratings(tmp_path, 'ml-latest-small', ROWS + [(77, 100, 1)])
+  with pytest.raises(UserError, match=r'user 77 has no training positive.*min_ratings=2'):
+    data.load(config(tmp_path, min_ratings=1))
+  assert not os.path.exists(data.cache_dir(str(tmp_path))) or not any(
+      f.endswith('.ncfcache') for f in os.listdir(data.cache_dir(str(tmp_path))))
+
+
+def test_no_user_left_after_the_filter_is_reported(tmp_path):
+  write_ratings(tmp_path, 'ml-latest-small')
+  with pytest.raises(UserError, match='no user has at least min_ratings=50'):
+    data.load(config(tmp_path, min_ratings=50))
+
+
+def test_unknown_dataset_name_lists_the_valid_ones(tmp_path):
+  with pytest.raises(UserError, match="unknown dataset name 'ml-2m'.*synthetic, ml-100k, "
+                                      'ml-1m, ml-10m, ml-20m, ml-25m, ml-latest-small'):
+    data.load(config(tmp_path, 'ml-2m'))
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('source', 'kaggle', "unknown config.dataset.source 'kaggle'"),
+    ('min_ratings', 0, 'min_ratings is 0'),
+    ('data_dir', '', 'data_dir is empty'),
+])
+def test_bad_dataset_config_values_are_user_errors(tmp_path, field, value, match):
+  c = config(tmp_path)
+  setattr(c, field, value)
+  with pytest.raises(UserError, match=match):
+    data.load(c)
+
+
+def test_missing_file_names_the_expected_paths(tmp_path):
+  with pytest.raises(UserError, match=rf'{tmp_path}/ml-1m/ratings.dat nor '
+                                      rf'{tmp_path}/ml-1m.zip.*--download'):
+    data.load(config(tmp_path, 'ml-1m'))
+
+
+def test_published_sizes_are_checked_for_official_names(tmp_path, monkeypatch):
+  monkeypatch.setattr(movielens, 'KNOWN_SIZES', {'ml-1m': (1_000_209, 6_040, 3_706)})
+  write_ratings(tmp_path, 'ml-1m')
+  with pytest.raises(UserError, match=r'has 16 ratings; the official GroupLens ml-1m has '
+                                      r'1,000,209.*not the official file'):
+    data.load(config(tmp_path, 'ml-1m'))
+  monkeypatch.setattr(movielens, 'KNOWN_SIZES', {'ml-1m': (16, 6_040, 3_706)})
+  with pytest.raises(UserError, match=r'has 4 users; the official GroupLens ml-1m has 6,040'):
+    data.load(config(tmp_path, 'ml-1m'))
+
+
+def test_failed_build_never_touches_an_existing_good_cache(tmp_path):
+  src = write_ratings(tmp_path, 'ml-latest-small')
+  prepared = data.prepare(config(tmp_path))
+  before = open(prepared.cache_path, 'rb').read()
+  stat = os.stat(prepared.cache_path)
+  with open(src, 'a') as f:
+    f.write('1,2,3.5\n')  # malformed: the source hash changes, the rebuild fails
+  with pytest.raises(UserError, match=r'line 18: expected 4 fields'):
+    data.load(config(tmp_path))
+  assert open(prepared.cache_path, 'rb').read() == before
+  assert os.stat(prepared.cache_path).st_mtime_ns == stat.st_mtime_ns
+  assert sorted(os.listdir(data.cache_dir(str(tmp_path)))) == [
+      os.path.basename(prepared.cache_path), 'source_hashes.json']
+
+
+# --- the cache --------------------------------------------------------------------------------
+
+
+def test_second_load_uses_the_cache_without_parsing(tmp_path, monkeypatch):
+  write_ratings(tmp_path, 'ml-latest-small')
+  first = data.prepare(config(tmp_path))
+  assert first.built
+  mtime = os.stat(first.cache_path).st_mtime_ns
+
+  def no_build(*args, **kwargs):
+    raise AssertionError('rebuilt although the cache is valid')
+
+  monkeypatch.setattr(data, 'build_grouplens', no_build)
+  second = data.prepare(config(tmp_path))
+  assert not second.built and second.cache_path == first.cache_path
+  assert os.stat(first.cache_path).st_mtime_ns == mtime
+  assert_expected(second.dataset)
+
+
+def test_cache_lives_under_data_dir_keyed_by_name_and_parameters(tmp_path):
+  write_ratings(tmp_path, 'ml-latest-small')
+  p3 = data.prepare(config(tmp_path)).cache_path
+  p2 = data.prepare(config(tmp_path, min_ratings=2)).cache_path
+  assert os.path.dirname(p3) == str(tmp_path / 'processed')
+  assert os.path.basename(p3).startswith('ml-latest-small-') and p3.endswith('.ncfcache')
+  assert p2 != p3
+
+
+def _corrupt(path, how):
+  raw = bytearray(open(path, 'rb').read())
+  if how == 'truncate':
+    raw = raw[:len(raw) - 7]
+  elif how == 'flip':
+    raw[-5] ^= 0x55
+  elif how == 'version':
+    raw[8:12] = struct.pack('<I', cache.FORMAT_VERSION + 7)
+  with open(path, 'wb') as f:
+    f.write(raw)
+
+
+@pytest.mark.parametrize('how', ['truncate', 'flip', 'version'])
+def test_bad_cache_is_reported_in_one_warning_and_rebuilt(tmp_path, caplog, how):
+  write_ratings(tmp_path, 'ml-latest-small')
+  path = data.prepare(config(tmp_path)).cache_path
+  _corrupt(path, how)
+  with caplog.at_level(logging.WARNING):
+    prepared = data.prepare(config(tmp_path))
+  assert prepared.built
+  warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and path in warnings[0].getMessage()
+  assert 'rebuilding' in warnings[0].getMessage()
+  assert_expected(prepared.dataset)
+  assert not data.prepare(config(tmp_path)).built  # the rebuilt file is valid
+
+
+def test_changed_source_file_rebuilds_the_cache(tmp_path):
+  src = write_ratings(tmp_path, 'ml-latest-small')
+  data.prepare(config(tmp_path))
+  write_ratings(tmp_path, 'ml-latest-small', ROWS + [(3, 1300, 30)])
+  os.utime(src, ns=(0, os.stat(src).st_mtime_ns + 10**9))
+  prepared = data.prepare(config(tmp_path))
+  assert prepared.built and prepared.dataset.num_items == 11
+
+
+def test_synthetic_cache_keeps_the_oracle_and_is_keyed_by_generator_parameters(tmp_path):
+  first = data.prepare(synthetic_config(tmp_path))
+  again = data.prepare(synthetic_config(tmp_path))
+  assert first.built and not again.built
+  for a, b in ((first.dataset.train_items, again.dataset.train_items),
+               (first.dataset.train_users, again.dataset.train_users),
+               (first.dataset.oracle.theta, again.dataset.oracle.theta),
+               (first.dataset.oracle.item_topic, again.dataset.oracle.item_topic),
+               (first.dataset.oracle.within_topic, again.dataset.oracle.within_topic)):
+    np.testing.assert_array_equal(a, b)
+  other = data.prepare(synthetic_config(tmp_path, synthetic_seed=1))
+  assert other.built and other.cache_path != first.cache_path
+
+
+def test_synthetic_dataset_has_every_item_and_an_oracle_row_per_kept_user(tmp_path):
+  ds = data.load(synthetic_config(tmp_path))
+  assert (ds.num_users, ds.num_items) == (200, 300)
+  assert ds.oracle.theta.shape == (200, 4) and ds.oracle.item_topic.shape == (300,)
+  fewer = data.load(synthetic_config(tmp_path, min_ratings=40))
+  assert fewer.num_users < 200 and fewer.oracle.theta.shape == (fewer.num_users, 4)
+
+
+def test_unwritable_cache_dir_warns_and_still_returns_the_dataset(tmp_path, caplog):
+  (tmp_path / 'processed').write_text('a file where the cache folder should be')
+  with caplog.at_level(logging.WARNING):
+    prepared = data.prepare(synthetic_config(tmp_path))
+  assert prepared.cache_path is None and prepared.dataset.num_users == 200
+  assert any('continuing without it' in r.getMessage() for r in caplog.records)
+
+
+# --- TFDS ----------------------------------------------------------------------------------
+
+
+def test_tfds_source_gives_the_same_dataset_and_is_converted_once(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  reads = []
+
+  class Records(list):
+
+    def __getitem__(self, k):
+      reads.append(k)
+      return list.__getitem__(self, k)
+
+  records = Records({'user_id': str(u).encode(), 'movie_id': str(i).encode(),
+                     'user_rating': np.float32(4), 'timestamp': np.int64(t)}
+                    for u, i, t in ROWS)
+  c = config(tmp_path, 'ml-20m', source='tfds')
+  with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: records):
+    first = data.prepare(c)
+    n = len(reads)
+    second = data.prepare(c)
+  assert first.built and not second.built and n == len(ROWS) and len(reads) == n
+  assert_expected(second.dataset)
+  assert '/processed/ml-20m-' in first.cache_path
