@@ -1,0 +1,128 @@
+"""Tests of the prepare command (python -m ncf_jax.prepare), run as a user would."""
+import contextlib
+import http.server
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+
+import numpy as np
+
+from ncf_jax import cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = '/work/venv/bin/python' if os.path.exists('/work/venv/bin/python') else sys.executable
+
+
+def prepare(*flags, env=None, wait=True):
+  cmd = [PYTHON, '-m', 'ncf_jax.prepare', '--config=configs/default.py', *flags]
+  full_env = {**os.environ, **(env or {})}
+  proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  if not wait:
+    return proc
+  out, err = proc.communicate(timeout=120)
+  return proc.returncode, out, err
+
+
+def test_prints_one_json_summary_line_and_reuses_the_cache(tmp_path):
+  flags = (f'--config.dataset.data_dir={tmp_path}', '--config.dataset.synthetic_num_users=300')
+  rc, out, err = prepare(*flags)
+  assert rc == 0, err
+  lines = out.splitlines()
+  assert len(lines) == 1
+  summary = json.loads(lines[0])
+  assert list(summary) == ['dataset', 'num_users', 'num_items', 'num_train', 'num_test',
+                           'cache']
+  assert summary['dataset'] == 'synthetic' and summary['num_users'] == 300
+  assert summary['num_items'] == 2000 and summary['num_test'] == 300
+  assert summary['cache'].startswith(str(tmp_path / 'processed'))
+  mtime = os.stat(summary['cache']).st_mtime_ns
+  rc, out2, err2 = prepare(*flags)
+  assert rc == 0 and json.loads(out2) == summary
+  assert os.stat(summary['cache']).st_mtime_ns == mtime
+  assert 'Loaded synthetic' in err2
+
+
+def test_unknown_name_is_one_error_line_without_traceback(tmp_path):
+  rc, out, err = prepare(f'--config.dataset.data_dir={tmp_path}',
+                         '--config.dataset.name=ml-30m')
+  assert rc == 2 and out == ''
+  assert err.strip().splitlines() == [
+      "error: unknown dataset name 'ml-30m' (config.dataset.name); valid names: synthetic, "
+      'ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest-small.']
+
+
+def test_missing_movielens_files_say_where_and_how_to_get_them(tmp_path):
+  rc, out, err = prepare(f'--config.dataset.data_dir={tmp_path}',
+                         '--config.dataset.name=ml-20m')
+  assert rc == 2 and out == '' and 'Traceback' not in err
+  assert f'{tmp_path}/ml-20m/ratings.csv' in err and '--download' in err
+  assert os.listdir(tmp_path) == []
+
+
+def test_two_concurrent_prepares_leave_one_valid_cache(tmp_path):
+  flags = (f'--config.dataset.data_dir={tmp_path}', '--config.dataset.synthetic_num_users=3000')
+  procs = [prepare(*flags, wait=False) for _ in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  paths = {json.loads(out)['cache'] for out, _ in outs}
+  assert len(paths) == 1
+  arrays, meta = cache.read(paths.pop())  # complete and checksummed
+  assert meta['num_users'] == 3000 and arrays['test_items'].shape == (3000,)
+  assert [f for f in os.listdir(tmp_path / 'processed') if f.endswith('.tmp')] == []
+
+
+@contextlib.contextmanager
+def serve(files):
+  class Handler(http.server.BaseHTTPRequestHandler):
+
+    def do_GET(self):  # pylint: disable=invalid-name
+      if self.path not in files:
+        self.send_error(404)
+        return
+      self.send_response(200)
+      self.send_header('Content-Length', str(len(files[self.path])))
+      self.end_headers()
+      self.wfile.write(files[self.path])
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+  threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+  try:
+    yield f'http://127.0.0.1:{server.server_address[1]}'
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_flag_fetches_from_the_configured_url_then_prepares(tmp_path):
+  rng = np.random.default_rng(0)
+  rows = '\n'.join(f'{u}\t{i}\t3\t{t}' for u, i, t in zip(
+      np.repeat(np.arange(1, 31), 25), rng.integers(1, 200, 750), rng.integers(1, 10**9, 750)))
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, 'w') as z:
+    z.writestr('ml-100k/u.data', rows + '\n')
+  with serve({'/ml-100k.zip': buf.getvalue()}) as base:
+    rc, out, err = prepare(f'--config.dataset.data_dir={tmp_path}',
+                           '--config.dataset.name=ml-100k', '--download',
+                           env={'NCF_JAX_MOVIELENS_URL': base})
+  assert rc == 0, err
+  summary = json.loads(out)
+  assert summary['dataset'] == 'ml-100k' and summary['num_users'] == 30
+  assert (tmp_path / 'ml-100k.zip').read_bytes() == buf.getvalue()
+
+
+def test_failed_download_exits_with_one_message_and_no_file(tmp_path):
+  with serve({}) as base:
+    rc, out, err = prepare(f'--config.dataset.data_dir={tmp_path}',
+                           '--config.dataset.name=ml-1m', '--download',
+                           env={'NCF_JAX_MOVIELENS_URL': base})
+  assert rc == 2 and out == '' and 'Traceback' not in err
+  assert 'error: download of ' in err and '404' in err
+  assert os.listdir(tmp_path) == []
