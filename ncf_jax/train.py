@@ -369,6 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
 
 
 def _train_and_evaluate(config, workdir):
+  writers.quiet_library_logs()
   mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
   validate_config(config, mesh.size)
   workdir = make_workdir(workdir)

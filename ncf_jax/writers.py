@@ -13,6 +13,24 @@ import jax
 import tqdm
 
 
+class _QuietLibraries:
+  """Drops INFO records that orbax logs through absl on every save (warnings still show)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or ('/orbax/' not in record.pathname
+                                   and '/etils/' not in record.pathname)
+
+
+_QUIET = _QuietLibraries()
+
+
+def quiet_library_logs() -> None:
+  """Keeps the run's own log lines readable (idempotent)."""
+  logger = logging.get_absl_logger()
+  if _QUIET not in logger.filters:
+    logger.addFilter(_QUIET)
+
+
 def _atomic_write(path: str, text: str) -> None:
   tmp = f'{path}.tmp{os.getpid()}'
   with open(tmp, 'w') as f:

@@ -1,0 +1,47 @@
+"""Reference scorers on the same evaluation candidates as the model: popularity and oracle.
+
+They bracket what a trained model should reach: the popularity baseline (score = number of
+training positives of the item) is the floor any personalised model must beat, and on
+synthetic data the planted oracle (`Dataset.oracle`) is the ceiling.
+"""
+from typing import Callable, Dict, Optional
+
+import jax
+import numpy as np
+
+from ncf_jax import data as data_lib
+from ncf_jax import pipeline
+
+
+def hr_ndcg(scores: np.ndarray, mask: np.ndarray, top_k: int) -> Dict[str, float]:
+  """HR@K and NDCG@K with column 0 the positive; ties count against the positive."""
+  beats = (scores[:, 1:] >= scores[:, :1]) & mask[:, 1:]
+  rank = beats.sum(axis=1)
+  hit = rank < top_k
+  ndcg = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
+  return {'hr': float(hit.mean()), 'ndcg': float(ndcg.mean())}
+
+
+def evaluate_scorer(dataset: data_lib.Dataset, key: jax.Array,
+                    scorer: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
+                    num_neg: int, top_k: int, match_mlperf: bool = False) -> Dict[str, float]:
+  """HR/NDCG of `scorer(users [U, C], items [U, C]) -> scores` on the run's candidates."""
+  users, items = pipeline.eval_candidates(dataset, key, num_neg=num_neg,
+                                          match_mlperf=match_mlperf)
+  if match_mlperf:
+    mask = np.asarray(pipeline.first_occurrence(items))
+  else:
+    mask = np.ones(items.shape, bool)
+  grid = np.broadcast_to(users[:, None], items.shape)
+  return hr_ndcg(scorer(grid, items), mask, top_k)
+
+
+def popularity_scorer(dataset: data_lib.Dataset):
+  counts = np.bincount(dataset.train_items, minlength=dataset.num_items).astype(np.float32)
+  return lambda users, items: counts[items]
+
+
+def oracle_scorer(dataset: data_lib.Dataset) -> Optional[Callable]:
+  if dataset.oracle is None:
+    return None
+  return dataset.oracle.score
