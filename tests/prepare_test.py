@@ -126,3 +126,21 @@ def test_failed_download_exits_with_one_message_and_no_file(tmp_path):
   assert rc == 2 and out == '' and 'Traceback' not in err
   assert 'error: download of ' in err and '404' in err
   assert os.listdir(tmp_path) == []
+
+
+def test_benchmark_data_section_runs_tiny_and_prints_one_json_object():
+  proc = subprocess.run([PYTHON, '-m', 'ncf_jax.benchmark', '--sections=data', '--scale=0.002',
+                         '--json'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  figures = json.loads(proc.stdout)
+  for key in ('data_preprocess_sec', 'data_bare_parse_sec', 'data_preprocess_parse_ratio',
+              'data_cache_load_sec', 'data_peak_rss_gb', 'synthetic_generate_sec'):
+    assert isinstance(figures[key], float) and figures[key] > 0, key
+  assert figures['data_num_users'] == figures['synthetic_num_users'] == 277
+  assert figures['synthetic_rows'] == figures['data_num_train'] + figures['data_num_users']
+
+
+def test_benchmark_unknown_section_is_a_user_error():
+  proc = subprocess.run([PYTHON, '-m', 'ncf_jax.benchmark', '--sections=nope'], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and 'unknown --sections nope; valid: ' in proc.stderr
