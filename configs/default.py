@@ -98,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_epochs = 1
   # Checkpoints kept in WORKDIR/checkpoints.
   config.keep_checkpoints = 3
+  # Devices of the data mesh: 0 = every device of every process; n > 0 = the first n
+  # (single-process only; for device-count studies and sweeps sharing a host).
+  config.num_devices = 0
   return config
 
 

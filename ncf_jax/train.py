@@ -368,9 +368,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
     raise
 
 
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """1-D `data` mesh over every device (0) or the first `num_devices` (one process)."""
+  devices = jax.devices()
+  if num_devices:
+    if jax.process_count() > 1 or not 0 < num_devices <= len(devices):
+      raise UserError(f'config.num_devices={num_devices} is invalid: use 0 (all) or 1..'
+                      f'{len(devices)} in a single-process run.')
+    devices = devices[:num_devices]
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
 def _train_and_evaluate(config, workdir):
   writers.quiet_library_logs()
-  mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+  mesh = make_mesh(int(config.num_devices))
   validate_config(config, mesh.size)
   workdir = make_workdir(workdir)
   is_main = jax.process_index() == 0
