@@ -19,7 +19,8 @@ from ncf_jax.errors import UserError
 RESUMABLE_FIELDS = (
     'num_epochs', 'hr_threshold', 'eval_every_epochs', 'log_every_steps',
     'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size', 'hash_pipeline',
-    'eval_full_ranking', 'dataset.data_dir', 'dataset.download', 'dataset.source')
+    'eval_full_ranking', 'num_devices', 'dataset.data_dir', 'dataset.download',
+    'dataset.source')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
