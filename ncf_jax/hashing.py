@@ -15,7 +15,9 @@ import numpy as np
 
 from ncf_jax import sampling
 
-_KEY = jnp.array([0x6E63665F, 0x6A617821], jnp.uint32)  # fixed: hashes are comparable
+# NumPy, not jnp: importing this module must not start the XLA backend (multi-host
+# jax.distributed.initialize has to run first).
+_KEY = np.array([0x6E63665F, 0x6A617821], np.uint32)  # fixed: hashes are comparable
 
 
 def init() -> jax.Array:
