@@ -61,11 +61,17 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, seed: int) 
 class Checkpoints:
   """The checkpoints of one workdir."""
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(self, workdir: str, keep: int, read_only: bool = False):
+    """`read_only` (evaluation, pretrained weights): never saves, deletes or cleans up, so
+    it is safe while a train command is writing to the same workdir."""
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=False,
-        cleanup_tmp_directories=True)
+    if read_only:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, create=False, read_only=True, enable_async_checkpointing=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=False,
+          cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
 
