@@ -67,7 +67,8 @@ class Checkpoints:
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     if read_only:
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=None, create=False, read_only=True, enable_async_checkpointing=False)
+          max_to_keep=None, save_interval_steps=0, create=False, read_only=True,
+          enable_async_checkpointing=False)
     else:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=False,
