@@ -155,7 +155,9 @@ def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
   tmin = int(timestamps.min())
   span = int(timestamps.max()) - tmin + 1
   if span * n < 2**62:
-    key = (timestamps - tmin) * n + np.arange(n, dtype=np.int64)
+    key = timestamps.astype(np.int64, copy=False) - tmin  # then in place: one temporary
+    key *= n
+    key += np.arange(n, dtype=np.int64)
     best = np.full(num_users, -1, np.int64)
     np.maximum.at(best, ucode, key)
     del key
