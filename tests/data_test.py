@@ -380,3 +380,45 @@ def test_tfds_source_gives_the_same_dataset_and_is_converted_once(tmp_path):
   assert first.built and not second.built and n == len(ROWS) and len(reads) == n
   assert_expected(second.dataset)
   assert '/processed/ml-20m-' in first.cache_path
+
+
+def _snapshot(folder):
+  files = {}
+  for root, _, names in os.walk(folder):
+    for n in names:
+      p = os.path.join(root, n)
+      with open(p, 'rb') as f:
+        files[p] = f.read()
+  return files
+
+
+CSV_HEADER = 'userId,movieId,rating,timestamp\n'
+
+
+@pytest.mark.parametrize('name,text,match', [
+    ('ml-latest-small', None, r'neither .*ml-latest-small/ratings.csv nor .*--download'),
+    ('ml-latest-small', CSV_HEADER + '1,2,3.5,4\n1,2\n', r'ratings.csv line 3: expected 4'),
+    ('ml-latest-small', '', r'ratings.csv is empty'),
+    ('ml-latest-small', CSV_HEADER + '1,2,3.5,4\nu1,2,3.5,5\n', r"line 3: user id 'u1'"),
+    ('ml-1m', '1,2,3,4\n', r"ratings.dat line 1: expected fields separated by '::'"),
+    ('ml-latest-small', CSV_HEADER + ''.join(f'{u},{u},3,{u}\n' for u in (1, 2, 2)),
+     r'user 1 has no training positive'),
+    ('ml-5m', None, r"unknown dataset name 'ml-5m'"),
+])
+def test_bad_input_fails_with_one_message_and_loses_nothing_on_disk(tmp_path, name, text,
+                                                                     match):
+  good = data.prepare(synthetic_config(tmp_path))  # an unrelated good cache in data_dir
+  if text is not None:
+    write_ratings(tmp_path, name, rows=())  # create the folder layout, then the content
+    fmt = movielens.FORMATS[name]
+    with open(tmp_path / fmt.folder / fmt.filename, 'w') as f:
+      f.write(text)
+  before = _snapshot(tmp_path)
+  with pytest.raises(UserError, match=match):
+    data.load(config(tmp_path, name, min_ratings=1))
+  after = _snapshot(tmp_path)
+  assert {p: after.get(p) for p in before} == before  # nothing changed or removed
+  added = set(after) - set(before)
+  assert added <= {str(tmp_path / 'processed' / 'source_hashes.json')}, added
+  assert not data.prepare(synthetic_config(tmp_path)).built  # still valid
+  assert good.cache_path in after
