@@ -298,13 +298,28 @@ def params_hash(params) -> str:
 # The loop.
 
 class _Preemption:
-  """Turns SIGTERM into a flag that the loop checks at step boundaries."""
+  """Turns SIGTERM into a flag that the loop checks at step boundaries (`check`).
+
+  With several processes every one must stop at the same step (saving is collective), so
+  JAX's preemption service handles SIGTERM instead: a notice on any host makes
+  `reached_preemption_sync_point` true on all of them at one agreed step.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multi = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+
+  def check(self, global_step: int) -> bool:
+    """Call before every step, with the same step on every process."""
+    if self._multi and not self.requested:
+      from jax.experimental import multihost_utils
+      self.requested = multihost_utils.reached_preemption_sync_point(global_step)
+    return self.requested
 
   def __enter__(self):
+    if self._multi:   # keep the preemption service's own SIGTERM handler
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:   # not the main thread (e.g. a notebook worker): no handler
@@ -329,14 +344,17 @@ def resolve_seed(config) -> int:
 
 
 def make_workdir(workdir: Optional[str]) -> str:
+  if not workdir and jax.process_count() > 1:
+    raise UserError('a multi-process run needs --workdir (the same shared folder on every '
+                    'host).')
   if not workdir:
     os.makedirs('runs', exist_ok=True)
     workdir = tempfile.mkdtemp(prefix=time.strftime('%Y%m%d-%H%M%S-'), dir='runs')
     print(f'workdir: {workdir}', flush=True)
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, '.write_test')
-    with open(probe, 'w') as f:
+    fd, probe = tempfile.mkstemp(prefix='.write_test', dir=workdir)  # unique per process
+    with os.fdopen(fd, 'w') as f:
       f.write('ok')
     os.remove(probe)
   except OSError as e:
@@ -451,8 +469,10 @@ def _train_and_evaluate(config, workdir):
       first_step = start_step - epoch * spe if epoch == start_epoch else 0
       t_epoch = time.time()
       progress = writers.progress(spe, first_step, f'epoch {epoch}', is_main)
+      stopped = False   # only a SIGTERM before the epoch's last step stops it midway
       for step in range(first_step, spe):
-        if preemption.requested:
+        if preemption.check(epoch * spe + step):
+          stopped = True
           break
         state = train_step(state, data, (data_key, dropout_key), np.int32(epoch),
                            np.int32(step))
@@ -461,10 +481,11 @@ def _train_and_evaluate(config, workdir):
           _check_finite(state, ckpts)
           writer.log_step(epoch, step + 1, spe, state)
       progress.close()
-      if preemption.requested:
+      if stopped:
         _check_finite(state, ckpts)
         gstep = int(jax.device_get(state.step))
-        ckpts.save(gstep, state, meta_now(epoch))
+        if ckpts.latest_step() != gstep:   # else: stopped right after an epoch-end save
+          ckpts.save(gstep, state, meta_now(epoch))
         logging.info('SIGTERM: saved a checkpoint at step %d (epoch %d, batch %d of %d); '
                      'rerun the same command to resume.', gstep, epoch, gstep - epoch * spe,
                      spe)
