@@ -222,9 +222,12 @@ def _seps_in(line: str):
 def _check_first_line(first: bytes, source: Source) -> None:
   """Empty file, header and separator checks on the first line (cheap, before parsing)."""
   fmt, where = source.fmt, source.where
-  if not first.strip():
+  if not first:
     raise UserError(f'{where} is empty: expected MovieLens {source.name} ratings. Delete it '
                     'and re-download (--download) or restore the original file.')
+  if not first.strip():
+    raise UserError(f'{where} line 1 is blank: a GroupLens {source.name} file starts with '
+                    f'{"its header" if fmt.header else "a rating"}. Restore the original file.')
   line = first.decode('utf-8', 'replace').lstrip('\ufeff').rstrip('\r\n')
   if fmt.header is not None:
     if line != fmt.header:
@@ -264,10 +267,11 @@ def _read_ratings(source: Source) -> Ratings:
   if sep == '::':
     # pyarrow needs a one-byte delimiter: rewrite '::' to a tab in memory (C speed).
     data = _read_bytes(source)
-    if b'\t' in data:
-      data = None
-      raise UserError(f'{where} contains tab characters; a GroupLens {source.name} '
-                      "ratings.dat separates fields with '::' only.")
+    tab = data.find(b'\t')
+    if tab >= 0:
+      line = data.count(b'\n', 0, tab) + 1
+      raise UserError(f'{where} line {line} contains a tab; a '
+                      f"GroupLens {source.name} ratings.dat separates fields with '::' only.")
     data = data.replace(b'::', b'\t')
     sep = '\t'
     stream = pa.BufferReader(data)

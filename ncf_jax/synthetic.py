@@ -17,7 +17,8 @@ The model (GENERATOR_VERSION 1):
     log P(i | u) (`SyntheticOracle.score`) is the best a model can do.
   * Timestamps: each user starts at a random time in 1998-2013 and rates in sessions a week
     apart (1 + n_u // 10 sessions), each interaction at a random second in the first minute
-    of its session, so ties at a user's latest timestamp are common (~20 % of users).
+    of its session, so ties at a user's latest timestamp occur (7.6 % of users at ml-20m
+    size, seed 0).
 
 Everything comes from numpy Generator(PCG64(seed)) in a fixed order, vectorized and
 processed in chunks of users (fixed by the targets, not by memory), so the same parameters

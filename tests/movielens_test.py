@@ -190,7 +190,8 @@ def test_header_only_file_has_no_ratings(tmp_path):
     ('ml-20m', '1,2,3.5,4\n', r"line 1: expected the header"),
     ('ml-1m', '1,2,3,4\n', r"line 1: expected fields separated by '::'.*it uses ','"),
     ('ml-100k', '1,2,3,4\n', r"line 1: expected fields separated by tabs.*it uses ','"),
-    ('ml-1m', '1::2::3::4\n1\t2\t3\t4\n', r'contains tab characters'),
+    ('ml-1m', '1::2::3::4\n1\t2\t3\t4\n', r'line 2 contains a tab'),
+    ('ml-1m', '\n1::2::3::4\n', r'line 1 is blank'),
 ])
 def test_wrong_separator_or_header_is_reported(tmp_path, name, text, match):
   path = write_folder(tmp_path, name, text)
