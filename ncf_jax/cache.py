@@ -40,6 +40,23 @@ class CacheError(Exception):
   """The file is not a valid cache of this format version (caller rebuilds it)."""
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def public_temp_file(folder: str, prefix: str, suffix: str):
+  """mkstemp in `folder`, but with the usual umask permissions instead of 0600.
+
+  Files renamed into place from it (caches, downloads) stay readable by whoever may read
+  data_dir, as a plain open() would have made them.
+  """
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+  os.fchmod(fd, 0o666 & ~_umask())
+  return fd, tmp
+
+
 def _align(n: int) -> int:
   return (n + ALIGN - 1) // ALIGN * ALIGN
 
@@ -74,8 +91,7 @@ def write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) 
 
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
+  fd, tmp = public_temp_file(folder, '.' + os.path.basename(path) + '.', '.tmp')
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header), zlib.crc32(header)))
@@ -179,7 +195,7 @@ def content_hash(path: str, memo_path: str) -> str:
   try:
     folder = os.path.dirname(os.path.abspath(memo_path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.source_hashes.', suffix='.tmp')
+    fd, tmp = public_temp_file(folder, '.source_hashes.', '.tmp')
     try:
       with os.fdopen(fd, 'w') as f:
         json.dump(memo, f, indent=1, sort_keys=True)

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -21,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from ncf_jax import cache
 from ncf_jax.errors import UserError
 
 # Official GroupLens location; NCF_JAX_MOVIELENS_URL (or download(base_url=...)) overrides
@@ -169,7 +169,7 @@ def download_zip(name: str, data_dir: str, *, base_url: Optional[str] = None,
     os.makedirs(data_dir, exist_ok=True)
   except OSError as e:
     raise UserError(f'cannot create data_dir {data_dir} for the download: {e}') from None
-  fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f'.{name}.zip.', suffix='.part')
+  fd, tmp = cache.public_temp_file(data_dir, f'.{name}.zip.', '.part')
   logging.info('Downloading %s to %s', src, dest)
   try:
     digest, total = hashlib.md5(), 0

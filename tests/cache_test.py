@@ -25,6 +25,16 @@ def test_round_trip_keeps_arrays_dtypes_shapes_and_meta(tmp_path):
     assert arrays[name].dtype == a.dtype and arrays[name].shape == a.shape
 
 
+def test_written_file_gets_umask_permissions_not_mkstemp_0600(tmp_path):
+  path = str(tmp_path / 'x.ncfcache')
+  old = os.umask(0o022)
+  try:
+    cache.write(path, _arrays(), {})
+  finally:
+    os.umask(old)
+  assert os.stat(path).st_mode & 0o777 == 0o644
+
+
 def test_arrays_start_64_byte_aligned_in_the_file(tmp_path):
   path = str(tmp_path / 'x.ncfcache')
   cache.write(path, _arrays(), {})
