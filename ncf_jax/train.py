@@ -38,7 +38,7 @@ from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
 from ncf_jax import writers
-from ncf_jax.errors import UserError, exit_on_user_error
+from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 AXIS = 'data'
 
@@ -630,4 +630,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
