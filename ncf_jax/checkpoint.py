@@ -88,9 +88,12 @@ class Checkpoints:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
       self.manager.wait_until_finished()
-    except OSError as e:
+    except (OSError, ValueError) as e:   # tensorstore reports I/O errors as ValueError
+      detail = (str(e).splitlines() or [type(e).__name__])[0]
+      if len(detail) > 400:   # tensorstore: the path first, the cause (errno) last
+        detail = detail[:150] + ' ... ' + detail[-250:]
       raise UserError(
-          f'could not save the checkpoint of step {step} in {self.directory}: {e}. '
+          f'could not save the checkpoint of step {step} in {self.directory}: {detail}. '
           f'Earlier checkpoints are intact ({self.all_steps() or "none"}); free space or '
           'fix permissions, then rerun the same command to resume.') from None
 
