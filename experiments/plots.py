@@ -1,0 +1,71 @@
+"""PNG plots for sweeps and seed studies (matplotlib's Agg canvas, no pyplot state).
+
+Figures are built with `matplotlib.figure.Figure` and saved through the Agg canvas, so
+nothing here touches the pyplot backend of the calling process (a notebook keeps its
+inline backend; a headless sweep needs no display).
+"""
+from typing import Optional, Sequence, Tuple
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.ticker import MaxNLocator
+from matplotlib.figure import Figure
+
+# (label, epochs trained [1, 2, ...], HR per epoch, train loss per epoch)
+Curve = Tuple[str, Sequence[int], Sequence[float], Sequence[float]]
+
+
+def hr_curves(curves: Sequence[Curve], path: str, *, top_k: int = 10,
+              hr_threshold: Optional[float] = None, title: str = '') -> None:
+  """HR@K (left) and train loss (right) by epoch, one line per run; saves a PNG."""
+  fig = Figure(figsize=(11, 4.2))
+  FigureCanvasAgg(fig)
+  ax_hr, ax_loss = fig.subplots(1, 2)
+  for label, epochs, hrs, losses in curves:
+    points = [(e, h) for e, h in zip(epochs, hrs) if h is not None]
+    line = None
+    if points:
+      (line,) = ax_hr.plot(*zip(*points), marker='o', markersize=3, label=label)
+    loss_points = [(e, l) for e, l in zip(epochs, losses) if l is not None]
+    if loss_points:
+      ax_loss.plot(*zip(*loss_points), marker='o', markersize=3, label=label,
+                   color=line.get_color() if line is not None else None)
+  if hr_threshold is not None:
+    ax_hr.axhline(hr_threshold, color='gray', linestyle='--', linewidth=1,
+                  label=f'target {hr_threshold:g}')
+  ax_hr.set(xlabel='epochs trained', ylabel=f'HR@{top_k}', title=f'eval HR@{top_k}')
+  ax_loss.set(xlabel='epochs trained', ylabel='train loss (BCE)', title='train loss')
+  for ax in (ax_hr, ax_loss):
+    ax.grid(True, alpha=0.3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  if ax_hr.get_legend_handles_labels()[0]:
+    ax_hr.legend(fontsize=7, loc='lower right')
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+
+
+def seed_boxplot(groups: Sequence[Tuple[str, Sequence[float]]], path: str, *,
+                 title: str = '') -> None:
+  """One box (with the individual runs as dots) per group, side by side; saves a PNG.
+
+  `groups` is [(axis label, values)], e.g. [('epochs to target', [...]),
+  ('seconds to target', [...])]; a group without values is drawn empty and says so.
+  """
+  fig = Figure(figsize=(4 * max(1, len(groups)), 4))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, max(1, len(groups)), squeeze=False)[0]
+  for ax, (label, values) in zip(axes, groups):
+    values = [v for v in values if v is not None]
+    if values:
+      ax.boxplot([values], widths=0.5)
+      ax.scatter([1] * len(values), values, s=14, alpha=0.6, zorder=3)
+    else:
+      ax.text(0.5, 0.5, 'no run reached the target', ha='center', va='center',
+              transform=ax.transAxes)
+    ax.set(ylabel=label, xticks=[1], xticklabels=[f'{len(values)} runs'])
+    ax.grid(True, axis='y', alpha=0.3)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
