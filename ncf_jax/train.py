@@ -308,7 +308,8 @@ class _Preemption:
   def __init__(self):
     self.requested = False
     self._previous = None
-    self._multi = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+    self._multi = (jax.process_count() > 1 and jax.distributed.is_initialized()
+                   and jax.config.jax_enable_preemption_service)
 
   def check(self, global_step: int) -> bool:
     """Call before every step, with the same step on every process."""
@@ -602,6 +603,13 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
   detectable = (env.get('JAX_COORDINATOR_ADDRESS') or int(env.get('SLURM_NTASKS', '1')) > 1
                 or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
   if not (explicit or detectable):
+    # A Cloud TPU VM (pod slice workers included) announces itself only through the GCE
+    # metadata server, which jax.distributed.initialize() queries: try it there.
+    if os.path.exists('/dev/accel0') or os.path.exists('/dev/vfio/0'):
+      try:
+        jax.distributed.initialize()
+      except (ValueError, RuntimeError) as e:   # not a detectable cluster: one process
+        logging.info('No multi-host cluster detected on this TPU VM (%s).', e)
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=coordinator_address,
