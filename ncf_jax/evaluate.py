@@ -1,0 +1,135 @@
+"""Evaluates a saved checkpoint: `python -m ncf_jax.evaluate --workdir=DIR [--step=N]`.
+
+The run is rebuilt from the checkpoint's own meta (its config and resolved seed), never
+from flags, so the evaluation candidates are exactly those of training: the same seed
+gives the same data key (`train.make_keys`), hence the same negatives for every user, and
+`eval_candidates_hash` equals the one in the run's summary.json. The model, the eval step
+and the metrics are train.py's. Prints one readable line, then one JSON line for scripts.
+
+  python -m ncf_jax.evaluate --workdir=runs/neumf            # latest checkpoint
+  python -m ncf_jax.evaluate --workdir=runs/neumf --step=4000
+  python -m ncf_jax.evaluate --workdir=runs/neumf --data_dir=/data/ncf   # data moved
+
+Read-only: safe to run while a train command is still writing to the same workdir.
+"""
+import functools
+import json
+import os
+from typing import Optional
+
+from absl import app
+from absl import flags
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+
+from ncf_jax import checkpoint as ckpt_lib
+from ncf_jax import data as data_lib
+from ncf_jax import models
+from ncf_jax import sampling
+from ncf_jax import train
+from ncf_jax import writers
+from ncf_jax.errors import UserError, exit_on_user_error
+
+
+def _find_step(ckpts: ckpt_lib.Checkpoints, workdir: str, step: Optional[int]) -> int:
+  steps = sorted(ckpts.all_steps())
+  if not steps:
+    raise UserError(f'no checkpoint in {ckpts.directory}; train first with '
+                    f'`python -m ncf_jax.train --workdir={workdir}`.')
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise UserError(f'no checkpoint at step {step} in {ckpts.directory}; available steps: '
+                    f'{", ".join(map(str, steps))}.')
+  return step
+
+
+def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
+                        data_dir: Optional[str] = None) -> dict:
+  """HR/NDCG of the checkpoint at `step` (default: the latest) of a train workdir.
+
+  Args:
+    workdir: the `--workdir` of a train command.
+    step: global step of a saved checkpoint; None for the latest.
+    data_dir: where the dataset is now, when it moved since training (default: the saved
+      config.dataset.data_dir).
+  Returns:
+    dict with workdir, step, epoch, top_k, hr, ndcg (full_hr, full_ndcg with
+    eval_full_ranking), num_users, eval_candidates_hash, seed.
+  Raises:
+    UserError: no such workdir, no checkpoint, unknown step, data that does not match.
+  """
+  if not workdir:
+    raise UserError('pass --workdir=DIR, the run directory of a train command.')
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir!r} does not exist.')
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise UserError(f'{workdir!r} has no checkpoints folder: it is not the workdir of a '
+                    f'train command, or no checkpoint was saved yet.')
+  ckpts = ckpt_lib.Checkpoints(workdir, 1, read_only=True)
+  try:
+    step = _find_step(ckpts, workdir, step)
+    meta = ckpts.restore_meta(step)
+    config = ml_collections.ConfigDict(meta['config'])
+    seed = int(meta['seed'])
+    if data_dir:
+      config.dataset.data_dir = data_dir
+
+    mesh = train.make_mesh(0)
+    # Any eval batch gives the same sums; round it up to a multiple of this device count.
+    ebs = -(-int(config.eval_batch_size) // mesh.size) * mesh.size
+    config.eval_batch_size = ebs
+    train.validate_config(config, 1)   # model and eval fields; batch_size is not used here
+    dataset = data_lib.load(config.dataset)
+    train.validate_against_data(config, dataset)
+    replicated = NamedSharding(mesh, P())
+    data = sampling.to_device(dataset, replicated)
+    init_key, data_key, _ = train.make_keys(seed, mesh)
+    model = models.create_model(config.model, dataset.num_users, dataset.num_items,
+                                config.dtype)
+    shapes = jax.eval_shape(
+        functools.partial(train.create_train_state, config, model, mesh=mesh), init_key)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+    try:
+      state, meta = ckpts.restore(abstract, step)
+    except (ValueError, TypeError, KeyError) as e:
+      raise UserError(
+          f'the checkpoint at step {step} does not match its config and dataset '
+          f'({dataset.name}: {dataset.num_users} users, {dataset.num_items} items): '
+          f'{str(e).splitlines()[0][:300]}') from None
+  finally:
+    ckpts.close()
+
+  eval_step = train.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
+  result, digest = train.evaluate(eval_step, state.params, data, data_key,
+                                  dataset.num_users, ebs)
+  return {'workdir': workdir, 'step': int(step), 'epoch': int(meta['epoch']),
+          'top_k': int(config.top_k), **result, 'num_users': dataset.num_users,
+          'eval_candidates_hash': digest, 'seed': seed}
+
+
+_STEP = flags.DEFINE_integer('step', None, 'Global step of the checkpoint (default: latest).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None,
+                                'Dataset folder, if it moved since training (default: the '
+                                'saved config.dataset.data_dir).')
+
+
+@exit_on_user_error
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  writers.quiet_library_logs()
+  # --workdir is train.py's flag (importing train defines it).
+  result = evaluate_checkpoint(flags.FLAGS.workdir, _STEP.value, _DATA_DIR.value)
+  k = result['top_k']
+  print(f'checkpoint step {result["step"]} (epoch {result["epoch"]}) of {result["workdir"]}: '
+        f'HR@{k} = {result["hr"]:.4f}, NDCG@{k} = {result["ndcg"]:.4f} over '
+        f'{result["num_users"]} users', flush=True)
+  print(json.dumps(result, sort_keys=True), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
