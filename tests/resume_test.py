@@ -1,0 +1,176 @@
+"""Checkpoints, resume after SIGKILL and SIGTERM, config checks, and `ncf_jax.evaluate`.
+
+Runs go through the real command (`python -m ncf_jax.train`, 2 CPU devices). A run that
+must be interrupted mid-epoch uses tests/_train_worker.py: the same `main` with each step
+slowed down, so the signal reliably lands inside an epoch.
+"""
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+import pytest
+
+import _train_helpers as h
+from ncf_jax import checkpoint as ckpt_lib
+from ncf_jax import evaluate as evaluate_lib
+from ncf_jax import train
+from ncf_jax.errors import UserError
+
+SPE = h.STEPS_PER_EPOCH
+FLAGS = dict(log_every_steps=5)
+DELAY = dict(NCF_TEST_STEP_DELAY=0.05)   # 40 steps -> ~2 s per epoch
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, data_dir):
+  """An uninterrupted 3-epoch run: workdir, summary, metrics."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  out = h.run(h.train_cmd(workdir, data_dir, **FLAGS), log=workdir + '.log')
+  assert out.returncode == 0, out.stdout[-3000:]
+  return workdir, h.summary(workdir), h.metrics(workdir)
+
+
+def test_uninterrupted_run_keeps_the_last_checkpoints_with_everything(reference):
+  workdir, summary, metrics = reference
+  assert h.checkpoint_steps(workdir) == [SPE, 2 * SPE, 3 * SPE]   # keep_checkpoints = 3
+  assert [r['epoch'] for r in metrics] == [0, 1, 2]
+  assert summary['epochs_done'] == 3 and not summary['preempted']
+  ck = ckpt_lib.Checkpoints(workdir, 3, read_only=True)
+  meta = ck.restore_meta(2 * SPE)
+  ck.close()
+  assert meta['seed'] == 0 and meta['epoch'] == 2
+  assert meta['config']['batch_size'] == 1024
+  assert meta['history'] == metrics[:2]
+  assert meta['best_hr'] == max(r['hr'] for r in metrics[:2])
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir, reference):
+  _, ref_summary, ref_metrics = reference
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'killed.log')
+  proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **FLAGS), log, **DELAY)
+  try:
+    # Epoch 0 checkpointed and recorded, epoch 1 under way.
+    h.wait_for_line(proc, log, f'epoch 1 step 5/{SPE}')
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+  finally:
+    h.stop(proc)
+  assert h.checkpoint_steps(workdir) == [SPE]
+  assert len(h.metrics(workdir)) == 1
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+  # A kill during a save leaves orbax's temporary folder: it must be ignored.
+  ckdir = os.path.join(workdir, 'checkpoints')
+  partial = os.path.join(ckdir, f'{2 * SPE}.orbax-checkpoint-tmp')
+  shutil.copytree(os.path.join(ckdir, str(SPE)), partial)
+  os.remove(os.path.join(partial, 'commit_success.txt'))
+
+  out = h.run(h.train_cmd(workdir, data_dir, **FLAGS), log=str(tmp_path / 'resumed.log'))
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert f'Resuming from checkpoint at step {SPE}' in out.stdout
+  assert h.summary(workdir)['params_hash'] == ref_summary['params_hash']
+  assert h.summary(workdir)['eval_candidates_hash'] == ref_summary['eval_candidates_hash']
+  h.assert_same_epochs(h.metrics(workdir), ref_metrics)
+  assert h.checkpoint_steps(workdir) == [SPE, 2 * SPE, 3 * SPE]
+
+
+def test_sigterm_saves_mid_epoch_exits_zero_and_resumes_exactly(tmp_path, data_dir,
+                                                                reference):
+  _, ref_summary, ref_metrics = reference
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'terminated.log')
+  proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **FLAGS), log, **DELAY)
+  try:
+    h.wait_for_line(proc, log, f'epoch 1 step 5/{SPE}')
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(60)
+    took = time.time() - t0
+  finally:
+    h.stop(proc)
+  assert rc == 0, h.read(log)[-3000:]
+  assert took < 30, took
+  steps = h.checkpoint_steps(workdir)
+  assert steps[0] == SPE and len(steps) == 2 and SPE + 5 <= steps[1] < 2 * SPE, steps
+  assert 'SIGTERM: saved a checkpoint at step' in h.read(log)
+  assert h.summary(workdir)['preempted'] is True
+  assert len(h.metrics(workdir)) == 1
+
+  out = h.run(h.train_cmd(workdir, data_dir, **FLAGS), log=str(tmp_path / 'resumed.log'))
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert f'Resuming from checkpoint at step {steps[1]}' in out.stdout
+  summary = h.summary(workdir)
+  assert summary['params_hash'] == ref_summary['params_hash']
+  assert not summary['preempted']
+  h.assert_same_epochs(h.metrics(workdir), ref_metrics)
+
+
+def test_resume_refuses_an_incompatible_config_and_allows_resumable_fields(
+    tmp_path, data_dir, reference):
+  workdir = str(tmp_path / 'copy')
+  shutil.copytree(reference[0], workdir)
+  before = h.tree_digest(os.path.join(workdir, 'checkpoints'))
+  for overrides, field in [(dict(model__mf_dim=8), 'model.mf_dim'),
+                           (dict(seed=1), 'seed'),
+                           (dict(dataset__synthetic_num_users=301),
+                            'dataset.synthetic_num_users'),
+                           (dict(batch_size=2048), 'batch_size')]:
+    config = h.tiny_config(data_dir, num_devices=2, **FLAGS, **overrides)
+    with pytest.raises(UserError, match='cannot resume') as e:
+      train.train_and_evaluate(config, workdir)
+    assert field in str(e.value) and 'num_epochs' in str(e.value)   # names what may change
+  assert h.tree_digest(os.path.join(workdir, 'checkpoints')) == before
+  # num_epochs (and eval/logging fields) may change: one more epoch.
+  config = h.tiny_config(data_dir, num_devices=2, num_epochs=4, eval_batch_size=64, **FLAGS)
+  train.train_and_evaluate(config, workdir)
+  assert h.checkpoint_steps(workdir) == [2 * SPE, 3 * SPE, 4 * SPE]
+  assert [r['epoch'] for r in h.metrics(workdir)] == [0, 1, 2, 3]
+  h.assert_same_epochs(h.metrics(workdir)[:3], reference[2])
+
+
+def test_evaluate_command_reproduces_the_training_eval(tmp_path, reference):
+  workdir, summary, metrics = reference
+  out = h.run([sys.executable, '-m', 'ncf_jax.evaluate', f'--workdir={workdir}'])
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  assert 'HR@10 = ' in lines[0] and 'NDCG@10 = ' in lines[0]
+  result = json.loads(lines[-1])
+  assert result['step'] == 3 * SPE and result['epoch'] == 3
+  assert result['hr'] == pytest.approx(metrics[-1]['hr'], abs=1e-9)
+  assert result['ndcg'] == pytest.approx(metrics[-1]['ndcg'], rel=1e-6)
+  assert result['eval_candidates_hash'] == summary['eval_candidates_hash']
+
+  out = h.run([sys.executable, '-m', 'ncf_jax.evaluate', f'--workdir={workdir}',
+               '--step=41'])
+  assert out.returncode != 0
+  assert 'no checkpoint at step 41' in out.stderr and '40, 80, 120' in out.stderr
+  assert 'Traceback' not in out.stderr
+
+
+def test_evaluate_a_named_step_in_process(reference):
+  workdir, summary, metrics = reference
+  before = h.tree_digest(workdir)
+  result = evaluate_lib.evaluate_checkpoint(workdir, step=SPE)   # 8 devices here
+  assert result['epoch'] == 1
+  assert result['hr'] == pytest.approx(metrics[0]['hr'], abs=1e-9)
+  assert result['ndcg'] == pytest.approx(metrics[0]['ndcg'], rel=1e-6)
+  assert result['eval_candidates_hash'] == summary['eval_candidates_hash']
+  assert h.tree_digest(workdir) == before   # read-only
+
+
+def test_evaluate_errors_are_clear(tmp_path, reference):
+  with pytest.raises(UserError, match='does not exist'):
+    evaluate_lib.evaluate_checkpoint(str(tmp_path / 'missing'))
+  with pytest.raises(UserError, match='has no checkpoints folder'):
+    evaluate_lib.evaluate_checkpoint(str(tmp_path))
+  os.makedirs(tmp_path / 'empty' / 'checkpoints')
+  with pytest.raises(UserError, match='no checkpoint in'):
+    evaluate_lib.evaluate_checkpoint(str(tmp_path / 'empty'))
+  with pytest.raises(UserError, match='available steps: 40, 80, 120'):
+    evaluate_lib.evaluate_checkpoint(reference[0], step=7)
