@@ -75,6 +75,11 @@ class Checkpoints:
           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
+    # The cleanup of unfinished saves runs in a thread; finish it now (milliseconds), or a
+    # run that fails right away (missing data) exits mid-cleanup with an orbax traceback.
+    wait_cleanup = getattr(self.manager, '_maybe_await_cleanup_tmp_directory', None)
+    if wait_cleanup is not None:
+      wait_cleanup()
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
