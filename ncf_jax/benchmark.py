@@ -154,8 +154,339 @@ def data_section(args: Args) -> Dict[str, Any]:
   }
 
 
+# ----------------------------------------------------------------------------------------
+# Sections on the JAX backend (whatever `jax.devices()` is: CPU here, GPU/TPU when lent).
+
+def _timed(fn, *args, repeats: int = 1):
+  """Best wall time of `fn(*args)` over `repeats` runs after one warm-up (compile)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn(*args))
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def _scaled_dataset(args: Args):
+  """ml-20m-sized synthetic data (scaled), built once into the scratch folder's cache."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from ncf_jax import data  # pylint: disable=g-import-not-at-top
+  cfg = default.get_dataset_config()
+  cfg.name = 'synthetic'
+  cfg.data_dir = os.path.join(args.workdir, 'synthetic')
+  cfg.synthetic_num_users = max(100, round(ML20M_USERS * args.scale))
+  cfg.synthetic_num_items = max(1000, round(ML20M_ITEMS * args.scale))
+  cfg.synthetic_mean_interactions = round(ML20M_MEAN, 1)
+  return data.load(cfg)
+
+
+def _backend() -> Dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  dev = jax.devices()[0]
+  return {'backend': dev.platform, 'device': getattr(dev, 'device_kind', str(dev)),
+          'num_devices': jax.device_count(), 'jax_version': jax.__version__}
+
+
+def _numpy_bisection_negatives(dataset, users, seed=0):
+  """The peer: vectorized NumPy bisection over the (user, shifted positive) keys.
+
+  This is the approach of TensorFlow's 2019 NCF pipeline (bisection into each user's
+  sorted positives), done with one global np.searchsorted.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  offsets = dataset.user_offsets.astype(np.int64)
+  degrees = np.diff(offsets)
+  local = np.arange(dataset.num_train) - np.repeat(offsets[:-1], degrees)
+  span = dataset.num_items + 1
+  keys = dataset.train_users.astype(np.int64) * span + (dataset.train_items - local)
+  rng = np.random.default_rng(seed)
+
+  def draw(u):
+    r = (rng.random(u.size) * (dataset.num_items - degrees[u])).astype(np.int64)
+    j = np.searchsorted(keys, u.astype(np.int64) * span + r, side='right') - offsets[u]
+    return r + j
+  return draw
+
+
+def sampler_section(args: Args) -> Dict[str, Any]:
+  """Negatives/s vs raw random draws and a NumPy bisection; epoch and eval generation."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ncf_jax import hashing  # pylint: disable=g-import-not-at-top
+  from ncf_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from ncf_jax import sampling  # pylint: disable=g-import-not-at-top
+
+  ds = _scaled_dataset(args)
+  dev = sampling.to_device(ds)
+  key = jax.random.key(0, impl='threefry2x32')
+  kp = sampling.keypair(key)
+  chunk = 1 << 22
+  num_neg_total = 4 * ds.num_train
+  chunks = max(1, -(-num_neg_total // chunk))
+  users = jax.random.randint(jax.random.key(1), (chunk,), 0, ds.num_train)
+  users = jax.jit(lambda d, k: d.train_users[k])(dev, users)
+
+  @jax.jit
+  def draws(i):
+    return jax.random.randint(jax.random.fold_in(key, i), (chunk,), 0, ds.num_items)
+
+  @jax.jit
+  def negatives(d, u, i):
+    counters = jnp.uint32(i) * jnp.uint32(chunk) + jnp.arange(chunk, dtype=jnp.uint32)
+    return sampling.sample_negatives(d, kp, u, counters)
+
+  def run_draws():
+    return [draws(i) for i in range(chunks)]
+
+  def run_negatives():
+    return [negatives(dev, users, i) for i in range(chunks)]
+
+  draw_sec = _timed(run_draws)
+  neg_sec = _timed(run_negatives)
+  host_users = np.asarray(users)
+  np_draw = _numpy_bisection_negatives(ds, host_users)
+  np_sec = _timed(lambda: [np_draw(host_users) for _ in range(2)]) / (2 * chunk)
+
+  # A whole epoch's batches, without the model.
+  batch = 1 << 20
+  steps = pipeline.steps_per_epoch(ds.num_train, 4, batch)
+
+  @jax.jit
+  def epoch_batch(d, step):
+    return pipeline.train_batch(d, key, 0, step, batch_size=batch, num_neg=4)
+
+  @jax.jit
+  def epoch_batch_hashed(d, step, chain):
+    b = pipeline.train_batch(d, key, 0, step, batch_size=batch, num_neg=4)
+    return hashing.chain(chain, hashing.batch_digest(b, jnp.arange(batch, dtype=jnp.uint32)))
+
+  @jax.jit
+  def epoch_draws(i):
+    return jax.random.randint(jax.random.fold_in(key, i), (batch,), 0, ds.num_items)
+
+  def run_epoch():
+    return [epoch_batch(dev, np.int32(s)) for s in range(steps)]
+
+  def run_epoch_hashed():
+    chain = hashing.init()
+    for s in range(steps):
+      chain = epoch_batch_hashed(dev, np.int32(s), chain)
+    return chain
+
+  epoch_sec = _timed(run_epoch)
+  epoch_hashed_sec = _timed(run_epoch_hashed)
+  epoch_draw_sec = _timed(lambda: [epoch_draws(i) for i in range(steps)])
+
+  # Eval candidates for all users, 999 each (fewer if a small --scale leaves fewer items).
+  eval_neg = int(min(999, ds.num_items - ds.user_degrees().max() - 1))
+  eval_users = 4096
+  eval_batches = -(-ds.num_users // eval_users)
+
+  @jax.jit
+  def eval_cands(d, first):
+    u = jnp.minimum(first + jnp.arange(eval_users, dtype=jnp.int32), ds.num_users - 1)
+    return pipeline.eval_batch(d, key, u, num_neg=eval_neg)[0]
+
+  @jax.jit
+  def eval_draws(i):
+    return jax.random.randint(jax.random.fold_in(key, i), (eval_users, eval_neg), 0,
+                              ds.num_items)
+
+  eval_sec = _timed(lambda: [eval_cands(dev, np.int32(i * eval_users))
+                             for i in range(eval_batches)])
+  eval_draw_sec = _timed(lambda: [eval_draws(i) for i in range(eval_batches)])
+
+  device_bytes = sum(x.nbytes for x in jax.tree.leaves(dev))
+  int32_bytes = 4 * (2 * ds.num_train + 2 * ds.num_users + 1)
+  n = chunks * chunk
+  return {
+      **_backend(),
+      'sampler_num_users': ds.num_users, 'sampler_num_items': ds.num_items,
+      'sampler_num_train': ds.num_train,
+      'sampler_negatives_per_sec': n / neg_sec,
+      'random_draws_per_sec': n / draw_sec,
+      'sampler_vs_random_ratio': draw_sec / neg_sec,
+      'numpy_bisection_negatives_per_sec': 1.0 / np_sec,
+      'sampler_vs_numpy_ratio': (n / neg_sec) * np_sec,
+      'epoch_samples': pipeline.epoch_size(ds.num_train, 4),
+      'epoch_batches_sec': epoch_sec,
+      'epoch_random_draws_sec': epoch_draw_sec,
+      'epoch_vs_random_ratio': epoch_sec / epoch_draw_sec,
+      'epoch_batches_hashed_sec': epoch_hashed_sec,
+      'hash_overhead_fraction_of_batches': epoch_hashed_sec / epoch_sec - 1.0,
+      'eval_num_neg': eval_neg,
+      'eval_candidates_sec': eval_sec,
+      'eval_random_draws_sec': eval_draw_sec,
+      'eval_candidates_vs_random_ratio': eval_sec / eval_draw_sec,
+      'device_data_bytes': device_bytes,
+      'device_data_vs_int32_ratio': device_bytes / int32_bytes,
+  }
+
+
+FLOPS_PER_SAMPLE = 639_744   # MLPerf NeuMF dense layers, forward + backward (3 x 2 x MACs)
+
+
+def _matmul_flops_per_sec() -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = 2048 if jax.devices()[0].platform == 'cpu' else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  sec = _timed(mm, a, repeats=3)
+  return 2 * n ** 3 / sec
+
+
+def _torch_peer(num_users: int, num_items: int, batch: int) -> Dict[str, Any]:
+  """NVIDIA's MLPerf NeuMF module (PyTorch, CPU): samples/s of one Adam step."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {'torch_note': 'torch not installed: peer skipped'}
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+
+  class NeuMF(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.mf_user, self.mf_item = nn.Embedding(num_users, 64), nn.Embedding(num_items, 64)
+      self.mlp_user = nn.Embedding(num_users, 128)
+      self.mlp_item = nn.Embedding(num_items, 128)
+      self.mlp = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                               nn.Linear(128, 64), nn.ReLU())
+      self.final = nn.Linear(128, 1)
+
+    def forward(self, u, i):
+      gmf = self.mf_user(u) * self.mf_item(i)
+      mlp = self.mlp(torch.cat([self.mlp_user(u), self.mlp_item(i)], dim=1))
+      return self.final(torch.cat([gmf, mlp], dim=1)).squeeze(1)
+
+  out = {}
+  u = torch.randint(0, num_users, (batch,))
+  i = torch.randint(0, num_items, (batch,))
+  y = torch.randint(0, 2, (batch,)).float()
+  loss_fn = nn.BCEWithLogitsLoss()
+  for name, fused in (('eager', False), ('fused_adam', True)):
+    model = NeuMF()
+    try:
+      opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
+    except (RuntimeError, TypeError):
+      continue
+    def step():
+      opt.zero_grad(set_to_none=True)
+      loss_fn(model(u, i), y).backward()
+      opt.step()
+    step()
+    t = time.perf_counter()
+    for _ in range(3):
+      step()
+    out[f'torch_{name}_samples_per_sec'] = 3 * batch / (time.perf_counter() - t)
+  out['torch_version'] = torch.__version__
+  return out
+
+
+def train_section(args: Args) -> Dict[str, Any]:
+  """Train-step samples/s (MLPerf NeuMF, sampling included), ceiling fraction, breakdown."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from configs import mlperf  # pylint: disable=g-import-not-at-top
+  from ncf_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from ncf_jax import models  # pylint: disable=g-import-not-at-top
+  from ncf_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from ncf_jax import sampling  # pylint: disable=g-import-not-at-top
+  from ncf_jax import train  # pylint: disable=g-import-not-at-top
+
+  ds = _scaled_dataset(args)
+  # The MLPerf model at its real sizes: the embedding tables dominate the update cost.
+  num_users, num_items = max(ML20M_USERS, ds.num_users), max(ML20M_ITEMS, ds.num_items)
+  config = mlperf.get_config()
+  mesh = train.make_mesh()
+  dev = sampling.to_device(ds, NamedSharding(mesh, P()))
+  model = models.create_model(config.model, num_users, num_items, 'float32')
+  init_key, data_key, dropout_key = train.make_keys(0, mesh)
+  flops = _matmul_flops_per_sec()
+  out = {**_backend(), 'matmul_flops_per_sec': flops,
+         'compute_ceiling_samples_per_sec': flops / FLOPS_PER_SAMPLE}
+  cpu = jax.devices()[0].platform == 'cpu'
+  for batch in (65536, 1048576):
+    config.batch_size = batch
+    state = train.create_train_state(config, model, init_key, mesh)
+    step = train.make_train_step(config, mesh)
+    n = (3 if batch > 100_000 else 10) if cpu else 20
+
+    def run(state):
+      for s in range(n):
+        state = step(state, dev, (data_key, dropout_key), np.int32(0), np.int32(s))
+      return state
+    state = run(state)   # compile + warm up
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    state = jax.block_until_ready(run(state))
+    rate = n * batch / (time.perf_counter() - t)
+    out[f'train_samples_per_sec_b{batch}'] = rate
+    out[f'compute_ceiling_fraction_b{batch}'] = rate * FLOPS_PER_SAMPLE / flops
+    del state
+
+  # Where the time goes at batch 65,536 (one device, each part compiled alone).
+  batch = 65536
+  config.batch_size = batch
+  state = train.create_train_state(config, model, init_key, train.make_mesh(1))
+  dev1 = sampling.to_device(ds)
+  gen = jax.jit(lambda d: pipeline.train_batch(d, data_key, 0, 0, batch_size=batch, num_neg=4))
+  b = gen(dev1)
+
+  def loss(params, b):
+    logits = model.apply({'params': params}, b['user'], b['item'])
+    return metrics_lib.bce_sum(logits, b['label'], b['valid']) / batch
+  fwd = jax.jit(loss)
+  grad = jax.jit(jax.grad(loss))
+  g = grad(state.params, b)
+  upd = jax.jit(lambda s, g: s.apply_gradients(grads=g), donate_argnums=0)
+  gather = jax.jit(lambda p, b: [p['gmf']['gmf_user']['embedding'][b['user']],
+                                 p['gmf']['gmf_item']['embedding'][b['item']],
+                                 p['mlp']['mlp_user']['embedding'][b['user']],
+                                 p['mlp']['mlp_item']['embedding'][b['item']]])
+  out['breakdown_batch'] = batch
+  out['breakdown_sampling_ms'] = 1e3 * _timed(gen, dev1, repeats=3)
+  out['breakdown_embedding_gather_ms'] = 1e3 * _timed(gather, state.params, b, repeats=3)
+  out['breakdown_forward_ms'] = 1e3 * _timed(fwd, state.params, b, repeats=3)
+  out['breakdown_forward_backward_ms'] = 1e3 * _timed(grad, state.params, b, repeats=3)
+  holder = [state]
+
+  def update():
+    holder[0] = upd(holder[0], g)
+    return holder[0].step
+  out['breakdown_adam_update_ms'] = 1e3 * _timed(update, repeats=3)
+
+  # Evaluation throughput: users/s with 999 sampled negatives each.
+  config.eval_batch_size = 1024 * mesh.size if cpu else 8192 * mesh.size
+  eval_step = train.make_eval_step(config, mesh, model, ds.num_users, ds.num_items)
+  params = holder[0].params
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  nb = 4 if cpu else 16
+  sec = _timed(lambda: [eval_step(params, dev, data_key, np.int32(i * config.eval_batch_size))
+                        for i in range(nb)])
+  out['eval_users_per_sec'] = nb * config.eval_batch_size / sec
+
+  peer = _torch_peer(num_users, num_items, 65536)
+  out.update(peer)
+  best = max([v for k, v in peer.items() if k.endswith('_samples_per_sec')], default=None)
+  if best:
+    out['peer_ratio_torch'] = out['train_samples_per_sec_b65536'] / best
+  out['train_samples_per_sec'] = out['train_samples_per_sec_b1048576']
+  out['compute_ceiling_fraction'] = out['compute_ceiling_fraction_b1048576']
+  return out
+
+
 SECTIONS: Dict[str, Callable[[Args], Dict[str, Any]]] = {
     'data': data_section,
+    'sampler': sampler_section,
+    'train': train_section,
 }
 
 

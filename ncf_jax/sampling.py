@@ -97,11 +97,21 @@ def keypair(key: jax.Array) -> jax.Array:
 
 def random_words(kp: jax.Array, x0: jax.Array, x1) -> Tuple[jax.Array, jax.Array]:
   """Two uint32 pseudo-random words per counter pair (x0, x1): threefry2x32."""
-  args = [jnp.asarray(v, jnp.uint32) for v in (kp[..., 0], kp[..., 1], x0, x1)]
-  # A zero that carries every operand's shape and (inside shard_map) device variance, so
-  # that the primitive sees operands of one type; XLA folds it away.
-  zero = functools.reduce(jnp.add, [v & 0 for v in args])
-  return tuple(jex_random.threefry2x32_p.bind(*[v + zero for v in args]))
+  x0 = jnp.asarray(x0, jnp.uint32)
+  x1 = jnp.broadcast_to(jnp.asarray(x1, jnp.uint32), x0.shape)
+  k0, k1 = jnp.asarray(kp[..., 0], jnp.uint32), jnp.asarray(kp[..., 1], jnp.uint32)
+  # Inside shard_map every operand must vary over the same mesh axes. Scalar keys stay
+  # scalars (broadcasting them to the counters' shape makes threefry ~7x slower on CPU).
+  args = _same_variance([k0, k1, x0, x1])
+  return tuple(jex_random.threefry2x32_p.bind(*args))
+
+
+def _same_variance(values):
+  """pcasts each value to vary over the union of the values' manual mesh axes."""
+  vmas = [getattr(jax.typeof(v), 'vma', frozenset()) for v in values]
+  union = frozenset().union(*vmas)
+  return [jax.lax.pcast(v, tuple(sorted(union - vma)), to='varying') if union - vma else v
+          for v, vma in zip(values, vmas)]
 
 
 def mulhi_u32(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -142,13 +152,28 @@ def _radices(n: jax.Array) -> Tuple[jax.Array, jax.Array]:
   return a, b
 
 
+def _divmod(x: jax.Array, b: jax.Array):
+  """Exact (x // b, x % b) for uint32 x < 2**32 - 2**17, b >= 1, without integer division.
+
+  XLA CPU does not vectorise integer division; a float32 quotient is off by at most one
+  for these ranges (relative error 2**-24 of x / b < 2**8), and two corrections fix it.
+  """
+  q = jnp.floor(x.astype(jnp.float32) / b.astype(jnp.float32)).astype(jnp.int32)
+  r = x.astype(jnp.int32) - q * b.astype(jnp.int32)
+  for _ in range(2):
+    low, high = r < 0, r >= b.astype(jnp.int32)
+    q = q - low + high
+    r = r + jnp.where(low, b, 0).astype(jnp.int32) - jnp.where(high, b, 0).astype(jnp.int32)
+  return q.astype(jnp.uint32), r.astype(jnp.uint32)
+
+
 def _feistel(x: jax.Array, a: jax.Array, b: jax.Array, round_keys) -> jax.Array:
   """One pass of the mixed-radix Feistel network: a bijection of [0, a * b)."""
-  left, right = x // b, x % b            # left in Z_a, right in Z_b
+  left, right = _divmod(x, b)            # left in Z_a, right in Z_b
   mods = (a, b)
   for i, rk in enumerate(round_keys):
     m = mods[i % 2]
-    f = _mix32(right ^ rk) % m
+    f = mulhi_u32(_mix32(right ^ rk), m)   # a round function into Z_m (no division)
     new_right = left + f
     new_right = jnp.where(new_right >= m, new_right - m, new_right)
     left, right = right, new_right
@@ -160,20 +185,32 @@ def permute(x: jax.Array, n: jax.Array, round_keys) -> jax.Array:
 
   Args:
     x: uint32/int32 indices in [0, n).
-    n: domain size (scalar or broadcastable to x), at most 2**32 - 2**17.
+    n: domain size (scalar or broadcastable to x), below 2**31.
     round_keys: FEISTEL_ROUNDS uint32 arrays broadcastable to x.
   Returns:
-    uint32 images, a permutation of [0, n) when x ranges over [0, n).
+    uint32 images, a permutation of [0, n) when x ranges over [0, n). Lanes with x >= n
+    get unspecified values (and never stall the computation).
   """
-  x = x.astype(jnp.uint32)
-  n = jnp.broadcast_to(jnp.asarray(n, jnp.uint32), x.shape)
+  shape = x.shape
+  x = x.astype(jnp.uint32).ravel()
+  n = jnp.broadcast_to(jnp.asarray(n, jnp.uint32), shape).ravel()
+  keys = [jnp.broadcast_to(jnp.asarray(k, jnp.uint32), shape).ravel() for k in round_keys]
   a, b = _radices(n)
-  step = functools.partial(_feistel, a=a, b=b, round_keys=round_keys)
-  y = step(x)
-  # a * b - n < a <= sqrt(n) + 1, so an image outside [0, n) is rare; walking the cycle
-  # until it re-enters [0, n) keeps the map a bijection of [0, n).
-  return jax.lax.while_loop(lambda y: jnp.any(y >= n),
-                            lambda y: jnp.where(y >= n, step(y), y), y)
+
+  def step(v, a, b, keys):
+    return _feistel(v, a, b, keys)
+
+  inside = x < n
+  y = step(x, a, b, keys)
+  # a * b - n < a <= sqrt(n) + 1, so an image outside [0, n) is rare (~1 lane in sqrt(n)).
+  # Cycle walking (re-applying the bijection of [0, a * b) until the image re-enters
+  # [0, n)) keeps the map a bijection. One walk step is applied unconditionally (in a
+  # large batch some lane nearly always needs it); the loop after it rarely iterates.
+  out = inside & (y >= n)
+  y = jnp.where(out, step(y, a, b, keys), y)
+  y = jax.lax.while_loop(lambda y: jnp.any(inside & (y >= n)),
+                         lambda y: jnp.where(inside & (y >= n), step(y, a, b, keys), y), y)
+  return y.reshape(shape)
 
 
 def round_keys(kp: jax.Array, index=0) -> list:
@@ -255,7 +292,8 @@ def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
 
   Draws are without replacement: the first num_neg images of a per-user keyed bijection
   of the user's candidate ranks [0, num_items - degree - 1), mapped to item ids. Requires
-  num_neg <= num_items - degree - 1 for every user in `users`.
+  num_neg <= num_items - degree - 1 for every user in `users` (train.py checks it); a
+  user with fewer candidates gets repeats in the columns past its candidate count.
 
   Returns: int32 [len(users), num_neg].
   """
