@@ -6,6 +6,7 @@ inline backend; a headless sweep needs no display).
 """
 from typing import Optional, Sequence, Tuple
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.ticker import MaxNLocator
 from matplotlib.figure import Figure
@@ -15,20 +16,29 @@ Curve = Tuple[str, Sequence[int], Sequence[float], Sequence[float]]
 
 
 def hr_curves(curves: Sequence[Curve], path: str, *, top_k: int = 10,
-              hr_threshold: Optional[float] = None, title: str = '') -> None:
-  """HR@K (left) and train loss (right) by epoch, one line per run; saves a PNG."""
-  fig = Figure(figsize=(11, 4.2))
+              hr_threshold: Optional[float] = None, title: str = '',
+              styles: Optional[Sequence[Tuple[int, int]]] = None) -> None:
+  """HR@K (left) and train loss (right) by epoch, one line per run; saves a PNG.
+
+  `styles[i]` = (colour group, line-style group) of curve i, e.g. colour by learning rate
+  and line style by seed; by default every curve gets its own colour.
+  """
+  styles = list(styles) if styles else [(i, 0) for i in range(len(curves))]
+  num_colors = max([c for c, _ in styles], default=0) + 1
+  palette = matplotlib.colormaps['tab10' if num_colors <= 10 else 'tab20'].colors
+  dashes = ['-', '--', ':', '-.']
+  fig = Figure(figsize=(13, 4.5))
   FigureCanvasAgg(fig)
   ax_hr, ax_loss = fig.subplots(1, 2)
-  for label, epochs, hrs, losses in curves:
+  for (label, epochs, hrs, losses), (color, dash) in zip(curves, styles):
+    kw = dict(marker='o', markersize=3, color=palette[color % len(palette)],
+              linestyle=dashes[dash % len(dashes)])
     points = [(e, h) for e, h in zip(epochs, hrs) if h is not None]
-    line = None
     if points:
-      (line,) = ax_hr.plot(*zip(*points), marker='o', markersize=3, label=label)
+      ax_hr.plot(*zip(*points), label=label, **kw)
     loss_points = [(e, l) for e, l in zip(epochs, losses) if l is not None]
     if loss_points:
-      ax_loss.plot(*zip(*loss_points), marker='o', markersize=3, label=label,
-                   color=line.get_color() if line is not None else None)
+      ax_loss.plot(*zip(*loss_points), **kw)
   if hr_threshold is not None:
     ax_hr.axhline(hr_threshold, color='gray', linestyle='--', linewidth=1,
                   label=f'target {hr_threshold:g}')
@@ -37,11 +47,12 @@ def hr_curves(curves: Sequence[Curve], path: str, *, top_k: int = 10,
   for ax in (ax_hr, ax_loss):
     ax.grid(True, alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  if ax_hr.get_legend_handles_labels()[0]:
-    ax_hr.legend(fontsize=7, loc='lower right')
+  handles, labels = ax_hr.get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, labels, loc='center right', fontsize=7)
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 0.85 if handles else 1, 1))
   fig.savefig(path, dpi=80)
 
 
@@ -58,7 +69,7 @@ def seed_boxplot(groups: Sequence[Tuple[str, Sequence[float]]], path: str, *,
   for ax, (label, values) in zip(axes, groups):
     values = [v for v in values if v is not None]
     if values:
-      ax.boxplot([values], widths=0.5)
+      ax.boxplot([values], widths=0.5, showfliers=False)  # every run is a dot
       ax.scatter([1] * len(values), values, s=14, alpha=0.6, zorder=3)
     else:
       ax.text(0.5, 0.5, 'no run reached the target', ha='center', va='center',

@@ -25,15 +25,14 @@ import csv
 import math
 import os
 import statistics
-import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from absl import app
 from absl import flags
 
 from experiments import plots
 from experiments import sweep
-from ncf_jax.errors import UserError, exit_on_user_error
+from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 FLAGS = flags.FLAGS
 RERUN = 'determinism_seed=0'
@@ -76,7 +75,7 @@ def write_report(points: Sequence[sweep.Point], workdir: str, *, config_file: st
   check = determinism(seeds[0], rerun)
 
   columns = ['seed', 'epochs_to_target', 'seconds_to_target', 'best_hr', 'best_ndcg',
-             'epochs_done', 'params_hash', 'status', 'workdir']
+             'epochs_done', 'params_hash', 'status']
   with open(os.path.join(workdir, 'seeds.csv'), 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(columns)
@@ -170,4 +169,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=sweep.parse_flags)
+  app.run(main, flags_parser=parse_flags)

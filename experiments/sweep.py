@@ -56,7 +56,7 @@ from experiments import plots
 # ncf_jax.train defines --config (config_flags) and --workdir; sweeps and seed studies
 # reuse those two flags, so `--config.x=y` means exactly what it means for a train run.
 from ncf_jax import train
-from ncf_jax.errors import UserError, exit_on_user_error
+from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 FLAGS = flags.FLAGS
 PREFIX = 'config.'
@@ -302,7 +302,9 @@ def failure_reason(point: Point) -> str:
   except OSError:
     return 'no train.log'
   errors = [line for line in lines if line.startswith('error:')]
-  return (errors or lines or ['empty train.log'])[-1][:400]
+  exceptions = [line for line in lines  # e.g. 'TypeError: ...' ending a traceback
+                if re.match(r'[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', line)]
+  return (errors or exceptions or lines or ['empty train.log'])[-1][:400]
 
 
 # ----------------------------------------------------------------------------------------
@@ -500,7 +502,7 @@ def write_results(points: Sequence[Point], workdir: str, *, title: str,
   for p in points:
     keys += [k for k in p.overrides if k not in keys]
   columns = ['epochs_done', 'best_hr', 'best_ndcg', 'final_hr', 'epochs_to_target',
-             'seconds_to_target', 'samples_per_sec', 'params_hash', 'status', 'workdir']
+             'seconds_to_target', 'samples_per_sec', 'params_hash', 'status']
   with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(['name'] + keys + columns)
@@ -532,15 +534,23 @@ def write_results(points: Sequence[Point], workdir: str, *, title: str,
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(f'# {title}\n\n{preamble}\n\n{table}\n{notes}\n\n![HR curves](curves.png)\n')
 
-  curves = []
+  curves, styles = [], []
+  colour_keys, dash_keys = (shown[:-1], shown[-1:]) if len(shown) > 1 else (shown, [])
+  groups = {'colour': {}, 'dash': {}}
   for r in results:
+    colour = repr([r['overrides'].get(k) for k in colour_keys])
+    dash = repr([r['overrides'].get(k) for k in dash_keys])
+    styles.append((groups['colour'].setdefault(colour, len(groups['colour'])),
+                   groups['dash'].setdefault(dash, len(groups['dash']))))
     label = ', '.join(f'{k[len(PREFIX):]}={_name_value(r["overrides"][k])}'
                       for k in shown if k in r['overrides']) or r['name']
     epochs = [h['epoch'] + 1 for h in r['history']]
     curves.append((label, epochs, [h.get('hr') for h in r['history']],
                    [h.get('train_loss') for h in r['history']]))
+  # Colour by every varying key but the last (e.g. the learning rate), line style by the
+  # last (e.g. the seed), so that the repeats of a setting share a colour.
   plots.hr_curves(curves, os.path.join(workdir, 'curves.png'), top_k=top_k,
-                  hr_threshold=config.hr_threshold, title=title)
+                  hr_threshold=config.hr_threshold, title=title, styles=styles)
   return results
 
 
@@ -557,22 +567,6 @@ def base_config() -> Tuple[ml_collections.ConfigDict, str, Dict[str, Any], str]:
 
 # ----------------------------------------------------------------------------------------
 # Command line.
-
-def parse_flags(argv: Sequence[str]) -> List[str]:
-  """absl flag parsing, with an unknown `--config.x` reported in one line (no traceback)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e}\nPass --helpfull to see the flags.', file=sys.stderr)
-    sys.exit(2)
-  except (AttributeError, KeyError) as e:  # config_flags on a field the config lacks
-    leaf = str(e).strip('"\'')
-    given = [a.split('=', 1)[0].lstrip('-') for a in argv[1:]
-             if re.match(r'--(no)?config\.', a)]
-    name = next((g for g in given if g.split('.')[-1] == leaf), f'config.{leaf}')
-    print(f'error: --{name}: the --config file has no such field.', file=sys.stderr)
-    sys.exit(2)
-
 
 def define_flags() -> None:
   flags.DEFINE_string('sweep', None, 'Sweep file defining get_sweep().')
