@@ -106,9 +106,18 @@ def random_words(kp: jax.Array, x0: jax.Array, x1) -> Tuple[jax.Array, jax.Array
   return tuple(jex_random.threefry2x32_p.bind(*args))
 
 
+def _varying_axes(value) -> frozenset:
+  """Manual mesh axes a traced value varies over (empty outside shard_map)."""
+  aval = jax.typeof(value)
+  mat = getattr(aval, 'mat', None)          # JAX >= 0.9: ShapedArray.mat.varying
+  if mat is not None and hasattr(mat, 'varying'):
+    return frozenset(mat.varying)
+  return frozenset(getattr(aval, 'vma', ()))  # JAX 0.7-0.8: ShapedArray.vma
+
+
 def _same_variance(values):
   """pcasts each value to vary over the union of the values' manual mesh axes."""
-  vmas = [getattr(jax.typeof(v), 'vma', frozenset()) for v in values]
+  vmas = [_varying_axes(v) for v in values]
   union = frozenset().union(*vmas)
   return [jax.lax.pcast(v, tuple(sorted(union - vma)), to='varying') if union - vma else v
           for v, vma in zip(values, vmas)]
