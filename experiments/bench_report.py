@@ -26,11 +26,33 @@ KNOWN: List[Tuple[str, str, str]] = [
     ('backend', '', 'JAX backend'),
     ('device', '', 'device kind'),
     ('num_devices', '', 'devices used'),
+    ('jax_version', '', 'JAX version'),
+    # Headline figures.
     ('train_samples_per_sec', 'samples/s', 'training throughput'),
-    ('sampler_negatives_per_sec', 'negatives/s', 'negative sampler throughput'),
-    ('eval_users_per_sec', 'users/s', 'evaluation throughput'),
-    ('compute_ceiling_fraction', 'fraction', 'share of the device compute ceiling used'),
+    ('compute_ceiling_samples_per_sec', 'samples/s', 'throughput the matmul rate allows'),
+    ('compute_ceiling_fraction', 'fraction', 'share of the compute ceiling reached'),
     ('peer_ratio_torch', 'x', 'throughput relative to the PyTorch peer'),
+    ('matmul_flops_per_sec', 'FLOP/s', 'measured matmul rate'),
+    # Sampler, epoch pipeline, evaluation candidates.
+    ('sampler_negatives_per_sec', 'negatives/s', 'on-device negative sampler'),
+    ('numpy_bisection_negatives_per_sec', 'negatives/s', 'NumPy bisection sampler'),
+    ('sampler_vs_numpy_ratio', 'x', 'sampler / NumPy sampler'),
+    ('random_draws_per_sec', 'draws/s', 'bare uniform draws'),
+    ('sampler_vs_random_ratio', 'x', 'sampler / bare draws'),
+    ('epoch_samples', 'samples', 'samples in one epoch'),
+    ('epoch_batches_sec', 's', 'one epoch of batches'),
+    ('epoch_batches_hashed_sec', 's', 'one epoch of batches, hashed'),
+    ('hash_overhead_fraction_of_batches', 'fraction', 'hashing cost'),
+    ('epoch_random_draws_sec', 's', 'the same number of bare draws'),
+    ('epoch_vs_random_ratio', 'x', 'epoch / bare draws'),
+    ('eval_users_per_sec', 'users/s', 'evaluation throughput'),
+    ('eval_num_neg', 'items', 'evaluation negatives per user'),
+    ('eval_candidates_sec', 's', 'all evaluation candidates'),
+    ('eval_random_draws_sec', 's', 'the same number of bare draws'),
+    ('eval_candidates_vs_random_ratio', 'x', 'candidates / bare draws'),
+    ('device_data_bytes', 'bytes', 'dataset arrays on the device'),
+    ('device_data_vs_int32_ratio', 'x', 'versus plain int32 arrays'),
+    # Data preparation.
     ('data_preprocess_sec', 's', 'parse + MLPerf preprocessing'),
     ('data_bare_parse_sec', 's', 'bare pyarrow CSV parse'),
     ('data_parse_sec', 's', 'our CSV parse'),
@@ -52,7 +74,8 @@ KNOWN: List[Tuple[str, str, str]] = [
 _KNOWN_UNITS = {k: u for k, u, _ in KNOWN}
 _HEADER_KEYS = ('backend', 'device')
 _SUFFIX_UNITS = [('_per_sec', '/s'), ('_sec', 's'), ('_ms', 'ms'), ('_gb', 'GB'),
-                 ('_bytes', 'bytes'), ('_fraction', 'fraction'), ('_ratio', 'x')]
+                 ('_bytes', 'bytes'), ('_fraction', 'fraction'), ('_ratio', 'x'),
+                 ('_rows', 'rows'), ('_num_users', 'users'), ('_num_items', 'items')]
 
 
 def read_result(path: str) -> Dict[str, Any]:
