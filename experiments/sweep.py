@@ -255,8 +255,9 @@ def is_finished(point: Point) -> bool:
   saved = _read_json(os.path.join(point.workdir, 'config.json'))
   if not summary or summary.get('preempted') or saved is None:
     return False
-  saved.pop('resolved_seed', None)
-  return saved == json.loads(point.config.to_json_best_effort())
+  expected = json.loads(point.config.to_json_best_effort())
+  # Extra keys a run records besides its config (e.g. resolved_seed) do not count.
+  return {k: saved.get(k) for k in expected} == expected
 
 
 def steady_samples_per_sec(history: List[dict]) -> Optional[float]:

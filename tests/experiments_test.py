@@ -374,3 +374,23 @@ def test_failure_reason_prefers_the_runs_error_line_then_the_exception(tmp_path)
   assert sweep.failure_reason(point) == 'TypeError: bad carry'
   write(tmp_path / 'train.log', 'I1 start\nerror: config.batch_size=3 is invalid.\n')
   assert sweep.failure_reason(point) == 'error: config.batch_size=3 is invalid.'
+
+
+def test_a_point_counts_as_finished_only_with_a_final_summary_of_its_own_config(tmp_path):
+  from configs import default
+  config = default.get_config()
+  config.lock()
+  [point] = sweep.make_points(config, 'configs/default.py', {}, [{'config.seed': 1}],
+                              str(tmp_path))
+  os.makedirs(point.workdir)
+  saved = json.loads(point.config.to_json_best_effort())
+  summary, config_json = (os.path.join(point.workdir, f) for f in ('summary.json',
+                                                                   'config.json'))
+  write(summary, json.dumps({'preempted': False}))
+  write(config_json, json.dumps({**saved, 'resolved_seed': 1}))
+  assert sweep.is_finished(point)
+  write(config_json, json.dumps({**saved, 'learning_rate': 0.1}))
+  assert not sweep.is_finished(point)  # the sweep now asks for another config: rerun
+  write(config_json, json.dumps(saved))
+  write(summary, json.dumps({'preempted': True}))
+  assert not sweep.is_finished(point)
