@@ -12,6 +12,20 @@ subprocess (so peak RSS is per measurement): a bare `pyarrow.csv.read_csv` of th
 our parse + preprocess, a first `data.prepare` (hash + parse + preprocess + cache write)
 and a cache-hit `data.load`. Targets (2-core machine): preprocess <= 20 s and <= 4x the
 bare parse, cache load <= 2 s, peak RSS <= 3 GB, generation <= 30 s.
+
+Section `sampler` (on the JAX backend): training negatives/s of the sampler against the
+rate of merely drawing as many random integers (`sampler_vs_random_ratio`, target >= 0.6)
+and a vectorised NumPy bisection (`sampler_vs_numpy_ratio`, target >= 3); a whole epoch's
+batches and all users' eval candidates against the same number of raw draws (targets
+<= 2x); the hash's cost on batch generation; the device form's size over the int32
+dataset (target <= 2).
+
+Section `train`: train-step samples/s of the MLPerf NeuMF (138,493 x 26,744 tables, batch
+generated inside the step) at batch 65,536 and 1,048,576; the fraction of the compute
+ceiling (639,744 FLOPs per sample / measured fp32 matmul FLOP/s); a per-part breakdown
+(sampling, embedding gathers, forward, forward+backward, dense Adam update); the hash's
+cost on a train step; eval users/s with 999 negatives; and NVIDIA's PyTorch NeuMF module
+(eager and fused Adam) when torch is installed, as `peer_ratio_torch`.
 """
 import dataclasses
 import json
@@ -413,8 +427,9 @@ def train_section(args: Args) -> Dict[str, Any]:
   out = {**_backend(), 'matmul_flops_per_sec': flops,
          'compute_ceiling_samples_per_sec': flops / FLOPS_PER_SAMPLE}
   cpu = jax.devices()[0].platform == 'cpu'
-  for batch in (65536, 1048576):
+  for batch, hashed in ((65536, False), (65536, True), (1048576, False)):
     config.batch_size = batch
+    config.hash_pipeline = hashed
     state = train.create_train_state(config, model, init_key, mesh)
     step = train.make_train_step(config, mesh)
     n = (3 if batch > 100_000 else 10) if cpu else 20
@@ -428,9 +443,14 @@ def train_section(args: Args) -> Dict[str, Any]:
     t = time.perf_counter()
     state = jax.block_until_ready(run(state))
     rate = n * batch / (time.perf_counter() - t)
+    del state
+    if hashed:   # the hash-of-batches diagnostic's cost on a real train epoch
+      out['train_samples_per_sec_b65536_hashed'] = rate
+      out['hash_overhead_fraction_of_train'] = out['train_samples_per_sec_b65536'] / rate - 1
+      continue
     out[f'train_samples_per_sec_b{batch}'] = rate
     out[f'compute_ceiling_fraction_b{batch}'] = rate * FLOPS_PER_SAMPLE / flops
-    del state
+  config.hash_pipeline = False
 
   # Where the time goes at batch 65,536 (one device, each part compiled alone).
   batch = 65536
