@@ -29,7 +29,7 @@ from ncf_jax import models
 from ncf_jax import sampling
 from ncf_jax import train
 from ncf_jax import writers
-from ncf_jax.errors import UserError, exit_on_user_error
+from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 
 def _find_step(ckpts: ckpt_lib.Checkpoints, workdir: str, step: Optional[int]) -> int:
@@ -111,10 +111,12 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
           'eval_candidates_hash': digest, 'seed': seed}
 
 
-_STEP = flags.DEFINE_integer('step', None, 'Global step of the checkpoint (default: latest).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None,
-                                'Dataset folder, if it moved since training (default: the '
-                                'saved config.dataset.data_dir).')
+def define_flags() -> None:
+  """Defines the evaluate command's flags (only when run as a command)."""
+  flags.DEFINE_string('workdir', None, 'Run directory of the checkpoints to evaluate.')
+  flags.DEFINE_integer('step', None, 'Global step of the checkpoint (default: latest).')
+  flags.DEFINE_string('data_dir', None, 'Dataset folder, if it moved since training '
+                      '(default: the saved config.dataset.data_dir).')
 
 
 @exit_on_user_error
@@ -122,8 +124,7 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   writers.quiet_library_logs()
-  # --workdir is train.py's flag (importing train defines it).
-  result = evaluate_checkpoint(flags.FLAGS.workdir, _STEP.value, _DATA_DIR.value)
+  result = evaluate_checkpoint(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.data_dir)
   k = result['top_k']
   print(f'checkpoint step {result["step"]} (epoch {result["epoch"]}) of {result["workdir"]}: '
         f'HR@{k} = {result["hr"]:.4f}, NDCG@{k} = {result["ndcg"]:.4f} over '
@@ -132,4 +133,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=parse_flags)

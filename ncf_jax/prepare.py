@@ -15,15 +15,17 @@ from ml_collections import config_flags
 
 from ncf_jax import data
 from ncf_jax.errors import exit_on_user_error
+from ncf_jax.errors import parse_flags
 from ncf_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py',
-                                          'Config file (only config.dataset is used).',
-                                          lock_config=True)
-_DOWNLOAD = flags.DEFINE_bool('download', False,
-                              'Download the GroupLens zip into data_dir when it is missing '
-                              '(same as --config.dataset.download=True).')
-_FORCE = flags.DEFINE_bool('force', False, 'Rebuild even if a valid cache exists.')
+def define_flags() -> None:
+  """Defines the prepare command's flags (only when run as a command)."""
+  config_flags.DEFINE_config_file('config', 'configs/default.py',
+                                  'Config file (only config.dataset is used).',
+                                  lock_config=True)
+  flags.DEFINE_bool('download', False, 'Download the GroupLens zip into data_dir when it is '
+                    'missing (same as --config.dataset.download=True).')
+  flags.DEFINE_bool('force', False, 'Rebuild even if a valid cache exists.')
 
 
 @exit_on_user_error
@@ -31,10 +33,10 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments {" ".join(argv[1:])!r}; use --config.dataset.* '
                     'flags.')
-  dataset_config = _CONFIG.value.dataset
-  if _DOWNLOAD.value:
+  dataset_config = flags.FLAGS.config.dataset
+  if flags.FLAGS.download:
     dataset_config.download = True
-  prepared = data.prepare(dataset_config, force=_FORCE.value)
+  prepared = data.prepare(dataset_config, force=flags.FLAGS.force)
   if prepared.cache_path is None:
     raise UserError(f'could not write the processed cache under {dataset_config.data_dir} '
                     '(see the warning above); make it writable or pick another '
@@ -46,4 +48,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=parse_flags)

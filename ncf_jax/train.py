@@ -586,13 +586,21 @@ def _load_pretrained(config, state: TrainState, mesh: Mesh):
 # ----------------------------------------------------------------------------------------
 # Command line.
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py',
-                                          'Training config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (made if absent; resumed).')
-_COORD = flags.DEFINE_string('coordinator_address', None,
-                             'Multi-host: host:port of process 0 (jax.distributed).')
-_NPROC = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
-_PID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
+def define_flags() -> None:
+  """Defines the train command's flags, once.
+
+  Only when run as a command: modules that import this one (evaluate, benchmark, tests)
+  define flags of the same names for their own commands.
+  """
+  if 'coordinator_address' in flags.FLAGS:
+    return
+  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training config file.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run directory (made if absent; resumed).')
+  flags.DEFINE_string('coordinator_address', None,
+                      'Multi-host: host:port of process 0 (jax.distributed).')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
 
 
 def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
@@ -629,13 +637,16 @@ def deterministic_flags(config) -> None:
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  config = _CONFIG.value
+  FLAGS = flags.FLAGS
+  config = FLAGS.config
   deterministic_flags(config)
-  maybe_initialize_distributed(_COORD.value, _NPROC.value, _PID.value)
+  maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
   logging.info('JAX process %d of %d, %d local devices of %d.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  train_and_evaluate(config, _WORKDIR.value)
+  train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -55,8 +55,10 @@ class MetricWriter:
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      except ImportError:  # optional: metrics.jsonl still has everything
-        logging.warning('tensorboardX is not installed: no TensorBoard events.')
+      except Exception as e:  # pylint: disable=broad-except
+        # Optional (metrics.jsonl has everything); tensorboardX can fail inside its own
+        # optional imports (e.g. a broken torch install), which must not stop training.
+        logging.warning('No TensorBoard events: tensorboardX unavailable (%s).', e)
 
   @property
   def metrics_path(self) -> str:

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 
+from ncf_jax import errors  # noqa: E402
 from ncf_jax import train  # noqa: E402
 
 _DELAY = float(os.environ.get('NCF_TEST_STEP_DELAY', '0'))
@@ -33,4 +34,5 @@ def _slow_make_train_step(config, mesh):
 train.make_train_step = _slow_make_train_step
 
 if __name__ == '__main__':
-  app.run(train.main)
+  train.define_flags()
+  app.run(train.main, flags_parser=errors.parse_flags)
