@@ -202,9 +202,10 @@ def permute(x: jax.Array, n: jax.Array, round_keys) -> jax.Array:
   """
   shape = x.shape
   x = x.astype(jnp.uint32).ravel()
-  n = jnp.broadcast_to(jnp.asarray(n, jnp.uint32), shape).ravel()
+  n = jnp.asarray(n, jnp.uint32)
+  a, b = _radices(n)     # once per distinct n (a scalar, or one per user), not per lane
+  a, b, n = (jnp.broadcast_to(v, shape).ravel() for v in (a, b, n))
   keys = [jnp.broadcast_to(jnp.asarray(k, jnp.uint32), shape).ravel() for k in round_keys]
-  a, b = _radices(n)
 
   def step(v, a, b, keys):
     return _feistel(v, a, b, keys)
