@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 from ncf_jax.errors import exit_on_user_error
 from ncf_jax.errors import parse_flags
@@ -46,6 +47,11 @@ from ncf_jax.errors import UserError
 
 def define_flags() -> None:
   """Defines the benchmark command's flags (only when run as a command)."""
+  config_flags.DEFINE_config_file('config', 'configs/mlperf.py', 'Config whose model, dtype '
+                                  'and optimizer the train section times.', lock_config=True)
+  flags.DEFINE_list('batch_sizes', ['65536', '1048576'],
+                    'Global batch sizes the train section times (the smallest also gets the '
+                    'breakdown, the hash cost and the PyTorch peer).')
   flags.DEFINE_list('sections', None, 'Sections to run (default: all).')
   flags.DEFINE_float('scale', 1.0, 'Problem size relative to ml-20m (e.g. 0.05).')
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
@@ -58,6 +64,8 @@ class Args:
   """What every section gets."""
   scale: float    # problem size relative to ml-20m
   workdir: str    # scratch folder the section may fill
+  config: Any = None        # train section: model, dtype and optimizer (mlperf.py default)
+  batch_sizes: tuple = (65536, 1048576)   # train section: global batch sizes to time
 
 
 # ml-20m: users, rated movies, ratings / users.
@@ -427,19 +435,25 @@ def train_section(args: Args) -> Dict[str, Any]:
   from ncf_jax import sampling  # pylint: disable=g-import-not-at-top
   from ncf_jax import train  # pylint: disable=g-import-not-at-top
 
+  import resource  # pylint: disable=g-import-not-at-top
   ds = _scaled_dataset(args)
-  # The MLPerf model at its real sizes: the embedding tables dominate the update cost.
-  num_users, num_items = max(ML20M_USERS, ds.num_users), max(ML20M_ITEMS, ds.num_items)
-  config = mlperf.get_config()
+  # At --scale=1 the tables have ml-20m's sizes: they dominate the optimizer's cost.
+  num_users, num_items = ds.num_users, ds.num_items
+  config = mlperf.get_config() if args.config is None else args.config.copy_and_resolve_references()
   mesh = train.make_mesh()
   dev = sampling.to_device(ds, NamedSharding(mesh, P()))
-  model = models.create_model(config.model, num_users, num_items, 'float32')
+  model = models.create_model(config.model, num_users, num_items, config.dtype)
   init_key, data_key, dropout_key = train.make_keys(0, mesh)
   flops = _matmul_flops_per_sec()
-  out = {**_backend(), 'matmul_flops_per_sec': flops,
+  out = {**_backend(), 'model': config.model.name, 'dtype': config.dtype,
+         'train_num_users': num_users, 'train_num_items': num_items,
+         'matmul_flops_per_sec': flops,
          'compute_ceiling_samples_per_sec': flops / FLOPS_PER_SAMPLE}
   cpu = jax.devices()[0].platform == 'cpu'
-  for batch, hashed in ((65536, False), (65536, True), (1048576, False)):
+  sizes = sorted(set(int(b) for b in args.batch_sizes))
+  small, large = sizes[0], sizes[-1]
+  runs = [(b, False) for b in sizes] + [(small, True)]
+  for batch, hashed in runs:
     config.batch_size = batch
     config.hash_pipeline = hashed
     state = train.create_train_state(config, model, init_key, mesh)
@@ -457,15 +471,15 @@ def train_section(args: Args) -> Dict[str, Any]:
     rate = n * batch / (time.perf_counter() - t)
     del state
     if hashed:   # the hash-of-batches diagnostic's cost on a real train epoch
-      out['train_samples_per_sec_b65536_hashed'] = rate
-      out['hash_overhead_fraction_of_train'] = out['train_samples_per_sec_b65536'] / rate - 1
+      out[f'train_samples_per_sec_b{batch}_hashed'] = rate
+      out['hash_overhead_fraction_of_train'] = out[f'train_samples_per_sec_b{batch}'] / rate - 1
       continue
     out[f'train_samples_per_sec_b{batch}'] = rate
     out[f'compute_ceiling_fraction_b{batch}'] = rate * FLOPS_PER_SAMPLE / flops
   config.hash_pipeline = False
 
-  # Where the time goes at batch 65,536 (one device, each part compiled alone).
-  batch = 65536
+  # Where the time goes at the smallest batch (one device, each part compiled alone).
+  batch = small
   config.batch_size = batch
   state = train.create_train_state(config, model, init_key, train.make_mesh(1))
   dev1 = sampling.to_device(ds)
@@ -497,6 +511,8 @@ def train_section(args: Args) -> Dict[str, Any]:
 
   # Evaluation throughput: users/s with 999 sampled negatives each.
   config.eval_batch_size = 1024 * mesh.size if cpu else 8192 * mesh.size
+  config.eval_num_neg = int(min(config.eval_num_neg,
+                                ds.num_items - ds.user_degrees().max() - 1))
   eval_step = train.make_eval_step(config, mesh, model, ds.num_users, ds.num_items)
   params = holder[0].params
   params = jax.device_put(params, NamedSharding(mesh, P()))
@@ -504,14 +520,19 @@ def train_section(args: Args) -> Dict[str, Any]:
   sec = _timed(lambda: [eval_step(params, dev, data_key, np.int32(i * config.eval_batch_size))
                         for i in range(nb)])
   out['eval_users_per_sec'] = nb * config.eval_batch_size / sec
+  out['eval_num_neg'] = config.eval_num_neg
 
-  peer = _torch_peer(num_users, num_items, 65536)
+  peer = _torch_peer(num_users, num_items, small)
   out.update(peer)
   best = max([v for k, v in peer.items() if k.endswith('_samples_per_sec')], default=None)
   if best:
-    out['peer_ratio_torch'] = out['train_samples_per_sec_b65536'] / best
-  out['train_samples_per_sec'] = out['train_samples_per_sec_b1048576']
-  out['compute_ceiling_fraction'] = out['compute_ceiling_fraction_b1048576']
+    out['peer_ratio_torch'] = out[f'train_samples_per_sec_b{small}'] / best
+  out['train_samples_per_sec'] = out[f'train_samples_per_sec_b{large}']
+  out['compute_ceiling_fraction'] = out[f'compute_ceiling_fraction_b{large}']
+  out['peak_host_rss_gb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / _GB
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    out['peak_device_memory_gb'] = stats['peak_bytes_in_use'] / _GB
   return out
 
 
@@ -538,7 +559,8 @@ def main(argv):
   figures = {}
   try:
     for n in names:
-      figures.update(SECTIONS[n](Args(scale=FLAGS.scale, workdir=workdir)))
+      figures.update(SECTIONS[n](Args(scale=FLAGS.scale, workdir=workdir, config=FLAGS.config,
+                                         batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes))))
   finally:
     if FLAGS.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,39 @@
+"""`python -m ncf_jax.benchmark` runs its JAX sections end to end and prints stable keys."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+STABLE_KEYS = (
+    'backend', 'sampler_negatives_per_sec', 'random_draws_per_sec', 'sampler_vs_random_ratio',
+    'numpy_bisection_negatives_per_sec', 'sampler_vs_numpy_ratio', 'epoch_batches_sec',
+    'epoch_vs_random_ratio', 'eval_candidates_vs_random_ratio', 'device_data_vs_int32_ratio',
+    'hash_overhead_fraction_of_batches', 'matmul_flops_per_sec', 'train_samples_per_sec',
+    'compute_ceiling_fraction', 'hash_overhead_fraction_of_train', 'breakdown_sampling_ms',
+    'breakdown_forward_backward_ms', 'breakdown_adam_update_ms', 'eval_users_per_sec',
+    'peak_host_rss_gb')
+
+
+def test_sampler_and_train_sections_print_one_json_object_with_the_stable_keys(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  out = subprocess.run(
+      [sys.executable, '-m', 'ncf_jax.benchmark', '--sections=sampler,train', '--scale=0.002',
+       '--batch_sizes=512,1024', f'--workdir={tmp_path}', '--json'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  figures = json.loads(out.stdout.strip().splitlines()[-1])
+  for key in STABLE_KEYS:
+    assert key in figures, key
+  assert figures['train_samples_per_sec'] == figures['train_samples_per_sec_b1024']
+  assert 'peer_ratio_torch' in figures or 'torch_note' in figures
+  for key in ('sampler_negatives_per_sec', 'train_samples_per_sec', 'eval_users_per_sec'):
+    assert figures[key] > 0
+
+
+def test_unknown_section_is_one_line_error():
+  out = subprocess.run([sys.executable, '-m', 'ncf_jax.benchmark', '--sections=nope'],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert 'unknown --sections nope' in out.stderr and 'Traceback' not in out.stderr
