@@ -32,6 +32,7 @@ from absl import flags
 
 from experiments import plots
 from experiments import sweep
+from ncf_jax import train
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 FLAGS = flags.FLAGS
@@ -122,6 +123,7 @@ def write_report(points: Sequence[sweep.Point], workdir: str, *, config_file: st
 
 
 def define_flags() -> None:
+  train.define_flags()   # --config and --workdir as for a train run
   flags.DEFINE_integer('num_seeds', 10, 'Seeds 0..num_seeds-1 are trained.')
   flags.DEFINE_integer('parallel', 1, 'Runs at once, each on its share of the devices.')
 

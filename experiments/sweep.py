@@ -53,8 +53,8 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments import plots
-# ncf_jax.train defines --config (config_flags) and --workdir; sweeps and seed studies
-# reuse those two flags, so `--config.x=y` means exactly what it means for a train run.
+# Sweeps and seed studies reuse ncf_jax.train's --config (config_flags) and --workdir
+# flags (train.define_flags), so `--config.x=y` means exactly what it means for a run.
 from ncf_jax import train
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
@@ -570,6 +570,7 @@ def base_config() -> Tuple[ml_collections.ConfigDict, str, Dict[str, Any], str]:
 # Command line.
 
 def define_flags() -> None:
+  train.define_flags()   # --config and --workdir mean what they mean for a train run
   flags.DEFINE_string('sweep', None, 'Sweep file defining get_sweep().')
   flags.DEFINE_integer('parallel', 1,
                        'Points run at once, each on its share of the devices.')

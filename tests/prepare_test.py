@@ -14,7 +14,7 @@ import numpy as np
 from ncf_jax import cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PYTHON = '/work/venv/bin/python' if os.path.exists('/work/venv/bin/python') else sys.executable
+PYTHON = sys.executable
 
 
 def prepare(*flags, env=None, wait=True):
