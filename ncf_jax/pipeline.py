@@ -71,7 +71,7 @@ def train_batch(data: sampling.DeviceData, key: jax.Array, epoch, step, *,
   users = data.train_users[k]
   offsets = data.user_offsets[users]
   degrees = data.user_offsets[users + 1] - offsets
-  pos_items = data.shifted[k] + (k - offsets)
+  pos_items = data.positive_shifted(k) + (k - offsets)
   neg_items = sampling.sample_negatives(data, neg_kp, users, slot, 0, offsets, degrees)
   return dict(user=users, item=jnp.where(is_pos, pos_items, neg_items),
               label=is_pos.astype(jnp.float32), valid=valid)

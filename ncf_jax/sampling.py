@@ -33,11 +33,14 @@ class DeviceData:
 
   Item ids of positives are not stored: `shifted[k] = item_k - (k - user_offsets[u])` holds
   the same information and is what the sampler bisects (item_k = shifted[k] + local k).
+  `shifted` and `fences` are uint16 when every item id fits (num_items < 65536, e.g.
+  ml-20m): the bisection's random reads then touch half the memory. Read them through
+  `positive_shifted` / `fences_of`, which return int32.
   """
   train_users: jax.Array   # int32 [num_train]
-  shifted: jax.Array       # int32 [num_train]
+  shifted: jax.Array       # uint16 or int32 [num_train]
   user_offsets: jax.Array  # int32 [num_users + 1]
-  fences: jax.Array        # int32 [num_users, NUM_FENCES]
+  fences: jax.Array        # uint16 or int32 [num_users, NUM_FENCES]
   test_items: jax.Array    # int32 [num_users]
   num_users: int = flax.struct.field(pytree_node=False)
   num_items: int = flax.struct.field(pytree_node=False)
@@ -46,6 +49,15 @@ class DeviceData:
   @property
   def num_train(self) -> int:
     return int(self.shifted.shape[0])
+
+  def positive_shifted(self, index: jax.Array) -> jax.Array:
+    """int32 shifted values p_k - (local k) at global positive indices (clamped)."""
+    index = jnp.minimum(index, max(self.num_train - 1, 0))
+    return self.shifted[index].astype(jnp.int32)
+
+  def fences_of(self, users: jax.Array) -> jax.Array:
+    """int32 [..., NUM_FENCES] fence values of `users` (a large value past the list)."""
+    return self.fences[users].astype(jnp.int32)
 
   @property
   def search_steps(self) -> int:
@@ -59,13 +71,15 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
   offsets = dataset.user_offsets.astype(np.int64)
   degrees = np.diff(offsets)
   local = np.arange(dataset.num_train, dtype=np.int64) - np.repeat(offsets[:-1], degrees)
-  shifted = (dataset.train_items.astype(np.int64) - local).astype(np.int32)
+  small = dataset.num_items < np.iinfo(np.uint16).max   # every r < num_items < sentinel
+  dtype = np.uint16 if small else np.int32
+  shifted = (dataset.train_items.astype(np.int64) - local).astype(dtype)
   t = np.arange(1, NUM_FENCES + 1, dtype=np.int64)
   q = (t[None, :] * degrees[:, None]) // NUM_FENCES          # fence positions in [0, n]
   has = q < degrees[:, None]
   idx = np.where(has, offsets[:-1, None] + q, 0)
   fences = np.where(has, shifted[np.minimum(idx, max(dataset.num_train - 1, 0))],
-                    np.iinfo(np.int32).max).astype(np.int32)
+                    np.iinfo(dtype).max).astype(dtype)
   return dict(train_users=dataset.train_users.astype(np.int32), shifted=shifted,
               user_offsets=dataset.user_offsets.astype(np.int32), fences=fences,
               test_items=dataset.test_items.astype(np.int32))
@@ -247,15 +261,14 @@ def nth_nonpositive(data: DeviceData, users: jax.Array, r: jax.Array,
   if degrees is None:
     degrees = data.user_offsets[users + 1] - offsets
   r = r.astype(jnp.int32)
-  fences = data.fences[users]                                       # [..., F]
+  fences = data.fences_of(users)                                    # [..., F]
   c = jnp.sum(fences <= r[..., None], axis=-1, dtype=jnp.int32)    # buckets passed
   lo = jnp.where(c > 0, (c * degrees) // NUM_FENCES + 1, 0)
   hi = jnp.where(c + 1 < NUM_FENCES, ((c + 1) * degrees) // NUM_FENCES, degrees)
   hi = jnp.minimum(hi, degrees)
-  last = jnp.maximum(data.num_train - 1, 0)
   for _ in range(data.search_steps):
     mid = (lo + hi) // 2
-    s = data.shifted[jnp.minimum(offsets + mid, last)]
+    s = data.positive_shifted(offsets + mid)
     active, le = lo < hi, s <= r
     lo, hi = jnp.where(active & le, mid + 1, lo), jnp.where(active & ~le, mid, hi)
   return r + lo
@@ -270,11 +283,10 @@ def count_positives_below(data: DeviceData, users: jax.Array, items: jax.Array,
     degrees = data.user_offsets[users + 1] - offsets
   lo = jnp.zeros_like(degrees)
   hi = degrees
-  last = jnp.maximum(data.num_train - 1, 0)
   steps = max(1, int(np.ceil(np.log2(data.max_degree + 2))))
   for _ in range(steps):
     mid = (lo + hi) // 2
-    p = data.shifted[jnp.minimum(offsets + mid, last)] + mid
+    p = data.positive_shifted(offsets + mid) + mid
     active, lt = lo < hi, p < items
     lo, hi = jnp.where(active & lt, mid + 1, lo), jnp.where(active & ~lt, mid, hi)
   return lo

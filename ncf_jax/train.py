@@ -261,7 +261,7 @@ def _full_rank(model, params, data: sampling.DeviceData, users):
   degrees = data.user_offsets[users + 1] - offsets
   k = jnp.arange(max(data.max_degree, 1), dtype=jnp.int32)[None, :]
   idx = jnp.minimum(offsets[:, None] + k, max(data.num_train - 1, 0))
-  pos_items = data.shifted[idx] + k
+  pos_items = data.positive_shifted(idx) + k
   is_pos = k < degrees[:, None]
   pos_scores = jnp.take_along_axis(scores, jnp.where(is_pos, pos_items, 0), axis=1)
   above_pos = jnp.sum(is_pos & (pos_scores >= s_test), axis=1, dtype=jnp.int32)
