@@ -5,6 +5,7 @@ running loss and pipeline-hash accumulators) and, as JSON, the run's seed, confi
 per-epoch metrics and best HR. orbax writes to a temporary directory and renames it when
 complete, so a kill during a save leaves the previous checkpoint intact.
 """
+import errno
 import json
 import os
 from typing import Any, Optional, Tuple
@@ -58,6 +59,32 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, seed: int) 
   del seed
 
 
+def _save_failure_detail(error: BaseException, directory: str) -> str:
+  """The cause of a failed save, in one line: a full disk is named as such.
+
+  orbax/tensorstore wrap the OS error (sometimes in an asyncio error from a worker), so
+  the chain is searched for ENOSPC, and the free space is checked as a last resort.
+  """
+  seen, cur = set(), error
+  while cur is not None and id(cur) not in seen:
+    seen.add(id(cur))
+    if (isinstance(cur, OSError) and cur.errno == errno.ENOSPC) or (
+        'No space left on device' in str(cur)):
+      return 'No space left on device'
+    cur = cur.__cause__ or cur.__context__
+  try:
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if free < (16 << 20):
+      return f'No space left on device (only {free} bytes free there)'
+  except OSError:
+    pass
+  detail = (str(error).splitlines() or [type(error).__name__])[0]
+  if len(detail) > 400:   # tensorstore: the path first, the cause (errno) last
+    detail = detail[:150] + ' ... ' + detail[-250:]
+  return detail
+
+
 class Checkpoints:
   """The checkpoints of one workdir."""
 
@@ -94,9 +121,7 @@ class Checkpoints:
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
       self.manager.wait_until_finished()
     except (OSError, ValueError) as e:   # tensorstore reports I/O errors as ValueError
-      detail = (str(e).splitlines() or [type(e).__name__])[0]
-      if len(detail) > 400:   # tensorstore: the path first, the cause (errno) last
-        detail = detail[:150] + ' ... ' + detail[-250:]
+      detail = _save_failure_detail(e, self.directory)
       raise UserError(
           f'could not save the checkpoint of step {step} in {self.directory}: {detail}. '
           f'Earlier checkpoints are intact ({self.all_steps() or "none"}); free space or '
