@@ -425,7 +425,6 @@ def _torch_peer(num_users: int, num_items: int, batch: int) -> Dict[str, Any]:
 def train_section(args: Args) -> Dict[str, Any]:
   """Train-step samples/s (MLPerf NeuMF, sampling included), ceiling fraction, breakdown."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from configs import mlperf  # pylint: disable=g-import-not-at-top

@@ -11,7 +11,6 @@ Randomness is counter-based: every draw is threefry2x32(key, (index, stream)) fo
 index (sample slot, user, candidate number), so a value never depends on batch size, how a
 batch is split across devices, or how many devices and hosts there are.
 """
-import functools
 from typing import Tuple
 
 import flax.struct

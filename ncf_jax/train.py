@@ -8,19 +8,15 @@ Data parallel over every device of every process: a 1-D `data` mesh, parameters 
 dataset replicated, each device computing its share of the global batch (negatives
 included) inside the compiled step and averaging gradients with an explicit `pmean`.
 """
-import functools
-import json
 import os
 import signal
-import sys
 import tempfile
 import time
-from typing import Any, Dict, Optional
+from typing import Optional
 
 from absl import app
 from absl import flags
 from absl import logging
-import flax.struct
 from flax.training import train_state
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -418,7 +414,6 @@ def _train_and_evaluate(config, workdir):
   replicated = NamedSharding(mesh, P())
   data = sampling.to_device(dataset, replicated)
   spe = pipeline.steps_per_epoch(dataset.num_train, config.num_neg, config.batch_size)
-  eval_batches = -(-dataset.num_users // int(config.eval_batch_size))
   logging.info('Devices: %d (%d processes), platform %s. Dataset %s: %d users, %d items, '
                '%d train positives; %d samples/epoch, %d steps/epoch of %d.',
                mesh.size, jax.process_count(), jax.devices()[0].platform, dataset.name,

@@ -4,6 +4,10 @@ import os
 # Tests that need several devices set this before jax is imported (see multidevice tests).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
+import contextlib
+import http.server
+import threading
+
 import numpy as np
 import pytest
 
@@ -43,3 +47,38 @@ def tiny_dataset():
   """5 users, 12 items, hand-made."""
   positives = {0: [0, 1, 2], 1: [3, 4, 5, 6, 7, 8, 9, 10], 2: [0, 11], 3: [5], 4: [1, 3, 5, 7, 9]}
   return make_dataset(positives, [4, 11, 5, 6, 0], num_items=12, name='tiny')
+
+
+@contextlib.contextmanager
+def serve_http(files, prefix=''):
+  """Serves {path: (body, declared Content-Length or None)} on 127.0.0.1 only.
+
+  Yields the base URL (`http://127.0.0.1:<port>` + prefix). Download tests never touch
+  any address beyond loopback.
+  """
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+
+    def do_GET(self):  # pylint: disable=invalid-name
+      if self.path not in files:
+        self.send_error(404)
+        return
+      body, length = files[self.path]
+      self.send_response(200)
+      self.send_header('Content-Length', str(length if length is not None else len(body)))
+      self.end_headers()
+      self.wfile.write(body)
+      self.wfile.flush()
+      self.close_connection = True
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+  thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+  thread.start()
+  try:
+    yield f'http://127.0.0.1:{server.server_address[1]}{prefix}'
+  finally:
+    server.shutdown()
+    server.server_close()

@@ -1,15 +1,13 @@
 """Tests of raw MovieLens reading, download and TFDS conversion (ncf_jax.movielens)."""
-import contextlib
 import hashlib
-import http.server
 import io
 import os
-import threading
 import zipfile
 
 import numpy as np
 import pytest
 
+from conftest import serve_http
 from ncf_jax import movielens
 from ncf_jax.errors import UserError
 
@@ -211,35 +209,17 @@ def test_known_sizes_mismatch_says_not_the_official_file():
 # --- download from a local server ------------------------------------------------------
 
 
-@contextlib.contextmanager
 def serve(files):
-  """Serves {path: (body, declared_length or None)} on 127.0.0.1; yields the base URL."""
+  """serve_http with the GroupLens folder layout: yields the base URL of /movielens."""
+  return serve_http(files, prefix='/movielens')
 
-  class Handler(http.server.BaseHTTPRequestHandler):
 
-    def do_GET(self):  # pylint: disable=invalid-name
-      if self.path not in files:
-        self.send_error(404)
-        return
-      body, length = files[self.path]
-      self.send_response(200)
-      self.send_header('Content-Length', str(length if length is not None else len(body)))
-      self.end_headers()
-      self.wfile.write(body)
-      self.wfile.flush()
-      self.close_connection = True
-
-    def log_message(self, *args):
-      pass
-
-  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-  thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-  thread.start()
-  try:
-    yield f'http://127.0.0.1:{server.server_address[1]}/movielens'
-  finally:
-    server.shutdown()
-    server.server_close()
+def corrupt_zip(body: bytes) -> bytes:
+  """The zip with one byte flipped in the middle of the compressed ml-100k/u.data."""
+  body = bytearray(body)
+  info = zipfile.ZipFile(io.BytesIO(bytes(body))).getinfo('ml-100k/u.data')
+  body[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF
+  return bytes(body)
 
 
 def test_download_places_a_checked_zip_that_then_parses(tmp_path):
@@ -277,20 +257,16 @@ def test_truncated_download_leaves_no_file(tmp_path):
 
 
 def test_corrupt_zip_download_without_md5_fails_the_zip_test_and_leaves_no_file(tmp_path):
-  body = bytearray(zip_bytes('ml-100k', ratings_text('ml-100k') * 50))
-  info = zipfile.ZipFile(io.BytesIO(bytes(body))).getinfo('ml-100k/u.data')
-  body[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF
-  with serve({'/movielens/ml-100k.zip': (bytes(body), None)}) as base:
+  body = corrupt_zip(zip_bytes('ml-100k', ratings_text('ml-100k') * 50))
+  with serve({'/movielens/ml-100k.zip': (body, None)}) as base:
     with pytest.raises(UserError, match='ml-100k.zip'):
       movielens.download_zip('ml-100k', str(tmp_path), base_url=base)
   assert os.listdir(tmp_path) == []
 
 
 def test_corrupt_zip_placed_by_hand_is_reported_when_read(tmp_path):
-  body = bytearray(zip_bytes('ml-100k', ratings_text('ml-100k') * 50))
-  info = zipfile.ZipFile(io.BytesIO(bytes(body))).getinfo('ml-100k/u.data')
-  body[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF
-  (tmp_path / 'ml-100k.zip').write_bytes(bytes(body))
+  body = corrupt_zip(zip_bytes('ml-100k', ratings_text('ml-100k') * 50))
+  (tmp_path / 'ml-100k.zip').write_bytes(body)
   with pytest.raises(UserError, match='the zip is corrupt'):
     read(tmp_path, 'ml-100k')
 

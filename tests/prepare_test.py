@@ -1,16 +1,14 @@
 """Tests of the prepare command (python -m ncf_jax.prepare), run as a user would."""
-import contextlib
-import http.server
 import io
 import json
 import os
 import subprocess
 import sys
-import threading
 import zipfile
 
 import numpy as np
 
+from conftest import serve_http
 from ncf_jax import cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,31 +74,6 @@ def test_two_concurrent_prepares_leave_one_valid_cache(tmp_path):
   assert [f for f in os.listdir(tmp_path / 'processed') if f.endswith('.tmp')] == []
 
 
-@contextlib.contextmanager
-def serve(files):
-  class Handler(http.server.BaseHTTPRequestHandler):
-
-    def do_GET(self):  # pylint: disable=invalid-name
-      if self.path not in files:
-        self.send_error(404)
-        return
-      self.send_response(200)
-      self.send_header('Content-Length', str(len(files[self.path])))
-      self.end_headers()
-      self.wfile.write(files[self.path])
-
-    def log_message(self, *args):
-      pass
-
-  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-  threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-  try:
-    yield f'http://127.0.0.1:{server.server_address[1]}'
-  finally:
-    server.shutdown()
-    server.server_close()
-
-
 def test_download_flag_fetches_from_the_configured_url_then_prepares(tmp_path):
   rng = np.random.default_rng(0)
   rows = '\n'.join(f'{u}\t{i}\t3\t{t}' for u, i, t in zip(
@@ -108,7 +81,7 @@ def test_download_flag_fetches_from_the_configured_url_then_prepares(tmp_path):
   buf = io.BytesIO()
   with zipfile.ZipFile(buf, 'w') as z:
     z.writestr('ml-100k/u.data', rows + '\n')
-  with serve({'/ml-100k.zip': buf.getvalue()}) as base:
+  with serve_http({'/ml-100k.zip': (buf.getvalue(), None)}) as base:
     rc, out, err = prepare(f'--config.dataset.data_dir={tmp_path}',
                            '--config.dataset.name=ml-100k', '--download',
                            env={'NCF_JAX_MOVIELENS_URL': base})
@@ -119,7 +92,7 @@ def test_download_flag_fetches_from_the_configured_url_then_prepares(tmp_path):
 
 
 def test_failed_download_exits_with_one_message_and_no_file(tmp_path):
-  with serve({}) as base:
+  with serve_http({}) as base:
     rc, out, err = prepare(f'--config.dataset.data_dir={tmp_path}',
                            '--config.dataset.name=ml-1m', '--download',
                            env={'NCF_JAX_MOVIELENS_URL': base})
