@@ -12,7 +12,7 @@ def exit_on_user_error(fn):
     try:
       return fn(*args, **kwargs)
     except UserError as e:
-      print(f'error: {e}', file=sys.stderr)
+      print(f'error: {e}', file=sys.stderr, flush=True)
       sys.exit(2)
   wrapped.__name__ = getattr(fn, '__name__', 'main')
   wrapped.__doc__ = fn.__doc__
