@@ -4,8 +4,11 @@ A user's negatives are the items it has no training positive for. To draw one un
 there is no rejection loop: draw r uniformly in [0, num_items - |P_u|) and return the r-th
 non-positive item. With the user's positives p_0 < p_1 < ... stored sorted (CSR), the r-th
 non-positive is r + j where j = #{k : p_k - k <= r}; `p_k - k` is non-decreasing, so j is
-found by bisection. A per-user table of `fences` (the shifted values at 16 evenly spaced
-positions, one cache line per user) narrows each bisection to 1/16 of the user's list.
+found by a search. The search is two-level: first over a small per-user `coarse` list
+(every 8th shifted value, a few MB that stay in cache), then over one block of 8 in the
+full list, so only the last steps read the large array. Each level is a branch-free binary
+lifting (one carried value, steps of 2^k), which XLA fuses into a few loops instead of
+materialising two bounds per step.
 
 Randomness is counter-based: every draw is threefry2x32(key, (index, stream)) for a global
 index (sample slot, user, candidate number), so a value never depends on batch size, how a
@@ -21,7 +24,7 @@ import numpy as np
 
 from ncf_jax import data as data_lib
 
-NUM_FENCES = 16
+COARSE_STRIDE = 8   # one coarse entry per 8 positives: the coarse list stays in cache
 FEISTEL_ROUNDS = 6  # even, so the mixed-radix state returns to (Z_a, Z_b)
 _U32_MAX = 0xFFFFFFFF
 
@@ -31,16 +34,18 @@ class DeviceData:
   """Device-resident form of a `Dataset` (replicated on every device).
 
   Item ids of positives are not stored: `shifted[k] = item_k - (k - user_offsets[u])` holds
-  the same information and is what the sampler bisects (item_k = shifted[k] + local k).
-  `shifted` and `fences` are uint16 when every item id fits (num_items < 65536, e.g.
-  ml-20m): the bisection's random reads then touch half the memory. Read them through
-  `positive_shifted` / `fences_of`, which return int32.
+  the same information and is what the sampler searches (item_k = shifted[k] + local k).
+  `coarse` holds every COARSE_STRIDE-th shifted value of each user (CSR by
+  `coarse_offsets`). `shifted` and `coarse` are uint16 when every item id fits
+  (num_items < 65535, e.g. ml-20m); read them through `positive_shifted`, which returns
+  int32.
   """
-  train_users: jax.Array   # int32 [num_train]
-  shifted: jax.Array       # uint16 or int32 [num_train]
-  user_offsets: jax.Array  # int32 [num_users + 1]
-  fences: jax.Array        # uint16 or int32 [num_users, NUM_FENCES]
-  test_items: jax.Array    # int32 [num_users]
+  train_users: jax.Array     # int32 [num_train]
+  shifted: jax.Array         # uint16 or int32 [num_train]
+  user_offsets: jax.Array    # int32 [num_users + 1]
+  coarse: jax.Array          # uint16 or int32 [sum ceil(degree / COARSE_STRIDE) + 1]
+  coarse_offsets: jax.Array  # int32 [num_users + 1]
+  test_items: jax.Array      # int32 [num_users]
   num_users: int = flax.struct.field(pytree_node=False)
   num_items: int = flax.struct.field(pytree_node=False)
   max_degree: int = flax.struct.field(pytree_node=False)
@@ -54,33 +59,40 @@ class DeviceData:
     index = jnp.minimum(index, max(self.num_train - 1, 0))
     return self.shifted[index].astype(jnp.int32)
 
-  def fences_of(self, users: jax.Array) -> jax.Array:
-    """int32 [..., NUM_FENCES] fence values of `users` (a large value past the list)."""
-    return self.fences[users].astype(jnp.int32)
+  def coarse_value(self, index: jax.Array) -> jax.Array:
+    """int32 coarse entries at global coarse indices (clamped)."""
+    index = jnp.minimum(index, self.coarse.shape[0] - 1)
+    return self.coarse[index].astype(jnp.int32)
 
   @property
-  def search_steps(self) -> int:
-    """Bisection steps that cover the largest fence bucket."""
-    bucket = -(-self.max_degree // NUM_FENCES) + 1
-    return max(1, int(np.ceil(np.log2(bucket + 1))))
+  def coarse_steps(self) -> int:
+    """Lifting steps that cover the longest coarse list."""
+    return _steps_for(-(-self.max_degree // COARSE_STRIDE))
+
+
+def _steps_for(length: int) -> int:
+  """Binary-lifting steps (powers of two) that reach any count in [0, length]."""
+  return max(1, int(length).bit_length())
 
 
 def host_arrays(dataset: data_lib.Dataset) -> dict:
-  """NumPy arrays of the device form (shifted positives and fences), built once on host."""
+  """NumPy arrays of the device form (shifted positives, coarse index), built on host."""
   offsets = dataset.user_offsets.astype(np.int64)
   degrees = np.diff(offsets)
   local = np.arange(dataset.num_train, dtype=np.int64) - np.repeat(offsets[:-1], degrees)
   small = dataset.num_items < np.iinfo(np.uint16).max   # every r < num_items < sentinel
   dtype = np.uint16 if small else np.int32
   shifted = (dataset.train_items.astype(np.int64) - local).astype(dtype)
-  t = np.arange(1, NUM_FENCES + 1, dtype=np.int64)
-  q = (t[None, :] * degrees[:, None]) // NUM_FENCES          # fence positions in [0, n]
-  has = q < degrees[:, None]
-  idx = np.where(has, offsets[:-1, None] + q, 0)
-  fences = np.where(has, shifted[np.minimum(idx, max(dataset.num_train - 1, 0))],
-                    np.iinfo(dtype).max).astype(dtype)
+  lengths = -(-degrees // COARSE_STRIDE)
+  coarse_offsets = np.concatenate([[0], np.cumsum(lengths)])
+  owner = np.repeat(np.arange(dataset.num_users), lengths)
+  t = np.arange(coarse_offsets[-1], dtype=np.int64) - coarse_offsets[:-1][owner]
+  coarse = shifted[offsets[:-1][owner] + COARSE_STRIDE * t]
+  # One trailing sentinel keeps the array non-empty; reads past a list are masked anyway.
+  coarse = np.concatenate([coarse, [np.iinfo(dtype).max]]).astype(dtype)
   return dict(train_users=dataset.train_users.astype(np.int32), shifted=shifted,
-              user_offsets=dataset.user_offsets.astype(np.int32), fences=fences,
+              user_offsets=dataset.user_offsets.astype(np.int32), coarse=coarse,
+              coarse_offsets=coarse_offsets.astype(np.int32),
               test_items=dataset.test_items.astype(np.int32))
 
 
@@ -213,27 +225,25 @@ def permute(x: jax.Array, n: jax.Array, round_keys) -> jax.Array:
     uint32 images, a permutation of [0, n) when x ranges over [0, n). Lanes with x >= n
     get unspecified values (and never stall the computation).
   """
-  shape = x.shape
-  x = x.astype(jnp.uint32).ravel()
+  x = x.astype(jnp.uint32)
   n = jnp.asarray(n, jnp.uint32)
-  a, b = _radices(n)     # once per distinct n (a scalar, or one per user), not per lane
-  a, b, n = (jnp.broadcast_to(v, shape).ravel() for v in (a, b, n))
-  keys = [jnp.broadcast_to(jnp.asarray(k, jnp.uint32), shape).ravel() for k in round_keys]
+  # Radices, n and keys keep their own (broadcastable) shapes: broadcasting them to x's
+  # shape would make XLA materialise them for the loop below (3x slower on CPU).
+  a, b = _radices(n)
+  keys = [jnp.asarray(k, jnp.uint32) for k in round_keys]
 
-  def step(v, a, b, keys):
+  def step(v):
     return _feistel(v, a, b, keys)
 
   inside = x < n
-  y = step(x, a, b, keys)
+  y = step(x)
   # a * b - n < a <= sqrt(n) + 1, so an image outside [0, n) is rare (~1 lane in sqrt(n)).
   # Cycle walking (re-applying the bijection of [0, a * b) until the image re-enters
   # [0, n)) keeps the map a bijection. One walk step is applied unconditionally (in a
   # large batch some lane nearly always needs it); the loop after it rarely iterates.
-  out = inside & (y >= n)
-  y = jnp.where(out, step(y, a, b, keys), y)
-  y = jax.lax.while_loop(lambda y: jnp.any(inside & (y >= n)),
-                         lambda y: jnp.where(inside & (y >= n), step(y, a, b, keys), y), y)
-  return y.reshape(shape)
+  y = jnp.where(inside & (y >= n), step(y), y)
+  return jax.lax.while_loop(lambda y: jnp.any(inside & (y >= n)),
+                            lambda y: jnp.where(inside & (y >= n), step(y), y), y)
 
 
 def round_keys(kp: jax.Array, index=0) -> list:
@@ -249,6 +259,39 @@ def round_keys(kp: jax.Array, index=0) -> list:
 # ----------------------------------------------------------------------------------------
 # The r-th non-positive item of a user.
 
+def _lift(read, lo: jax.Array, hi: jax.Array, steps: int, below) -> jax.Array:
+  """Largest c in [lo, hi] with below(read(c - 1), c - 1) for a monotone predicate.
+
+  Requires the predicate to hold at lo - 1 (or lo == 0) and to be monotone (true, then
+  false). Branch-free binary lifting: c only grows, by 2^k when the entry 2^k further
+  still satisfies it, so one value is carried between steps.
+  """
+  c = lo
+  for k in range(steps - 1, -1, -1):
+    step = 1 << k
+    idx = c + (step - 1)
+    ok = (c + step <= hi) & below(read(idx), idx)
+    c = c + jnp.where(ok, step, 0)
+  return c
+
+
+def _count_two_level(data: DeviceData, users, offsets, degrees, below) -> jax.Array:
+  """#{k < degree : below(shifted_k, k)} for a predicate monotone in k (true, then false).
+
+  Searches the user's coarse list first, then the one block of COARSE_STRIDE entries of
+  `shifted` that the answer lies in.
+  """
+  co = data.coarse_offsets[users]
+  cm = data.coarse_offsets[users + 1] - co
+  c = _lift(lambda t: data.coarse_value(co + t), jnp.zeros_like(cm), cm,
+            data.coarse_steps, lambda v, t: below(v, COARSE_STRIDE * t))
+  # Entry COARSE_STRIDE * (c - 1) is known to satisfy it; the next c-th coarse does not.
+  lo = jnp.where(c > 0, COARSE_STRIDE * (c - 1) + 1, 0)
+  hi = jnp.where(c > 0, jnp.minimum(COARSE_STRIDE * c, degrees), 0)
+  return _lift(lambda k: data.positive_shifted(offsets + k), lo, hi,
+               _steps_for(COARSE_STRIDE - 1), below)
+
+
 def nth_nonpositive(data: DeviceData, users: jax.Array, r: jax.Array,
                     offsets=None, degrees=None) -> jax.Array:
   """The r-th item (0-based, ascending) that is not a training positive of `users`.
@@ -260,35 +303,18 @@ def nth_nonpositive(data: DeviceData, users: jax.Array, r: jax.Array,
   if degrees is None:
     degrees = data.user_offsets[users + 1] - offsets
   r = r.astype(jnp.int32)
-  fences = data.fences_of(users)                                    # [..., F]
-  c = jnp.sum(fences <= r[..., None], axis=-1, dtype=jnp.int32)    # buckets passed
-  lo = jnp.where(c > 0, (c * degrees) // NUM_FENCES + 1, 0)
-  hi = jnp.where(c + 1 < NUM_FENCES, ((c + 1) * degrees) // NUM_FENCES, degrees)
-  hi = jnp.minimum(hi, degrees)
-  for _ in range(data.search_steps):
-    mid = (lo + hi) // 2
-    s = data.positive_shifted(offsets + mid)
-    active, le = lo < hi, s <= r
-    lo, hi = jnp.where(active & le, mid + 1, lo), jnp.where(active & ~le, mid, hi)
-  return r + lo
+  return r + _count_two_level(data, users, offsets, degrees, lambda s, k: s <= r)
 
 
 def count_positives_below(data: DeviceData, users: jax.Array, items: jax.Array,
                           offsets=None, degrees=None) -> jax.Array:
-  """#{training positives p of the user with p < item} (plain bisection on shifted + k)."""
+  """#{training positives p of the user with p < item} (p_k = shifted_k + local k)."""
   if offsets is None:
     offsets = data.user_offsets[users]
   if degrees is None:
     degrees = data.user_offsets[users + 1] - offsets
-  lo = jnp.zeros_like(degrees)
-  hi = degrees
-  steps = max(1, int(np.ceil(np.log2(data.max_degree + 2))))
-  for _ in range(steps):
-    mid = (lo + hi) // 2
-    p = data.positive_shifted(offsets + mid) + mid
-    active, lt = lo < hi, p < items
-    lo, hi = jnp.where(active & lt, mid + 1, lo), jnp.where(active & ~lt, mid, hi)
-  return lo
+  items = items.astype(jnp.int32)
+  return _count_two_level(data, users, offsets, degrees, lambda s, k: s + k < items)
 
 
 def sample_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,

@@ -16,7 +16,8 @@ def _positives(ds, u):
 
 @pytest.fixture(scope='module')
 def varied():
-  # Degrees from 1 to 250 of 300 items: exercises every fence bucket size.
+  # Degrees from 1 to 250 of 300 items: answers in every position of a coarse block,
+  # in the first and last blocks, and lists of up to 32 coarse entries.
   return random_dataset(num_users=120, num_items=300, seed=1, max_degree=250)
 
 
@@ -28,6 +29,20 @@ def test_nth_nonpositive_enumerates_every_nonpositive_in_ascending_order(varied)
     r = np.arange(varied.num_items, dtype=np.int32)   # one shape: one compilation
     got = np.asarray(fn(np.full_like(r, u), r))[:len(expected)]
     np.testing.assert_array_equal(got, expected)
+
+
+def test_int32_device_form_when_item_ids_do_not_fit_uint16():
+  # 70,000 items: shifted values and the coarse list are stored as int32, same answers.
+  items = {0: list(range(0, 70000, 7)), 1: [5, 69998], 2: list(range(65530, 65560))}
+  ds = make_dataset(items, [3, 6, 0], num_items=70000)
+  data = sampling.to_device(ds)
+  assert data.shifted.dtype == jnp.int32 and data.coarse.dtype == jnp.int32
+  r = np.array([0, 1, 5, 6, 9999, 50000, 59999], np.int32)
+  for u in range(3):
+    nonpos = np.setdiff1d(np.arange(70000), sorted(_positives(ds, u)))
+    rr = r[r < nonpos.size]
+    got = np.asarray(sampling.nth_nonpositive(data, jnp.full(rr.shape, u), jnp.asarray(rr)))
+    np.testing.assert_array_equal(got, nonpos[rr])
 
 
 def test_count_positives_below_matches_numpy(varied):
