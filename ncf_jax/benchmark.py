@@ -219,7 +219,7 @@ def _numpy_bisection_negatives(dataset, users, seed=0):
 
   This is the approach of TensorFlow's 2019 NCF pipeline: per element, bisect the user's
   sorted positives (here their shifted values p_k - k) with NumPy array steps, then
-  return r + j. No fences: the plain CSR bisection.
+  return r + j. No coarse index: the plain CSR bisection.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   offsets = dataset.user_offsets.astype(np.int64)
