@@ -18,7 +18,8 @@ rate of merely drawing as many random integers (`sampler_vs_random_ratio`, targe
 and a vectorised NumPy bisection (`sampler_vs_numpy_ratio`, target >= 3); a whole epoch's
 batches and all users' eval candidates against the same number of raw draws (targets
 <= 2x); the hash's cost on batch generation; the device form's size over the int32
-dataset (target <= 2).
+dataset (target <= 2); and a breakdown at 2**20 lanes (randint, our draw, one random read
+of `shifted`, the permutation, the whole sampler) in ms.
 
 Section `train`: train-step samples/s of the MLPerf NeuMF (138,493 x 26,744 tables, batch
 generated inside the step) at batch 65,536 and 1,048,576; the fraction of the compute
@@ -333,6 +334,27 @@ def sampler_section(args: Args) -> Dict[str, Any]:
                              for i in range(eval_batches)])
   eval_draw_sec = _timed(lambda: [eval_draws(i) for i in range(eval_batches)])
 
+  # Where a negative's time goes, at 2**20 lanes (the same users): primitives and parts.
+  lanes = 1 << 20
+  bu = users[:lanes]
+  lane_ids = jnp.arange(lanes, dtype=jnp.uint32)
+  read_idx = jax.random.randint(jax.random.key(2), (lanes,), 0, ds.num_train)
+  n_slots = pipeline.epoch_size(ds.num_train, 4)
+  # Every part takes its inputs as arguments, so XLA cannot fold it into a constant.
+  parts = {
+      'randint': lambda d, i: jax.random.randint(jax.random.fold_in(key, i[0]), (lanes,),
+                                                 0, ds.num_items),
+      'draw': lambda d, i: sampling.uniform_below(sampling.random_words(kp, i, 0)[0],
+                                                  jnp.uint32(ds.num_items)),
+      'random_read': lambda d, i: d.positive_shifted(read_idx + i.astype(jnp.int32) * 0),
+      'permute': lambda d, i: sampling.permute(i, n_slots, sampling.round_keys(kp)),
+      'sampler': lambda d, i: sampling.sample_negatives(d, kp, bu, i),
+  }
+  breakdown = {}
+  for name, fn in parts.items():
+    breakdown[f'breakdown_{name}_ms_per_2e20'] = 1e3 * _timed(jax.jit(fn), dev, lane_ids,
+                                                               repeats=3)
+
   device_bytes = sum(x.nbytes for x in jax.tree.leaves(dev))
   int32_bytes = 4 * (2 * ds.num_train + 2 * ds.num_users + 1)
   n = chunks * chunk
@@ -355,6 +377,7 @@ def sampler_section(args: Args) -> Dict[str, Any]:
       'eval_candidates_sec': eval_sec,
       'eval_random_draws_sec': eval_draw_sec,
       'eval_candidates_vs_random_ratio': eval_sec / eval_draw_sec,
+      **breakdown,
       'device_data_bytes': device_bytes,
       'device_data_vs_int32_ratio': device_bytes / int32_bytes,
   }
