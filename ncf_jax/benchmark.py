@@ -13,13 +13,15 @@ our parse + preprocess, a first `data.prepare` (hash + parse + preprocess + cach
 and a cache-hit `data.load`. Targets (2-core machine): preprocess <= 20 s and <= 4x the
 bare parse, cache load <= 2 s, peak RSS <= 3 GB, generation <= 30 s.
 
-Section `sampler` (on the JAX backend): training negatives/s of the sampler against the
-rate of merely drawing as many random integers (`sampler_vs_random_ratio`, target >= 0.6)
-and a vectorised NumPy bisection (`sampler_vs_numpy_ratio`, target >= 3); a whole epoch's
-batches and all users' eval candidates against the same number of raw draws (targets
-<= 2x); the hash's cost on batch generation; the device form's size over the int32
-dataset (target <= 2); and a breakdown at 2**20 lanes (randint, our draw, one random read
-of `shifted`, the permutation, the whole sampler) in ms.
+Section `sampler` (on the JAX backend): training negatives/s as the train loop makes them
+(an epoch's slots in slot order, `pipeline.epoch_items`, positives' copies included) against
+the rate of merely drawing as many random integers (`sampler_vs_random_ratio`, target
+>= 0.6) and a vectorised NumPy bisection in the same order (`sampler_vs_numpy_ratio`,
+target >= 3); the same two ratios in the visiting order (users at random, `train_batch`'s
+path); a whole epoch's batches (built, then read) and all users' eval candidates against
+the same number of raw draws (targets <= 2x); the hash's cost on batch generation; the
+device form's size over the int32 dataset (target <= 2); and a breakdown at 2**20 lanes
+(randint, our draw, one random read, the permutation, the sampler in either order) in ms.
 
 Section `train`: train-step samples/s of the MLPerf NeuMF (138,493 x 26,744 tables, batch
 generated inside the step) at batch 65,536 and 1,048,576; the fraction of the compute
@@ -258,61 +260,82 @@ def sampler_section(args: Args) -> Dict[str, Any]:
   dev = sampling.to_device(ds)
   key = jax.random.key(0, impl='threefry2x32')
   kp = sampling.keypair(key)
+  num_neg = 4
+  n_slots = pipeline.epoch_size(ds.num_train, num_neg)
+  num_neg_total = num_neg * ds.num_train
   chunk = 1 << 22
-  num_neg_total = 4 * ds.num_train
-  chunks = max(1, -(-num_neg_total // chunk))
-  users = jax.random.randint(jax.random.key(1), (chunk,), 0, ds.num_train)
-  users = jax.jit(lambda d, k: d.train_users[k])(dev, users)
 
+  # Raw draws: as many random integers as an epoch has negatives, in chunks.
   @jax.jit
   def draws(i):
     return jax.random.randint(jax.random.fold_in(key, i), (chunk,), 0, ds.num_items)
+  draw_sec = _timed(lambda: [draws(i) for i in range(-(-num_neg_total // chunk))])
+
+  # Training negatives as the train loop makes them: every slot of an epoch (negatives
+  # and the positives' copies) in slot order, in chunks as a device builds its share.
+  @jax.jit
+  def slot_chunk(d, i):
+    return pipeline.epoch_items(d, key, 0, num_neg=num_neg, start=i * chunk, size=chunk)
+  neg_sec = _timed(lambda: [slot_chunk(dev, np.uint32(i))
+                            for i in range(-(-n_slots // chunk))])
+
+  # The same sampler in the visiting order (users at random): `train_batch`'s path.
+  users = jax.random.randint(jax.random.key(1), (chunk,), 0, ds.num_train)
+  users = jax.jit(lambda d, k: d.train_users[k])(dev, users)
 
   @jax.jit
   def negatives(d, u, i):
     counters = jnp.uint32(i) * jnp.uint32(chunk) + jnp.arange(chunk, dtype=jnp.uint32)
     return sampling.sample_negatives(d, kp, u, counters)
+  rand_chunks = 4
+  rand_sec = _timed(lambda: [negatives(dev, users, i) for i in range(rand_chunks)])
+  rand_draw_sec = _timed(lambda: [draws(i) for i in range(rand_chunks)])
 
-  def run_draws():
-    return [draws(i) for i in range(chunks)]
-
-  def run_negatives():
-    return [negatives(dev, users, i) for i in range(chunks)]
-
-  draw_sec = _timed(run_draws)
-  neg_sec = _timed(run_negatives)
+  # The NumPy peer in both orders, on one chunk each.
   host_users = np.asarray(users)
+  slot_users = ds.train_users[np.arange(chunk) // (1 + num_neg)]
   np_draw = _numpy_bisection_negatives(ds, host_users)
   np_sec = _timed(lambda: [np_draw(host_users) for _ in range(2)]) / (2 * chunk)
+  np_slot_sec = _timed(lambda: [np_draw(slot_users) for _ in range(2)]) / (2 * chunk)
 
-  # A whole epoch's batches, without the model.
+  # A whole epoch's batches, without the model, as the train loop makes them: the epoch's
+  # items in slot order, then every batch reads them. And the pure per-position path.
   batch = 1 << 20
-  steps = pipeline.steps_per_epoch(ds.num_train, 4, batch)
+  steps = pipeline.steps_per_epoch(ds.num_train, num_neg, batch)
+  build = jax.jit(lambda d: pipeline.epoch_items(d, key, 0, num_neg=num_neg))
 
   @jax.jit
-  def epoch_batch(d, step):
-    return pipeline.train_batch(d, key, 0, step, batch_size=batch, num_neg=4)
+  def read_batch(d, items, step):
+    return pipeline.batch_from_items(d, items, key, 0, step, batch_size=batch,
+                                     num_neg=num_neg)
 
   @jax.jit
-  def epoch_batch_hashed(d, step, chain):
-    b = pipeline.train_batch(d, key, 0, step, batch_size=batch, num_neg=4)
+  def read_batch_hashed(d, items, step, chain):
+    b = pipeline.batch_from_items(d, items, key, 0, step, batch_size=batch, num_neg=num_neg)
     return hashing.chain(chain, hashing.batch_digest(b, jnp.arange(batch, dtype=jnp.uint32)))
+
+  @jax.jit
+  def position_batch(d, step):
+    return pipeline.train_batch(d, key, 0, step, batch_size=batch, num_neg=num_neg)
 
   @jax.jit
   def epoch_draws(i):
     return jax.random.randint(jax.random.fold_in(key, i), (batch,), 0, ds.num_items)
 
   def run_epoch():
-    return [epoch_batch(dev, np.int32(s)) for s in range(steps)]
+    items = build(dev)
+    return [read_batch(dev, items, np.int32(s)) for s in range(steps)]
 
   def run_epoch_hashed():
+    items = build(dev)
     chain = hashing.init()
     for s in range(steps):
-      chain = epoch_batch_hashed(dev, np.int32(s), chain)
+      chain = read_batch_hashed(dev, items, np.int32(s), chain)
     return chain
 
   epoch_sec = _timed(run_epoch)
   epoch_hashed_sec = _timed(run_epoch_hashed)
+  epoch_position_sec = _timed(lambda: [position_batch(dev, np.int32(s)) for s in range(steps)])
   epoch_draw_sec = _timed(lambda: [epoch_draws(i) for i in range(steps)])
 
   # Eval candidates for all users, 999 each (fewer if a small --scale leaves fewer items).
@@ -334,21 +357,22 @@ def sampler_section(args: Args) -> Dict[str, Any]:
                              for i in range(eval_batches)])
   eval_draw_sec = _timed(lambda: [eval_draws(i) for i in range(eval_batches)])
 
-  # Where a negative's time goes, at 2**20 lanes (the same users): primitives and parts.
+  # Where a negative's time goes, at 2**20 lanes: primitives and parts.
   lanes = 1 << 20
   bu = users[:lanes]
+  su = dev.train_users[(jnp.arange(lanes) + (n_slots // 2)) // (1 + num_neg)]
   lane_ids = jnp.arange(lanes, dtype=jnp.uint32)
   read_idx = jax.random.randint(jax.random.key(2), (lanes,), 0, ds.num_train)
-  n_slots = pipeline.epoch_size(ds.num_train, 4)
   # Every part takes its inputs as arguments, so XLA cannot fold it into a constant.
   parts = {
       'randint': lambda d, i: jax.random.randint(jax.random.fold_in(key, i[0]), (lanes,),
                                                  0, ds.num_items),
       'draw': lambda d, i: sampling.uniform_below(sampling.random_words(kp, i, 0)[0],
                                                   jnp.uint32(ds.num_items)),
-      'random_read': lambda d, i: d.positive_shifted(read_idx + i.astype(jnp.int32) * 0),
+      'random_read': lambda d, i: d.positive_items(read_idx + i.astype(jnp.int32) * 0),
       'permute': lambda d, i: sampling.permute(i, n_slots, sampling.round_keys(kp)),
-      'sampler': lambda d, i: sampling.sample_negatives(d, kp, bu, i),
+      'sampler_random_order': lambda d, i: sampling.sample_negatives(d, kp, bu, i),
+      'sampler_slot_order': lambda d, i: sampling.sample_negatives(d, kp, su, i),
   }
   breakdown = {}
   for name, fn in parts.items():
@@ -357,20 +381,24 @@ def sampler_section(args: Args) -> Dict[str, Any]:
 
   device_bytes = sum(x.nbytes for x in jax.tree.leaves(dev))
   int32_bytes = 4 * (2 * ds.num_train + 2 * ds.num_users + 1)
-  n = chunks * chunk
   return {
       **_backend(),
       'sampler_num_users': ds.num_users, 'sampler_num_items': ds.num_items,
       'sampler_num_train': ds.num_train,
-      'sampler_negatives_per_sec': n / neg_sec,
-      'random_draws_per_sec': n / draw_sec,
+      'sampler_negatives_per_sec': num_neg_total / neg_sec,
+      'random_draws_per_sec': num_neg_total / draw_sec,
       'sampler_vs_random_ratio': draw_sec / neg_sec,
-      'numpy_bisection_negatives_per_sec': 1.0 / np_sec,
-      'sampler_vs_numpy_ratio': (n / neg_sec) * np_sec,
-      'epoch_samples': pipeline.epoch_size(ds.num_train, 4),
+      'numpy_bisection_negatives_per_sec': 1.0 / np_slot_sec,
+      'sampler_vs_numpy_ratio': (num_neg_total / neg_sec) * np_slot_sec,
+      'sampler_random_order_negatives_per_sec': rand_chunks * chunk / rand_sec,
+      'sampler_random_order_vs_random_ratio': rand_draw_sec / rand_sec,
+      'numpy_bisection_random_order_negatives_per_sec': 1.0 / np_sec,
+      'sampler_random_order_vs_numpy_ratio': (rand_chunks * chunk / rand_sec) * np_sec,
+      'epoch_samples': n_slots,
       'epoch_batches_sec': epoch_sec,
       'epoch_random_draws_sec': epoch_draw_sec,
       'epoch_vs_random_ratio': epoch_sec / epoch_draw_sec,
+      'epoch_batches_per_position_sec': epoch_position_sec,
       'epoch_batches_hashed_sec': epoch_hashed_sec,
       'hash_overhead_fraction_of_batches': epoch_hashed_sec / epoch_sec - 1.0,
       'eval_num_neg': eval_neg,
@@ -480,11 +508,12 @@ def train_section(args: Args) -> Dict[str, Any]:
     config.hash_pipeline = hashed
     state = train.create_train_state(config, model, init_key, mesh)
     step = train.make_train_step(config, mesh)
+    items = train.make_epoch_items(config, mesh, dev.num_train)(dev, data_key, np.int32(0))
     n = (3 if batch > 100_000 else 10) if cpu else 20
 
     def run(state):
       for s in range(n):
-        state = step(state, dev, (data_key, dropout_key), np.int32(0), np.int32(s))
+        state = step(state, dev, items, (data_key, dropout_key), np.int32(0), np.int32(s))
       return state
     state = run(state)   # compile + warm up
     jax.block_until_ready(state)
@@ -505,8 +534,10 @@ def train_section(args: Args) -> Dict[str, Any]:
   config.batch_size = batch
   state = train.create_train_state(config, model, init_key, train.make_mesh(1))
   dev1 = sampling.to_device(ds)
-  gen = jax.jit(lambda d: pipeline.train_batch(d, data_key, 0, 0, batch_size=batch, num_neg=4))
-  b = gen(dev1)
+  items1 = jax.jit(lambda d: pipeline.epoch_items(d, data_key, 0, num_neg=4))(dev1)
+  gen = jax.jit(lambda d, it: pipeline.batch_from_items(d, it, data_key, 0, 0,
+                                                        batch_size=batch, num_neg=4))
+  b = gen(dev1, items1)
 
   def loss(params, b):
     logits = model.apply({'params': params}, b['user'], b['item'])
@@ -520,7 +551,7 @@ def train_section(args: Args) -> Dict[str, Any]:
                                  p['mlp']['mlp_user']['embedding'][b['user']],
                                  p['mlp']['mlp_item']['embedding'][b['item']]])
   out['breakdown_batch'] = batch
-  out['breakdown_sampling_ms'] = 1e3 * _timed(gen, dev1, repeats=3)
+  out['breakdown_sampling_ms'] = 1e3 * _timed(gen, dev1, items1, repeats=3)
   out['breakdown_embedding_gather_ms'] = 1e3 * _timed(gather, state.params, b, repeats=3)
   out['breakdown_forward_ms'] = 1e3 * _timed(fwd, state.params, b, repeats=3)
   out['breakdown_forward_backward_ms'] = 1e3 * _timed(grad, state.params, b, repeats=3)

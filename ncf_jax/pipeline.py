@@ -8,6 +8,11 @@ of the epoch are padding with `valid=False`, so no sample is dropped or seen twi
 every batch has the same shape. A batch, or any slice of it (one device's share), is
 computed on device from the `DeviceData` arrays; a sample's value depends only on
 (key, epoch, slot), never on the batch size or the device count.
+
+Two ways to compute the same batch: `train_batch` samples each position's negative in the
+visiting order (pure in (key, epoch, step), for inspection and tests); the train loop
+first builds the epoch's items in slot order (`epoch_items`, cache-friendly) and its
+batches read them (`batch_from_items`). Both give identical batches and hashes.
 """
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -71,9 +76,55 @@ def train_batch(data: sampling.DeviceData, key: jax.Array, epoch, step, *,
   users = data.train_users[k]
   offsets = data.user_offsets[users]
   degrees = data.user_offsets[users + 1] - offsets
-  pos_items = data.positive_shifted(k) + (k - offsets)
+  pos_items = data.positive_items(k)
   neg_items = sampling.sample_negatives(data, neg_kp, users, slot, 0, offsets, degrees)
   return dict(user=users, item=jnp.where(is_pos, pos_items, neg_items),
+              label=is_pos.astype(jnp.float32), valid=valid)
+
+
+def epoch_items(data: sampling.DeviceData, key: jax.Array, epoch, *, num_neg: int,
+                start=0, size: Optional[int] = None) -> jax.Array:
+  """Items of epoch slots [start, start + size) in slot order (not the visiting order).
+
+  The same values `train_batch` computes for these slots, but generated in slot order:
+  a user's slots are contiguous, so the sampler's reads hit cache (about 4x faster per
+  negative than the visiting order on CPU). The train loop builds each epoch's items this
+  way once, sharded over devices, and its batches then read them (`batch_from_items`).
+  Slots past the epoch's end (padding) get unspecified items. Stored in the dataset's
+  item dtype (uint16 for up to 65,536 items) to halve the memory.
+  """
+  n_slots = epoch_size(data.num_train, num_neg)
+  size = n_slots if size is None else size
+  _, neg_kp = epoch_keys(key, epoch)
+  slot = jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32)
+  slot = jnp.minimum(slot, jnp.uint32(max(n_slots - 1, 0)))
+  k = (slot // (1 + num_neg)).astype(jnp.int32)
+  is_pos = (slot % (1 + num_neg)) == 0
+  users = data.train_users[k]
+  neg_items = sampling.sample_negatives(data, neg_kp, users, slot)
+  items = jnp.where(is_pos, data.positive_items(k), neg_items)
+  return items.astype(data.train_items.dtype)
+
+
+def batch_from_items(data: sampling.DeviceData, items: jax.Array, key: jax.Array, epoch,
+                     step, *, batch_size: int, num_neg: int, start=0,
+                     size: Optional[int] = None) -> Dict[str, jax.Array]:
+  """`train_batch`, reading the items from `epoch_items(data, key, epoch)` (all slots).
+
+  Identical output to `train_batch(data, key, epoch, step, ...)`; only the work differs:
+  one read per sample instead of a draw and a rank query in the visiting order.
+  """
+  size = batch_size if size is None else size
+  n_slots = epoch_size(data.num_train, num_neg)
+  order_kp, _ = epoch_keys(key, epoch)
+  position = (jnp.asarray(step, jnp.uint32) * jnp.uint32(batch_size)
+              + jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32))
+  valid = position < jnp.uint32(n_slots)
+  position = jnp.where(valid, position, 0)
+  slot = sampling.permute(position, n_slots, sampling.round_keys(order_kp))
+  k = (slot // (1 + num_neg)).astype(jnp.int32)
+  is_pos = (slot % (1 + num_neg)) == 0
+  return dict(user=data.train_users[k], item=items[slot].astype(jnp.int32),
               label=is_pos.astype(jnp.float32), valid=valid)
 
 

@@ -1,20 +1,25 @@
 """Exact uniform negative sampling as pure, jittable functions.
 
-A user's negatives are the items it has no training positive for. To draw one uniformly
-there is no rejection loop: draw r uniformly in [0, num_items - |P_u|) and return the r-th
-non-positive item. With the user's positives p_0 < p_1 < ... stored sorted (CSR), the r-th
-non-positive is r + j where j = #{k : p_k - k <= r}; `p_k - k` is non-decreasing, so j is
-found by a search. The search is two-level: first over a small per-user `coarse` list
-(every 8th shifted value, a few MB that stay in cache), then over one block of 8 in the
-full list, so only the last steps read the large array. Each level is a branch-free binary
-lifting (one carried value, steps of 2^k), which XLA fuses into a few loops instead of
-materialising two bounds per step.
+A user's negatives are the items it has no training positive for: m = num_items - |P_u|
+of them. To draw one uniformly there is no rejection loop: draw r uniformly in [0, m) and
+map it through a fixed bijection f_u of [0, m) onto the non-positives. f_u keeps every
+non-positive r < m in place and sends the j-th positive below m to the j-th non-positive
+at or above m (there are equally many of each); those targets are precomputed per user
+(`remap`). So a draw needs only "is r a positive, and how many positives lie below it",
+which a two-level bitmap answers in O(1) reads, with no search:
+
+- `words`: for each 16-item chunk of the item range that holds a positive of u, its
+  16-bit bitmap and the number of u's positives in earlier chunks; after a user's chunks,
+  one sentinel holding the degree.
+- `groups`: for every 16 consecutive chunks of every user, a 16-bit occupancy mask and
+  how many of u's non-empty chunks come before the group, so a chunk's word is found by
+  a popcount.
 
 Randomness is counter-based: every draw is threefry2x32(key, (index, stream)) for a global
 index (sample slot, user, candidate number), so a value never depends on batch size, how a
 batch is split across devices, or how many devices and hosts there are.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.struct
 import jax
@@ -24,7 +29,9 @@ import numpy as np
 
 from ncf_jax import data as data_lib
 
-COARSE_STRIDE = 8   # one coarse entry per 8 positives: the coarse list stays in cache
+CHUNK = 16         # items per bitmap word
+GROUP = 16         # chunks per occupancy mask
+NARROW_ITEMS = 1 << 16   # up to this many items, ids, counts and masks pack into 16 bits
 FEISTEL_ROUNDS = 6  # even, so the mixed-radix state returns to (Z_a, Z_b)
 _U32_MAX = 0xFFFFFFFF
 
@@ -33,67 +40,123 @@ _U32_MAX = 0xFFFFFFFF
 class DeviceData:
   """Device-resident form of a `Dataset` (replicated on every device).
 
-  Item ids of positives are not stored: `shifted[k] = item_k - (k - user_offsets[u])` holds
-  the same information and is what the sampler searches (item_k = shifted[k] + local k).
-  `coarse` holds every COARSE_STRIDE-th shifted value of each user (CSR by
-  `coarse_offsets`). `shifted` and `coarse` are uint16 when every item id fits
-  (num_items < 65535, e.g. ml-20m); read them through `positive_shifted`, which returns
-  int32.
+  With at most NARROW_ITEMS items (every MovieLens release), item ids are uint16 and each
+  `groups`/`words` entry packs (count << 16 | mask) into one uint32, so a lookup reads one
+  entry per level. With more items the counts live in the int32 `group_base` and
+  `word_before` and the masks in uint32 `groups`/`words`.
   """
   train_users: jax.Array     # int32 [num_train]
-  shifted: jax.Array         # uint16 or int32 [num_train]
+  train_items: jax.Array     # uint16 or int32 [num_train]
   user_offsets: jax.Array    # int32 [num_users + 1]
-  coarse: jax.Array          # uint16 or int32 [sum ceil(degree / COARSE_STRIDE) + 1]
-  coarse_offsets: jax.Array  # int32 [num_users + 1]
   test_items: jax.Array      # int32 [num_users]
-  num_users: int = flax.struct.field(pytree_node=False)
-  num_items: int = flax.struct.field(pytree_node=False)
-  max_degree: int = flax.struct.field(pytree_node=False)
+  groups: jax.Array          # uint32 [num_users * groups_per_user]
+  words: jax.Array           # uint32 [num_train + num_users]; user u's start at off_u + u
+  remap: jax.Array           # uint16 or int32 [num_train]; f_u's targets at off_u + j
+  group_base: Optional[jax.Array] = None   # int32, only when not narrow
+  word_before: Optional[jax.Array] = None  # int32, only when not narrow
+  num_users: int = flax.struct.field(pytree_node=False, default=0)
+  num_items: int = flax.struct.field(pytree_node=False, default=0)
+  max_degree: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def num_train(self) -> int:
-    return int(self.shifted.shape[0])
-
-  def positive_shifted(self, index: jax.Array) -> jax.Array:
-    """int32 shifted values p_k - (local k) at global positive indices (clamped)."""
-    index = jnp.minimum(index, max(self.num_train - 1, 0))
-    return self.shifted[index].astype(jnp.int32)
-
-  def coarse_value(self, index: jax.Array) -> jax.Array:
-    """int32 coarse entries at global coarse indices (clamped)."""
-    index = jnp.minimum(index, self.coarse.shape[0] - 1)
-    return self.coarse[index].astype(jnp.int32)
+    return int(self.train_items.shape[0])
 
   @property
-  def coarse_steps(self) -> int:
-    """Lifting steps that cover the longest coarse list."""
-    return _steps_for(-(-self.max_degree // COARSE_STRIDE))
+  def groups_per_user(self) -> int:
+    return groups_per_user(self.num_items)
+
+  def positive_items(self, index: jax.Array) -> jax.Array:
+    """int32 item ids of the training positives at global indices (clamped)."""
+    index = jnp.minimum(index, max(self.num_train - 1, 0))
+    return self.train_items[index].astype(jnp.int32)
+
+  def group(self, index: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """(occupancy mask uint32, non-empty chunks before the group int32) at indices."""
+    g = self.groups[index]
+    if self.group_base is None:
+      return g & 0xFFFF, (g >> 16).astype(jnp.int32)
+    return g, self.group_base[index]
+
+  def word(self, index: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """(chunk bitmap uint32, positives in earlier chunks int32) at word indices."""
+    w = self.words[index]
+    if self.word_before is None:
+      return w & 0xFFFF, (w >> 16).astype(jnp.int32)
+    return w, self.word_before[index]
 
 
-def _steps_for(length: int) -> int:
-  """Binary-lifting steps (powers of two) that reach any count in [0, length]."""
-  return max(1, int(length).bit_length())
+def groups_per_user(num_items: int) -> int:
+  """Occupancy masks per user: chunks cover items [0, num_items] (num_items included)."""
+  chunks = num_items // CHUNK + 1
+  return -(-chunks // GROUP)
 
 
 def host_arrays(dataset: data_lib.Dataset) -> dict:
-  """NumPy arrays of the device form (shifted positives, coarse index), built on host."""
+  """NumPy arrays of the device form (bitmap index and remap targets), built on host."""
+  n_items, n_users, n_train = dataset.num_items, dataset.num_users, dataset.num_train
+  narrow = n_items <= NARROW_ITEMS
   offsets = dataset.user_offsets.astype(np.int64)
   degrees = np.diff(offsets)
-  local = np.arange(dataset.num_train, dtype=np.int64) - np.repeat(offsets[:-1], degrees)
-  small = dataset.num_items < np.iinfo(np.uint16).max   # every r < num_items < sentinel
-  dtype = np.uint16 if small else np.int32
-  shifted = (dataset.train_items.astype(np.int64) - local).astype(dtype)
-  lengths = -(-degrees // COARSE_STRIDE)
-  coarse_offsets = np.concatenate([[0], np.cumsum(lengths)])
-  owner = np.repeat(np.arange(dataset.num_users), lengths)
-  t = np.arange(coarse_offsets[-1], dtype=np.int64) - coarse_offsets[:-1][owner]
-  coarse = shifted[offsets[:-1][owner] + COARSE_STRIDE * t]
-  # One trailing sentinel keeps the array non-empty; reads past a list are masked anyway.
-  coarse = np.concatenate([coarse, [np.iinfo(dtype).max]]).astype(dtype)
-  return dict(train_users=dataset.train_users.astype(np.int32), shifted=shifted,
-              user_offsets=dataset.user_offsets.astype(np.int32), coarse=coarse,
-              coarse_offsets=coarse_offsets.astype(np.int32),
-              test_items=dataset.test_items.astype(np.int32))
+  users = dataset.train_users.astype(np.int64)
+  items = dataset.train_items.astype(np.int64)
+  local = np.arange(n_train, dtype=np.int64) - np.repeat(offsets[:-1], degrees)
+  gpu = groups_per_user(n_items)
+
+  # Non-empty chunks, in (user, chunk) order since positives are sorted by (user, item).
+  chunk = items // CHUNK
+  first = np.flatnonzero(np.r_[True, (users[1:] != users[:-1]) | (chunk[1:] != chunk[:-1])]
+                         ) if n_train else np.zeros(0, np.int64)
+  bits = (np.bitwise_or.reduceat(np.left_shift(1, items % CHUNK), first)
+          if n_train else np.zeros(0, np.int64))
+  c_user, c_chunk, c_before = users[first], chunk[first], local[first]
+  nnz = np.bincount(c_user, minlength=n_users)
+  c_start = np.concatenate([[0], np.cumsum(nnz)])[:-1]
+  c_rank = np.arange(first.size) - np.repeat(c_start, nnz)    # index among u's chunks
+  word_at = offsets[:-1][c_user] + c_user + c_rank
+  sentinel_at = offsets[:-1] + np.arange(n_users) + nnz
+  words = np.zeros(n_train + n_users, np.int64)
+  before = np.zeros(n_train + n_users, np.int64)
+  words[word_at], before[word_at] = bits, c_before
+  before[sentinel_at] = degrees
+
+  g_index = c_user * gpu + c_chunk // GROUP
+  occ = np.zeros(n_users * gpu, np.int64)
+  if first.size:   # g_index is non-decreasing: OR each run of equal groups
+    g_first = np.flatnonzero(np.r_[True, g_index[1:] != g_index[:-1]])
+    occ[g_index[g_first]] = np.bitwise_or.reduceat(np.left_shift(1, c_chunk % GROUP), g_first)
+  counts = np.bincount(g_index, minlength=n_users * gpu)
+  g_base = np.cumsum(counts) - counts          # exclusive, over all users
+  g_base -= np.repeat(g_base[::gpu], gpu) if n_users else 0
+
+  # f_u's targets: the non-positives in [m, num_items), listed ascending. Candidates are
+  # m + t for t < degree; those that are positives (the ones >= m) are struck out.
+  m = n_items - degrees
+  m_each = np.repeat(m, degrees)
+  cand = m_each + local
+  is_hit = items >= m_each                     # positives at or above m ...
+  strike = np.zeros(n_train, bool)
+  strike[(items - m_each + (np.arange(n_train) - local))[is_hit]] = True
+  kept = np.flatnonzero(~strike)               # ... occupy exactly these candidates
+  q = degrees - np.bincount(users[is_hit], minlength=n_users)   # positives below m
+  q_start = np.concatenate([[0], np.cumsum(q)])[:-1]
+  dest = np.repeat(offsets[:-1], q) + np.arange(kept.size) - np.repeat(q_start, q)
+  remap = np.zeros(n_train, np.int64)
+  remap[dest] = cand[kept]
+
+  item_dtype = np.uint16 if narrow else np.int32
+  out = dict(train_users=dataset.train_users.astype(np.int32),
+             train_items=items.astype(item_dtype),
+             user_offsets=dataset.user_offsets.astype(np.int32),
+             test_items=dataset.test_items.astype(np.int32),
+             remap=remap.astype(item_dtype))
+  if narrow:
+    out['groups'] = (occ | (g_base << 16)).astype(np.uint32)
+    out['words'] = (words | (before << 16)).astype(np.uint32)
+  else:
+    out.update(groups=occ.astype(np.uint32), group_base=g_base.astype(np.int32),
+               words=words.astype(np.uint32), word_before=before.astype(np.int32))
+  return out
 
 
 def to_device(dataset: data_lib.Dataset, sharding=None) -> DeviceData:
@@ -257,64 +320,61 @@ def round_keys(kp: jax.Array, index=0) -> list:
 
 
 # ----------------------------------------------------------------------------------------
-# The r-th non-positive item of a user.
+# Rank queries and the bijection f_u.
 
-def _lift(read, lo: jax.Array, hi: jax.Array, steps: int, below) -> jax.Array:
-  """Largest c in [lo, hi] with below(read(c - 1), c - 1) for a monotone predicate.
+def rank_positives(data: DeviceData, users: jax.Array, x: jax.Array,
+                   offsets=None) -> Tuple[jax.Array, jax.Array]:
+  """(#training positives of the user below x, whether x is one), for 0 <= x <= num_items.
 
-  Requires the predicate to hold at lo - 1 (or lo == 0) and to be monotone (true, then
-  false). Branch-free binary lifting: c only grows, by 2^k when the entry 2^k further
-  still satisfies it, so one value is carried between steps.
-  """
-  c = lo
-  for k in range(steps - 1, -1, -1):
-    step = 1 << k
-    idx = c + (step - 1)
-    ok = (c + step <= hi) & below(read(idx), idx)
-    c = c + jnp.where(ok, step, 0)
-  return c
-
-
-def _count_two_level(data: DeviceData, users, offsets, degrees, below) -> jax.Array:
-  """#{k < degree : below(shifted_k, k)} for a predicate monotone in k (true, then false).
-
-  Searches the user's coarse list first, then the one block of COARSE_STRIDE entries of
-  `shifted` that the answer lies in.
-  """
-  co = data.coarse_offsets[users]
-  cm = data.coarse_offsets[users + 1] - co
-  c = _lift(lambda t: data.coarse_value(co + t), jnp.zeros_like(cm), cm,
-            data.coarse_steps, lambda v, t: below(v, COARSE_STRIDE * t))
-  # Entry COARSE_STRIDE * (c - 1) is known to satisfy it; the next c-th coarse does not.
-  lo = jnp.where(c > 0, COARSE_STRIDE * (c - 1) + 1, 0)
-  hi = jnp.where(c > 0, jnp.minimum(COARSE_STRIDE * c, degrees), 0)
-  return _lift(lambda k: data.positive_shifted(offsets + k), lo, hi,
-               _steps_for(COARSE_STRIDE - 1), below)
-
-
-def nth_nonpositive(data: DeviceData, users: jax.Array, r: jax.Array,
-                    offsets=None, degrees=None) -> jax.Array:
-  """The r-th item (0-based, ascending) that is not a training positive of `users`.
-
-  Requires 0 <= r < num_items - degree(user). Shapes of users and r broadcast.
+  Two reads, whatever the degree: the group's occupancy mask gives the chunk's word by a
+  popcount; the word's bitmap gives the rank inside the chunk. For an empty chunk the
+  word found is the user's next non-empty one (or the sentinel), whose count is the rank.
   """
   if offsets is None:
     offsets = data.user_offsets[users]
-  if degrees is None:
-    degrees = data.user_offsets[users + 1] - offsets
+  x = x.astype(jnp.int32)
+  chunk = x // CHUNK
+  occ, g_before = data.group(users * data.groups_per_user + chunk // GROUP)
+  j = (chunk % GROUP).astype(jnp.uint32)
+  one = jnp.uint32(1)
+  present = ((occ >> j) & one) == one
+  w_index = (offsets + users + g_before
+             + jax.lax.population_count(occ & ((one << j) - one)).astype(jnp.int32))
+  bits, before = data.word(w_index)
+  s = (x % CHUNK).astype(jnp.uint32)
+  bits = jnp.where(present, bits, 0)
+  rank = before + jax.lax.population_count(bits & ((one << s) - one)).astype(jnp.int32)
+  return rank, ((bits >> s) & one) == one
+
+
+def nonpositive_at(data: DeviceData, users: jax.Array, r: jax.Array,
+                   offsets=None, degrees=None) -> jax.Array:
+  """f_u(r): a bijection of [0, num_items - degree) onto the user's non-positives.
+
+  r itself when r is not a training positive; the j-th positive below m is sent to the
+  j-th non-positive at or above m. Requires 0 <= r < m. Shapes of users and r broadcast.
+  """
+  if offsets is None:
+    offsets = data.user_offsets[users]
   r = r.astype(jnp.int32)
-  return r + _count_two_level(data, users, offsets, degrees, lambda s, k: s <= r)
+  rank, is_pos = rank_positives(data, users, r, offsets)
+  index = jnp.minimum(offsets + rank, max(data.num_train - 1, 0))
+  return jnp.where(is_pos, data.remap[index].astype(jnp.int32), r)
 
 
-def count_positives_below(data: DeviceData, users: jax.Array, items: jax.Array,
-                          offsets=None, degrees=None) -> jax.Array:
-  """#{training positives p of the user with p < item} (p_k = shifted_k + local k)."""
+def nonpositive_index(data: DeviceData, users: jax.Array, items: jax.Array,
+                      offsets=None, degrees=None) -> jax.Array:
+  """f_u^{-1}: the r in [0, m) with f_u(r) = item, for items that are not positives."""
   if offsets is None:
     offsets = data.user_offsets[users]
   if degrees is None:
     degrees = data.user_offsets[users + 1] - offsets
   items = items.astype(jnp.int32)
-  return _count_two_level(data, users, offsets, degrees, lambda s, k: s + k < items)
+  m = data.num_items - degrees
+  # An item at or above m is the j-th non-positive there: j = (item - m) - #P in [m, item).
+  j = ((items - m) - (rank_positives(data, users, items, offsets)[0]
+                      - rank_positives(data, users, m, offsets)[0]))
+  return jnp.where(items < m, items, data.positive_items(offsets + jnp.maximum(j, 0)))
 
 
 def sample_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
@@ -330,7 +390,7 @@ def sample_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
     degrees = data.user_offsets[users + 1] - offsets
   bits, _ = random_words(kp, counters, stream)
   r = uniform_below(bits, (data.num_items - degrees).astype(jnp.uint32))
-  return nth_nonpositive(data, users, r, offsets, degrees)
+  return nonpositive_at(data, users, r, offsets, degrees)
 
 
 def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
@@ -338,9 +398,9 @@ def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
   """`num_neg` distinct negatives per user, never a training positive nor the test item.
 
   Draws are without replacement: the first num_neg images of a per-user keyed bijection
-  of the user's candidate ranks [0, num_items - degree - 1), mapped to item ids. Requires
-  num_neg <= num_items - degree - 1 for every user in `users` (train.py checks it); a
-  user with fewer candidates gets repeats in the columns past its candidate count.
+  of [0, m - 1), shifted past the test item's index f_u^{-1}(test) and mapped through f_u.
+  Requires num_neg <= num_items - degree - 1 for every user in `users` (train.py checks
+  it); a user with fewer candidates gets repeats in the columns past its candidate count.
 
   Returns: int32 [len(users), num_neg].
   """
@@ -352,7 +412,6 @@ def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
   j = jnp.broadcast_to(jnp.arange(num_neg, dtype=jnp.uint32)[None, :],
                        (users.shape[0], num_neg))
   ranks = permute(j, m[:, None], keys).astype(jnp.int32)
-  # Skip the test item: its rank among the user's non-positives.
-  test_rank = test - count_positives_below(data, users, test, offsets, degrees)
-  ranks = ranks + (ranks >= test_rank[:, None])
-  return nth_nonpositive(data, users[:, None], ranks, offsets[:, None], degrees[:, None])
+  test_index = nonpositive_index(data, users, test, offsets, degrees)
+  ranks = ranks + (ranks >= test_index[:, None])
+  return nonpositive_at(data, users[:, None], ranks, offsets[:, None], degrees[:, None])

@@ -157,12 +157,32 @@ def make_keys(seed: int, mesh: Mesh):
   return jax.jit(keys, out_shardings=NamedSharding(mesh, P()))()
 
 
+def make_epoch_items(config, mesh: Mesh, num_train: int):
+  """The compiled epoch builder: (data, data_key, epoch) -> every slot's item, replicated.
+
+  Each device builds its 1/ndev of the slots in slot order (`pipeline.epoch_items`); an
+  all-gather gives every device the whole epoch, which its batches then read.
+  """
+  num_neg = int(config.num_neg)
+  per = -(-pipeline.epoch_size(num_train, num_neg) // mesh.size)
+
+  def per_device(data, data_key, epoch):
+    start = jax.lax.axis_index(AXIS) * per
+    return pipeline.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start,
+                                size=per)
+
+  # Sharded by the shard_map, replicated by the jit's output sharding: one all-gather.
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P()),
+                               out_specs=P(AXIS)),
+                 out_shardings=NamedSharding(mesh, P()))
+
+
 def make_train_step(config, mesh: Mesh):
-  """The compiled global train step: (state, data, keys, epoch, step) -> state.
+  """The compiled global train step: (state, data, items, keys, epoch, step) -> state.
 
-  `keys` is (data_key, dropout_key).
-
-  `step` is the batch number within `epoch`; the batch is generated on device.
+  `items` is the epoch's `make_epoch_items` output and `keys` is (data_key, dropout_key).
+  `step` is the batch number within `epoch`; the batch is generated on device, identical
+  to `pipeline.train_batch(data, data_key, epoch, step)`.
   """
   ndev = mesh.size
   batch_size, num_neg = int(config.batch_size), int(config.num_neg)
@@ -171,12 +191,13 @@ def make_train_step(config, mesh: Mesh):
   use_hash = bool(config.hash_pipeline)
   use_dropout = float(config.model.dropout) > 0
 
-  def per_device(state: TrainState, data, keys, epoch, step):
+  def per_device(state: TrainState, data, items, keys, epoch, step):
     data_key, dropout_key = keys
     d = jax.lax.axis_index(AXIS)
     start = d * local
-    batch = pipeline.train_batch(data, data_key, epoch, step, batch_size=batch_size,
-                                 num_neg=num_neg, start=start, size=local)
+    batch = pipeline.batch_from_items(data, items, data_key, epoch, step,
+                                      batch_size=batch_size, num_neg=num_neg, start=start,
+                                      size=local)
     n_valid = jax.lax.psum(jnp.sum(batch['valid'], dtype=jnp.float32), AXIS)
     rngs = {}
     if use_dropout:
@@ -207,7 +228,7 @@ def make_train_step(config, mesh: Mesh):
                      hash_first=jnp.where(first, chain, state.hash_first))
     return new.replace(**updates)
 
-  step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P()),
+  step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), P()),
                        out_specs=P())
   return jax.jit(step, donate_argnums=(0,))
 
@@ -257,7 +278,7 @@ def _full_rank(model, params, data: sampling.DeviceData, users):
   degrees = data.user_offsets[users + 1] - offsets
   k = jnp.arange(max(data.max_degree, 1), dtype=jnp.int32)[None, :]
   idx = jnp.minimum(offsets[:, None] + k, max(data.num_train - 1, 0))
-  pos_items = data.positive_shifted(idx) + k
+  pos_items = data.positive_items(idx)
   is_pos = k < degrees[:, None]
   pos_scores = jnp.take_along_axis(scores, jnp.where(is_pos, pos_items, 0), axis=1)
   above_pos = jnp.sum(is_pos & (pos_scores >= s_test), axis=1, dtype=jnp.int32)
@@ -443,6 +464,7 @@ def _train_and_evaluate(config, workdir):
   writer.write_config(ckpt_lib.config_to_dict(config) | {'resolved_seed': seed})
   writer.rewrite_history(history)
   train_step = make_train_step(config, mesh)
+  build_epoch = make_epoch_items(config, mesh, dataset.num_train)
   eval_step = make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
 
   def meta_now(epoch):
@@ -466,11 +488,12 @@ def _train_and_evaluate(config, workdir):
       t_epoch = time.time()
       progress = writers.progress(spe, first_step, f'epoch {epoch}', is_main)
       stopped = False   # only a SIGTERM before the epoch's last step stops it midway
+      items = build_epoch(data, data_key, np.int32(epoch))
       for step in range(first_step, spe):
         if preemption.check(epoch * spe + step):
           stopped = True
           break
-        state = train_step(state, data, (data_key, dropout_key), np.int32(epoch),
+        state = train_step(state, data, items, (data_key, dropout_key), np.int32(epoch),
                            np.int32(step))
         progress.update(1)
         if config.log_every_steps and (step + 1) % config.log_every_steps == 0:

@@ -66,6 +66,24 @@ def test_a_device_slice_equals_the_slice_of_the_global_batch(ds):
       np.testing.assert_array_equal(whole[k][start:start + 16], part[k])
 
 
+def test_batches_read_from_the_slot_order_epoch_equal_train_batch(ds):
+  # The train loop's path: the epoch's items built in slot order (here in 3 uneven
+  # device parts, the last padded), then each batch reads them.
+  data = sampling.to_device(ds)
+  n = pipeline.epoch_size(ds.num_train, 4)
+  per = -(-n // 3)
+  items = jnp.concatenate([pipeline.epoch_items(data, KEY, 5, num_neg=4, start=d * per,
+                                                size=per) for d in range(3)])
+  assert items.dtype == data.train_items.dtype
+  for step in range(pipeline.steps_per_epoch(ds.num_train, 4, 64)):
+    want = pipeline.train_batch(data, KEY, 5, step, batch_size=64, num_neg=4)
+    got = pipeline.batch_from_items(data, items, KEY, 5, step, batch_size=64, num_neg=4)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f'{k} of batch {step}')
+  other = pipeline.epoch_items(data, KEY, 6, num_neg=4)
+  assert (np.asarray(other[:n]) != np.asarray(items[:n])).mean() > 0.3   # fresh negatives
+
+
 def test_train_batch_is_jittable_with_traced_epoch_and_step(ds):
   data = sampling.to_device(ds)
   fn = jax.jit(lambda e, s: pipeline.train_batch(data, KEY, e, s, batch_size=64, num_neg=4))

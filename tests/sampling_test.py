@@ -16,42 +16,55 @@ def _positives(ds, u):
 
 @pytest.fixture(scope='module')
 def varied():
-  # Degrees from 1 to 250 of 300 items: answers in every position of a coarse block,
-  # in the first and last blocks, and lists of up to 32 coarse entries.
+  # Degrees from 1 to 250 of 300 items: empty, partly and fully occupied chunks and groups,
+  # users whose positives all lie below m and users with many at or above it.
   return random_dataset(num_users=120, num_items=300, seed=1, max_degree=250)
 
 
-def test_nth_nonpositive_enumerates_every_nonpositive_in_ascending_order(varied):
-  data = sampling.to_device(varied)
-  fn = jax.jit(lambda u, r: sampling.nth_nonpositive(data, u, r))
-  for u in range(varied.num_users):
-    expected = [i for i in range(varied.num_items) if i not in _positives(varied, u)]
-    r = np.arange(varied.num_items, dtype=np.int32)   # one shape: one compilation
-    got = np.asarray(fn(np.full_like(r, u), r))[:len(expected)]
-    np.testing.assert_array_equal(got, expected)
-
-
-def test_int32_device_form_when_item_ids_do_not_fit_uint16():
-  # 70,000 items: shifted values and the coarse list are stored as int32, same answers.
-  items = {0: list(range(0, 70000, 7)), 1: [5, 69998], 2: list(range(65530, 65560))}
-  ds = make_dataset(items, [3, 6, 0], num_items=70000)
+def _check_bijection(ds):
+  """f_u maps [0, m) onto the non-positives, fixes non-positives below m, and inverts."""
   data = sampling.to_device(ds)
-  assert data.shifted.dtype == jnp.int32 and data.coarse.dtype == jnp.int32
-  r = np.array([0, 1, 5, 6, 9999, 50000, 59999], np.int32)
-  for u in range(3):
-    nonpos = np.setdiff1d(np.arange(70000), sorted(_positives(ds, u)))
-    rr = r[r < nonpos.size]
-    got = np.asarray(sampling.nth_nonpositive(data, jnp.full(rr.shape, u), jnp.asarray(rr)))
-    np.testing.assert_array_equal(got, nonpos[rr])
+  n = ds.num_items
+  users = np.repeat(np.arange(ds.num_users, dtype=np.int32), n)
+  r = np.tile(np.arange(n, dtype=np.int32), ds.num_users)
+  m = np.repeat(n - ds.user_degrees(), n)
+  # One call for all users (one compilation); lanes with r >= m are clamped, then ignored.
+  got = np.asarray(sampling.nonpositive_at(data, jnp.asarray(users),
+                                           jnp.asarray(np.minimum(r, m - 1))))
+  back = np.asarray(sampling.nonpositive_index(data, jnp.asarray(users), jnp.asarray(r)))
+  for u in range(ds.num_users):
+    pos = ds.train_items[ds.user_offsets[u]:ds.user_offsets[u + 1]]
+    nonpos = np.setdiff1d(np.arange(n), pos)
+    row = got[u * n:u * n + nonpos.size]
+    np.testing.assert_array_equal(np.sort(row), nonpos)
+    fixed = ~np.isin(np.arange(nonpos.size), pos)
+    np.testing.assert_array_equal(row[fixed], np.arange(nonpos.size)[fixed])
+    np.testing.assert_array_equal(row[back[u * n + nonpos]], nonpos)
 
 
-def test_count_positives_below_matches_numpy(varied):
+def test_nonpositive_at_is_a_bijection_onto_the_nonpositives(varied):
+  _check_bijection(varied)
+
+
+def test_rank_positives_matches_numpy_for_every_item(varied):
   data = sampling.to_device(varied)
-  users = np.repeat(np.arange(varied.num_users, dtype=np.int32), 7)
-  items = np.random.default_rng(0).integers(0, varied.num_items, users.size).astype(np.int32)
-  got = np.asarray(sampling.count_positives_below(data, jnp.asarray(users), jnp.asarray(items)))
-  want = [sum(p < i for p in _positives(varied, u)) for u, i in zip(users, items)]
-  np.testing.assert_array_equal(got, want)
+  x = np.arange(varied.num_items + 1, dtype=np.int32)
+  fn = jax.jit(lambda u: sampling.rank_positives(data, jnp.full(x.shape, u), jnp.asarray(x)))
+  for u in range(varied.num_users):
+    pos = varied.train_items[varied.user_offsets[u]:varied.user_offsets[u + 1]]
+    rank, is_pos = map(np.asarray, fn(u))
+    np.testing.assert_array_equal(rank, np.searchsorted(pos, x))
+    np.testing.assert_array_equal(is_pos, np.isin(x, pos))
+
+
+def test_wide_device_form_when_item_ids_do_not_fit_16_bits():
+  # 70,000 items: ids and counts no longer pack into 16 bits; same bijection.
+  items = {0: list(range(0, 70000, 7)), 1: [5, 69998], 2: list(range(65530, 65560)),
+           4: [0, 1, 2, 69999]}
+  ds = make_dataset(items, [3, 6, 0, 9, 69990], num_items=70000)
+  data = sampling.to_device(ds)
+  assert data.train_items.dtype == jnp.int32 and data.word_before is not None
+  _check_bijection(ds)
 
 
 def test_training_negatives_are_never_positives_and_reach_every_nonpositive(tiny_dataset):
