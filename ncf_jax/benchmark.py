@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 from ncf_jax.errors import exit_on_user_error
@@ -265,19 +266,27 @@ def sampler_section(args: Args) -> Dict[str, Any]:
   num_neg_total = num_neg * ds.num_train
   chunk = 1 << 22
 
-  # Raw draws: as many random integers as an epoch has negatives, in chunks.
+  # Training negatives as the train loop makes them: its epoch builder (every slot of an
+  # epoch, the positives' copies included, in slot order, EPOCH_CHUNK slots a call).
+  # Raw draws: as many random integers as the epoch has negatives, in calls of the same
+  # size. Best of 3 each, alternating, since the machine is shared.
+  from ncf_jax import train  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({'num_neg': num_neg})
+  build = train.make_epoch_items(config, train.make_mesh(1), ds.num_train)
+  epoch_chunk = min(pipeline.EPOCH_CHUNK, n_slots)
+
+  @jax.jit
+  def chunk_draws(i):
+    return jax.random.randint(jax.random.fold_in(key, i), (epoch_chunk,), 0, ds.num_items)
+  neg_sec = draw_sec = float('inf')
+  for _ in range(3):
+    neg_sec = min(neg_sec, _timed(build, dev, key, np.int32(0)))
+    draw_sec = min(draw_sec, _timed(
+        lambda: [chunk_draws(i) for i in range(-(-num_neg_total // epoch_chunk))]))
+
   @jax.jit
   def draws(i):
     return jax.random.randint(jax.random.fold_in(key, i), (chunk,), 0, ds.num_items)
-  draw_sec = _timed(lambda: [draws(i) for i in range(-(-num_neg_total // chunk))])
-
-  # Training negatives as the train loop makes them: every slot of an epoch (negatives
-  # and the positives' copies) in slot order, in chunks as a device builds its share.
-  @jax.jit
-  def slot_chunk(d, i):
-    return pipeline.epoch_items(d, key, 0, num_neg=num_neg, start=i * chunk, size=chunk)
-  neg_sec = _timed(lambda: [slot_chunk(dev, np.uint32(i))
-                            for i in range(-(-n_slots // chunk))])
 
   # The same sampler in the visiting order (users at random): `train_batch`'s path.
   users = jax.random.randint(jax.random.key(1), (chunk,), 0, ds.num_train)
@@ -288,12 +297,12 @@ def sampler_section(args: Args) -> Dict[str, Any]:
     counters = jnp.uint32(i) * jnp.uint32(chunk) + jnp.arange(chunk, dtype=jnp.uint32)
     return sampling.sample_negatives(d, kp, u, counters)
   rand_chunks = 4
-  rand_sec = _timed(lambda: [negatives(dev, users, i) for i in range(rand_chunks)])
-  rand_draw_sec = _timed(lambda: [draws(i) for i in range(rand_chunks)])
+  rand_sec = _timed(lambda: [negatives(dev, users, i) for i in range(rand_chunks)], repeats=3)
+  rand_draw_sec = _timed(lambda: [draws(i) for i in range(rand_chunks)], repeats=3)
 
   # The NumPy peer in both orders, on one chunk each.
   host_users = np.asarray(users)
-  slot_users = ds.train_users[np.arange(chunk) // (1 + num_neg)]
+  slot_users = ds.train_users[np.minimum(np.arange(chunk) // (1 + num_neg), ds.num_train - 1)]
   np_draw = _numpy_bisection_negatives(ds, host_users)
   np_sec = _timed(lambda: [np_draw(host_users) for _ in range(2)]) / (2 * chunk)
   np_slot_sec = _timed(lambda: [np_draw(slot_users) for _ in range(2)]) / (2 * chunk)
@@ -302,7 +311,6 @@ def sampler_section(args: Args) -> Dict[str, Any]:
   # items in slot order, then every batch reads them. And the pure per-position path.
   batch = 1 << 20
   steps = pipeline.steps_per_epoch(ds.num_train, num_neg, batch)
-  build = jax.jit(lambda d: pipeline.epoch_items(d, key, 0, num_neg=num_neg))
 
   @jax.jit
   def read_batch(d, items, step):
@@ -323,20 +331,20 @@ def sampler_section(args: Args) -> Dict[str, Any]:
     return jax.random.randint(jax.random.fold_in(key, i), (batch,), 0, ds.num_items)
 
   def run_epoch():
-    items = build(dev)
+    items = build(dev, key, np.int32(0))
     return [read_batch(dev, items, np.int32(s)) for s in range(steps)]
 
   def run_epoch_hashed():
-    items = build(dev)
+    items = build(dev, key, np.int32(0))
     chain = hashing.init()
     for s in range(steps):
       chain = read_batch_hashed(dev, items, np.int32(s), chain)
     return chain
 
-  epoch_sec = _timed(run_epoch)
-  epoch_hashed_sec = _timed(run_epoch_hashed)
+  epoch_sec = _timed(run_epoch, repeats=2)
+  epoch_hashed_sec = _timed(run_epoch_hashed, repeats=2)
   epoch_position_sec = _timed(lambda: [position_batch(dev, np.int32(s)) for s in range(steps)])
-  epoch_draw_sec = _timed(lambda: [epoch_draws(i) for i in range(steps)])
+  epoch_draw_sec = _timed(lambda: [epoch_draws(i) for i in range(steps)], repeats=2)
 
   # Eval candidates for all users, 999 each (fewer if a small --scale leaves fewer items).
   eval_neg = int(min(999, ds.num_items - ds.user_degrees().max() - 1))
@@ -385,6 +393,7 @@ def sampler_section(args: Args) -> Dict[str, Any]:
       **_backend(),
       'sampler_num_users': ds.num_users, 'sampler_num_items': ds.num_items,
       'sampler_num_train': ds.num_train,
+      'epoch_items_build_sec': neg_sec,
       'sampler_negatives_per_sec': num_neg_total / neg_sec,
       'random_draws_per_sec': num_neg_total / draw_sec,
       'sampler_vs_random_ratio': draw_sec / neg_sec,

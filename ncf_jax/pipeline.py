@@ -23,6 +23,10 @@ import numpy as np
 from ncf_jax import data as data_lib
 from ncf_jax import sampling
 
+# Slots per call when an epoch is built in slot order: small enough that the sampler's
+# temporaries stay in cache (on the 2-core CPU 2**18 ran 2x faster than 2**20).
+EPOCH_CHUNK = 1 << 18
+
 # Streams of the run key (fold_in), so that each use of randomness is independent.
 STREAM_ORDER, STREAM_TRAIN_NEG, STREAM_EVAL = 0, 1, 2
 

@@ -158,23 +158,37 @@ def make_keys(seed: int, mesh: Mesh):
 
 
 def make_epoch_items(config, mesh: Mesh, num_train: int):
-  """The compiled epoch builder: (data, data_key, epoch) -> every slot's item, replicated.
+  """The epoch builder: (data, data_key, epoch) -> every slot's item, replicated.
 
-  Each device builds its 1/ndev of the slots in slot order (`pipeline.epoch_items`); an
-  all-gather gives every device the whole epoch, which its batches then read.
+  Each device builds its 1/ndev of the slots in slot order (`pipeline.epoch_items`), in
+  calls of `pipeline.EPOCH_CHUNK` slots that write into a donated buffer; one reshard
+  then gives every device the whole epoch, which its batches read.
   """
   num_neg = int(config.num_neg)
   per = -(-pipeline.epoch_size(num_train, num_neg) // mesh.size)
+  chunk = min(pipeline.EPOCH_CHUNK, per)
+  calls = -(-per // chunk)
+  per = calls * chunk
+  sharded, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
 
-  def per_device(data, data_key, epoch):
-    start = jax.lax.axis_index(AXIS) * per
-    return pipeline.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start,
-                                size=per)
+  def fill(buf, data, data_key, epoch, call):
+    start = jax.lax.axis_index(AXIS) * per + call * chunk
+    part = pipeline.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start,
+                                size=chunk)
+    return jax.lax.dynamic_update_slice(buf, part, (call * chunk,))
 
-  # Sharded by the shard_map, replicated by the jit's output sharding: one all-gather.
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P()),
-                               out_specs=P(AXIS)),
-                 out_shardings=NamedSharding(mesh, P()))
+  fill = jax.jit(jax.shard_map(fill, mesh=mesh, in_specs=(P(AXIS), P(), P(), P(), P()),
+                               out_specs=P(AXIS)), donate_argnums=0)
+  replicate = jax.jit(lambda buf: buf, out_shardings=replicated)
+  zeros = jax.jit(lambda dtype: jnp.zeros((mesh.size * per,), dtype), static_argnums=0,
+                  out_shardings=sharded)
+
+  def build(data, data_key, epoch):
+    buf = zeros(np.dtype(data.train_items.dtype))
+    for call in range(calls):
+      buf = fill(buf, data, data_key, epoch, np.int32(call))
+    return replicate(buf)
+  return build
 
 
 def make_train_step(config, mesh: Mesh):
