@@ -24,7 +24,7 @@ device form's size over the int32 dataset (target <= 2); and a breakdown at 2**2
 (randint, our draw, one random read, the permutation, the sampler in either order) in ms.
 
 Section `train`: train-step samples/s of the MLPerf NeuMF (138,493 x 26,744 tables, batch
-generated inside the step) at batch 65,536 and 1,048,576; the fraction of the compute
+read inside the step from the epoch built on device) at batch 65,536 and 1,048,576; the fraction of the compute
 ceiling (639,744 FLOPs per sample / measured fp32 matmul FLOP/s); a per-part breakdown
 (sampling, embedding gathers, forward, forward+backward, dense Adam update); the hash's
 cost on a train step; eval users/s with 999 negatives; and NVIDIA's PyTorch NeuMF module
@@ -219,11 +219,12 @@ def _backend() -> Dict[str, Any]:
 
 
 def _numpy_bisection_negatives(dataset, users, seed=0):
-  """The peer: the same per-user bisection, vectorised in NumPy.
+  """The peer: a per-user bisection, vectorised in NumPy.
 
   This is the approach of TensorFlow's 2019 NCF pipeline: per element, bisect the user's
-  sorted positives (here their shifted values p_k - k) with NumPy array steps, then
-  return r + j. No coarse index: the plain CSR bisection.
+  sorted positives (here their shifted values p_k - k) with NumPy array steps and return
+  the r-th non-positive, r + j. Same distribution as ours (exact uniform over the
+  non-positives), another bijection from r to items.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   offsets = dataset.user_offsets.astype(np.int64)

@@ -46,7 +46,7 @@ class Dataset:
 
   Users and items are dense 0-based ids. Training positives are de-duplicated and sorted
   by (user, item); `user_offsets[u]:user_offsets[u + 1]` is user u's slice, so a sampler
-  can bisect a user's positives. `test_items[u]` is user u's held-out (latest) item and is
+  can index a user's positives. `test_items[u]` is user u's held-out (latest) item and is
   never among u's training positives.
   """
   name: str
