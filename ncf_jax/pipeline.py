@@ -48,6 +48,24 @@ def epoch_keys(key: jax.Array, epoch) -> Tuple[jax.Array, jax.Array]:
           sampling.keypair(jax.random.fold_in(ek, STREAM_TRAIN_NEG)))
 
 
+def _slot_parts(slot: jax.Array, num_neg: int) -> Tuple[jax.Array, jax.Array]:
+  """(index of the slot's positive, whether the slot is that positive itself)."""
+  return (slot // (1 + num_neg)).astype(jnp.int32), (slot % (1 + num_neg)) == 0
+
+
+def _visited_slots(data, key, epoch, step, batch_size: int, num_neg: int, start,
+                   size: Optional[int]) -> Tuple[jax.Array, jax.Array]:
+  """(slots visited at batch positions [start, start + size) of `step`, valid mask)."""
+  size = batch_size if size is None else size
+  n_slots = epoch_size(data.num_train, num_neg)
+  order_kp, _ = epoch_keys(key, epoch)
+  position = (jnp.asarray(step, jnp.uint32) * jnp.uint32(batch_size)
+              + jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32))
+  valid = position < jnp.uint32(n_slots)
+  position = jnp.where(valid, position, 0)
+  return sampling.permute(position, n_slots, sampling.round_keys(order_kp)), valid
+
+
 def train_batch(data: sampling.DeviceData, key: jax.Array, epoch, step, *,
                 batch_size: int, num_neg: int, start=0,
                 size: Optional[int] = None) -> Dict[str, jax.Array]:
@@ -67,16 +85,9 @@ def train_batch(data: sampling.DeviceData, key: jax.Array, epoch, step, *,
   Returns:
     dict of int32 `user`, `item`, float32 `label`, bool `valid` of length `size`.
   """
-  size = batch_size if size is None else size
-  n_slots = epoch_size(data.num_train, num_neg)
-  order_kp, neg_kp = epoch_keys(key, epoch)
-  position = (jnp.asarray(step, jnp.uint32) * jnp.uint32(batch_size)
-              + jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32))
-  valid = position < jnp.uint32(n_slots)
-  position = jnp.where(valid, position, 0)
-  slot = sampling.permute(position, n_slots, sampling.round_keys(order_kp))
-  k = (slot // (1 + num_neg)).astype(jnp.int32)      # which positive
-  is_pos = (slot % (1 + num_neg)) == 0
+  slot, valid = _visited_slots(data, key, epoch, step, batch_size, num_neg, start, size)
+  k, is_pos = _slot_parts(slot, num_neg)
+  _, neg_kp = epoch_keys(key, epoch)
   users = data.train_users[k]
   offsets = data.user_offsets[users]
   degrees = data.user_offsets[users + 1] - offsets
@@ -102,8 +113,7 @@ def epoch_items(data: sampling.DeviceData, key: jax.Array, epoch, *, num_neg: in
   _, neg_kp = epoch_keys(key, epoch)
   slot = jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32)
   slot = jnp.minimum(slot, jnp.uint32(max(n_slots - 1, 0)))
-  k = (slot // (1 + num_neg)).astype(jnp.int32)
-  is_pos = (slot % (1 + num_neg)) == 0
+  k, is_pos = _slot_parts(slot, num_neg)
   users = data.train_users[k]
   neg_items = sampling.sample_negatives(data, neg_kp, users, slot)
   items = jnp.where(is_pos, data.positive_items(k), neg_items)
@@ -118,16 +128,8 @@ def batch_from_items(data: sampling.DeviceData, items: jax.Array, key: jax.Array
   Identical output to `train_batch(data, key, epoch, step, ...)`; only the work differs:
   one read per sample instead of a draw and a rank query in the visiting order.
   """
-  size = batch_size if size is None else size
-  n_slots = epoch_size(data.num_train, num_neg)
-  order_kp, _ = epoch_keys(key, epoch)
-  position = (jnp.asarray(step, jnp.uint32) * jnp.uint32(batch_size)
-              + jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32))
-  valid = position < jnp.uint32(n_slots)
-  position = jnp.where(valid, position, 0)
-  slot = sampling.permute(position, n_slots, sampling.round_keys(order_kp))
-  k = (slot // (1 + num_neg)).astype(jnp.int32)
-  is_pos = (slot % (1 + num_neg)) == 0
+  slot, valid = _visited_slots(data, key, epoch, step, batch_size, num_neg, start, size)
+  k, is_pos = _slot_parts(slot, num_neg)
   return dict(user=data.train_users[k], item=items[slot].astype(jnp.int32),
               label=is_pos.astype(jnp.float32), valid=valid)
 
