@@ -33,7 +33,6 @@ CHUNK = 16         # items per bitmap word
 GROUP = 16         # chunks per occupancy mask
 NARROW_ITEMS = 1 << 16   # up to this many items, ids, counts and masks pack into 16 bits
 FEISTEL_ROUNDS = 6  # even, so the mixed-radix state returns to (Z_a, Z_b)
-_U32_MAX = 0xFFFFFFFF
 
 
 @flax.struct.dataclass
@@ -100,7 +99,8 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
   degrees = np.diff(offsets)
   users = dataset.train_users.astype(np.int64)
   items = dataset.train_items.astype(np.int64)
-  local = np.arange(n_train, dtype=np.int64) - np.repeat(offsets[:-1], degrees)
+  start_each = np.repeat(offsets[:-1], degrees)       # each positive's user's first index
+  local = np.arange(n_train, dtype=np.int64) - start_each
   gpu = groups_per_user(n_items)
 
   # Non-empty chunks, in (user, chunk) order since positives are sorted by (user, item).
@@ -136,7 +136,7 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
   cand = m_each + local
   is_hit = items >= m_each                     # positives at or above m ...
   strike = np.zeros(n_train, bool)
-  strike[(items - m_each + (np.arange(n_train) - local))[is_hit]] = True
+  strike[(items - m_each + start_each)[is_hit]] = True
   kept = np.flatnonzero(~strike)               # ... occupy exactly these candidates
   q = degrees - np.bincount(users[is_hit], minlength=n_users)   # positives below m
   q_start = np.concatenate([[0], np.cumsum(q)])[:-1]
@@ -348,7 +348,7 @@ def rank_positives(data: DeviceData, users: jax.Array, x: jax.Array,
 
 
 def nonpositive_at(data: DeviceData, users: jax.Array, r: jax.Array,
-                   offsets=None, degrees=None) -> jax.Array:
+                   offsets=None) -> jax.Array:
   """f_u(r): a bijection of [0, num_items - degree) onto the user's non-positives.
 
   r itself when r is not a training positive; the j-th positive below m is sent to the
@@ -390,7 +390,7 @@ def sample_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
     degrees = data.user_offsets[users + 1] - offsets
   bits, _ = random_words(kp, counters, stream)
   r = uniform_below(bits, (data.num_items - degrees).astype(jnp.uint32))
-  return nonpositive_at(data, users, r, offsets, degrees)
+  return nonpositive_at(data, users, r, offsets)
 
 
 def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
@@ -414,4 +414,4 @@ def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
   ranks = permute(j, m[:, None], keys).astype(jnp.int32)
   test_index = nonpositive_index(data, users, test, offsets, degrees)
   ranks = ranks + (ranks >= test_index[:, None])
-  return nonpositive_at(data, users[:, None], ranks, offsets[:, None], degrees[:, None])
+  return nonpositive_at(data, users[:, None], ranks, offsets[:, None])
