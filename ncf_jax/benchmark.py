@@ -493,6 +493,7 @@ def train_section(args: Args) -> Dict[str, Any]:
   from ncf_jax import models  # pylint: disable=g-import-not-at-top
   from ncf_jax import pipeline  # pylint: disable=g-import-not-at-top
   from ncf_jax import sampling  # pylint: disable=g-import-not-at-top
+  from ncf_jax import dispatch  # pylint: disable=g-import-not-at-top
   from ncf_jax import train  # pylint: disable=g-import-not-at-top
 
   import resource  # pylint: disable=g-import-not-at-top
@@ -521,9 +522,13 @@ def train_section(args: Args) -> Dict[str, Any]:
     items = train.make_epoch_items(config, mesh, dev.num_train)(dev, data_key, np.int32(0))
     n = (3 if batch > 100_000 else 10) if cpu else 20
 
+    in_flight = dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
+
     def run(state):
       for s in range(n):
-        state = step(state, dev, items, (data_key, dropout_key), np.int32(0), np.int32(s))
+        state, out = step(state, dev, items, (data_key, dropout_key), np.int32(0),
+                          np.int32(s))
+        in_flight.add(out['train_loss'])
       return state
     state = run(state)   # compile + warm up
     jax.block_until_ready(state)

@@ -21,7 +21,7 @@ RESUMABLE_FIELDS = (
     'num_epochs', 'hr_threshold', 'eval_every_epochs', 'log_every_steps',
     'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size', 'hash_pipeline',
     'eval_full_ranking', 'num_devices', 'dataset.data_dir', 'dataset.download',
-    'dataset.source')
+    'dataset.source', 'stall_timeout_s')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:

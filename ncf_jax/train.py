@@ -28,6 +28,7 @@ import optax
 
 from ncf_jax import checkpoint as ckpt_lib
 from ncf_jax import data as data_lib
+from ncf_jax import dispatch
 from ncf_jax import hashing
 from ncf_jax import metrics as metrics_lib
 from ncf_jax import models
@@ -100,6 +101,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   for f in ('eval_every_epochs', 'keep_checkpoints'):
     if int(config[f]) < 1:
       bad(f, config[f], 'it must be >= 1')
+  if not float(config.stall_timeout_s) >= 0:
+    bad('stall_timeout_s', config.stall_timeout_s, 'it must be >= 0 (0 disables it)')
   for f in ('log_every_steps', 'checkpoint_every_epochs'):
     if int(config[f]) < 0:
       bad(f, config[f], 'it must be >= 0')
@@ -158,11 +161,13 @@ def make_keys(seed: int, mesh: Mesh):
 
 
 def make_epoch_items(config, mesh: Mesh, num_train: int):
-  """The epoch builder: (data, data_key, epoch) -> every slot's item, replicated.
+  """The epoch builder: (data, data_key, epoch, in_flight=None) -> every slot's item.
 
   Each device builds its 1/ndev of the slots in slot order (`pipeline.epoch_items`), in
   calls of `pipeline.EPOCH_CHUNK` slots that write into a donated buffer; one reshard
-  then gives every device the whole epoch, which its batches read.
+  then gives every device the whole epoch, which its batches read. Every launch is
+  reported to `in_flight` (a `dispatch.InFlight`), so an epoch of many calls stays
+  within the CPU client's queue limit.
   """
   num_neg = int(config.num_neg)
   per = -(-pipeline.epoch_size(num_train, num_neg) // mesh.size)
@@ -175,57 +180,116 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
     start = jax.lax.axis_index(AXIS) * per + call * chunk
     part = pipeline.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start,
                                 size=chunk)
-    return jax.lax.dynamic_update_slice(buf, part, (call * chunk,))
+    # part[:1] is a small output that is not donated: what `in_flight` waits on.
+    return jax.lax.dynamic_update_slice(buf, part, (call * chunk,)), part[:1]
 
   fill = jax.jit(jax.shard_map(fill, mesh=mesh, in_specs=(P(AXIS), P(), P(), P(), P()),
-                               out_specs=P(AXIS)), donate_argnums=0)
+                               out_specs=(P(AXIS), P(AXIS))), donate_argnums=0)
   replicate = jax.jit(lambda buf: buf, out_shardings=replicated)
   zeros = jax.jit(lambda dtype: jnp.zeros((mesh.size * per,), dtype), static_argnums=0,
                   out_shardings=sharded)
 
-  def build(data, data_key, epoch):
+  def build(data, data_key, epoch, in_flight: Optional[dispatch.InFlight] = None):
+    in_flight = in_flight or dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
     buf = zeros(np.dtype(data.train_items.dtype))
     for call in range(calls):
-      buf = fill(buf, data, data_key, epoch, np.int32(call))
-    return replicate(buf)
+      buf, token = fill(buf, data, data_key, epoch, np.int32(call))
+      in_flight.add(token)
+    items = replicate(buf)
+    in_flight.add(items)
+    return items
   return build
 
 
-def make_train_step(config, mesh: Mesh):
-  """The compiled global train step: (state, data, items, keys, epoch, step) -> state.
+def _make_per_device_grads(config, ndev: int):
+  """Per-device body shared by the train step and `make_grad_step`.
 
-  `items` is the epoch's `make_epoch_items` output and `keys` is (data_key, dropout_key).
-  `step` is the batch number within `epoch`; the batch is generated on device, identical
-  to `pipeline.train_batch(data, data_key, epoch, step)`.
+  Returns f(params, apply_fn, data, items, keys, epoch, step, global_step) ->
+  (grads, local loss sum, global valid count, batch, positions). `grads` is already the
+  gradient of the global batch mean (plus the L2 term), identical on every device.
+
+  The explicit `pmean` is the one gradient all-reduce. For it to be right the parameters
+  must enter the differentiated function as per-device (varying) values: differentiating
+  the replicated parameters directly, shard_map's autodiff would already sum the
+  cotangents over `data`, and the pmean would then return ndev x the mean gradient.
   """
-  ndev = mesh.size
   batch_size, num_neg = int(config.batch_size), int(config.num_neg)
   local = batch_size // ndev
   l2 = float(config.model.l2)
-  use_hash = bool(config.hash_pipeline)
   use_dropout = float(config.model.dropout) > 0
 
-  def per_device(state: TrainState, data, items, keys, epoch, step):
+  def grads_fn(params, apply_fn, data, items, keys, epoch, step, global_step):
     data_key, dropout_key = keys
-    d = jax.lax.axis_index(AXIS)
-    start = d * local
+    start = jax.lax.axis_index(AXIS) * local
     batch = pipeline.batch_from_items(data, items, data_key, epoch, step,
                                       batch_size=batch_size, num_neg=num_neg, start=start,
                                       size=local)
+    position = start + jnp.arange(local, dtype=jnp.uint32)   # global, within the batch
     n_valid = jax.lax.psum(jnp.sum(batch['valid'], dtype=jnp.float32), AXIS)
-    rngs = {}
-    if use_dropout:
-      rngs = {'dropout': jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), d)}
 
-    def loss_fn(params):
-      logits = state.apply_fn({'params': params}, batch['user'], batch['item'],
-                              deterministic=not use_dropout, rngs=rngs)
-      local_sum = metrics_lib.bce_sum(logits, batch['label'], batch['valid'])
-      # Scaled so that pmean gives the exact global mean even with padded shards.
-      return local_sum * ndev / jnp.maximum(n_valid, 1.0) + _l2_term(params, l2), local_sum
+    def logits_fn(p):
+      if not use_dropout:
+        return apply_fn({'params': p}, batch['user'], batch['item'])
+      # One dropout key per sample, from (global step, position in the global batch):
+      # the masks do not depend on how the batch is split over devices.
+      step_key = jax.random.fold_in(dropout_key, global_step)
+      sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, position)
 
-    (_, local_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      def one(u, i, k):
+        return apply_fn({'params': p}, u[None], i[None], deterministic=False,
+                        rngs={'dropout': k})[0]
+      return jax.vmap(one)(batch['user'], batch['item'], sample_keys)
+
+    def loss_fn(p):
+      local_sum = metrics_lib.bce_sum(logits_fn(p), batch['label'], batch['valid'])
+      # Scaled so that the pmean of the gradients is that of the global batch mean, even
+      # with padded shards.
+      return local_sum * ndev / jnp.maximum(n_valid, 1.0) + _l2_term(p, l2), local_sum
+
+    varying = jax.tree.map(lambda x: jax.lax.pcast(x, AXIS, to='varying'), params)
+    (_, local_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
     grads = jax.lax.pmean(grads, AXIS)
+    return grads, local_sum, n_valid, batch, position
+  return grads_fn
+
+
+def make_grad_step(config, mesh: Mesh, apply_fn):
+  """Compiled (params, data, items, keys, epoch, step, global_step) -> gradients.
+
+  The gradients that the train step applies, for tests and diagnostics: they must equal
+  the gradient of the global batch mean whatever the device count.
+  """
+  grads_fn = _make_per_device_grads(config, mesh.size)
+
+  def per_device(params, data, items, keys, epoch, step, global_step):
+    return grads_fn(params, apply_fn, data, items, keys, epoch, step, global_step)[0]
+
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(),) * 7, out_specs=P()))
+
+
+def _hash_update(state_chain, state_first, batch, position, step):
+  """(chain, first) after folding in this batch's digest; the chain restarts at step 0."""
+  first = step == 0
+  chain = hashing.chain(jnp.where(first, hashing.init(), state_chain),
+                        hashing.batch_digest(batch, position, AXIS))
+  return chain, jnp.where(first, chain, state_first)
+
+
+def make_train_step(config, mesh: Mesh):
+  """The compiled global train step: (state, data, items, keys, epoch, step) -> (state, out).
+
+  `items` is the epoch's `make_epoch_items` output and `keys` is (data_key, dropout_key).
+  `step` is the batch number within `epoch`; the batch is generated on device, identical
+  to `pipeline.train_batch(data, data_key, epoch, step)`. `out` holds the batch's
+  `train_loss` (a small output that is not donated: the loop waits on it to bound the
+  launches in flight).
+  """
+  use_hash = bool(config.hash_pipeline)
+  grads_fn = _make_per_device_grads(config, mesh.size)
+
+  def per_device(state: TrainState, data, items, keys, epoch, step):
+    grads, local_sum, n_valid, batch, position = grads_fn(
+        state.params, state.apply_fn, data, items, keys, epoch, step, state.step)
     loss_sum = jax.lax.psum(local_sum, AXIS)
     new = state.apply_gradients(grads=grads)
     first = step == 0
@@ -235,16 +299,35 @@ def make_train_step(config, mesh: Mesh):
         loss_count=jnp.where(first, 0.0, state.loss_count) + n_valid,
         bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
     if use_hash:
-      position = start + jnp.arange(local, dtype=jnp.uint32)
-      digest = hashing.batch_digest(batch, position, AXIS)
-      chain = hashing.chain(jnp.where(first, hashing.init(), state.hash_chain), digest)
-      updates.update(hash_chain=chain,
-                     hash_first=jnp.where(first, chain, state.hash_first))
-    return new.replace(**updates)
+      updates['hash_chain'], updates['hash_first'] = _hash_update(
+          state.hash_chain, state.hash_first, batch, position, step)
+    return new.replace(**updates), {'train_loss': loss_sum / jnp.maximum(n_valid, 1.0)}
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), P()),
-                       out_specs=P())
+                       out_specs=(P(), P()))
   return jax.jit(step, donate_argnums=(0,))
+
+
+def make_hash_replay(config, mesh: Mesh):
+  """Compiled (chain, first, data, items, data_key, epoch, step) -> (chain, first).
+
+  The train step's digest update alone: a resume that turns `hash_pipeline` on mid-epoch
+  replays the epoch's earlier batches through it (batches are pure functions of the
+  epoch and step), so its digests cover the whole epoch like an uninterrupted run's.
+  """
+  batch_size, num_neg = int(config.batch_size), int(config.num_neg)
+  local = batch_size // mesh.size
+
+  def per_device(chain, first, data, items, data_key, epoch, step):
+    start = jax.lax.axis_index(AXIS) * local
+    batch = pipeline.batch_from_items(data, items, data_key, epoch, step,
+                                      batch_size=batch_size, num_neg=num_neg, start=start,
+                                      size=local)
+    return _hash_update(chain, first, batch, start + jnp.arange(local, dtype=jnp.uint32),
+                        step)
+
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(),) * 7,
+                               out_specs=(P(), P())))
 
 
 def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int):
@@ -299,12 +382,21 @@ def _full_rank(model, params, data: sampling.DeviceData, users):
   return above - above_pos
 
 
-def evaluate(eval_step, params, data, data_key, num_users: int, eval_batch_size: int):
-  """Runs all eval batches; returns host floats: hr, ndcg (+ full_*) and the digest."""
+def evaluate(eval_step, params, data, data_key, num_users: int, eval_batch_size: int,
+             in_flight: Optional[dispatch.InFlight] = None):
+  """Runs all eval batches; returns host floats: hr, ndcg (+ full_*) and the digest.
+
+  Launches are reported to `in_flight` (default: the bound for `params`' devices).
+  """
+  if in_flight is None:
+    devices = jax.tree.leaves(params)[0].sharding.device_set
+    in_flight = dispatch.InFlight(dispatch.in_flight_limit(list(devices)))
   totals = None
   for first in range(0, num_users, eval_batch_size):
     out = eval_step(params, data, data_key, np.int32(first))
+    in_flight.add(out['count'])
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    in_flight.add(totals['count'])
   # Digests are sums over (user, column) positions: independent of the eval batch size.
   chain = hashing.chain(hashing.init(), totals.pop('digest'))
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
@@ -368,9 +460,17 @@ class _Preemption:
 
 
 def resolve_seed(config) -> int:
+  """config.seed, or one drawn from os.urandom by process 0 and sent to every process.
+
+  Every process must use the same seed: the keys and the initial parameters are
+  "replicated", and nothing would notice if each process drew its own.
+  """
   if config.seed is not None:
     return int(config.seed)
   seed = int.from_bytes(os.urandom(4), 'little') & 0x7FFFFFFF
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
   logging.info('config.seed is None: drew seed %d (rerun with --config.seed=%d).', seed, seed)
   return seed
 
@@ -463,6 +563,8 @@ def _train_and_evaluate(config, workdir):
 
   history, best_hr, eval_hash = [], 0.0, None
   elapsed_before = 0.0
+  # Steps of the running epoch that state.hash_chain covers (None: it covers nothing).
+  hash_steps = None
   if latest is not None:
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             state)
@@ -471,6 +573,7 @@ def _train_and_evaluate(config, workdir):
     history, best_hr = meta['history'], meta['best_hr']
     eval_hash = meta.get('eval_hash')
     elapsed_before = meta.get('total_wall_s', 0.0)
+    hash_steps = meta.get('hash_steps')
   elif config.model.pretrained_gmf or config.model.pretrained_mlp:
     state = state.replace(params=_load_pretrained(config, state, mesh))
 
@@ -484,7 +587,8 @@ def _train_and_evaluate(config, workdir):
   def meta_now(epoch):
     return {'seed': seed, 'config': ckpt_lib.config_to_dict(config), 'epoch': epoch,
             'history': history, 'best_hr': best_hr, 'eval_hash': eval_hash,
-            'total_wall_s': elapsed_before + (time.time() - t_start)}
+            'total_wall_s': elapsed_before + (time.time() - t_start),
+            'hash_steps': hash_steps}
 
   t_start = time.time()
   start_step = int(jax.device_get(state.step))
@@ -494,21 +598,51 @@ def _train_and_evaluate(config, workdir):
                  None)
   num_epochs = int(config.num_epochs)
   preempted = False
-  with _Preemption() as preemption:
+  where = {'epoch': start_epoch, 'step': start_step - start_epoch * spe, 'saved': latest}
+
+  def stalled(idle):
+    saved = where['saved']
+    kept = (f'the last checkpoint (step {saved}) in {ckpts.directory} is intact; rerun the '
+            'same command to resume' if saved is not None else
+            'no checkpoint had been saved yet; rerun the same command to start again')
+    return (f'no training progress for {idle:.0f} s at epoch {where["epoch"]}, batch '
+            f'{where["step"]} of {spe}: a device or a multi-device collective is stalled '
+            f'(another process died or hangs, or a device is wedged). {kept}. '
+            'config.stall_timeout_s sets this limit (0 disables it).')
+
+  def save(step, epoch):
+    ckpts.save(step, state, meta_now(epoch))
+    where['saved'] = step
+    watchdog.beat()
+
+  watchdog = dispatch.Watchdog(float(config.stall_timeout_s), stalled)
+  in_flight = dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat),
+                                on_wait=watchdog.beat)
+  with _Preemption() as preemption, watchdog:
     for epoch in range(start_epoch, num_epochs):
       if reached is not None:
         break
       first_step = start_step - epoch * spe if epoch == start_epoch else 0
+      where.update(epoch=epoch, step=first_step)
       t_epoch = time.time()
-      progress = writers.progress(spe, first_step, f'epoch {epoch}', is_main)
       stopped = False   # only a SIGTERM before the epoch's last step stops it midway
-      items = build_epoch(data, data_key, np.int32(epoch))
+      items = build_epoch(data, data_key, np.int32(epoch), in_flight)
+      if config.hash_pipeline and first_step > 0 and hash_steps != first_step:
+        state = _replay_hashes(config, mesh, state, data, items, data_key, epoch,
+                               first_step, in_flight)
+      hash_steps = first_step if config.hash_pipeline else None
+      progress = writers.progress(spe, first_step, f'epoch {epoch}', is_main)
       for step in range(first_step, spe):
         if preemption.check(epoch * spe + step):
           stopped = True
           break
-        state = train_step(state, data, items, (data_key, dropout_key), np.int32(epoch),
-                           np.int32(step))
+        state, out = train_step(state, data, items, (data_key, dropout_key),
+                                np.int32(epoch), np.int32(step))
+        in_flight.add(out['train_loss'])
+        watchdog.beat()
+        where['step'] = step + 1
+        if hash_steps is not None:
+          hash_steps = step + 1
         progress.update(1)
         if config.log_every_steps and (step + 1) % config.log_every_steps == 0:
           _check_finite(state, ckpts)
@@ -518,7 +652,7 @@ def _train_and_evaluate(config, workdir):
         _check_finite(state, ckpts)
         gstep = int(jax.device_get(state.step))
         if ckpts.latest_step() != gstep:   # else: stopped right after an epoch-end save
-          ckpts.save(gstep, state, meta_now(epoch))
+          save(gstep, epoch)
         logging.info('SIGTERM: saved a checkpoint at step %d (epoch %d, batch %d of %d); '
                      'rerun the same command to resume.', gstep, epoch, gstep - epoch * spe,
                      spe)
@@ -526,6 +660,7 @@ def _train_and_evaluate(config, workdir):
         break
       _check_finite(state, ckpts)
       loss_sum, loss_count = jax.device_get((state.loss_sum, state.loss_count))
+      watchdog.beat()
       epoch_wall = time.time() - t_epoch
       record = {'epoch': epoch, 'train_loss': float(loss_sum / max(loss_count, 1.0)),
                 'train_samples_per_sec': float(loss_count) / max(epoch_wall, 1e-9)
@@ -538,7 +673,8 @@ def _train_and_evaluate(config, workdir):
         logging.info('[pipeline_hash] Batch count: %d', spe)
       if (epoch + 1) % int(config.eval_every_epochs) == 0 or epoch + 1 == num_epochs:
         result, digest = evaluate(eval_step, state.params, data, data_key,
-                                  dataset.num_users, int(config.eval_batch_size))
+                                  dataset.num_users, int(config.eval_batch_size), in_flight)
+        watchdog.beat()
         if config.hash_pipeline and eval_hash is None:
           logging.info('[pipeline_hash] Eval candidates hash: %s', digest)
         eval_hash = digest
@@ -558,7 +694,7 @@ def _train_and_evaluate(config, workdir):
       last = epoch + 1 == num_epochs or reached is not None
       every = int(config.checkpoint_every_epochs)
       if last or (every and (epoch + 1) % every == 0):
-        ckpts.save(int(jax.device_get(state.step)), state, meta_now(epoch + 1))
+        save(int(jax.device_get(state.step)), epoch + 1)
 
   phash = params_hash(state.params)
   logging.info('[params_hash] %s', phash)
@@ -585,6 +721,25 @@ def _check_finite(state: TrainState, ckpts: ckpt_lib.Checkpoints) -> None:
              if latest is not None else 'no checkpoint had been saved yet')
     raise UserError(f'the training loss became NaN or inf at global step {bad}; {where}. '
                     'Lower config.learning_rate or check the data.')
+
+
+def _replay_hashes(config, mesh, state: TrainState, data, items, data_key, epoch: int,
+                   first_step: int, in_flight: dispatch.InFlight) -> TrainState:
+  """Recomputes the digests of this epoch's batches [0, first_step) into `state`.
+
+  For a resume that turns `hash_pipeline` on mid-epoch, or whose checkpoint's digests do
+  not cover the batches before it: the logged digests then cover the whole epoch and
+  equal an uninterrupted hashed run's, instead of silently covering a part of it.
+  """
+  logging.info('[pipeline_hash] The checkpoint does not hash batches 0..%d of epoch %d; '
+               'recomputing their digests.', first_step - 1, epoch)
+  replay = make_hash_replay(config, mesh)
+  chain, first = state.hash_chain, state.hash_first
+  for step in range(first_step):
+    chain, first = replay(chain, first, data, items, data_key, np.int32(epoch),
+                          np.int32(step))
+    in_flight.add(chain)
+  return state.replace(hash_chain=chain, hash_first=first)
 
 
 def _load_pretrained(config, state: TrainState, mesh: Mesh):
@@ -656,13 +811,24 @@ def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
                              num_processes=num_processes, process_id=process_id)
 
 
-def deterministic_flags(config) -> None:
-  """With a fixed seed, ask XLA for deterministic GPU kernels (before backends start)."""
+def _add_xla_flag(name: str, value) -> None:
+  current = os.environ.get('XLA_FLAGS', '')
+  if f'--{name}=' not in current:
+    os.environ['XLA_FLAGS'] = f'{current} --{name}={value}'.strip()
+
+
+def xla_flags(config) -> None:
+  """XLA flags that must be set before the backends start.
+
+  With a fixed seed, deterministic GPU kernels. With the stall watchdog on, XLA's CPU
+  collectives wait longer than it before aborting (their default is 40 s), so that a stall
+  ends with the watchdog's one line rather than XLA's abort and C++ stack.
+  """
   if config.seed is not None:
-    flag = '--xla_gpu_deterministic_ops=true'
-    current = os.environ.get('XLA_FLAGS', '')
-    if flag not in current:
-      os.environ['XLA_FLAGS'] = (current + ' ' + flag).strip()
+    _add_xla_flag('xla_gpu_deterministic_ops', 'true')
+  if float(config.stall_timeout_s) > 0:
+    _add_xla_flag('xla_cpu_collective_call_terminate_timeout_seconds',
+                  int(float(config.stall_timeout_s)) + 60)
 
 
 @exit_on_user_error
@@ -671,7 +837,7 @@ def main(argv):
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   FLAGS = flags.FLAGS
   config = FLAGS.config
-  deterministic_flags(config)
+  xla_flags(config)
   maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
   logging.info('JAX process %d of %d, %d local devices of %d.', jax.process_index(),
