@@ -58,7 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Initialise NeuMF from a trained MLP workdir / checkpoint (NCF paper pre-training).
   config.model.pretrained_mlp = config_dict.placeholder(str)
 
-  # Seed of everything random (init, sampling, order, eval candidates); None draws and logs one.
+  # Seed of everything random (init, sampling, order, eval candidates); -1 (None in Python)
+  # draws one, logs it and records it in config.json and summary.json.
   config.seed = config_dict.FieldReference(0, field_type=int)
   # Epochs to train (an upper bound when hr_threshold is set).
   config.num_epochs = 8

@@ -49,7 +49,7 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, seed: int) 
       continue
     if now.get(k) != before.get(k):
       diffs.append(f'{k}: saved {before.get(k)!r}, now {now.get(k)!r}')
-  if config.seed is not None and int(config.seed) != int(saved['seed']):
+  if config.seed is not None and 0 <= int(config.seed) != int(saved['seed']):
     diffs.append(f'seed: saved {saved["seed"]!r}, now {config.seed!r}')
   if diffs:
     raise UserError(

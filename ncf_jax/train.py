@@ -460,19 +460,27 @@ class _Preemption:
 
 
 def resolve_seed(config) -> int:
-  """config.seed, or one drawn from os.urandom by process 0 and sent to every process.
+  """config.seed, or (None or negative) one drawn by process 0 and sent to every process.
 
   Every process must use the same seed: the keys and the initial parameters are
   "replicated", and nothing would notice if each process drew its own.
   """
-  if config.seed is not None:
-    return int(config.seed)
+  if fixed_seed(config) is not None:
+    return fixed_seed(config)
   seed = int.from_bytes(os.urandom(4), 'little') & 0x7FFFFFFF
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
-  logging.info('config.seed is None: drew seed %d (rerun with --config.seed=%d).', seed, seed)
+  logging.info('config.seed=%s: drew seed %d (rerun with --config.seed=%d).', config.seed,
+               seed, seed)
   return seed
+
+
+def fixed_seed(config) -> Optional[int]:
+  """The seed the config fixes, or None when it asks for a drawn one (None or < 0)."""
+  if config.seed is None or int(config.seed) < 0:
+    return None
+  return int(config.seed)
 
 
 def make_workdir(workdir: Optional[str]) -> str:
@@ -735,10 +743,12 @@ def _replay_hashes(config, mesh, state: TrainState, data, items, data_key, epoch
                'recomputing their digests.', first_step - 1, epoch)
   replay = make_hash_replay(config, mesh)
   chain, first = state.hash_chain, state.hash_first
+  replays = dispatch.InFlight(in_flight.limit)   # the chain goes on into the donated state
   for step in range(first_step):
     chain, first = replay(chain, first, data, items, data_key, np.int32(epoch),
                           np.int32(step))
-    in_flight.add(chain)
+    replays.add(chain)
+  jax.block_until_ready((chain, first))
   return state.replace(hash_chain=chain, hash_first=first)
 
 
@@ -824,7 +834,7 @@ def xla_flags(config) -> None:
   collectives wait longer than it before aborting (their default is 40 s), so that a stall
   ends with the watchdog's one line rather than XLA's abort and C++ stack.
   """
-  if config.seed is not None:
+  if fixed_seed(config) is not None:
     _add_xla_flag('xla_gpu_deterministic_ops', 'true')
   if float(config.stall_timeout_s) > 0:
     _add_xla_flag('xla_cpu_collective_call_terminate_timeout_seconds',

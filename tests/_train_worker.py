@@ -1,11 +1,14 @@
-"""`python -m ncf_jax.train` with every train step slowed down, for signal tests.
+"""`python -m ncf_jax.train` with every train step slowed down, for signal and stall tests.
 
   NCF_TEST_STEP_DELAY=0.05 python tests/_train_worker.py --workdir=... --config.x=...
+  NCF_TEST_STALL_AT_CALL=50 python tests/_train_worker.py ...
 
 Runs train.py's own `main` (same flags, same error handling); only `make_train_step` is
 wrapped so that each step also sleeps NCF_TEST_STEP_DELAY seconds on the host. A tiny
 epoch then lasts long enough that a test can reliably kill or SIGTERM the run mid-epoch.
-The sleep changes no value: batches depend only on (seed, epoch, step).
+The sleep changes no value: batches depend only on (seed, epoch, step). With
+NCF_TEST_STALL_AT_CALL=k the k-th step call of the process (0-based) never returns, as
+if a collective had stalled.
 """
 import os
 import sys
@@ -19,13 +22,18 @@ from ncf_jax import errors  # noqa: E402
 from ncf_jax import train  # noqa: E402
 
 _DELAY = float(os.environ.get('NCF_TEST_STEP_DELAY', '0'))
+_STALL_AT = int(os.environ.get('NCF_TEST_STALL_AT_CALL', '-1'))
 _make_train_step = train.make_train_step
 
 
 def _slow_make_train_step(config, mesh):
   step_fn = _make_train_step(config, mesh)
+  calls = [0]
 
   def slow(*args):
+    if calls[0] == _STALL_AT:
+      time.sleep(3600)
+    calls[0] += 1
     time.sleep(_DELAY)
     return step_fn(*args)
   return slow

@@ -317,3 +317,32 @@ def test_other_runtime_errors_are_not_disguised(tmp_path, data_dir, monkeypatch)
   monkeypatch.setattr(train, 'create_train_state', fail)
   with pytest.raises(jax.errors.JaxRuntimeError, match='a real bug'):
     train.train_and_evaluate(config(data_dir), str(tmp_path / 'run'))
+
+
+# ----------------------------------------------------------------------------------------
+# A stalled step (as if a collective or another host hung).
+
+def test_a_stalled_step_ends_the_command_with_one_line_and_keeps_the_checkpoint(tmp_path,
+                                                                                data_dir):
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'stalled.log')
+  # Call SPE + 10 is batch 10 of epoch 1, after epoch 0's checkpoint at step SPE.
+  cmd = h.train_cmd(workdir, data_dir, worker=True, stall_timeout_s=15)
+  proc = subprocess.run(cmd, cwd=h.REPO, env=h.env(2, NCF_TEST_STALL_AT_CALL=SPE + 10),
+                        capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  assert 'no training progress for' in errors[0]
+  assert f'epoch 1, batch 10 of {SPE}' in errors[0]
+  assert f'the last checkpoint (step {SPE})' in errors[0] and 'rerun the same command' in errors[0]
+  assert 'Traceback' not in proc.stderr and 'rendezvous' not in proc.stderr
+  assert h.checkpoint_steps(workdir) == [SPE]
+  before = h.tree_digest(os.path.join(workdir, 'checkpoints'))
+
+  # The checkpoint is intact: the same command resumes from it and finishes.
+  out = h.run(h.train_cmd(workdir, data_dir), devices=2, log=str(tmp_path / 'resumed.log'))
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert f'Resuming from checkpoint at step {SPE}' in out.stdout
+  assert h.checkpoint_steps(workdir) == [SPE, 2 * SPE, 3 * SPE]
+  after = h.tree_digest(os.path.join(workdir, 'checkpoints', str(SPE)))
+  assert after == {k[len(f'{SPE}/'):]: v for k, v in before.items()}

@@ -111,6 +111,31 @@ def test_sigterm_saves_mid_epoch_exits_zero_and_resumes_exactly(tmp_path, data_d
   h.assert_same_epochs(h.metrics(workdir), ref_metrics)
 
 
+def test_turning_the_hash_on_at_a_mid_epoch_resume_still_hashes_the_whole_epoch(
+    tmp_path, data_dir, reference):
+  """The batches before the checkpoint are replayed through the digest, so the logged
+  hashes equal an uninterrupted hashed run's instead of covering part of the epoch."""
+  _, _, ref_metrics = reference
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'unhashed.log')
+  proc = h.start(h.train_cmd(workdir, data_dir, worker=True, hash_pipeline=False, **FLAGS),
+                 log, **DELAY)
+  try:
+    h.wait_for_line(proc, log, f'epoch 1 step 10/{SPE}')
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, h.read(log)[-3000:]
+  finally:
+    h.stop(proc)
+  steps = h.checkpoint_steps(workdir)
+  assert len(steps) == 2 and SPE + 10 <= steps[1] < 2 * SPE, steps
+  assert 'pipeline_hash_all' not in h.metrics(workdir)[0]
+
+  out = h.run(h.train_cmd(workdir, data_dir, **FLAGS), log=str(tmp_path / 'resumed.log'))
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert 'recomputing their digests' in out.stdout
+  got = h.metrics(workdir)
+  h.assert_same_epochs(got[1:], ref_metrics[1:])   # epochs 1 and 2: every key, hashes too
+
+
 def test_resume_refuses_an_incompatible_config_and_allows_resumable_fields(
     tmp_path, data_dir, reference):
   workdir = str(tmp_path / 'copy')
