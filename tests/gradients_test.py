@@ -153,3 +153,17 @@ def test_dropout_masks_and_gradients_do_not_depend_on_the_device_count(dataset):
   leaf = lambda g: g['mlp_0']['kernel']
   assert not np.allclose(leaf(g1), leaf(g_off))
   assert not np.allclose(leaf(g1), leaf(g_other_step))
+
+
+def test_the_gradients_cross_devices_in_one_all_reduce(dataset):
+  config = small_config('unused')
+  mesh, _, state, data, items, keys = _setup(config, dataset, 2)
+  step = train.make_train_step(config, mesh)
+  hlo = step.lower(state, data, items, keys, np.int32(0), np.int32(0)).compile().as_text()
+  reduces = [line.split(' all-reduce')[0] for line in hlo.splitlines()
+             if ' all-reduce(' in line or ' all-reduce-start(' in line]
+  # Each parameter's shape names an output of an all-reduce exactly once (the embedding
+  # shapes are unique to their tables).
+  for shape in (f'f32[{dataset.num_users},{config.model.mf_dim}]',
+                f'f32[{dataset.num_items},{config.model.mf_dim}]'):
+    assert sum(r.count(shape) for r in reduces) == 1, (shape, reduces)
