@@ -56,7 +56,7 @@ class Dataset:
 
 # --------------------------------------------------------------------------------------
 # Preprocessing (MLPerf NCF rules, ../shared/MLPERF.md section 1, with the differences
-# documented in README: ascending-id relabelling and a deterministic tie rule).
+# documented in docs/data.md: ascending-id relabelling and a deterministic tie rule).
 
 # Bump when the preprocessing output changes for the same input: old caches are rebuilt.
 PREPROCESS_VERSION = 1
