@@ -24,23 +24,6 @@ from ncf_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticOracle:
-  """The planted preference model of a synthetic dataset.
-
-  P(item | user) = theta[user, topic[item]] * within_topic[item]; the oracle score of a
-  (user, item) pair is its log, so ranking by it is the best any model can do.
-  """
-  theta: np.ndarray         # float32 [num_users, num_topics], rows sum to 1
-  item_topic: np.ndarray    # int32 [num_items]
-  within_topic: np.ndarray  # float32 [num_items], sums to 1 within each topic
-
-  def score(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Log-probability of each (user, item) pair under the planted model."""
-    p = self.theta[users, self.item_topic[items]] * self.within_topic[items]
-    return np.log(np.maximum(p, 1e-30)).astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
 class Dataset:
   """Leave-one-out implicit-feedback dataset in CSR form.
 
@@ -56,7 +39,7 @@ class Dataset:
   train_items: np.ndarray    # int32 [num_train]
   user_offsets: np.ndarray   # int32 [num_users + 1]
   test_items: np.ndarray     # int32 [num_users]
-  oracle: Optional[SyntheticOracle] = None
+  oracle: Optional[synthetic.SyntheticOracle] = None
 
   @property
   def num_train(self) -> int:
@@ -73,7 +56,7 @@ class Dataset:
 
 # --------------------------------------------------------------------------------------
 # Preprocessing (MLPerf NCF rules, ../shared/MLPERF.md section 1, with the differences
-# documented in README: ascending-id relabelling and a deterministic tie rule).
+# documented in docs/data.md: ascending-id relabelling and a deterministic tie rule).
 
 # Bump when the preprocessing output changes for the same input: old caches are rebuilt.
 PREPROCESS_VERSION = 1
@@ -254,9 +237,9 @@ def _build_synthetic(params: Dict[str, Any], min_ratings: int) -> Dataset:
   dataset, kept = preprocess(gen.users, gen.items, gen.timestamps, name='synthetic',
                              min_ratings=min_ratings, where='synthetic data',
                              num_items=gen.num_items)
-  oracle = SyntheticOracle(theta=np.ascontiguousarray(gen.oracle.theta[kept]),
-                           item_topic=gen.oracle.item_topic,
-                           within_topic=gen.oracle.within_topic)
+  oracle = synthetic.SyntheticOracle(theta=np.ascontiguousarray(gen.oracle.theta[kept]),
+                                     item_topic=gen.oracle.item_topic,
+                                     within_topic=gen.oracle.within_topic)
   return dataclasses.replace(dataset, oracle=oracle)
 
 
@@ -296,9 +279,9 @@ def _from_arrays(arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> Dataset
   degrees = np.diff(offsets)
   oracle = None
   if 'oracle_theta' in arrays:
-    oracle = SyntheticOracle(theta=arrays['oracle_theta'],
-                             item_topic=arrays['oracle_item_topic'],
-                             within_topic=arrays['oracle_within_topic'])
+    oracle = synthetic.SyntheticOracle(theta=arrays['oracle_theta'],
+                                       item_topic=arrays['oracle_item_topic'],
+                                       within_topic=arrays['oracle_within_topic'])
   return Dataset(name=meta['name'], num_users=num_users, num_items=num_items,
                  train_users=np.repeat(np.arange(num_users, dtype=np.int32), degrees),
                  train_items=items, user_offsets=offsets, test_items=test, oracle=oracle)

@@ -46,6 +46,23 @@ _SESSION_GAP, _SESSION_LEN = 7 * 86_400, 60
 
 
 @dataclasses.dataclass(frozen=True)
+class SyntheticOracle:
+  """The planted preference model of a synthetic dataset.
+
+  P(item | user) = theta[user, topic[item]] * within_topic[item]; the oracle score of a
+  (user, item) pair is its log, so ranking by it is the best any model can do.
+  """
+  theta: np.ndarray         # float32 [num_users, num_topics], rows sum to 1
+  item_topic: np.ndarray    # int32 [num_items]
+  within_topic: np.ndarray  # float32 [num_items], sums to 1 within each topic
+
+  def score(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Log-probability of each (user, item) pair under the planted model."""
+    p = self.theta[users, self.item_topic[items]] * self.within_topic[items]
+    return np.log(np.maximum(p, 1e-30)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
 class SyntheticData:
   """Generated interactions (dense ids, sorted by (user, item)) and the planted model."""
   num_users: int
@@ -53,7 +70,7 @@ class SyntheticData:
   users: np.ndarray        # int32 [n]
   items: np.ndarray        # int32 [n]
   timestamps: np.ndarray   # int64 [n]
-  oracle: 'data.SyntheticOracle'  # over all num_users x num_items
+  oracle: SyntheticOracle  # over all num_users x num_items
 
   def __len__(self) -> int:
     return int(self.users.shape[0])
@@ -141,8 +158,7 @@ def generate(num_users: int, num_items: int, mean_interactions: float, num_topic
     timestamps[pos:pos + n] = (np.repeat(start[lo:hi], have) + session * _SESSION_GAP
                                + rng.integers(0, _SESSION_LEN, n))
     pos += n
-  from ncf_jax import data  # pylint: disable=g-import-not-at-top  (data imports this module)
-  oracle = data.SyntheticOracle(theta=theta.astype(np.float32), item_topic=item_topic,
+  oracle = SyntheticOracle(theta=theta.astype(np.float32), item_topic=item_topic,
                            within_topic=within.astype(np.float32))
   return SyntheticData(num_users, num_items, users[:pos], items[:pos], timestamps[:pos],
                        oracle)
