@@ -19,11 +19,11 @@ import numpy as np
 
 from configs import mlperf
 from ncf_jax import data
+from ncf_jax import dispatch
 from ncf_jax import metrics as metrics_lib
 from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
-from ncf_jax import dispatch
 from ncf_jax import train
 from ncf_jax.benchmark import common
 from ncf_jax.benchmark import peers
