@@ -527,14 +527,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: Optional[str]
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-  """1-D `data` mesh over every device (0) or the first `num_devices` (one process)."""
+  """1-D `data` mesh over every device (0) or the first `num_devices` (one process).
+
+  `jax.make_mesh` orders the devices by the physical topology (on TPU slices, neighbours
+  on the interconnect are neighbours in the mesh). Samples are keyed by global position,
+  not by device, so the order changes no batch.
+  """
   devices = jax.devices()
   if num_devices:
     if jax.process_count() > 1 or not 0 < num_devices <= len(devices):
       raise UserError(f'config.num_devices={num_devices} is invalid: use 0 (all) or 1..'
                       f'{len(devices)} in a single-process run.')
     devices = devices[:num_devices]
-  return Mesh(np.asarray(devices), (AXIS,))
+  return jax.make_mesh((len(devices),), (AXIS,), (jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def library_versions() -> dict:
+  """Versions that `params_hash` depends on: it reproduces only when they match."""
+  import importlib.metadata
+  out = {}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy'):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  return out
 
 
 def _train_and_evaluate(config, workdir):
@@ -714,7 +732,8 @@ def _train_and_evaluate(config, workdir):
       else reached + 1, 'seconds_to_target': None if reached is None
       else history[[h['epoch'] for h in history].index(reached)]['total_wall_s'],
       'preempted': preempted, 'num_devices': mesh.size,
-      'num_processes': jax.process_count(), 'workdir': os.path.abspath(workdir)}
+      'num_processes': jax.process_count(), 'platform': jax.devices()[0].platform,
+      'versions': library_versions(), 'workdir': os.path.abspath(workdir)}
   writer.write_summary(summary)
   writer.close()
   ckpts.close()

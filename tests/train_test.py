@@ -238,3 +238,10 @@ def test_cli_trains_and_writes_its_outputs(data_dir, tmp_path):
   for k in ('epoch', 'hr', 'ndcg', 'train_loss', 'train_samples_per_sec', 'epoch_wall_s',
             'total_wall_s'):
     assert k in record
+  # params_hash reproduces only with the same libraries: the summary names them.
+  summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+  import importlib.metadata as md
+  assert summary['versions']['jax'] == jax.__version__
+  assert summary['versions']['flax'] == md.version('flax')
+  assert summary['versions']['optax'] and summary['versions']['orbax-checkpoint']
+  assert summary['platform'] == 'cpu'
