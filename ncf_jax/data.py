@@ -270,6 +270,9 @@ def _config_values(cfg) -> Dict[str, Any]:
         'num_users': int(cfg.synthetic_num_users), 'num_items': int(cfg.synthetic_num_items),
         'mean_interactions': float(cfg.synthetic_mean_interactions),
         'num_topics': int(cfg.synthetic_num_topics), 'seed': int(cfg.synthetic_seed)}
+    noise = float(cfg.get('synthetic_noise', 0.0))
+    if noise:   # absent when 0: the caches made before the option keep their key
+      values['synthetic']['noise'] = noise
   return values
 
 
