@@ -34,6 +34,9 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   d.synthetic_num_topics = 16
   # Synthetic generator: seed of the data itself (independent of the training seed).
   d.synthetic_seed = 0
+  # Synthetic generator: share of interactions drawn uniformly from all items instead of
+  # from the planted model (label noise; with few interactions per user models overfit).
+  d.synthetic_noise = 0.0
   return d
 
 
@@ -51,8 +54,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mlp_layers = (64, 32, 16)
   # Dropout rate on the MLP hidden layers (0 = off, as in MLPerf).
   config.model.dropout = 0.0
-  # L2 penalty on the embeddings touched by a batch, added to the loss (0 = off, as in MLPerf).
+  # L2 on the embedding rows each sample reads (its user's and item's, bias rows included):
+  # l2 * their sum of squares per sample, averaged over the batch like the loss (0 = off).
   config.model.l2 = 0.0
+  # The alternative: l2_params * the sum of squares of every parameter, added once per step.
+  config.model.l2_params = 0.0
+  # Standard deviation of the normal initialisation of the embedding tables (MLPerf 0.01).
+  config.model.embed_init_std = 0.01
   # Initialise NeuMF from a trained GMF workdir / checkpoint (NCF paper pre-training).
   config.model.pretrained_gmf = config_dict.placeholder(str)
   # Initialise NeuMF from a trained MLP workdir / checkpoint (NCF paper pre-training).
@@ -67,7 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 8192
   # Users per global evaluation batch (each with 1 + eval_num_neg candidates).
   config.eval_batch_size = 1024
-  # Adam learning rate.
+  # 'adam' or 'sgd' (plain SGD: no momentum; beta1, beta2 and eps are then unused).
+  config.optimizer = 'adam'
+  # Learning rate of the optimizer.
   config.learning_rate = 0.002
   # Adam beta1.
   config.beta1 = 0.9
@@ -79,19 +89,31 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_neg = 4
   # Sampled evaluation negatives per user (MLPerf 999, NCF paper 100).
   config.eval_num_neg = 100
-  # Cut-off K of HR@K and NDCG@K.
+  # Cut-off K of HR@K, NDCG@K, MRR@K (and Recall@K with eval_full_ranking).
   config.top_k = 10
-  # Stop once eval HR@K reaches this value; None runs all epochs.
+  # Stop once the test HR@K reaches this value; None runs all epochs. Only without a
+  # validation split (MLPerf's rule); a validated run stops on early_stop_patience.
   config.hr_threshold = config_dict.placeholder(float)
+  # 'none': evaluate the test split every eval_every_epochs (MLPerf). 'leave_one_out': hold
+  # out each user's latest training interaction for validation, evaluate that, keep the
+  # best epoch's parameters and evaluate them once on the test split (docs/validation.md).
+  config.validation = 'none'
+  # Validation metric that picks the best epoch and drives early stopping: 'hr' or 'ndcg'.
+  config.select_metric = 'hr'
+  # Stop when select_metric has not improved for this many epochs; 0 = run num_epochs.
+  config.early_stop_patience = 0
   # Reproduce the MLPerf reference's eval sampling (with replacement, duplicates count once).
   config.match_mlperf = False
   # Hash every training batch and the eval candidates on device and log the digests.
   config.hash_pipeline = False
-  # Also rank each test item against all items the user has not interacted with.
+  # Also rank each held-out item against all items that are candidates for it (full_*).
   config.eval_full_ranking = False
+  # Full ranking scores this many items per user at a time (memory, not results).
+  config.full_ranking_chunk = 256
   # Compute dtype of the model ('float32' or 'bfloat16'); parameters stay float32.
   config.dtype = 'float32'
-  # Evaluate every this many epochs (and always after the last).
+  # Evaluate (the test split, or the validation split) every this many epochs and after
+  # the last.
   config.eval_every_epochs = 1
   # Log a train line every this many steps (0 = only per epoch).
   config.log_every_steps = 0

@@ -281,13 +281,20 @@ def point_result(point: Point) -> Dict[str, Any]:
   else:
     status = 'not run'
   final = summary.get('final') or (history[-1] if history else {})
+
+  def max_over_epochs(key):
+    if summary:
+      return summary.get(f'test_{key}_max_over_epochs')
+    return max([r[key] for r in history if r.get(key) is not None], default=None)
   return {
       'name': point.name, 'overrides': point.overrides, 'status': status,
       'epochs_done': summary.get('epochs_done', len(history) or None),
-      'best_hr': summary.get('best_hr') if summary else
-      max([r['hr'] for r in history if r.get('hr') is not None], default=None),
-      'best_ndcg': summary.get('best_ndcg') if summary else
-      max([r['ndcg'] for r in history if r.get('ndcg') is not None], default=None),
+      # The selected epoch (validation runs), its validation HR and the run's test HR.
+      'best_epoch': summary.get('best_epoch'), 'valid_hr': summary.get('valid_hr'),
+      'test_hr': summary.get('test_hr'),
+      # The test maximum over epochs (runs without validation): not a selected result.
+      'test_hr_max_over_epochs': max_over_epochs('hr'),
+      'test_ndcg_max_over_epochs': max_over_epochs('ndcg'),
       'final_hr': final.get('hr'), 'epochs_to_target': summary.get('epochs_to_target'),
       'seconds_to_target': summary.get('seconds_to_target'),
       'samples_per_sec': steady_samples_per_sec(history),
@@ -434,8 +441,7 @@ def run_points(points: Sequence[Point], envs: Sequence[Dict[str, str]]) -> bool:
         summary = read_summary(point.workdir) or {}
         if proc.returncode == 0 and not summary.get('preempted'):
           _say(f'[{i + 1}/{total}] {point.name}: done in {point.seconds:.1f} s, '
-               f'best HR {summary.get("best_hr", float("nan")):.4f} after '
-               f'{summary.get("epochs_done")} epochs')
+               f'{result_line(summary)} after {summary.get("epochs_done")} epochs')
         elif proc.returncode == 0:
           _say(f'[{i + 1}/{total}] {point.name}: stopped, checkpoint saved')
         else:
@@ -445,6 +451,15 @@ def run_points(points: Sequence[Point], envs: Sequence[Dict[str, str]]) -> bool:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
   return not stop['signals']
+
+
+def result_line(summary: dict) -> str:
+  """What a finished run reports: its selected test HR, or the test maximum over epochs."""
+  if summary.get('best_epoch') is not None:
+    return (f'test HR {summary.get("test_hr") or float("nan"):.4f} (epoch '
+            f'{summary["best_epoch"]}, selected on validation)')
+  value = summary.get('test_hr_max_over_epochs')
+  return f'max test HR over epochs {float("nan") if value is None else value:.4f}'
 
 
 def prepare_envs(parallel: int) -> List[Dict[str, str]]:
@@ -502,7 +517,8 @@ def write_results(points: Sequence[Point], workdir: str, *, title: str,
   keys = []
   for p in points:
     keys += [k for k in p.overrides if k not in keys]
-  columns = ['epochs_done', 'best_hr', 'best_ndcg', 'final_hr', 'epochs_to_target',
+  columns = ['epochs_done', 'best_epoch', 'valid_hr', 'test_hr', 'test_hr_max_over_epochs',
+             'test_ndcg_max_over_epochs', 'final_hr', 'epochs_to_target',
              'seconds_to_target', 'samples_per_sec', 'params_hash', 'status']
   with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
     writer = csv.writer(f)
@@ -514,15 +530,23 @@ def write_results(points: Sequence[Point], workdir: str, *, title: str,
 
   config = points[0].config
   top_k = int(config.top_k)
+  validated = config.validation != 'none'
   shown = varying_keys(points)
-  header = [k[len(PREFIX):] for k in shown] + [
-      f'best HR@{top_k}', f'best NDCG@{top_k}', 'epochs', 'epochs to target',
-      's to target', 'train samples/s', 'status']
+  # A validated sweep reports each point's selected epoch and its test HR; otherwise the
+  # test maximum over epochs, named so that nobody takes it for a selected result.
+  metric_header, metric_cells = (
+      (['best epoch', f'valid HR@{top_k}', f'test HR@{top_k}'],
+       lambda r: [fmt(r['best_epoch'], ''), fmt(r['valid_hr'], 'metric'),
+                  fmt(r['test_hr'], 'metric')]) if validated else
+      ([f'max test HR@{top_k} over epochs', f'max test NDCG@{top_k} over epochs'],
+       lambda r: [fmt(r['test_hr_max_over_epochs'], 'metric'),
+                  fmt(r['test_ndcg_max_over_epochs'], 'metric')]))
+  header = [k[len(PREFIX):] for k in shown] + metric_header + [
+      'epochs', 'epochs to target', 's to target', 'train samples/s', 'status']
   rows = []
   for r in results:
     rows.append([_name_value(r['overrides'][k]) if k in r['overrides'] else DASH
-                 for k in shown] + [
-        fmt(r['best_hr'], 'metric'), fmt(r['best_ndcg'], 'metric'),
+                 for k in shown] + metric_cells(r) + [
         fmt(r['epochs_done'], ''), fmt(r['epochs_to_target'], ''),
         fmt(r['seconds_to_target'], 'seconds'), fmt(r['samples_per_sec'], 'rate'),
         r['status']])
@@ -546,7 +570,8 @@ def write_results(points: Sequence[Point], workdir: str, *, title: str,
     label = ', '.join(f'{k[len(PREFIX):]}={_name_value(r["overrides"][k])}'
                       for k in shown if k in r['overrides']) or r['name']
     epochs = [h['epoch'] + 1 for h in r['history']]
-    curves.append((label, epochs, [h.get('hr') for h in r['history']],
+    curves.append((label, epochs, [h.get('valid_hr' if validated else 'hr')
+                                   for h in r['history']],
                    [h.get('train_loss') for h in r['history']]))
   # Colour by every varying key but the last (e.g. the learning rate), line style by the
   # last (e.g. the seed), so that the repeats of a setting share a colour.

@@ -1,9 +1,13 @@
-"""Checkpoints in WORKDIR/checkpoints via orbax: atomic, last N kept, config-checked resume.
+"""Checkpoints via orbax: atomic, last N kept, config-checked resume, the best epoch kept.
 
-A checkpoint holds the whole TrainState (params, Adam state, global step, the epoch's
-running loss and pipeline-hash accumulators) and, as JSON, the run's seed, config,
-per-epoch metrics and best HR. orbax writes to a temporary directory and renames it when
-complete, so a kill during a save leaves the previous checkpoint intact.
+A checkpoint holds the whole TrainState (params, optimizer state, global step, the epoch's
+running loss and pipeline-hash accumulators) and, as JSON, the run's seed, config and
+per-epoch metrics. orbax writes to a temporary directory and renames it when complete, so
+a kill during a save leaves the previous checkpoint intact.
+
+WORKDIR/checkpoints holds the latest `keep_checkpoints` (what a resume restores). A run
+with a validation split also keeps WORKDIR/best_checkpoint: the state of its best epoch
+so far, saved with its validation metric; orbax's `best_fn` keeps that one alone.
 """
 import errno
 import json
@@ -20,8 +24,11 @@ from ncf_jax.errors import UserError
 RESUMABLE_FIELDS = (
     'num_epochs', 'hr_threshold', 'eval_every_epochs', 'log_every_steps',
     'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size', 'hash_pipeline',
-    'eval_full_ranking', 'num_devices', 'dataset.data_dir', 'dataset.download',
-    'dataset.source', 'stall_timeout_s')
+    'eval_full_ranking', 'full_ranking_chunk', 'early_stop_patience', 'num_devices',
+    'dataset.data_dir', 'dataset.download', 'dataset.source', 'stall_timeout_s')
+
+# Folders under the workdir: the latest checkpoints, and the best epoch's.
+LATEST_DIR, BEST_DIR = 'checkpoints', 'best_checkpoint'
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
@@ -86,20 +93,31 @@ def _save_failure_detail(error: BaseException, directory: str) -> str:
 
 
 class Checkpoints:
-  """The checkpoints of one workdir."""
+  """The checkpoints of one workdir: the latest ones, or (`best_metric`) the best one."""
 
-  def __init__(self, workdir: str, keep: int, read_only: bool = False):
+  def __init__(self, workdir: str, keep: int, read_only: bool = False,
+               best_metric: Optional[str] = None):
     """`read_only` (evaluation, pretrained weights): never saves, deletes or cleans up, so
-    it is safe while a train command is writing to the same workdir."""
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    it is safe while a train command is writing to the same workdir.
+
+    With `best_metric` (a key of the metrics passed to `save`), this is the workdir's
+    best checkpoint: orbax keeps the one checkpoint with the highest value of it.
+    """
+    self.directory = os.path.abspath(
+        os.path.join(workdir, BEST_DIR if best_metric else LATEST_DIR))
+    best = {}
+    if best_metric:
+      best = dict(best_fn=lambda metrics: metrics[best_metric], best_mode='max',
+                  keep_checkpoints_without_metrics=False)
+      keep = 1
     if read_only:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=None, save_interval_steps=0, create=False, read_only=True,
-          enable_async_checkpointing=False)
+          enable_async_checkpointing=False, **best)
     else:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=False,
-          cleanup_tmp_directories=True)
+          cleanup_tmp_directories=True, **best)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
     # The cleanup of unfinished saves runs in a thread; finish it now (milliseconds), or a
@@ -114,11 +132,26 @@ class Checkpoints:
   def all_steps(self):
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict) -> None:
+  def best_step(self) -> Optional[int]:
+    """The step with the highest `best_metric` (a best checkpoint's only one)."""
+    return self.manager.best_step()
+
+  def delete_after(self, step: Optional[int]) -> None:
+    """Deletes the checkpoints after global step `step` (all of them for None).
+
+    A run killed between saving its best and its latest checkpoint leaves a best one
+    from an epoch that the resumed run trains again; it is saved again then.
+    """
+    for s in self.all_steps():
+      if step is None or s > step:
+        self.manager.delete(s)
+
+  def save(self, step: int, state: Any, meta: dict, metrics: Optional[dict] = None) -> None:
     """Saves synchronously; a failure leaves earlier checkpoints as they were."""
     try:
       self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                        metrics=metrics, force=True)
       self.manager.wait_until_finished()
     except (OSError, ValueError) as e:   # tensorstore reports I/O errors as ValueError
       detail = _save_failure_detail(e, self.directory)

@@ -30,7 +30,10 @@ class Dataset:
   Users and items are dense 0-based ids. Training positives are de-duplicated and sorted
   by (user, item); `user_offsets[u]:user_offsets[u + 1]` is user u's slice, so a sampler
   can index a user's positives. `test_items[u]` is user u's held-out (latest) item and is
-  never among u's training positives.
+  never among u's training positives. With a validation split (`validation=
+  'leave_one_out'`), `valid_items[u]` is u's latest interaction before the test one; it
+  differs from the test item and is never among u's training positives. Otherwise it is
+  None.
   """
   name: str
   num_users: int
@@ -39,6 +42,7 @@ class Dataset:
   train_items: np.ndarray    # int32 [num_train]
   user_offsets: np.ndarray   # int32 [num_users + 1]
   test_items: np.ndarray     # int32 [num_users]
+  valid_items: Optional[np.ndarray] = None   # int32 [num_users], or None: no validation
   oracle: Optional[synthetic.SyntheticOracle] = None
 
   @property
@@ -62,6 +66,9 @@ class Dataset:
 PREPROCESS_VERSION = 1
 NAMES = ('synthetic',) + movielens.NAMES
 SOURCES = ('grouplens', 'tfds')
+# config.validation: no validation split (MLPerf), or the latest training interaction of
+# each user held out as its validation item.
+VALIDATIONS = ('none', 'leave_one_out')
 # Raw ids up to this bound (or 4x the rows) use an O(n) presence table; larger ones sort.
 _TABLE_IDS = 1 << 24
 
@@ -84,17 +91,50 @@ def _factorize(raw: np.ndarray):
   return codes, ordered[first]
 
 
+def _latest_rows(ucode: np.ndarray, timestamps: np.ndarray, num_users: int,
+                 eligible: Optional[np.ndarray] = None) -> np.ndarray:
+  """Per user, the input position of its latest eligible row; -1 for a user without one.
+
+  Among rows tied at the latest timestamp the last one in the input wins: the maximum of
+  (timestamp, position) as one int64 key.
+  """
+  n = int(ucode.shape[0])
+  tmin = int(timestamps.min())
+  span = int(timestamps.max()) - tmin + 1
+  if span * n < 2**62:
+    key = timestamps.astype(np.int64, copy=False) - tmin  # then in place: one temporary
+    key *= n
+    key += np.arange(n, dtype=np.int64)
+    if eligible is not None:
+      key[~eligible] = -1
+    best = np.full(num_users, -1, np.int64)
+    np.maximum.at(best, ucode, key)
+    del key
+    return np.where(best >= 0, best % n, -1)
+  # Huge timestamp range: a lexicographic sort instead.
+  rows = np.arange(n) if eligible is None else np.flatnonzero(eligible)
+  order = rows[np.lexsort((rows, timestamps[rows], ucode[rows]))]
+  u = ucode[order]
+  last = np.r_[u[1:] != u[:-1], True] if order.size else np.zeros(0, bool)
+  out = np.full(num_users, -1, np.int64)
+  out[u[last]] = order[last]
+  return out
+
+
 def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
                name: str, min_ratings: int, where: str,
-               num_items: Optional[int] = None) -> Tuple[Dataset, np.ndarray]:
+               num_items: Optional[int] = None,
+               validation: str = 'none') -> Tuple[Dataset, np.ndarray]:
   """MLPerf NCF preprocessing of raw interactions given in file order.
 
   Every row is a positive. Users with fewer than `min_ratings` rows are dropped; users and
   items get dense 0-based ids in ascending raw-id order. Per user the row with the latest
   timestamp is the test item; among rows tied at that timestamp the last one in the input
-  wins. All other rows are training positives, de-duplicated, without the user's test
-  pair, sorted by (user, item) with CSR offsets. Vectorized, O(n) apart from one sort of
-  int64 (user, item) keys (linear when the input is already in that order, as ml-20m is).
+  wins. With `validation='leave_one_out'` the latest of the user's remaining rows whose
+  item is not the test item (same tie rule) is its validation item. All other rows are
+  training positives, de-duplicated, without the user's held-out pairs, sorted by
+  (user, item) with CSR offsets. Vectorized, O(n) apart from one sort of int64
+  (user, item) keys (linear when the input is already in that order, as ml-20m is).
 
   Args:
     users, items: raw non-negative ids, one per rating, in file order.
@@ -104,13 +144,14 @@ def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
     where: the source (file name) for error messages.
     num_items: when given, `items` are already dense ids in [0, num_items) and kept as is
       (the synthetic generator's catalogue, items without interactions included).
+    validation: 'none' or 'leave_one_out' (VALIDATIONS).
 
   Returns:
     (dataset, kept_raw_users): the Dataset and, for dense user u, its raw id.
 
   Raises:
-    UserError: no rating, no user left after the filter, or a user without any training
-      positive (names the raw user id).
+    UserError: no rating, no user left after the filter, or a user without a validation
+      item or any training positive (names the raw user id).
   """
   n = int(users.shape[0])
   if n == 0:
@@ -133,50 +174,54 @@ def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
   else:
     icode = items.astype(np.int32, copy=False)
 
-  # Test row per user: max of (timestamp, position) as one int64 key, so the last of the
-  # rows tied at the latest timestamp wins (position = order in the input).
-  tmin = int(timestamps.min())
-  span = int(timestamps.max()) - tmin + 1
-  if span * n < 2**62:
-    key = timestamps.astype(np.int64, copy=False) - tmin  # then in place: one temporary
-    key *= n
-    key += np.arange(n, dtype=np.int64)
-    best = np.full(num_users, -1, np.int64)
-    np.maximum.at(best, ucode, key)
-    del key
-    test_pos = best % n
-  else:  # huge timestamp range: fall back to a lexicographic sort
-    order = np.lexsort((np.arange(n), timestamps, ucode))
-    last = np.concatenate([np.flatnonzero(np.diff(ucode[order])), [n - 1]])
-    test_pos = order[last]
+  held_out = 2 if validation == 'leave_one_out' else 1
+  hint = (f'Use --config.dataset.min_ratings={held_out + 1} or more (MLPerf: 20).')
+  test_pos = _latest_rows(ucode, timestamps, num_users)
   test_items = icode[test_pos]
+  held_rows = [test_pos]
+  valid_items = None
+  if validation == 'leave_one_out':
+    eligible = icode != test_items[ucode]   # the test row, and repeats of its item, are out
+    valid_pos = _latest_rows(ucode, timestamps, num_users, eligible)
+    del eligible
+    if (valid_pos < 0).any():
+      u = int(np.argmax(valid_pos < 0))
+      raise UserError(
+          f'{where}: user {int(uraw[u])} has no rating left for validation after holding '
+          f'out its latest one as the test item (config.validation=leave_one_out needs two '
+          f'distinct items and a training positive per user). {hint}')
+    valid_items = icode[valid_pos]
+    held_rows.append(valid_pos)
 
   # Training positives: all other rows, as sorted unique (user, item) keys.
-  is_test = np.zeros(n, bool)
-  is_test[test_pos] = True
+  is_held = np.zeros(n, bool)
+  for pos in held_rows:
+    is_held[pos] = True
   train = ucode.astype(np.int64)
   train *= num_items
   train += icode
-  train = train[~is_test]
-  del is_test
+  train = train[~is_held]
+  del is_held
   train.sort(kind='stable')  # timsort: linear on already ordered input
   train_users = train // num_items
   keep_row = np.empty(train.shape[0], bool)
   keep_row[:1] = True
   np.not_equal(train[1:], train[:-1], out=keep_row[1:])
-  keep_row &= train != (np.arange(num_users, dtype=np.int64) * num_items + test_items)[
-      train_users]
+  user_base = np.arange(num_users, dtype=np.int64) * num_items
+  for held in (test_items, valid_items):   # a repeat of a held-out pair is not training
+    if held is not None:
+      keep_row &= train != (user_base + held)[train_users]
   train_items = (train - train_users * num_items)[keep_row].astype(np.int32)
   train_users = train_users[keep_row].astype(np.int32)
   del train, keep_row
   degrees = np.bincount(train_users, minlength=num_users)
   if not degrees.all():
     u = int(np.argmin(degrees))
+    what = 'its latest rating' if held_out == 1 else 'its two latest items'
     raise UserError(
-        f'{where}: user {int(uraw[u])} has no training positive left after holding out its '
-        f'latest rating (it rated {int(np.count_nonzero(ucode == u))} time(s), '
-        f'min_ratings={min_ratings}). Use --config.dataset.min_ratings=2 or more '
-        '(MLPerf: 20).')
+        f'{where}: user {int(uraw[u])} has no training positive left after holding out '
+        f'{what} (it rated {int(np.count_nonzero(ucode == u))} time(s), '
+        f'min_ratings={min_ratings}). {hint}')
   offsets = np.zeros(num_users + 1, np.int64)
   np.cumsum(degrees, out=offsets[1:])
   if offsets[-1] >= 2**31:
@@ -184,7 +229,8 @@ def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
   dataset = Dataset(name=name, num_users=num_users, num_items=int(num_items),
                     train_users=train_users, train_items=train_items,
                     user_offsets=offsets.astype(np.int32),
-                    test_items=test_items.astype(np.int32))
+                    test_items=test_items.astype(np.int32),
+                    valid_items=None if valid_items is None else valid_items.astype(np.int32))
   return dataset, uraw
 
 
@@ -224,6 +270,9 @@ def _config_values(cfg) -> Dict[str, Any]:
         'num_users': int(cfg.synthetic_num_users), 'num_items': int(cfg.synthetic_num_items),
         'mean_interactions': float(cfg.synthetic_mean_interactions),
         'num_topics': int(cfg.synthetic_num_topics), 'seed': int(cfg.synthetic_seed)}
+    noise = float(cfg.get('synthetic_noise', 0.0))
+    if noise:   # absent when 0: the caches made before the option keep their key
+      values['synthetic']['noise'] = noise
   return values
 
 
@@ -232,35 +281,41 @@ def cache_dir(data_dir: str) -> str:
   return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), 'processed')
 
 
-def _build_synthetic(params: Dict[str, Any], min_ratings: int) -> Dataset:
+def _build_synthetic(params: Dict[str, Any], min_ratings: int, validation: str) -> Dataset:
   gen = synthetic.generate(**params)
   dataset, kept = preprocess(gen.users, gen.items, gen.timestamps, name='synthetic',
                              min_ratings=min_ratings, where='synthetic data',
-                             num_items=gen.num_items)
+                             num_items=gen.num_items, validation=validation)
   oracle = synthetic.SyntheticOracle(theta=np.ascontiguousarray(gen.oracle.theta[kept]),
                                      item_topic=gen.oracle.item_topic,
                                      within_topic=gen.oracle.within_topic)
   return dataclasses.replace(dataset, oracle=oracle)
 
 
-def _build_movielens(ratings: 'movielens.Ratings', name: str, min_ratings: int) -> Dataset:
+def _build_movielens(ratings: 'movielens.Ratings', name: str, min_ratings: int,
+                     validation: str) -> Dataset:
   movielens.check_known_sizes(name, ratings.where, num_ratings=len(ratings))
   dataset, _ = preprocess(ratings.users, ratings.items, ratings.timestamps, name=name,
-                          min_ratings=min_ratings, where=ratings.where)
+                          min_ratings=min_ratings, where=ratings.where,
+                          validation=validation)
   if min_ratings <= 20:  # the published counts are after the (no-op) MLPerf filter
     movielens.check_known_sizes(name, ratings.where, num_users=dataset.num_users,
                                 num_items=dataset.num_items)
   return dataset
 
 
-def build_grouplens(source: 'movielens.Source', min_ratings: int) -> Dataset:
+def build_grouplens(source: 'movielens.Source', min_ratings: int,
+                    validation: str = 'none') -> Dataset:
   """Parses and preprocesses a located GroupLens file (no cache)."""
-  return _build_movielens(movielens.read_ratings(source), source.name, min_ratings)
+  return _build_movielens(movielens.read_ratings(source), source.name, min_ratings,
+                          validation)
 
 
 def _to_arrays(dataset: Dataset) -> Dict[str, np.ndarray]:
   arrays = {'train_items': dataset.train_items, 'user_offsets': dataset.user_offsets,
             'test_items': dataset.test_items}
+  if dataset.valid_items is not None:
+    arrays['valid_items'] = dataset.valid_items
   if dataset.oracle is not None:
     arrays.update(oracle_theta=dataset.oracle.theta,
                   oracle_item_topic=dataset.oracle.item_topic,
@@ -271,10 +326,11 @@ def _to_arrays(dataset: Dataset) -> Dict[str, np.ndarray]:
 def _from_arrays(arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> Dataset:
   num_users, num_items = int(meta['num_users']), int(meta['num_items'])
   offsets, items = arrays['user_offsets'], arrays['train_items']
-  test = arrays['test_items']
+  test, valid = arrays['test_items'], arrays.get('valid_items')
   if (offsets.dtype != np.int32 or items.dtype != np.int32 or test.dtype != np.int32
       or offsets.shape != (num_users + 1,) or test.shape != (num_users,)
-      or int(offsets[-1]) != items.shape[0]):
+      or int(offsets[-1]) != items.shape[0]
+      or (valid is not None and (valid.dtype != np.int32 or valid.shape != (num_users,)))):
     raise cache.CacheError('arrays do not match the header counts')
   degrees = np.diff(offsets)
   oracle = None
@@ -284,7 +340,8 @@ def _from_arrays(arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> Dataset
                                        within_topic=arrays['oracle_within_topic'])
   return Dataset(name=meta['name'], num_users=num_users, num_items=num_items,
                  train_users=np.repeat(np.arange(num_users, dtype=np.int32), degrees),
-                 train_items=items, user_offsets=offsets, test_items=test, oracle=oracle)
+                 train_items=items, user_offsets=offsets, test_items=test, valid_items=valid,
+                 oracle=oracle)
 
 
 def _try_cache(path: str, params: Dict[str, Any], source_id: str) -> Optional[Dataset]:
@@ -303,14 +360,16 @@ def _try_cache(path: str, params: Dict[str, Any], source_id: str) -> Optional[Da
     return None
 
 
-def prepare(dataset_config, *, force: bool = False) -> Prepared:
+def prepare(dataset_config, *, force: bool = False, validation: str = 'none') -> Prepared:
   """Loads the processed dataset from its cache under data_dir, building it if needed.
 
   The cache file is `<data_dir>/processed/<name>-<key>.ncfcache`, key = hash of the
   preprocessing parameters (name, source kind, min_ratings, PREPROCESS_VERSION, synthetic
-  generator parameters and version). Its header also records the source's identity
-  (content SHA-256 of the GroupLens file or zip, memoised by (path, size, mtime_ns) in
-  processed/source_hashes.json; the TFDS name, version and size; the generator version);
+  generator parameters and version, and the validation split unless it is 'none', so
+  that caches built before the split existed keep their key). Its header also records the
+  source's identity (content SHA-256 of the GroupLens file or zip, memoised by (path,
+  size, mtime_ns) in processed/source_hashes.json; the TFDS name, version and size; the
+  generator version);
   a cache from another source, of another format version, truncated or failing its
   checksum is rebuilt (one warning line). Writes are atomic, so concurrent prepares are
   safe and a failed build never touches an existing cache.
@@ -318,30 +377,37 @@ def prepare(dataset_config, *, force: bool = False) -> Prepared:
   Args:
     dataset_config: the `config.dataset` block (see configs/default.py).
     force: rebuild even when a valid cache exists.
+    validation: `config.validation`, one of VALIDATIONS.
 
   Raises:
     UserError: bad config, missing or malformed data (one message saying what to do).
   """
   v = _config_values(dataset_config)
+  if validation not in VALIDATIONS:
+    raise UserError(f'config.validation={validation!r} is invalid: use one of '
+                    f'{", ".join(VALIDATIONS)}.')
   name, data_dir, min_ratings = v['name'], v['data_dir'], v['min_ratings']
   params = {'name': name, 'min_ratings': min_ratings,
             'preprocess_version': PREPROCESS_VERSION}
+  if validation != 'none':
+    params['validation'] = validation
   if name == 'synthetic':
     params.update(source='synthetic', generator=v['synthetic'],
                   generator_version=synthetic.GENERATOR_VERSION)
     source_id = f'synthetic-generator-v{synthetic.GENERATOR_VERSION}'
-    build = lambda: _build_synthetic(v['synthetic'], min_ratings)
+    build = lambda: _build_synthetic(v['synthetic'], min_ratings, validation)
   elif v['source'] == 'grouplens':
     params['source'] = 'grouplens'
     src = movielens.locate(name, data_dir, download=v['download'])
     source_id = cache.content_hash(src.path,
                                    os.path.join(cache_dir(data_dir), 'source_hashes.json'))
-    build = lambda: build_grouplens(src, min_ratings)
+    build = lambda: build_grouplens(src, min_ratings, validation)
   else:
     params['source'] = 'tfds'
     ds = movielens.open_tfds(name, os.path.join(data_dir, 'tfds'), v['download'])
     source_id = movielens.tfds_identity(ds, name)
-    build = lambda: _build_movielens(movielens.read_tfds(ds, name), name, min_ratings)
+    build = lambda: _build_movielens(movielens.read_tfds(ds, name), name, min_ratings,
+                                     validation)
   key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
   path = os.path.join(cache_dir(data_dir), f'{name}-{key}.ncfcache')
 
@@ -365,9 +431,10 @@ def prepare(dataset_config, *, force: bool = False) -> Prepared:
   return Prepared(dataset, path, built=True)
 
 
-def load(dataset_config) -> Dataset:
+def load(dataset_config, validation: str = 'none') -> Dataset:
   """The processed dataset of `config.dataset`: from its cache, or built (and cached).
 
-  This is what training calls. See `prepare` for the cache and `Dataset` for the fields.
+  This is what training calls, with `validation=config.validation`. See `prepare` for the
+  cache and `Dataset` for the fields.
   """
-  return prepare(dataset_config).dataset
+  return prepare(dataset_config, validation=validation).dataset

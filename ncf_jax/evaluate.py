@@ -9,6 +9,7 @@ and the metrics are train.py's. Prints one readable line, then one JSON line for
   python -m ncf_jax.evaluate --workdir=runs/neumf            # latest checkpoint
   python -m ncf_jax.evaluate --workdir=runs/neumf --step=4000
   python -m ncf_jax.evaluate --workdir=runs/neumf --data_dir=/data/ncf   # data moved
+  python -m ncf_jax.evaluate --workdir=runs/ncf_paper --best --split=valid   # selected epoch
 
 Read-only: safe to run while a train command is still writing to the same workdir.
 """
@@ -26,6 +27,7 @@ import ml_collections
 from ncf_jax import checkpoint as ckpt_lib
 from ncf_jax import data as data_lib
 from ncf_jax import models
+from ncf_jax import pipeline
 from ncf_jax import sampling
 from ncf_jax import train
 from ncf_jax import writers
@@ -46,17 +48,21 @@ def _find_step(ckpts: ckpt_lib.Checkpoints, workdir: str, step: Optional[int]) -
 
 
 def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
-                        data_dir: Optional[str] = None) -> dict:
-  """HR/NDCG of the checkpoint at `step` (default: the latest) of a train workdir.
+                        data_dir: Optional[str] = None, split: str = 'test',
+                        best: bool = False) -> dict:
+  """HR/NDCG/MRR of the checkpoint at `step` (default: the latest) of a train workdir.
 
   Args:
     workdir: the `--workdir` of a train command.
     step: global step of a saved checkpoint; None for the latest.
     data_dir: where the dataset is now, when it moved since training (default: the saved
       config.dataset.data_dir).
+    split: 'test' or, for a run with a validation split, 'valid'.
+    best: evaluate the run's best checkpoint (its selected epoch; validation runs only)
+      instead of one of its latest.
   Returns:
-    dict with workdir, step, epoch, top_k, hr, ndcg (full_hr, full_ndcg with
-    eval_full_ranking), num_users, eval_candidates_hash, seed.
+    dict with workdir, step, epoch, split, top_k, hr, ndcg, mrr (full_* with
+    eval_full_ranking), num_users, eval_candidates_hash (of the split's candidates), seed.
   Raises:
     UserError: no such workdir, no checkpoint, unknown step, data that does not match.
   """
@@ -68,21 +74,37 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise UserError(f'{workdir!r} has no checkpoints folder: it is not the workdir of a '
                     f'train command, or no checkpoint was saved yet.')
+  if split not in pipeline.SPLITS:
+    raise UserError(f'--split={split!r}: use one of {", ".join(pipeline.SPLITS)}.')
   ckpts = ckpt_lib.Checkpoints(workdir, 1, read_only=True)
   try:
+    if best:
+      latest = ckpts.latest_step()
+      saved = ckpts.restore_meta(_find_step(ckpts, workdir, latest))['config']
+      if saved.get('validation', 'none') == 'none':
+        raise UserError(f'{workdir!r} was trained without a validation split, so it has no '
+                        'selected epoch; drop --best.')
+      ckpts.close()
+      ckpts = ckpt_lib.Checkpoints(workdir, 1, read_only=True,
+                                   best_metric=f'valid_{saved["select_metric"]}')
+      if step is None:
+        step = ckpts.best_step()
     step = _find_step(ckpts, workdir, step)
     meta = ckpts.restore_meta(step)
     config = ml_collections.ConfigDict(meta['config'])
     seed = int(meta['seed'])
     if data_dir:
       config.dataset.data_dir = data_dir
+    if split == 'valid' and config.validation == 'none':
+      raise UserError(f'{workdir!r} was trained without a validation split '
+                      '(config.validation=none); use --split=test.')
 
     mesh = train.make_mesh(0)
     # Any eval batch gives the same sums; round it up to a multiple of this device count.
     ebs = -(-int(config.eval_batch_size) // mesh.size) * mesh.size
     config.eval_batch_size = ebs
     train.validate_config(config, 1)   # model and eval fields; batch_size is not used here
-    dataset = data_lib.load(config.dataset)
+    dataset = data_lib.load(config.dataset, config.validation)
     train.validate_against_data(config, dataset)
     replicated = NamedSharding(mesh, P())
     data = sampling.to_device(dataset, replicated)
@@ -103,12 +125,13 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
   finally:
     ckpts.close()
 
-  eval_step = train.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
+  eval_step = train.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
+                                   split=split)
   result, digest = train.evaluate(eval_step, state.params, data, data_key,
                                   dataset.num_users, ebs)
   return {'workdir': workdir, 'step': int(step), 'epoch': int(meta['epoch']),
-          'top_k': int(config.top_k), **result, 'num_users': dataset.num_users,
-          'eval_candidates_hash': digest, 'seed': seed}
+          'split': split, 'top_k': int(config.top_k), **result,
+          'num_users': dataset.num_users, 'eval_candidates_hash': digest, 'seed': seed}
 
 
 def define_flags() -> None:
@@ -117,6 +140,10 @@ def define_flags() -> None:
   flags.DEFINE_integer('step', None, 'Global step of the checkpoint (default: latest).')
   flags.DEFINE_string('data_dir', None, 'Dataset folder, if it moved since training '
                       '(default: the saved config.dataset.data_dir).')
+  flags.DEFINE_enum('split', 'test', list(pipeline.SPLITS), 'Split to evaluate: test, or '
+                    'valid for a run with a validation split.')
+  flags.DEFINE_bool('best', False, 'Evaluate the best checkpoint (the selected epoch of a '
+                    'run with a validation split) instead of the latest.')
 
 
 @exit_on_user_error
@@ -124,11 +151,13 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   writers.quiet_library_logs()
-  result = evaluate_checkpoint(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.data_dir)
+  result = evaluate_checkpoint(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.data_dir,
+                               flags.FLAGS.split, flags.FLAGS.best)
   k = result['top_k']
-  print(f'checkpoint step {result["step"]} (epoch {result["epoch"]}) of {result["workdir"]}: '
-        f'HR@{k} = {result["hr"]:.4f}, NDCG@{k} = {result["ndcg"]:.4f} over '
-        f'{result["num_users"]} users', flush=True)
+  split = '' if result['split'] == 'test' else f' ({result["split"]} split)'
+  print(f'checkpoint step {result["step"]} (epoch {result["epoch"]}) of {result["workdir"]}'
+        f'{split}: HR@{k} = {result["hr"]:.4f}, NDCG@{k} = {result["ndcg"]:.4f}, '
+        f'MRR@{k} = {result["mrr"]:.4f} over {result["num_users"]} users', flush=True)
   print(json.dumps(result, sort_keys=True), flush=True)
 
 

@@ -22,8 +22,28 @@ def positive_rank(scores: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def ranking_sums(rank: jax.Array, weight: jax.Array, top_k: int) -> dict:
-  """Sums of HR@K and NDCG@K over rows with weight 1, and the row count."""
+  """Sums of HR@K, NDCG@K and MRR@K over rows with weight 1, and the row count.
+
+  rank is the 0-based rank of each row's one held-out item: HR@K = [rank < K],
+  NDCG@K = 1 / log2(rank + 2) and MRR@K = 1 / (rank + 1) when rank < K, else 0.
+  """
   hit = rank < top_k
-  ndcg = jnp.where(hit, 1.0 / jnp.log2(rank.astype(jnp.float32) + 2.0), 0.0)
+  r = rank.astype(jnp.float32)
+  ndcg = jnp.where(hit, 1.0 / jnp.log2(r + 2.0), 0.0)
+  mrr = jnp.where(hit, 1.0 / (r + 1.0), 0.0)
   w = weight.astype(jnp.float32)
-  return {'hr_sum': jnp.sum(hit * w), 'ndcg_sum': jnp.sum(ndcg * w), 'count': jnp.sum(w)}
+  return {'hr_sum': jnp.sum(hit * w), 'ndcg_sum': jnp.sum(ndcg * w),
+          'mrr_sum': jnp.sum(mrr * w), 'count': jnp.sum(w)}
+
+
+def recall_sum(ranks: jax.Array, relevant: jax.Array, weight: jax.Array,
+               top_k: int) -> jax.Array:
+  """Sum over rows with weight 1 of Recall@K: the share of a row's relevant items in its top K.
+
+  ranks: int [B, R], the 0-based rank of each of a row's R relevant items among all its
+  candidates; relevant: bool [B, R], which of the R are real (rows may have fewer). With
+  one held-out item per user (leave-one-out) Recall@K equals HR@K.
+  """
+  hits = jnp.sum((ranks < top_k) & relevant, axis=1, dtype=jnp.float32)
+  count = jnp.maximum(jnp.sum(relevant, axis=1, dtype=jnp.float32), 1.0)
+  return jnp.sum(hits / count * weight.astype(jnp.float32))

@@ -1,7 +1,8 @@
 """NCF models in Flax: NeuMF, GMF, MLP (He et al. 2017) and dot-product MF (Rendle et al. 2020).
 
 Each maps (users, items) int32 [B] to logits [B]. Initialisation follows the MLPerf
-reference (../shared/MLPERF.md 4.2): embeddings N(0, 0.01); MLP kernels Glorot uniform;
+reference (../shared/MLPERF.md 4.2): embeddings N(0, 0.01) (`embed_init_std`); MLP kernels
+Glorot uniform;
 the final kernel LeCun uniform; biases uniform(+-1/sqrt(fan_in)) (PyTorch's Linear
 default). Parameters are float32; `dtype` is the compute dtype. No loss, no data here.
 """
@@ -14,7 +15,8 @@ import numpy as np
 
 MODEL_NAMES = ('neumf', 'gmf', 'mlp', 'mf')
 
-_embed_init = nn.initializers.normal(stddev=0.01)
+# The MLPerf reference's embedding initialisation: N(0, 0.01).
+EMBED_INIT_STD = 0.01
 
 
 def _torch_bias_init(fan_in: int):
@@ -36,12 +38,14 @@ class _Embedding(nn.Module):
   features: int
   prefix: str
   dtype: Any = jnp.float32
+  init_std: float = EMBED_INIT_STD
 
   @nn.compact
   def __call__(self, users, items):
-    u = nn.Embed(self.num_users, self.features, embedding_init=_embed_init,
+    init = nn.initializers.normal(stddev=self.init_std)
+    u = nn.Embed(self.num_users, self.features, embedding_init=init,
                  param_dtype=jnp.float32, name=f'{self.prefix}_user')(users)
-    i = nn.Embed(self.num_items, self.features, embedding_init=_embed_init,
+    i = nn.Embed(self.num_items, self.features, embedding_init=init,
                  param_dtype=jnp.float32, name=f'{self.prefix}_item')(items)
     return u.astype(self.dtype), i.astype(self.dtype)
 
@@ -59,17 +63,18 @@ class NeuMF(nn.Module):
   use_gmf: bool = True
   use_mlp: bool = True
   dtype: Any = jnp.float32
+  embed_init_std: float = EMBED_INIT_STD
 
   @nn.compact
   def __call__(self, users, items, deterministic: bool = True):
     towers = []
     if self.use_gmf:
       gu, gi = _Embedding(self.num_users, self.num_items, self.mf_dim, 'gmf', self.dtype,
-                          name='gmf')(users, items)
+                          self.embed_init_std, name='gmf')(users, items)
       towers.append(gu * gi)
     if self.use_mlp:
       mu, mi = _Embedding(self.num_users, self.num_items, self.mlp_layers[0] // 2, 'mlp',
-                          self.dtype, name='mlp')(users, items)
+                          self.dtype, self.embed_init_std, name='mlp')(users, items)
       x = jnp.concatenate([mu, mi], axis=-1)
       for n, (fan_in, width) in enumerate(zip(self.mlp_layers[:-1], self.mlp_layers[1:])):
         x = _dense(width, fan_in, nn.initializers.glorot_uniform(), self.dtype,
@@ -89,12 +94,13 @@ class MF(nn.Module):
   num_items: int
   mf_dim: int = 64
   dtype: Any = jnp.float32
+  embed_init_std: float = EMBED_INIT_STD
 
   @nn.compact
   def __call__(self, users, items, deterministic: bool = True):
     del deterministic
     pu, qi = _Embedding(self.num_users, self.num_items, self.mf_dim, 'mf', self.dtype,
-                        name='mf')(users, items)
+                        self.embed_init_std, name='mf')(users, items)
     bu = nn.Embed(self.num_users, 1, embedding_init=nn.initializers.zeros,
                   name='user_bias')(users)[..., 0]
     bi = nn.Embed(self.num_items, 1, embedding_init=nn.initializers.zeros,
@@ -109,17 +115,38 @@ def create_model(model_config, num_users: int, num_items: int, dtype: str) -> nn
   name = model_config.name
   layers = tuple(int(w) for w in model_config.mlp_layers)
   jdtype = jnp.dtype(dtype)
+  init_std = float(model_config.embed_init_std)
   if name == 'mf':
-    return MF(num_users, num_items, int(model_config.mf_dim), jdtype)
+    return MF(num_users, num_items, int(model_config.mf_dim), jdtype, init_std)
   if name not in MODEL_NAMES:
     raise ValueError(f'unknown model {name!r}')
   return NeuMF(num_users, num_items, mf_dim=int(model_config.mf_dim), mlp_layers=layers,
                dropout=float(model_config.dropout), use_gmf=name in ('neumf', 'gmf'),
-               use_mlp=name in ('neumf', 'mlp'), dtype=jdtype)
+               use_mlp=name in ('neumf', 'mlp'), dtype=jdtype, embed_init_std=init_std)
 
 
 def num_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def embedding_rows_sq(params, users: jax.Array, items: jax.Array) -> jax.Array:
+  """Per sample, the sum of squares of the embedding rows that scoring it reads.
+
+  Every user table's row of the sample's user and every item table's row of its item
+  (GMF, MLP or MF tables and MF's bias tables): the rows an L2 "on the rows a batch
+  touches" penalises. float32, the shape of `users`.
+  """
+  total = jnp.zeros(jnp.shape(users), jnp.float32)
+  for path, table in jax.tree_util.tree_leaves_with_path(params):
+    names = [getattr(k, 'key', str(k)) for k in path]
+    if names[-1] != 'embedding':
+      continue
+    owner = names[-2]
+    if ('user' in owner) == ('item' in owner):
+      raise ValueError(f'embedding table {owner!r} names neither users nor items')
+    rows = table[users if 'user' in owner else items]
+    total = total + jnp.sum(jnp.square(rows.astype(jnp.float32)), axis=-1)
+  return total
 
 
 def neumf_from_pretrained(neumf_params, gmf_params, mlp_params, alpha: float = 0.5):

@@ -28,7 +28,10 @@ from ncf_jax import sampling
 EPOCH_CHUNK = 1 << 18
 
 # Streams of the run key (fold_in), so that each use of randomness is independent.
-STREAM_ORDER, STREAM_TRAIN_NEG, STREAM_EVAL = 0, 1, 2
+STREAM_ORDER, STREAM_TRAIN_NEG, STREAM_EVAL, STREAM_VALID = 0, 1, 2, 3
+
+# The evaluation splits: the held-out test items, or the validation items.
+SPLITS = ('test', 'valid')
 
 
 def epoch_size(num_train: int, num_neg: int) -> int:
@@ -144,30 +147,59 @@ def iterate_train(dataset: data_lib.Dataset, key: jax.Array, epoch: int, *,
     yield jax.device_get(fn(data, epoch, step))
 
 
-def eval_key(key: jax.Array) -> jax.Array:
-  """Keypair of the evaluation candidates: fixed for the whole run."""
-  return sampling.keypair(jax.random.fold_in(key, STREAM_EVAL))
+def eval_key(key: jax.Array, split: str = 'test') -> jax.Array:
+  """Keypair of a split's evaluation candidates: fixed for the whole run."""
+  return sampling.keypair(jax.random.fold_in(
+      key, STREAM_VALID if split == 'valid' else STREAM_EVAL))
+
+
+def held_out(data: sampling.DeviceData, users: jax.Array, split: str = 'test'):
+  """(positive, excluded) items of `users` in `split`: int32 [len(users)] arrays.
+
+  The positive is the split's held-out item. `excluded` lists the held-out items that are
+  no candidates besides the training positives, the positive first. Validation excludes
+  only the validation item: its candidates never depend on the test split, so selection
+  on them cannot read it (the test item may be a validation negative). Test excludes
+  every held-out item of the user: the test item and, with a split, the validation item.
+  """
+  if split not in SPLITS:
+    raise ValueError(f'unknown split {split!r}: use one of {SPLITS}')
+  if split == 'valid':
+    if data.valid_items is None:
+      raise ValueError('this dataset has no validation split (config.validation=none)')
+    valid = data.valid_items[users]
+    return valid, (valid,)
+  test = data.test_items[users]
+  if data.valid_items is None:
+    return test, (test,)
+  return test, (test, data.valid_items[users])
 
 
 def eval_batch(data: sampling.DeviceData, key: jax.Array, users: jax.Array, *,
-               num_neg: int, match_mlperf: bool = False) -> Tuple[jax.Array, jax.Array]:
-  """Candidates of `users`: column 0 the test item, then `num_neg` negatives.
+               num_neg: int, match_mlperf: bool = False,
+               split: str = 'test') -> Tuple[jax.Array, jax.Array]:
+  """Candidates of `users` in `split`: column 0 its held-out item, then `num_neg` negatives.
 
-  Default: distinct negatives, never a training positive nor the test item.
-  match_mlperf: the MLPerf reference's draws, with replacement over the items that are not
-  training positives (the test item may be drawn); `mask` is False for a repeated item and
-  for a drawn copy of the test item, so duplicates count once.
+  Default: distinct negatives, never a training positive nor an excluded held-out item
+  (`held_out`). match_mlperf (test split without validation only): the MLPerf reference's
+  draws, with replacement over the items that are not training positives (the test item
+  may be drawn); `mask` is False for a repeated item and for a drawn copy of the test
+  item, so duplicates count once.
 
   Returns:
     items int32 [len(users), 1 + num_neg], mask bool of the same shape.
   """
-  kp = eval_key(key)
+  kp = eval_key(key, split)
   users = users.astype(jnp.int32)
-  test = data.test_items[users][:, None]
+  positive, excluded = held_out(data, users, split)
   if not match_mlperf:
-    negs = sampling.sample_distinct_negatives(data, kp, users, num_neg)
-    items = jnp.concatenate([test, negs], axis=1)
+    negs = sampling.sample_distinct_negatives(data, kp, users, num_neg, excluded)
+    items = jnp.concatenate([positive[:, None], negs], axis=1)
     return items, jnp.ones(items.shape, bool)
+  if len(excluded) > 1 or split != 'test':
+    raise ValueError('match_mlperf reproduces the MLPerf reference, which has no '
+                     'validation split')
+  test = positive[:, None]
   counters = (users[:, None].astype(jnp.uint32) * jnp.uint32(num_neg)
               + jnp.arange(num_neg, dtype=jnp.uint32)[None, :])
   negs = sampling.sample_negatives(data, kp, users[:, None], counters, stream=1)
@@ -188,15 +220,16 @@ def first_occurrence(items: jax.Array) -> jax.Array:
 
 
 def eval_candidates(dataset: data_lib.Dataset, key: jax.Array, *, num_neg: int,
-                    match_mlperf: bool = False,
-                    batch_users: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
-  """All users' candidates as NumPy arrays: (users [U], items [U, 1 + num_neg]).
+                    match_mlperf: bool = False, batch_users: int = 4096,
+                    split: str = 'test') -> Tuple[np.ndarray, np.ndarray]:
+  """All users' candidates in `split` as NumPy arrays: (users [U], items [U, 1 + num_neg]).
 
-  `items[:, 0]` is the test item. The same key gives the same candidates every time.
+  `items[:, 0]` is the split's held-out item. The same key gives the same candidates
+  every time.
   """
   data = sampling.to_device(dataset)
   fn = jax.jit(lambda d, u: eval_batch(d, key, u, num_neg=num_neg,
-                                       match_mlperf=match_mlperf)[0])
+                                       match_mlperf=match_mlperf, split=split)[0])
   users = np.arange(dataset.num_users, dtype=np.int32)
   out = []
   for lo in range(0, dataset.num_users, batch_users):

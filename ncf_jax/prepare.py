@@ -21,7 +21,8 @@ from ncf_jax.errors import UserError
 def define_flags() -> None:
   """Defines the prepare command's flags (only when run as a command)."""
   config_flags.DEFINE_config_file('config', 'configs/default.py',
-                                  'Config file (only config.dataset is used).',
+                                  'Config file (only config.dataset and config.validation '
+                                  'are used).',
                                   lock_config=True)
   flags.DEFINE_bool('download', False, 'Download the GroupLens zip into data_dir when it is '
                     'missing (same as --config.dataset.download=True).')
@@ -36,7 +37,8 @@ def main(argv):
   dataset_config = flags.FLAGS.config.dataset
   if flags.FLAGS.download:
     dataset_config.download = True
-  prepared = data.prepare(dataset_config, force=flags.FLAGS.force)
+  prepared = data.prepare(dataset_config, force=flags.FLAGS.force,
+                          validation=flags.FLAGS.config.validation)
   if prepared.cache_path is None:
     raise UserError(f'could not write the processed cache under {dataset_config.data_dir} '
                     '(see the warning above); make it writable or pick another '

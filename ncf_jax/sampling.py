@@ -53,6 +53,7 @@ class DeviceData:
   remap: jax.Array           # uint16 or int32 [num_train]; f_u's targets at off_u + j
   group_base: Optional[jax.Array] = None   # int32, only when not narrow
   word_before: Optional[jax.Array] = None  # int32, only when not narrow
+  valid_items: Optional[jax.Array] = None  # int32 [num_users], only with a validation split
   num_users: int = flax.struct.field(pytree_node=False, default=0)
   num_items: int = flax.struct.field(pytree_node=False, default=0)
   max_degree: int = flax.struct.field(pytree_node=False, default=0)
@@ -150,6 +151,8 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
              user_offsets=dataset.user_offsets.astype(np.int32),
              test_items=dataset.test_items.astype(np.int32),
              remap=remap.astype(item_dtype))
+  if dataset.valid_items is not None:
+    out['valid_items'] = dataset.valid_items.astype(np.int32)
   if narrow:
     out['groups'] = (occ | (g_base << 16)).astype(np.uint32)
     out['words'] = (words | (before << 16)).astype(np.uint32)
@@ -394,24 +397,35 @@ def sample_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
 
 
 def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
-                              num_neg: int) -> jax.Array:
-  """`num_neg` distinct negatives per user, never a training positive nor the test item.
+                              num_neg: int, held_out=None) -> jax.Array:
+  """`num_neg` distinct negatives per user, never a training positive nor a held-out item.
 
   Draws are without replacement: the first num_neg images of a per-user keyed bijection
-  of [0, m - 1), shifted past the test item's index f_u^{-1}(test) and mapped through f_u.
-  Requires num_neg <= num_items - degree - 1 for every user in `users` (train.py checks
-  it); a user with fewer candidates gets repeats in the columns past its candidate count.
+  of [0, m - h), shifted past the held-out items' indices f_u^{-1}(item) in ascending
+  order and mapped through f_u (h = number of held-out items). Requires
+  num_neg <= num_items - degree - h for every user in `users` (train.py checks it); a
+  user with fewer candidates gets repeats in the columns past its candidate count.
+
+  Args:
+    held_out: a sequence of int32 [len(users)] arrays: per user, distinct items that are
+      not training positives (default: the test item alone).
 
   Returns: int32 [len(users), num_neg].
   """
   offsets = data.user_offsets[users]
   degrees = data.user_offsets[users + 1] - offsets
-  test = data.test_items[users]
-  m = (data.num_items - degrees - 1).astype(jnp.uint32)             # candidate count
+  if held_out is None:
+    held_out = (data.test_items[users],)
+  m = (data.num_items - degrees - len(held_out)).astype(jnp.uint32)   # candidate count
   keys = [k[:, None] for k in round_keys(kp, users)]
   j = jnp.broadcast_to(jnp.arange(num_neg, dtype=jnp.uint32)[None, :],
                        (users.shape[0], num_neg))
   ranks = permute(j, m[:, None], keys).astype(jnp.int32)
-  test_index = nonpositive_index(data, users, test, offsets, degrees)
-  ranks = ranks + (ranks >= test_index[:, None])
+  index = [nonpositive_index(data, users, item, offsets, degrees) for item in held_out]
+  if len(index) > 1:
+    index = list(jnp.sort(jnp.stack(index), axis=0))
+  # Shifting past the skipped indices in ascending order maps [0, m - h) onto [0, m)
+  # without them.
+  for skip in index:
+    ranks = ranks + (ranks >= skip[:, None])
   return nonpositive_at(data, users[:, None], ranks, offsets[:, None])

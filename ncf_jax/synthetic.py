@@ -12,7 +12,9 @@ The model (GENERATOR_VERSION 1):
     sigma ACTIVITY_SIGMA), capped at num_items // 2, so every user has >= 20 interactions.
   * A user draws items i.i.d. from P(i | u) = theta[u, topic(i)] * within_topic[i] (a topic
     from theta_u, then an item by inverse CDF); the interactions are the distinct items
-    drawn. Users that fall short of n_u draw their deficit again, for up to MAX_ROUNDS
+    drawn. With label noise `noise` > 0, each draw is instead, with that probability, an
+    item uniform over the catalogue (drawn after the planted one, so noise 0 gives the
+    same bytes as before the option existed). Users that fall short of n_u draw their deficit again, for up to MAX_ROUNDS
     rounds (then keep what they have, and always at least 20). Ranking by
     log P(i | u) (`SyntheticOracle.score`) is the best a model can do.
   * Timestamps: each user starts at a random time in 1998-2013 and rates in sessions a week
@@ -77,9 +79,12 @@ class SyntheticData:
 
 
 def check_params(num_users: int, num_items: int, mean_interactions: float,
-                 num_topics: int) -> None:
+                 num_topics: int, noise: float = 0.0) -> None:
   """Raises UserError on generator parameters that cannot give MovieLens-like data."""
   where = 'config.dataset.synthetic_'
+  if not 0 <= noise < 1:
+    raise UserError(f'{where}noise is {noise}; it must be in [0, 1) (the share of '
+                    'interactions drawn uniformly instead of from the planted model).')
   if num_users < 1:
     raise UserError(f'{where}num_users is {num_users}; it must be >= 1.')
   if num_topics < 1:
@@ -100,7 +105,7 @@ def _power_cdf(x, size):
 
 
 def generate(num_users: int, num_items: int, mean_interactions: float, num_topics: int,
-             seed: int) -> SyntheticData:
+             seed: int, noise: float = 0.0) -> SyntheticData:
   """Generates the interactions and the oracle (see the module docstring).
 
   Args:
@@ -110,11 +115,12 @@ def generate(num_users: int, num_items: int, mean_interactions: float, num_topic
       lower for heavy users with concentrated tastes; see MAX_ROUNDS).
     num_topics: rank K of the planted preference structure.
     seed: data seed.
+    noise: probability that a draw is uniform over all items (label noise).
 
   Returns:
     SyntheticData with rows sorted by (user, item).
   """
-  check_params(num_users, num_items, mean_interactions, num_topics)
+  check_params(num_users, num_items, mean_interactions, num_topics, noise)
   rng = np.random.Generator(np.random.PCG64(seed))
   k = num_topics
 
@@ -147,7 +153,7 @@ def generate(num_users: int, num_items: int, mean_interactions: float, num_topic
   pos = 0
   for lo, hi in zip(bounds[:-1], bounds[1:]):
     keys = _draw_chunk(rng, theta[lo:hi], target[lo:hi], topic_size, topic_start, by_topic,
-                       num_items)
+                       num_items, noise)
     u = (keys // num_items).astype(np.int32)
     n = keys.size
     users[pos:pos + n] = u + lo
@@ -164,7 +170,7 @@ def generate(num_users: int, num_items: int, mean_interactions: float, num_topic
                        oracle)
 
 
-def _draw(rng, theta, counts, topic_size, topic_start, by_topic, num_items):
+def _draw(rng, theta, counts, topic_size, topic_start, by_topic, num_items, noise):
   """counts[u] i.i.d. draws for each row u of theta -> sorted unique keys u * I + item."""
   per_topic = rng.multinomial(counts, theta)
   k = theta.shape[1]
@@ -174,7 +180,11 @@ def _draw(rng, theta, counts, topic_size, topic_start, by_topic, num_items):
   a = 1.0 - ZIPF_EXPONENT
   x = (rng.random(topic.size) * ((size + 1.0) ** a - 1.0) + 1.0) ** (1.0 / a) - 1.0
   r = np.minimum(x.astype(np.int64), topic_size[topic] - 1)
-  keys = user * num_items + by_topic[topic_start[topic] + r]
+  item = by_topic[topic_start[topic] + r]
+  if noise > 0:   # only then: noise 0 consumes the generator exactly as before
+    flip = rng.random(item.size) < noise
+    item[flip] = rng.integers(0, num_items, int(flip.sum()))
+  keys = user * num_items + item
   keys.sort()
   return _unique_sorted(keys)
 
@@ -186,10 +196,10 @@ def _unique_sorted(keys):
   return keys[keep]
 
 
-def _draw_chunk(rng, theta, target, topic_size, topic_start, by_topic, num_items):
+def _draw_chunk(rng, theta, target, topic_size, topic_start, by_topic, num_items, noise):
   """Distinct items of a chunk of users, as sorted keys local_user * num_items + item."""
   m = theta.shape[0]
-  keys = _draw(rng, theta, target, topic_size, topic_start, by_topic, num_items)
+  keys = _draw(rng, theta, target, topic_size, topic_start, by_topic, num_items, noise)
   for round_ in range(1, 64):
     have = np.bincount(keys // num_items, minlength=m)
     want = (target if round_ < MAX_ROUNDS else MIN_INTERACTIONS) - have
@@ -197,7 +207,8 @@ def _draw_chunk(rng, theta, target, topic_size, topic_start, by_topic, num_items
     if need.size == 0:
       break
     # Drawing exactly the deficit never overshoots the target.
-    new = _draw(rng, theta[need], want[need], topic_size, topic_start, by_topic, num_items)
+    new = _draw(rng, theta[need], want[need], topic_size, topic_start, by_topic, num_items,
+                noise)
     local = new // num_items
     new = need[local] * num_items + (new - local * num_items)
     fresh = keys[np.minimum(np.searchsorted(keys, new), keys.size - 1)] != new

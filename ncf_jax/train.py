@@ -38,6 +38,8 @@ from ncf_jax import writers
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 AXIS = 'data'
+OPTIMIZERS = ('adam', 'sgd')
+SELECT_METRICS = ('hr', 'ndcg')
 
 
 class TrainState(train_state.TrainState):
@@ -75,6 +77,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   if not 1 <= int(config.top_k) <= int(config.eval_num_neg) + 1:
     bad('top_k', config.top_k,
         f'it must be in [1, eval_num_neg + 1 = {int(config.eval_num_neg) + 1}]')
+  if config.optimizer not in OPTIMIZERS:
+    bad('optimizer', config.optimizer, f'use one of {", ".join(OPTIMIZERS)}')
   if not float(config.learning_rate) > 0:
     bad('learning_rate', config.learning_rate, 'it must be > 0')
   for f in ('beta1', 'beta2'):
@@ -94,10 +98,34 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     bad('model.mf_dim', config.model.mf_dim, 'it must be >= 1')
   if not 0 <= float(config.model.dropout) < 1:
     bad('model.dropout', config.model.dropout, 'it must be in [0, 1)')
-  if float(config.model.l2) < 0:
-    bad('model.l2', config.model.l2, 'it must be >= 0')
+  for f in ('l2', 'l2_params'):
+    if not float(config.model[f]) >= 0:
+      bad(f'model.{f}', config.model[f], 'it must be >= 0')
+  if not float(config.model.embed_init_std) > 0:
+    bad('model.embed_init_std', config.model.embed_init_std, 'it must be > 0')
   if config.hr_threshold is not None and not 0 < float(config.hr_threshold) <= 1:
     bad('hr_threshold', config.hr_threshold, 'it must be in (0, 1] or None')
+  if config.validation not in data_lib.VALIDATIONS:
+    bad('validation', config.validation, f'use one of {", ".join(data_lib.VALIDATIONS)}')
+  if config.select_metric not in SELECT_METRICS:
+    bad('select_metric', config.select_metric, f'use one of {", ".join(SELECT_METRICS)}')
+  if int(config.early_stop_patience) < 0:
+    bad('early_stop_patience', config.early_stop_patience, 'it must be >= 0 (0: no early '
+        'stopping)')
+  if int(config.full_ranking_chunk) < 1:
+    bad('full_ranking_chunk', config.full_ranking_chunk, 'it must be >= 1')
+  if config.validation == 'none':
+    if int(config.early_stop_patience):
+      bad('early_stop_patience', config.early_stop_patience, 'early stopping reads the '
+          'validation split: set config.validation=leave_one_out, or use 0')
+  else:
+    if config.hr_threshold is not None:
+      bad('hr_threshold', config.hr_threshold, 'it stops on the test HR, which a run with a '
+          'validation split reads only once, at the end: use None (stop with '
+          'early_stop_patience)')
+    if config.match_mlperf:
+      bad('match_mlperf', config.match_mlperf, 'the MLPerf reference has no validation '
+          'split: use False with validation=leave_one_out')
   for f in ('eval_every_epochs', 'keep_checkpoints'):
     if int(config[f]) < 1:
       bad(f, config[f], 'it must be >= 1')
@@ -112,7 +140,8 @@ def validate_against_data(config, dataset: data_lib.Dataset) -> None:
   """Checks that need the dataset: enough candidate items for every user."""
   degrees = dataset.user_degrees()
   worst = int(degrees.max()) if degrees.size else 0
-  candidates = dataset.num_items - worst - (0 if config.match_mlperf else 1)
+  held = 0 if config.match_mlperf else 1 + (dataset.valid_items is not None)
+  candidates = dataset.num_items - worst - held
   if int(config.eval_num_neg) > candidates:
     raise UserError(
         f'config.eval_num_neg={config.eval_num_neg} is invalid: the most active user has '
@@ -127,6 +156,9 @@ def validate_against_data(config, dataset: data_lib.Dataset) -> None:
 # State and steps.
 
 def make_optimizer(config) -> optax.GradientTransformation:
+  """Adam (the MLPerf rules' optimizer) or plain SGD, at `config.learning_rate`."""
+  if config.optimizer == 'sgd':
+    return optax.sgd(float(config.learning_rate))
   return optax.adam(float(config.learning_rate), b1=float(config.beta1),
                     b2=float(config.beta2), eps=float(config.eps))
 
@@ -147,10 +179,11 @@ def create_train_state(config, model, key: jax.Array, mesh: Mesh) -> TrainState:
   return jax.jit(init, out_shardings=replicated)(key)
 
 
-def _l2_term(params, l2: float):
-  if not l2:
+def _l2_params_term(params, l2_params: float):
+  """`model.l2_params`: the whole-parameter penalty, once per step (not per sample)."""
+  if not l2_params:
     return 0.0
-  return l2 * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
+  return l2_params * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(params))
 
 
 def make_keys(seed: int, mesh: Mesh):
@@ -206,7 +239,9 @@ def _make_per_device_grads(config, ndev: int):
 
   Returns f(params, apply_fn, data, items, keys, epoch, step, global_step) ->
   (grads, local loss sum, global valid count, batch, positions). `grads` is already the
-  gradient of the global batch mean (plus the L2 term), identical on every device.
+  gradient of the global batch mean of the per-sample loss (BCE plus `model.l2` times the
+  sample's embedding rows' sum of squares), plus the `model.l2_params` term, identical on
+  every device.
 
   The explicit `pmean` is the one gradient all-reduce. For it to be right the parameters
   must enter the differentiated function as per-device (varying) values: differentiating
@@ -215,7 +250,7 @@ def _make_per_device_grads(config, ndev: int):
   """
   batch_size, num_neg = int(config.batch_size), int(config.num_neg)
   local = batch_size // ndev
-  l2 = float(config.model.l2)
+  l2, l2_params = float(config.model.l2), float(config.model.l2_params)
   use_dropout = float(config.model.dropout) > 0
 
   def grads_fn(params, apply_fn, data, items, keys, epoch, step, global_step):
@@ -242,9 +277,14 @@ def _make_per_device_grads(config, ndev: int):
 
     def loss_fn(p):
       local_sum = metrics_lib.bce_sum(logits_fn(p), batch['label'], batch['valid'])
+      objective = local_sum
+      if l2:   # per sample, so scaled like the loss: the mean over the global batch
+        rows = models.embedding_rows_sq(p, batch['user'], batch['item'])
+        objective = objective + l2 * jnp.sum(jnp.where(batch['valid'], rows, 0.0))
       # Scaled so that the pmean of the gradients is that of the global batch mean, even
       # with padded shards.
-      return local_sum * ndev / jnp.maximum(n_valid, 1.0) + _l2_term(p, l2), local_sum
+      return (objective * ndev / jnp.maximum(n_valid, 1.0) + _l2_params_term(p, l2_params),
+              local_sum)
 
     varying = jax.tree.map(lambda x: jax.lax.pcast(x, AXIS, to='varying'), params)
     (_, local_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
@@ -330,20 +370,26 @@ def make_hash_replay(config, mesh: Mesh):
                                out_specs=(P(), P())))
 
 
-def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int):
-  """Compiled eval of users [first, first + eval_batch_size): sums, counts, digest."""
+def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int,
+                   split: str = 'test'):
+  """Compiled eval of `split` for users [first, first + eval_batch_size): sums, counts, digest.
+
+  `split` is 'test' or 'valid' (`pipeline.SPLITS`); each has its own candidates
+  (`pipeline.eval_batch`).
+  """
   ndev = mesh.size
   local = int(config.eval_batch_size) // ndev
   num_neg, top_k = int(config.eval_num_neg), int(config.top_k)
   match_mlperf = bool(config.match_mlperf)
   full = bool(config.eval_full_ranking)
+  chunk = int(config.full_ranking_chunk)
 
   def per_device(params, data, data_key, first):
     users = first + jax.lax.axis_index(AXIS) * local + jnp.arange(local, dtype=jnp.int32)
     valid = users < num_users
     users = jnp.where(valid, users, 0)
     items, mask = pipeline.eval_batch(data, data_key, users, num_neg=num_neg,
-                                      match_mlperf=match_mlperf)
+                                      match_mlperf=match_mlperf, split=split)
     scores = model.apply({'params': params}, jnp.broadcast_to(users[:, None], items.shape),
                          items)
     out = metrics_lib.ranking_sums(metrics_lib.positive_rank(scores, mask), valid, top_k)
@@ -352,39 +398,52 @@ def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int):
         cols, dtype=jnp.uint32)
     out['digest'] = hashing.array_digest(items, position, mask=valid[:, None])
     if full:
-      full_rank = _full_rank(model, params, data, users)
-      fsums = metrics_lib.ranking_sums(full_rank, valid, top_k)
-      out.update(full_hr_sum=fsums['hr_sum'], full_ndcg_sum=fsums['ndcg_sum'])
+      positive, excluded = pipeline.held_out(data, users, split)
+      rank = full_rank(model, params, data, users, positive, excluded, chunk)
+      fsums = metrics_lib.ranking_sums(rank, valid, top_k)
+      out.update({f'full_{k}': v for k, v in fsums.items() if k != 'count'})
+      out['full_recall_sum'] = metrics_lib.recall_sum(
+          rank[:, None], jnp.ones((local, 1), bool), valid, top_k)
     return jax.tree.map(lambda x: jax.lax.psum(x, AXIS), out)
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P())
   return jax.jit(step)
 
 
-def _full_rank(model, params, data: sampling.DeviceData, users):
-  """Rank of each test item among all items the user has not interacted with."""
+def full_rank(model, params, data: sampling.DeviceData, users, positive, excluded,
+              chunk: int):
+  """Rank of each user's `positive` item among all items that are candidates for it.
+
+  Candidates are every item but the user's training positives and the `excluded`
+  held-out items (`pipeline.held_out`, the positive among them); ties count against the
+  positive. Items are scored `chunk` at a time (users x chunk pairs in memory, not
+  users x num_items), and the count does not depend on `chunk`.
+  """
   num_items = data.num_items
-  all_items = jnp.arange(num_items, dtype=jnp.int32)
-  scores = model.apply({'params': params},
-                       jnp.broadcast_to(users[:, None], (users.shape[0], num_items)),
-                       jnp.broadcast_to(all_items[None, :], (users.shape[0], num_items)))
-  test = data.test_items[users]
-  s_test = jnp.take_along_axis(scores, test[:, None], axis=1)
-  above = jnp.sum(scores >= s_test, axis=1, dtype=jnp.int32) - 1   # minus the test item
-  offsets = data.user_offsets[users]
-  degrees = data.user_offsets[users + 1] - offsets
-  k = jnp.arange(max(data.max_degree, 1), dtype=jnp.int32)[None, :]
-  idx = jnp.minimum(offsets[:, None] + k, max(data.num_train - 1, 0))
-  pos_items = data.positive_items(idx)
-  is_pos = k < degrees[:, None]
-  pos_scores = jnp.take_along_axis(scores, jnp.where(is_pos, pos_items, 0), axis=1)
-  above_pos = jnp.sum(is_pos & (pos_scores >= s_test), axis=1, dtype=jnp.int32)
-  return above - above_pos
+  b = users.shape[0]
+  s_pos = model.apply({'params': params}, users, positive)
+  n_chunks = -(-num_items // chunk)
+
+  def body(c, above):
+    items = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    inside = items < num_items
+    items = jnp.minimum(items, num_items - 1)
+    grid_u = jnp.broadcast_to(users[:, None], (b, chunk))
+    grid_i = jnp.broadcast_to(items[None, :], (b, chunk))
+    scores = model.apply({'params': params}, grid_u, grid_i)
+    _, is_pos = sampling.rank_positives(data, grid_u, grid_i)
+    competes = inside[None, :] & ~is_pos
+    for item in excluded:
+      competes &= grid_i != item[:, None]
+    return above + jnp.sum(competes & (scores >= s_pos[:, None]), axis=1, dtype=jnp.int32)
+
+  # zeros_like(users): the count varies over the mesh like the users (inside shard_map).
+  return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros_like(users, jnp.int32))
 
 
 def evaluate(eval_step, params, data, data_key, num_users: int, eval_batch_size: int,
              in_flight: Optional[dispatch.InFlight] = None):
-  """Runs all eval batches; returns host floats: hr, ndcg (+ full_*) and the digest.
+  """Runs all eval batches; returns host floats: hr, ndcg, mrr (+ full_*) and the digest.
 
   Launches are reported to `in_flight` (default: the bound for `params`' devices).
   """
@@ -400,11 +459,8 @@ def evaluate(eval_step, params, data, data_key, num_users: int, eval_batch_size:
   # Digests are sums over (user, column) positions: independent of the eval batch size.
   chain = hashing.chain(hashing.init(), totals.pop('digest'))
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-  result = {'hr': totals['hr_sum'] / totals['count'],
-            'ndcg': totals['ndcg_sum'] / totals['count']}
-  if 'full_hr_sum' in totals:
-    result.update(full_hr=totals['full_hr_sum'] / totals['count'],
-                  full_ndcg=totals['full_ndcg_sum'] / totals['count'])
+  count = totals.pop('count')
+  result = {k[:-len('_sum')]: v / count for k, v in totals.items()}
   return result, hashing.hexdigest(chain)
 
 
@@ -555,6 +611,30 @@ def library_versions() -> dict:
   return out
 
 
+def best_record(history, key: str) -> Optional[dict]:
+  """The epoch record with the highest `key` (the earliest among equals), or None."""
+  best = None
+  for record in history:
+    value = record.get(key)
+    if value is not None and (best is None or value > best[key]):
+      best = record
+  return best
+
+
+def early_stopped(history, key: str, patience: int) -> bool:
+  """Whether the last evaluated epoch is `patience` or more epochs after the best one."""
+  best = best_record(history, key)
+  if not patience or best is None:
+    return False
+  last = max(r['epoch'] for r in history if r.get(key) is not None)
+  return last - best['epoch'] >= patience
+
+
+def _max_over_epochs(history, key: str) -> Optional[float]:
+  values = [r[key] for r in history if r.get(key) is not None]
+  return max(values) if values else None
+
+
 def _train_and_evaluate(config, workdir):
   writers.quiet_library_logs()
   mesh = make_mesh(int(config.num_devices))
@@ -569,8 +649,16 @@ def _train_and_evaluate(config, workdir):
     seed = int(saved_meta['seed'])
   else:
     seed = resolve_seed(config)
+  # With a validation split: the metric that selects the best epoch, and its checkpoint.
+  validated = config.validation != 'none'
+  select_key = f'valid_{config.select_metric}' if validated else None
+  patience = int(config.early_stop_patience)
+  best_ckpts = None
+  if validated:
+    best_ckpts = ckpt_lib.Checkpoints(workdir, 1, best_metric=select_key)
+    best_ckpts.delete_after(latest)
 
-  dataset = data_lib.load(config.dataset)
+  dataset = data_lib.load(config.dataset, config.validation)
   validate_against_data(config, dataset)
   replicated = NamedSharding(mesh, P())
   data = sampling.to_device(dataset, replicated)
@@ -586,17 +674,17 @@ def _train_and_evaluate(config, workdir):
                               config.dtype)
   state = create_train_state(config, model, init_key, mesh)
   logging.info('Model %s: %d parameters.', config.model.name, models.num_params(state.params))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
 
-  history, best_hr, eval_hash = [], 0.0, None
+  history, eval_hash = [], None
   elapsed_before = 0.0
   # Steps of the running epoch that state.hash_chain covers (None: it covers nothing).
   hash_steps = None
   if latest is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
     state, meta = ckpts.restore(abstract, latest)
     ckpt_lib.log_restored(latest, meta)
-    history, best_hr = meta['history'], meta['best_hr']
+    history = meta['history']
     eval_hash = meta.get('eval_hash')
     elapsed_before = meta.get('total_wall_s', 0.0)
     hash_steps = meta.get('hash_steps')
@@ -608,11 +696,15 @@ def _train_and_evaluate(config, workdir):
   writer.rewrite_history(history)
   train_step = make_train_step(config, mesh)
   build_epoch = make_epoch_items(config, mesh, dataset.num_train)
-  eval_step = make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
+  # Every epoch's evaluation reads the validation split when there is one, else the test.
+  eval_step = make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
+                             split='valid' if validated else 'test')
 
   def meta_now(epoch):
     return {'seed': seed, 'config': ckpt_lib.config_to_dict(config), 'epoch': epoch,
-            'history': history, 'best_hr': best_hr, 'eval_hash': eval_hash,
+            'history': history,
+            'test_hr_max_over_epochs': _max_over_epochs(history, 'hr'),
+            'eval_hash': eval_hash,
             'total_wall_s': elapsed_before + (time.time() - t_start),
             'hash_steps': hash_steps}
 
@@ -622,9 +714,11 @@ def _train_and_evaluate(config, workdir):
   reached = next((h['epoch'] for h in history
                   if config.hr_threshold is not None and h.get('hr', 0) >= config.hr_threshold),
                  None)
+  stop_early = validated and early_stopped(history, select_key, patience)
   num_epochs = int(config.num_epochs)
   preempted = False
   where = {'epoch': start_epoch, 'step': start_step - start_epoch * spe, 'saved': latest}
+  test_result, test_hash = None, None
 
   def stalled(idle):
     saved = where['saved']
@@ -646,7 +740,7 @@ def _train_and_evaluate(config, workdir):
                                 on_wait=watchdog.beat)
   with _Preemption() as preemption, watchdog:
     for epoch in range(start_epoch, num_epochs):
-      if reached is not None:
+      if reached is not None or stop_early:
         break
       first_step = start_step - epoch * spe if epoch == start_epoch else 0
       where.update(epoch=epoch, step=first_step)
@@ -697,17 +791,25 @@ def _train_and_evaluate(config, workdir):
         logging.info('[pipeline_hash] First batch hash: %s', record['pipeline_hash_first'])
         logging.info('[pipeline_hash] All batches hash: %s', record['pipeline_hash_all'])
         logging.info('[pipeline_hash] Batch count: %d', spe)
+      improved = False
       if (epoch + 1) % int(config.eval_every_epochs) == 0 or epoch + 1 == num_epochs:
         result, digest = evaluate(eval_step, state.params, data, data_key,
                                   dataset.num_users, int(config.eval_batch_size), in_flight)
         watchdog.beat()
         if config.hash_pipeline and eval_hash is None:
-          logging.info('[pipeline_hash] Eval candidates hash: %s', digest)
+          logging.info('[pipeline_hash] %s candidates hash: %s',
+                       'Valid' if validated else 'Eval', digest)
         eval_hash = digest
-        record.update(result)
-        best_hr = max(best_hr, result['hr'])
-        logging.info('Iteration %d: HR = %.4f, NDCG = %.4f', epoch, result['hr'],
-                     result['ndcg'])
+        if validated:
+          record.update({f'valid_{k}': v for k, v in result.items()})
+          improved = best_record(history + [record], select_key) is record
+          logging.info('Iteration %d: valid HR = %.4f, NDCG = %.4f, MRR = %.4f%s', epoch,
+                       result['hr'], result['ndcg'], result['mrr'],
+                       ' (best so far)' if improved else '')
+        else:
+          record.update(result)
+          logging.info('Iteration %d: HR = %.4f, NDCG = %.4f', epoch, result['hr'],
+                       result['ndcg'])
       record['epoch_wall_s'] = time.time() - t_epoch
       record['total_wall_s'] = elapsed_before + (time.time() - t_start)
       history.append(record)
@@ -717,27 +819,96 @@ def _train_and_evaluate(config, workdir):
         reached = epoch
         logging.info('Reached HR@%d >= %s after %d epochs in %.1f s.', config.top_k,
                      config.hr_threshold, epoch + 1, record['total_wall_s'])
-      last = epoch + 1 == num_epochs or reached is not None
+      if validated and early_stopped(history, select_key, patience):
+        stop_early = True
+        best = best_record(history, select_key)
+        logging.info('Early stop after epoch %d: valid %s@%d has not improved for %d '
+                     'epochs since epoch %d (%.4f).', epoch, config.select_metric.upper(),
+                     config.top_k, epoch - best['epoch'], best['epoch'], best[select_key])
+      gstep = int(jax.device_get(state.step))
+      if improved:   # before the latest checkpoint, whose history names this epoch best
+        best_ckpts.save(gstep, state, meta_now(epoch + 1),
+                        metrics={select_key: record[select_key]})
+        watchdog.beat()
+      last = epoch + 1 == num_epochs or reached is not None or stop_early
       every = int(config.checkpoint_every_epochs)
       if last or (every and (epoch + 1) % every == 0):
-        save(int(jax.device_get(state.step)), epoch + 1)
+        save(gstep, epoch + 1)
+
+    if validated and not preempted and best_record(history, select_key) is not None:
+      test_result, test_hash = _test_selected(
+          config, mesh, model, best_ckpts, abstract, data, data_key, dataset,
+          best_record(history, select_key), in_flight)
+      watchdog.beat()
 
   phash = params_hash(state.params)
   logging.info('[params_hash] %s', phash)
+  best = best_record(history, select_key) if validated else None
+  # The test metrics of the run's result: the selected parameters' with a validation
+  # split, else the last evaluated epoch's (the final parameters', unless preempted).
+  final_test = test_result if validated else {
+      k: v for k, v in next((r for r in reversed(history) if 'hr' in r), {}).items()
+      if k in ('hr', 'ndcg', 'mrr') or k.startswith('full_')}
   summary = {
       'seed': seed, 'params_hash': phash, 'epochs_done': len(history),
-      'best_hr': best_hr, 'best_ndcg': max([h.get('ndcg', 0.0) for h in history] or [0.0]),
-      'final': history[-1] if history else None, 'eval_candidates_hash': eval_hash,
+      'validation': config.validation, 'select_metric': select_key,
+      'best_epoch': None if best is None else best['epoch'],
+      **{f'valid_{k}': None if best is None else best.get(f'valid_{k}')
+         for k in ('hr', 'ndcg', 'mrr')},
+      **{f'test_{k}': None if final_test is None else final_test.get(k)
+         for k in ('hr', 'ndcg', 'mrr')},
+      'test_hr_max_over_epochs': _max_over_epochs(history, 'hr'),
+      'test_ndcg_max_over_epochs': _max_over_epochs(history, 'ndcg'),
+      'final': history[-1] if history else None,
+      'eval_candidates_hash': test_hash if validated else eval_hash,
+      'valid_candidates_hash': eval_hash if validated else None,
+      'early_stopped': bool(stop_early),
       'hr_threshold': config.hr_threshold, 'epochs_to_target': None if reached is None
       else reached + 1, 'seconds_to_target': None if reached is None
       else history[[h['epoch'] for h in history].index(reached)]['total_wall_s'],
       'preempted': preempted, 'num_devices': mesh.size,
       'num_processes': jax.process_count(), 'platform': jax.devices()[0].platform,
       'versions': library_versions(), 'workdir': os.path.abspath(workdir)}
+  if final_test:
+    summary.update({f'test_{k}': v for k, v in final_test.items() if k.startswith('full_')})
+  if best is not None:
+    summary.update({k: v for k, v in best.items() if k.startswith('valid_full_')})
   writer.write_summary(summary)
   writer.close()
   ckpts.close()
+  if best_ckpts is not None:
+    best_ckpts.close()
   return state
+
+
+def _test_selected(config, mesh, model, best_ckpts, abstract, data, data_key, dataset,
+                   best: dict, in_flight: dispatch.InFlight):
+  """Test metrics of the selected (best validation) epoch's parameters: the run's result.
+
+  Restores WORKDIR/best_checkpoint, checks that it is the selected epoch's, and evaluates
+  it once on the test split. Returns (metrics, test candidates digest).
+  """
+  step = best_ckpts.best_step()
+  if step is None:
+    raise UserError(f'the best epoch\'s checkpoint is missing from {best_ckpts.directory}; '
+                    'it is written with each new best validation metric. Start the run '
+                    'again in a new --workdir.')
+  selected, meta = best_ckpts.restore(abstract, step)
+  if meta['epoch'] != best['epoch'] + 1:
+    raise UserError(f'{best_ckpts.directory} holds epoch {meta["epoch"] - 1}, but the run\'s '
+                    f'metrics select epoch {best["epoch"]}; start the run again in a new '
+                    '--workdir.')
+  test_step = make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
+                             split='test')
+  result, digest = evaluate(test_step, selected.params, data, data_key, dataset.num_users,
+                            int(config.eval_batch_size), in_flight)
+  logging.info('Selected epoch %d (valid %s@%d = %.4f): test HR = %.4f, NDCG = %.4f, '
+               'MRR = %.4f', best['epoch'], config.select_metric.upper(), config.top_k,
+               best[f'valid_{config.select_metric}'], result['hr'], result['ndcg'],
+               result['mrr'])
+  if config.hash_pipeline:
+    logging.info('[pipeline_hash] Eval candidates hash: %s', digest)
+  return result, digest
 
 
 def _check_finite(state: TrainState, ckpts: ckpt_lib.Checkpoints) -> None:

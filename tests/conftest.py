@@ -5,6 +5,7 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
 import contextlib
+import dataclasses
 import http.server
 import threading
 
@@ -40,6 +41,19 @@ def random_dataset(num_users=40, num_items=60, seed=0, max_degree=30):
     positives[u] = chosen[:-1].tolist()
     tests.append(int(chosen[-1]))
   return make_dataset(positives, tests, num_items, name='random')
+
+
+def with_validation(dataset, seed=0, test_items=None):
+  """`dataset` with a validation item per user (random, neither a positive nor the test
+  item), and optionally other test items."""
+  rng = np.random.default_rng(seed)
+  test = dataset.test_items if test_items is None else np.asarray(test_items, np.int32)
+  valid = []
+  for u in range(dataset.num_users):
+    taken = set(dataset.train_items[dataset.user_offsets[u]:dataset.user_offsets[u + 1]])
+    free = sorted(set(range(dataset.num_items)) - taken - {int(test[u])})
+    valid.append(free[int(rng.integers(len(free)))])
+  return dataclasses.replace(dataset, test_items=test, valid_items=np.asarray(valid, np.int32))
 
 
 @pytest.fixture

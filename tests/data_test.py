@@ -152,8 +152,11 @@ def test_csr_offsets_slice_each_users_sorted_positives(tmp_path):
     assert ds.test_items[u] not in row
 
 
-def _reference(users, items, ts, min_ratings):
-  """Slow, obvious per-row implementation of the same rules (test oracle only)."""
+def _reference(users, items, ts, min_ratings, validation=False):
+  """Slow, obvious per-row implementation of the same rules (test oracle only).
+
+  Returns (test items, train users, train items, validation items or None).
+  """
   counts = {}
   for u in users:
     counts[u] = counts.get(u, 0) + 1
@@ -161,14 +164,21 @@ def _reference(users, items, ts, min_ratings):
           if counts[u] >= min_ratings]
   umap = {u: d for d, u in enumerate(sorted({r[0] for r in rows}))}
   imap = {i: d for d, i in enumerate(sorted({r[1] for r in rows}))}
-  test = {}
+  test, valid = {}, {}
   for u, i, t, k in rows:
     if u not in test or (t, k) > test[u][0]:
       test[u] = ((t, k), i)
-  train = sorted({(umap[u], imap[i]) for u, i, t, k in rows
-                  if k != test[u][0][1] and i != test[u][1]})
+  held = {u: {test[u][1]} for u in test}
+  if validation:   # the latest row of another item than the test one, same tie rule
+    for u, i, t, k in rows:
+      if i != test[u][1] and (u not in valid or (t, k) > valid[u][0]):
+        valid[u] = ((t, k), i)
+    for u in valid:
+      held[u].add(valid[u][1])
+  train = sorted({(umap[u], imap[i]) for u, i, t, k in rows if i not in held[u]})
   return ([imap[test[u][1]] for u in sorted(umap)], [p[0] for p in train],
-          [p[1] for p in train])
+          [p[1] for p in train],
+          [imap[valid[u][1]] for u in sorted(umap)] if validation else None)
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -178,11 +188,18 @@ def test_vectorized_preprocessing_matches_a_per_row_reference(seed):
   users = rng.integers(1, 120, n).astype(np.int32)
   items = (rng.integers(1, 80, n) * 7).astype(np.int32)
   ts = rng.integers(0, 40, n).astype(np.int64)  # many ties and duplicates
-  ds, _ = data.preprocess(users, items, ts, name='x', min_ratings=25, where='w')
-  test, tu, ti = _reference(users.tolist(), items.tolist(), ts.tolist(), 25)
-  np.testing.assert_array_equal(ds.test_items, test)
-  np.testing.assert_array_equal(ds.train_users, tu)
-  np.testing.assert_array_equal(ds.train_items, ti)
+  for validation in ('none', 'leave_one_out'):
+    ds, _ = data.preprocess(users, items, ts, name='x', min_ratings=25, where='w',
+                            validation=validation)
+    test, tu, ti, valid = _reference(users.tolist(), items.tolist(), ts.tolist(), 25,
+                                     validation == 'leave_one_out')
+    np.testing.assert_array_equal(ds.test_items, test)
+    np.testing.assert_array_equal(ds.train_users, tu)
+    np.testing.assert_array_equal(ds.train_items, ti)
+    if valid is None:
+      assert ds.valid_items is None
+    else:
+      np.testing.assert_array_equal(ds.valid_items, valid)
 
 
 def test_huge_raw_ids_take_the_sorting_path_with_the_same_result():
@@ -193,6 +210,68 @@ def test_huge_raw_ids_take_the_sorting_path_with_the_same_result():
   np.testing.assert_array_equal(raw, [5, 2_000_000_000])
   np.testing.assert_array_equal(ds.test_items, [1, 0])
   np.testing.assert_array_equal(ds.train_items, [0, 2, 2])
+
+
+# --- the validation split --------------------------------------------------------------------
+
+# ROWS plus an earliest rating for user 7, whose two latest rows are its held-out items.
+VALID_ROWS = ROWS + [(7, 300, 0)]
+
+
+def test_hand_written_file_with_a_validation_split_gives_the_pinned_dataset(tmp_path):
+  write_ratings(tmp_path, 'ml-latest-small', VALID_ROWS)
+  ds = data.load(config(tmp_path), validation='leave_one_out')
+  # Movies 100..900, 1200 -> 0..9. User 3: test 900 (last of the tie at ts 20), validation
+  # 100 (ts 20, its latest other row); user 7: test 100 (ts 3), validation 400, and the
+  # earlier repeat of 100 is no training positive; user 10: test 1200, validation 200 (the
+  # row at ts 7; the repeat at ts 5 goes too); user 42: test 600, validation 800.
+  np.testing.assert_array_equal(ds.test_items, [8, 0, 9, 5])
+  np.testing.assert_array_equal(ds.valid_items, [0, 3, 1, 7])
+  np.testing.assert_array_equal(ds.user_offsets, [0, 2, 3, 4, 5])
+  np.testing.assert_array_equal(ds.train_users, [0, 0, 1, 2, 3])
+  np.testing.assert_array_equal(ds.train_items, [3, 4, 2, 2, 6])
+  assert ds.valid_items.dtype == np.int32
+  # Without the split the same file keeps today's dataset: the validation items train.
+  none = data.load(config(tmp_path))
+  assert none.valid_items is None
+  np.testing.assert_array_equal(none.test_items, ds.test_items)
+  np.testing.assert_array_equal(none.train_items, [0, 3, 4, 2, 3, 1, 2, 6, 7])
+
+
+def test_the_validation_item_follows_the_test_items_tie_rule_and_skips_its_repeats():
+  users = np.zeros(6, np.int32)
+  items = np.array([1, 2, 3, 4, 5, 5], np.int32)
+  ts = np.array([7, 8, 8, 6, 9, 2], np.int64)
+  ds, _ = data.preprocess(users, items, ts, name='x', min_ratings=1, where='w',
+                          validation='leave_one_out')
+  assert ds.test_items[0] == 4 and ds.valid_items[0] == 2   # movie 5; movie 3 wins the tie
+  np.testing.assert_array_equal(ds.train_items, [0, 1, 3])   # no repeat of movie 5
+
+
+def test_validation_is_part_of_the_cache_key_and_none_keeps_the_old_key(tmp_path):
+  write_ratings(tmp_path, 'ml-latest-small', VALID_ROWS)
+  plain = data.prepare(config(tmp_path))
+  none = data.prepare(config(tmp_path), validation='none')
+  loo = data.prepare(config(tmp_path), validation='leave_one_out')
+  assert plain.cache_path == none.cache_path != loo.cache_path
+  assert not none.built and loo.built
+  again = data.prepare(config(tmp_path), validation='leave_one_out')
+  assert not again.built and again.cache_path == loo.cache_path
+  np.testing.assert_array_equal(again.dataset.valid_items, loo.dataset.valid_items)
+
+
+def test_a_user_with_too_few_items_for_a_validation_split_is_named(tmp_path):
+  write_ratings(tmp_path, 'ml-latest-small')   # user 7: items 100, 400 only
+  with pytest.raises(UserError, match=r'user 7 has no training positive left after holding '
+                                      r'out its two latest items.*min_ratings=3'):
+    data.load(config(tmp_path), validation='leave_one_out')
+  users = np.array([0, 0, 1, 1, 1], np.int32)
+  items = np.array([4, 4, 1, 2, 3], np.int32)
+  with pytest.raises(UserError, match=r'user 0 has no rating left for validation'):
+    data.preprocess(users, items, np.arange(5, dtype=np.int64), name='x', min_ratings=1,
+                    where='w', validation='leave_one_out')
+  with pytest.raises(UserError, match=r"config.validation='kfold' is invalid"):
+    data.load(config(tmp_path), validation='kfold')
 
 
 # --- bad input ------------------------------------------------------------------------------

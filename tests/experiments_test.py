@@ -195,13 +195,18 @@ def test_sweep_writes_a_row_per_point_matching_its_run_and_a_plot(tiny_sweep):
   for row, name in zip(rows, tiny_sweep['names']):
     summary = read_json(os.path.join(workdir, name, 'summary.json'))
     assert row['status'] == 'done'
-    assert float(row['best_hr']) == pytest.approx(summary['best_hr'])
-    assert float(row['best_ndcg']) == pytest.approx(summary['best_ndcg'])
+    assert float(row['test_hr_max_over_epochs']) == pytest.approx(
+        summary['test_hr_max_over_epochs'])
+    assert float(row['test_ndcg_max_over_epochs']) == pytest.approx(
+        summary['test_ndcg_max_over_epochs'])
+    assert float(row['test_hr']) == pytest.approx(summary['test_hr'])
+    assert row['best_epoch'] == '' and 'best_hr' not in row
     assert int(row['epochs_done']) == summary['epochs_done'] == 2
     assert row['params_hash'] == summary['params_hash']
     assert float(row['samples_per_sec']) > 0
     lr = name.split('=')[1]
-    assert re.search(rf'\| {lr} \| {summary["best_hr"]:.4f} \| {summary["best_ndcg"]:.4f} '
+    assert re.search(rf'\| {lr} \| {summary["test_hr_max_over_epochs"]:.4f} '
+                     rf'\| {summary["test_ndcg_max_over_epochs"]:.4f} '
                      r'\| 2 \| — \| — \|', markdown), markdown
   with open(os.path.join(workdir, 'curves.png'), 'rb') as f:
     assert f.read(8) == PNG

@@ -116,6 +116,21 @@ def test_invalid_config_from_the_command_line(tmp_path):
      "config.model.name='transformer' is invalid: use one of neumf, gmf, mlp, mf"),
     (dict(learning_rate=-0.001), 'config.learning_rate=-0.001 is invalid: it must be > 0'),
     (dict(top_k=52), 'config.top_k=52 is invalid: it must be in [1, eval_num_neg + 1 = 51]'),
+    (dict(optimizer='adagrad'), "config.optimizer='adagrad' is invalid: use one of adam, sgd"),
+    (dict(validation='kfold'),
+     "config.validation='kfold' is invalid: use one of none, leave_one_out"),
+    (dict(validation='leave_one_out', select_metric='loss'),
+     "config.select_metric='loss' is invalid: use one of hr, ndcg"),
+    (dict(early_stop_patience=3), 'config.early_stop_patience=3 is invalid: early stopping '
+     'reads the validation split: set config.validation=leave_one_out, or use 0'),
+    (dict(validation='leave_one_out', hr_threshold=0.5),
+     'config.hr_threshold=0.5 is invalid: it stops on the test HR'),
+    (dict(validation='leave_one_out', match_mlperf=True),
+     'config.match_mlperf=True is invalid: the MLPerf reference has no validation split'),
+    (dict(model__l2=-1.0), 'config.model.l2=-1.0 is invalid: it must be >= 0'),
+    (dict(model__embed_init_std=0.0),
+     'config.model.embed_init_std=0.0 is invalid: it must be > 0'),
+    (dict(full_ranking_chunk=0), 'config.full_ranking_chunk=0 is invalid: it must be >= 1'),
 ])
 def test_invalid_config_before_any_work(tmp_path, data_dir, no_expensive_work, overrides,
                                         expected):

@@ -110,14 +110,48 @@ def test_gradients_of_a_padded_last_batch_are_its_valid_samples_mean(dataset):
   _assert_trees_close(g8, g1)
 
 
+def _touched_rows_gradient(params, batch, l2):
+  """d/dp of l2 * mean over valid samples of the squared norms of the rows each reads."""
+  valid = batch['valid']
+  n = valid.sum()
+  users = np.bincount(batch['user'][valid], minlength=params['gmf']['gmf_user']['embedding']
+                      .shape[0])
+  items = np.bincount(batch['item'][valid], minlength=params['gmf']['gmf_item']['embedding']
+                      .shape[0])
+  def rows(path, p):
+    name = jax.tree_util.keystr(path)
+    if 'embedding' not in name:
+      return np.zeros_like(p)
+    counts = users if 'user' in name else items
+    return 2 * l2 * p * counts[:, None] / n
+  return jax.tree_util.tree_map_with_path(rows, params)
+
+
 def test_l2_penalty_is_counted_once_whatever_the_device_count(dataset):
+  # model.l2: per sample, on the embedding rows it reads, averaged like the loss. A row
+  # read by k valid samples of an n-sample batch gets 2 * l2 * k / n times itself; layers
+  # that are not embeddings get nothing.
   config = small_config('unused', **{'model.l2': 1e-2})
   plain = small_config('unused')
-  g1, params, _, _ = _grads(config, dataset, 1)
+  g1, params, _, (data_key, _) = _grads(config, dataset, 1)
   g8 = _grads(config, dataset, 8)[0]
   base = _grads(plain, dataset, 1)[0]
   _assert_trees_close(g8, g1)
-  # d/dp of l2 * sum(p^2) is 2 * l2 * p, once.
+  batch = jax.device_get(pipeline.train_batch(sampling.to_device(dataset), data_key, 0, 1,
+                                              batch_size=config.batch_size,
+                                              num_neg=config.num_neg))
+  want = _touched_rows_gradient(params, batch, 1e-2)
+  assert sum(float(np.abs(x).sum()) for x in jax.tree.leaves(want)) > 0
+  _assert_trees_close(jax.tree.map(lambda a, b: a - b, g1, base), want, rtol=1e-4, atol=1e-8)
+
+
+def test_whole_parameter_l2_is_counted_once_whatever_the_device_count(dataset):
+  config = small_config('unused', **{'model.l2_params': 1e-2})
+  g1, params, _, _ = _grads(config, dataset, 1)
+  g8 = _grads(config, dataset, 8)[0]
+  base = _grads(small_config('unused'), dataset, 1)[0]
+  _assert_trees_close(g8, g1)
+  # d/dp of l2_params * sum(p^2) is 2 * l2_params * p, once per step.
   _assert_trees_close(jax.tree.map(lambda a, b: a - b, g1, base),
                       jax.tree.map(lambda p: 2 * 1e-2 * p, params), rtol=1e-4, atol=1e-6)
 

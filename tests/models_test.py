@@ -8,9 +8,9 @@ import pytest
 from ncf_jax import models
 
 
-def _cfg(name, mf_dim=8, layers=(16, 8, 4)):
+def _cfg(name, mf_dim=8, layers=(16, 8, 4), embed_init_std=0.01):
   return ml_collections.ConfigDict(dict(name=name, mf_dim=mf_dim, mlp_layers=layers,
-                                        dropout=0.0, l2=0.0))
+                                        dropout=0.0, l2=0.0, embed_init_std=embed_init_std))
 
 
 def _init(model, key=0):
@@ -81,3 +81,30 @@ def test_neumf_from_pretrained_copies_towers_and_mixes_the_final_layer():
   np.testing.assert_allclose(out['final']['kernel'][:8], 0.5 * gmf['final']['kernel'])
   np.testing.assert_allclose(out['final']['kernel'][8:], 0.5 * mlp['final']['kernel'])
   assert jax.tree.structure(out) == jax.tree.structure(neumf)
+
+
+def test_embed_init_std_scales_every_embedding_table_and_leaves_the_biases_at_zero():
+  params = _init(models.create_model(_cfg('mf', 64, embed_init_std=0.1), 400, 300,
+                                     'float32'))
+  for table in ('mf_user', 'mf_item'):
+    assert np.std(params['mf'][table]['embedding']) == pytest.approx(0.1, rel=0.05)
+  assert not np.any(params['user_bias']['embedding']) and not np.any(params['global_bias'])
+
+
+@pytest.mark.parametrize('name', ['neumf', 'mf'])
+def test_embedding_rows_sq_sums_the_rows_a_sample_reads(name):
+  params = _init(models.create_model(_cfg(name), 7, 11, 'float32'), key=3)
+  params = jax.tree.map(lambda x: x + 0.5, params)   # non-zero biases too
+  users, items = jnp.array([0, 6, 3]), jnp.array([10, 0, 5])
+  got = np.asarray(models.embedding_rows_sq(params, users, items))
+  if name == 'mf':
+    tables = [('mf', 'mf_user', users), ('mf', 'mf_item', items),
+              ('user_bias', None, users), ('item_bias', None, items)]
+  else:
+    tables = [(t, f'{t}_{side}', ids) for t in ('gmf', 'mlp')
+              for side, ids in (('user', users), ('item', items))]
+  want = 0
+  for outer, inner, ids in tables:
+    table = params[outer][inner] if inner else params[outer]
+    want = want + np.sum(np.square(np.asarray(table['embedding'])[np.asarray(ids)]), axis=1)
+  np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -1,12 +1,13 @@
 """Epoch structure, padding, ordering and eval candidates of the on-device pipeline."""
 import collections
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_dataset
+from conftest import random_dataset, with_validation
 from ncf_jax import pipeline
 from ncf_jax import sampling
 
@@ -128,3 +129,49 @@ def test_match_mlperf_draws_with_replacement_and_masks_repeats_and_test_copies(d
     saw_repeat |= len(set(row[1:].tolist())) < 60
   # 60 draws from at most 40 items: repeats are certain, copies of the test item likely.
   assert saw_repeat and saw_test_copy
+
+
+def test_validation_candidates_exclude_positives_and_the_validation_item_only(ds):
+  vds = with_validation(ds, seed=1)
+  _, valid = pipeline.eval_candidates(vds, KEY, num_neg=10, split='valid')
+  _, test = pipeline.eval_candidates(vds, KEY, num_neg=10, split='test')
+  np.testing.assert_array_equal(valid[:, 0], vds.valid_items)
+  np.testing.assert_array_equal(test[:, 0], vds.test_items)
+  saw_test_item = False
+  for u in range(vds.num_users):
+    positives = set(vds.train_items[vds.user_offsets[u]:vds.user_offsets[u + 1]].tolist())
+    v, t = valid[u, 1:].tolist(), test[u, 1:].tolist()
+    assert len(set(v)) == 10 and len(set(t)) == 10
+    assert not set(v) & positives and not set(t) & positives
+    assert vds.valid_items[u] not in v
+    # Test candidates exclude everything the user interacted with.
+    assert vds.valid_items[u] not in t and vds.test_items[u] not in t
+    saw_test_item |= vds.test_items[u] in v
+  # The test item is an ordinary validation candidate (10 of <= 38 items, 30 users).
+  assert saw_test_item
+  # Another key stream than the test candidates.
+  assert (valid[:, 1:] != test[:, 1:]).mean() > 0.5
+
+
+def test_validation_candidates_do_not_depend_on_the_test_items(ds):
+  a = with_validation(ds, seed=1)
+  moved = np.array([next(i for i in range(ds.num_items) if i not in set(
+      a.train_items[a.user_offsets[u]:a.user_offsets[u + 1]].tolist())
+      | {int(a.valid_items[u]), int(a.test_items[u])}) for u in range(ds.num_users)])
+  b = dataclasses.replace(a, test_items=moved.astype(np.int32))
+  np.testing.assert_array_equal(pipeline.eval_candidates(a, KEY, num_neg=10, split='valid')[1],
+                                pipeline.eval_candidates(b, KEY, num_neg=10, split='valid')[1])
+  assert (pipeline.eval_candidates(a, KEY, num_neg=10)[1]
+          != pipeline.eval_candidates(b, KEY, num_neg=10)[1]).any()
+
+
+def test_a_split_that_does_not_exist_or_mlperf_draws_with_validation_are_refused(ds):
+  data = sampling.to_device(ds)
+  users = jnp.arange(4)
+  with pytest.raises(ValueError, match='no validation split'):
+    pipeline.eval_batch(data, KEY, users, num_neg=5, split='valid')
+  with pytest.raises(ValueError, match='unknown split'):
+    pipeline.eval_batch(data, KEY, users, num_neg=5, split='train')
+  vdata = sampling.to_device(with_validation(ds))
+  with pytest.raises(ValueError, match='no validation split'):
+    pipeline.eval_batch(vdata, KEY, users, num_neg=5, match_mlperf=True)

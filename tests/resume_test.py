@@ -49,7 +49,7 @@ def test_uninterrupted_run_keeps_the_last_checkpoints_with_everything(reference)
   assert meta['seed'] == 0 and meta['epoch'] == 2
   assert meta['config']['batch_size'] == 1024
   assert meta['history'] == metrics[:2]
-  assert meta['best_hr'] == max(r['hr'] for r in metrics[:2])
+  assert meta['test_hr_max_over_epochs'] == max(r['hr'] for r in metrics[:2])
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir, reference):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_dataset, random_dataset
+from conftest import make_dataset, random_dataset, with_validation
 from ncf_jax import sampling
 
 KEY = sampling.keypair(jax.random.key(0, impl='threefry2x32'))
@@ -120,6 +120,27 @@ def test_distinct_negatives_exclude_positives_and_test_item_without_repeats(vari
     assert len(set(row.tolist())) == 40
     assert not set(row.tolist()) & _positives(varied, u)
     assert varied.test_items[u] not in row
+
+
+def test_distinct_negatives_skip_every_held_out_item_and_can_take_all_the_rest(varied):
+  ds = with_validation(varied, seed=4)
+  data = sampling.to_device(ds)
+  draw = jax.jit(sampling.sample_distinct_negatives, static_argnums=3)
+  users = np.arange(ds.num_users, dtype=np.int32)
+  held = (jnp.asarray(ds.test_items), jnp.asarray(ds.valid_items))
+  for order in (held, held[::-1]):   # the held-out items may come in any order
+    negs = np.asarray(draw(data, KEY, jnp.asarray(users), 8, order))
+    for u, row in zip(users, negs):
+      row = set(row.tolist())
+      assert len(row) == 8 and not row & _positives(ds, u)
+      assert ds.test_items[u] not in row and ds.valid_items[u] not in row
+  # The busiest user has exactly n candidates: it gets all of them.
+  u = int(np.argmax(ds.user_degrees()))
+  n = ds.num_items - int(ds.user_degrees()[u]) - 2
+  row = np.asarray(draw(data, KEY, jnp.asarray([u]), n, (held[0][u:u + 1], held[1][u:u + 1])))
+  want = set(range(ds.num_items)) - _positives(ds, u) - {int(ds.test_items[u]),
+                                                          int(ds.valid_items[u])}
+  assert sorted(row[0].tolist()) == sorted(want)
 
 
 def test_distinct_negatives_can_take_every_candidate(tiny_dataset):

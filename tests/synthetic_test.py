@@ -104,6 +104,7 @@ def test_many_chunks_keep_all_properties(monkeypatch):
     (dict(num_users=0), 'num_users'), (dict(num_items=30), 'num_items'),
     (dict(mean_interactions=15.0), 'mean_interactions'),
     (dict(mean_interactions=300.0), 'mean_interactions'), (dict(num_topics=0), 'num_topics'),
+    (dict(noise=1.0), 'noise'), (dict(noise=-0.1), 'noise'),
 ])
 def test_impossible_parameters_are_user_errors(kwargs, match):
   with pytest.raises(UserError, match=f'config.dataset.synthetic_{match}'):
@@ -141,3 +142,27 @@ def test_dataset_from_the_csv_equals_the_dataset_built_directly(gen, tmp_path):
   np.testing.assert_array_equal(from_csv.user_offsets, direct.user_offsets)
   np.testing.assert_array_equal(from_csv.train_items, relabel[direct.train_items])
   np.testing.assert_array_equal(from_csv.test_items, relabel[direct.test_items])
+
+
+def test_no_noise_gives_the_bytes_of_the_generator_without_the_option(gen):
+  assert _all_bytes(synthetic.generate(seed=0, noise=0.0, **SMALL)) == _all_bytes(gen)
+
+
+def test_label_noise_replaces_planted_draws_by_uniform_items(gen, tmp_path):
+  noisy = synthetic.generate(seed=0, noise=0.5, **SMALL)
+  assert np.bincount(noisy.users).min() >= 20
+  # Half the draws ignore the planted model: their oracle log-probability is that of a
+  # uniform item, far below the planted draws'.
+  planted = float(gen.oracle.score(gen.users, gen.items).mean())
+  mixed = float(noisy.oracle.score(noisy.users, noisy.items).mean())
+  uniform = float(gen.oracle.score(gen.users, np.random.default_rng(0).integers(
+      0, gen.num_items, gen.users.size)).mean())
+  assert uniform < mixed < planted
+  assert mixed == pytest.approx((planted + uniform) / 2, abs=0.35 * (planted - uniform))
+  # The noise level is part of the cache key; 0 keeps the key of caches made before it.
+  config = data_config(tmp_path)
+  plain = data.prepare(config).cache_path
+  config.synthetic_noise = 0.0
+  assert data.prepare(config).cache_path == plain
+  config.synthetic_noise = 0.3
+  assert data.prepare(config).cache_path != plain

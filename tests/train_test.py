@@ -1,4 +1,5 @@
 """End-to-end training: learning, determinism across runs and device counts, eval exactness."""
+import collections
 import json
 import os
 import subprocess
@@ -101,7 +102,7 @@ def test_one_and_eight_devices_see_identical_batches_and_agree_on_metrics(data_d
 
 def _tiny_model_and_data(data_dir, **overrides):
   config = tiny_config(data_dir, **overrides)
-  dataset = data_lib.load(config.dataset)
+  dataset = data_lib.load(config.dataset, config.validation)
   mesh = train.make_mesh(2)
   model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
   init_key, data_key, _ = train.make_keys(0, mesh)
@@ -110,32 +111,69 @@ def _tiny_model_and_data(data_dir, **overrides):
   return config, dataset, mesh, model, state.params, data, data_key
 
 
-@pytest.mark.parametrize('match_mlperf', [False, True])
-def test_sampled_and_full_ranking_metrics_match_a_numpy_brute_force(data_dir, match_mlperf):
-  config, dataset, mesh, model, params, data, data_key = _tiny_model_and_data(
-      data_dir, eval_full_ranking=True, match_mlperf=match_mlperf, eval_batch_size=64)
-  eval_step = train.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
-  got, _ = train.evaluate(eval_step, params, data, data_key, dataset.num_users, 64)
-  # Brute force: score every (user, item) pair once.
+def _brute_force(model, params, dataset, items, split):
+  """HR, NDCG, MRR on the sampled candidates and HR, MRR, Recall over all candidates."""
   grid_u, grid_i = np.meshgrid(np.arange(dataset.num_users), np.arange(dataset.num_items),
                                indexing='ij')
   scores = np.asarray(model.apply({'params': params}, jnp.asarray(grid_u.ravel()),
                                   jnp.asarray(grid_i.ravel()))).reshape(grid_u.shape)
-  _, items = pipeline.eval_candidates(dataset, data_key, num_neg=config.eval_num_neg,
-                                      match_mlperf=match_mlperf)
-  hits, ndcgs, full_hits = [], [], []
+  held = dataset.valid_items if split == 'valid' else dataset.test_items
+  out = collections.defaultdict(list)
   for u in range(dataset.num_users):
-    test = dataset.test_items[u]
-    negs = set(items[u, 1:].tolist()) - {test}    # duplicates and test copies count once/not
-    rank = sum(scores[u, i] >= scores[u, test] for i in negs)
-    hits.append(rank < 10)
-    ndcgs.append(1 / np.log2(rank + 2) if rank < 10 else 0.0)
-    positives = set(dataset.train_items[dataset.user_offsets[u]:dataset.user_offsets[u + 1]])
-    others = [i for i in range(dataset.num_items) if i not in positives and i != test]
-    full_hits.append(sum(scores[u, i] >= scores[u, test] for i in others) < 10)
-  np.testing.assert_allclose(got['hr'], np.mean(hits), atol=1e-6)
-  np.testing.assert_allclose(got['ndcg'], np.mean(ndcgs), atol=1e-5)
-  np.testing.assert_allclose(got['full_hr'], np.mean(full_hits), atol=1e-6)
+    pos = held[u]
+    negs = set(items[u, 1:].tolist()) - {pos}    # duplicates and copies count once/not
+    rank = sum(scores[u, i] >= scores[u, pos] for i in negs)
+    out['hr'].append(rank < 10)
+    out['ndcg'].append(1 / np.log2(rank + 2) if rank < 10 else 0.0)
+    out['mrr'].append(1 / (rank + 1) if rank < 10 else 0.0)
+    # All items but the training positives and the excluded held-out items: the test
+    # item competes in validation; test excludes the validation item.
+    excluded = set(dataset.train_items[dataset.user_offsets[u]:dataset.user_offsets[u + 1]])
+    excluded |= {pos}
+    if split == 'test' and dataset.valid_items is not None:
+      excluded.add(dataset.valid_items[u])
+    others = [i for i in range(dataset.num_items) if i not in excluded]
+    full = sum(scores[u, i] >= scores[u, pos] for i in others)
+    out['full_hr'].append(full < 10)
+    out['full_mrr'].append(1 / (full + 1) if full < 10 else 0.0)
+    out['full_recall'].append(float(full < 10))   # one relevant item per user
+  return {k: np.mean(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize('match_mlperf,validation,split', [
+    (False, 'none', 'test'), (True, 'none', 'test'),
+    (False, 'leave_one_out', 'valid'), (False, 'leave_one_out', 'test')])
+def test_sampled_and_full_ranking_metrics_match_a_numpy_brute_force(
+    data_dir, match_mlperf, validation, split):
+  config, dataset, mesh, model, params, data, data_key = _tiny_model_and_data(
+      data_dir, eval_full_ranking=True, match_mlperf=match_mlperf, eval_batch_size=64,
+      validation=validation, full_ranking_chunk=64)
+  eval_step = train.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
+                                   split=split)
+  got, _ = train.evaluate(eval_step, params, data, data_key, dataset.num_users, 64)
+  _, items = pipeline.eval_candidates(dataset, data_key, num_neg=config.eval_num_neg,
+                                      match_mlperf=match_mlperf, split=split)
+  want = _brute_force(model, params, dataset, items, split)
+  for k in ('hr', 'full_hr', 'full_recall'):
+    np.testing.assert_allclose(got[k], want[k], atol=1e-6, err_msg=k)
+  for k in ('ndcg', 'mrr', 'full_mrr'):
+    np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
+
+
+def test_full_ranking_results_do_not_depend_on_the_chunk_and_memory_is_bounded(data_dir):
+  results, temp = {}, {}
+  for chunk in (7, 200, 1000):   # 200 items: a ragged last chunk, one exact, one wider
+    config, dataset, mesh, model, params, data, data_key = _tiny_model_and_data(
+        data_dir, eval_full_ranking=True, eval_batch_size=64, full_ranking_chunk=chunk)
+    eval_step = train.make_eval_step(config, mesh, model, dataset.num_users,
+                                     dataset.num_items)
+    results[chunk] = train.evaluate(eval_step, params, data, data_key, dataset.num_users,
+                                    64)
+    compiled = eval_step.lower(params, data, data_key, np.int32(0)).compile()
+    temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+  assert results[200] == results[7] == results[1000]
+  # Scores and activations of users x chunk pairs, not users x all items.
+  assert temp[7] * 3 < temp[200] < temp[1000], temp
 
 
 def test_eval_with_a_padded_last_batch_compiles_once(data_dir):

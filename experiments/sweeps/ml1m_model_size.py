@@ -6,9 +6,10 @@ twice as wide as the next, as in He et al. 2017 §4.1?
       --sweep=experiments/sweeps/ml1m_model_size.py --config.dataset.download=True \
       --workdir=runs/ml1m_model_size
 
-Factors 8, 16, 32, 64 (mf_dim f, MLP layers 8f-4f-2f-f), two seeds each: 8 runs of 20
-epochs at batch 256. Read best HR/NDCG in results.md and the curves for overfitting of the
-larger models.
+Factors 8, 16, 32, 64 (mf_dim f, MLP layers 8f-4f-2f-f), two seeds each: 8 runs at batch
+256, each stopped early on its validation split (the config's protocol). Read each point's
+selected epoch, validation HR and test HR in results.md, and the validation curves for
+overfitting of the larger models.
 
 Result: not run here (no ml-1m on the machine this was written on).
 """

@@ -12,7 +12,7 @@ Result (measured here at commit 8aecec4 on a 2-core CPU, 1 device, shared with o
 jobs; table and curves in experiments/results/synthetic_lr/): epochs to HR@10 >= 0.65,
 seed 0 / seed 1:
 
-  lr 0.0005: not reached in 8 epochs (best HR 0.5730 / 0.5683)
+  lr 0.0005: not reached in 8 epochs (max test HR over epochs 0.5730 / 0.5683)
   lr 0.001:  7 / 8
   lr 0.002:  4 / 4   (the default config's rate)
   lr 0.004:  3 / 3
