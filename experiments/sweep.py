@@ -55,6 +55,7 @@ from ml_collections import config_flags
 from experiments import plots
 # Sweeps and seed studies reuse ncf_jax.train's --config (config_flags) and --workdir
 # flags (train.define_flags), so `--config.x=y` means exactly what it means for a run.
+from ncf_jax import config_checks
 from ncf_jax import train
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
@@ -213,7 +214,7 @@ def make_points(config: ml_collections.ConfigDict, config_file: str,
     seen[name] = i
     try:
       point_config = apply_overrides(config, overrides, config_file)
-      train.validate_config(point_config, 1)  # device counts are checked by each run
+      config_checks.validate_config(point_config, 1)  # device counts are checked by each run
     except UserError as e:
       raise UserError(f'sweep point {i} ({name}): {e}') from None
     flat = {**base, **overrides}  # the point's own values win over this command's

@@ -2,9 +2,10 @@
 
 The run is rebuilt from the checkpoint's own meta (its config and resolved seed), never
 from flags, so the evaluation candidates are exactly those of training: the same seed
-gives the same data key (`train.make_keys`), hence the same negatives for every user, and
+gives the same data key (`steps.make_keys`), hence the same negatives for every user, and
 `eval_candidates_hash` equals the one in the run's summary.json. The model, the eval step
-and the metrics are train.py's. Prints one readable line, then one JSON line for scripts.
+and the metrics are training's (`ncf_jax.steps`). Prints one readable line, then one JSON
+line for scripts.
 
   python -m ncf_jax.evaluate --workdir=runs/neumf            # latest checkpoint
   python -m ncf_jax.evaluate --workdir=runs/neumf --step=4000
@@ -25,25 +26,26 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 
 from ncf_jax import checkpoint as ckpt_lib
+from ncf_jax import config_checks
 from ncf_jax import data as data_lib
 from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
-from ncf_jax import train
+from ncf_jax import steps
 from ncf_jax import writers
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 
 def _find_step(ckpts: ckpt_lib.Checkpoints, workdir: str, step: Optional[int]) -> int:
-  steps = sorted(ckpts.all_steps())
-  if not steps:
+  saved = sorted(ckpts.all_steps())
+  if not saved:
     raise UserError(f'no checkpoint in {ckpts.directory}; train first with '
                     f'`python -m ncf_jax.train --workdir={workdir}`.')
   if step is None:
-    return steps[-1]
-  if step not in steps:
+    return saved[-1]
+  if step not in saved:
     raise UserError(f'no checkpoint at step {step} in {ckpts.directory}; available steps: '
-                    f'{", ".join(map(str, steps))}.')
+                    f'{", ".join(map(str, saved))}.')
   return step
 
 
@@ -99,20 +101,20 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
       raise UserError(f'{workdir!r} was trained without a validation split '
                       '(config.validation=none); use --split=test.')
 
-    mesh = train.make_mesh(0)
+    mesh = steps.make_mesh(0)
     # Any eval batch gives the same sums; round it up to a multiple of this device count.
     ebs = -(-int(config.eval_batch_size) // mesh.size) * mesh.size
     config.eval_batch_size = ebs
-    train.validate_config(config, 1)   # model and eval fields; batch_size is not used here
+    config_checks.validate_config(config, 1)   # model and eval fields; batch_size is not used here
     dataset = data_lib.load(config.dataset, config.validation)
-    train.validate_against_data(config, dataset)
+    config_checks.validate_against_data(config, dataset)
     replicated = NamedSharding(mesh, P())
     data = sampling.to_device(dataset, replicated)
-    init_key, data_key, _ = train.make_keys(seed, mesh)
+    init_key, data_key, _ = steps.make_keys(seed, mesh)
     model = models.create_model(config.model, dataset.num_users, dataset.num_items,
                                 config.dtype)
     shapes = jax.eval_shape(
-        functools.partial(train.create_train_state, config, model, mesh=mesh), init_key)
+        functools.partial(steps.create_train_state, config, model, mesh=mesh), init_key)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
     try:
@@ -125,9 +127,9 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
   finally:
     ckpts.close()
 
-  eval_step = train.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
+  eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
                                    split=split)
-  result, digest = train.evaluate(eval_step, state.params, data, data_key,
+  result, digest = steps.evaluate(eval_step, state.params, data, data_key,
                                   dataset.num_users, ebs)
   return {'workdir': workdir, 'step': int(step), 'epoch': int(meta['epoch']),
           'split': split, 'top_k': int(config.top_k), **result,

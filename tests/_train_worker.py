@@ -19,11 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 
 from ncf_jax import errors  # noqa: E402
+from ncf_jax import steps  # noqa: E402
 from ncf_jax import train  # noqa: E402
 
 _DELAY = float(os.environ.get('NCF_TEST_STEP_DELAY', '0'))
 _STALL_AT = int(os.environ.get('NCF_TEST_STALL_AT_CALL', '-1'))
-_make_train_step = train.make_train_step
+_make_train_step = steps.make_train_step
 
 
 def _slow_make_train_step(config, mesh):
@@ -39,7 +40,7 @@ def _slow_make_train_step(config, mesh):
   return slow
 
 
-train.make_train_step = _slow_make_train_step
+steps.make_train_step = _slow_make_train_step
 
 if __name__ == '__main__':
   train.define_flags()

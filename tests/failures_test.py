@@ -17,6 +17,7 @@ import pytest
 
 import _train_helpers as h
 from ncf_jax import checkpoint as ckpt_lib
+from ncf_jax import steps
 from ncf_jax import train
 from ncf_jax.errors import UserError
 from orbax.checkpoint._src.handlers import standard_checkpoint_handler
@@ -57,9 +58,9 @@ def no_expensive_work(monkeypatch):
   """Fails the test if model init or compilation starts."""
   def boom(*args, **kwargs):
     raise AssertionError('expensive work started before the config was rejected')
-  monkeypatch.setattr(train, 'make_keys', boom)
-  monkeypatch.setattr(train, 'create_train_state', boom)
-  monkeypatch.setattr(train, 'make_train_step', boom)
+  monkeypatch.setattr(steps, 'make_keys', boom)
+  monkeypatch.setattr(steps, 'create_train_state', boom)
+  monkeypatch.setattr(steps, 'make_train_step', boom)
 
 
 # ----------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def test_nan_loss_after_a_checkpoint_leaves_it_untouched(tmp_path, data_dir, bas
   workdir = rewind(baseline, tmp_path / 'run')
   before = h.tree_digest(os.path.join(workdir, 'checkpoints'))
   # The same run resumed with a huge learning rate (the config itself may not change).
-  monkeypatch.setattr(train, 'make_optimizer', lambda c: optax.adam(1e30))
+  monkeypatch.setattr(steps, 'make_optimizer', lambda c: optax.adam(1e30))
   with pytest.raises(UserError) as e:
     train.train_and_evaluate(config(data_dir, log_every_steps=1), workdir)
   msg = str(e.value)
@@ -317,9 +318,9 @@ def test_out_of_memory_becomes_a_user_error(tmp_path, data_dir, monkeypatch, whe
   def fail(*args, **kwargs):
     raise jax.errors.JaxRuntimeError(OOM)
   if where == 'compile':   # e.g. XLA's buffer assignment while compiling the model init
-    monkeypatch.setattr(train, 'create_train_state', fail)
+    monkeypatch.setattr(steps, 'create_train_state', fail)
   else:                    # the first train step
-    monkeypatch.setattr(train, 'make_train_step', lambda config, mesh: fail)
+    monkeypatch.setattr(steps, 'make_train_step', lambda config, mesh: fail)
   with pytest.raises(UserError) as e:
     train.train_and_evaluate(config(data_dir), str(tmp_path / 'run'))
   assert 'out of device memory: reduce config.batch_size and/or config.eval_batch_size' in str(
@@ -329,7 +330,7 @@ def test_out_of_memory_becomes_a_user_error(tmp_path, data_dir, monkeypatch, whe
 def test_other_runtime_errors_are_not_disguised(tmp_path, data_dir, monkeypatch):
   def fail(*args, **kwargs):
     raise jax.errors.JaxRuntimeError('INTERNAL: a real bug')
-  monkeypatch.setattr(train, 'create_train_state', fail)
+  monkeypatch.setattr(steps, 'create_train_state', fail)
   with pytest.raises(jax.errors.JaxRuntimeError, match='a real bug'):
     train.train_and_evaluate(config(data_dir), str(tmp_path / 'run'))
 
@@ -339,7 +340,7 @@ def test_other_runtime_errors_are_not_disguised(tmp_path, data_dir, monkeypatch)
 
 def test_a_stalled_step_ends_the_command_with_one_line_and_keeps_the_checkpoint(tmp_path,
                                                                                 data_dir):
-  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'stalled.log')
+  workdir = str(tmp_path / 'run')
   # Call SPE + 10 is batch 10 of epoch 1, after epoch 0's checkpoint at step SPE.
   cmd = h.train_cmd(workdir, data_dir, worker=True, stall_timeout_s=10, num_epochs=2)
   proc = subprocess.run(cmd, cwd=h.REPO, env=h.env(2, NCF_TEST_STALL_AT_CALL=SPE + 10),

@@ -18,7 +18,7 @@ from ncf_jax import metrics as metrics_lib
 from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
-from ncf_jax import train
+from ncf_jax import steps
 
 DEVICE_COUNTS = (1, 2, 8)
 
@@ -55,21 +55,21 @@ def _setup(config, dataset, ndev):
   Everything but the state (which holds the optimizer) is built once per device count.
   """
   if ndev not in _SETUPS:
-    mesh = train.make_mesh(ndev)
-    init_key, data_key, dropout_key = train.make_keys(0, mesh)
+    mesh = steps.make_mesh(ndev)
+    init_key, data_key, dropout_key = steps.make_keys(0, mesh)
     data = sampling.to_device(dataset, NamedSharding(mesh, P()))
-    items = train.make_epoch_items(config, mesh, dataset.num_train)(data, data_key,
+    items = steps.make_epoch_items(config, mesh, dataset.num_train)(data, data_key,
                                                                     np.int32(0))
     _SETUPS[ndev] = mesh, init_key, data, items, (data_key, dropout_key)
   mesh, init_key, data, items, keys = _SETUPS[ndev]
   model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
-  state = train.create_train_state(config, model, init_key, mesh)
+  state = steps.create_train_state(config, model, init_key, mesh)
   return mesh, model, state, data, items, keys
 
 
 def _grads(config, dataset, ndev, step=1, global_step=None):
   mesh, model, state, data, items, keys = _setup(config, dataset, ndev)
-  grad_step = train.make_grad_step(config, mesh, model.apply)
+  grad_step = steps.make_grad_step(config, mesh, model.apply)
   global_step = step if global_step is None else global_step
   grads = grad_step(state.params, data, items, keys, np.int32(0), np.int32(step),
                     np.int32(global_step))
@@ -164,7 +164,7 @@ def test_a_scale_sensitive_update_gives_the_same_parameters_on_1_2_and_8_devices
   for n in DEVICE_COUNTS:
     mesh, _, state, data, items, keys = _setup(config, dataset, n)
     before = jax.device_get(state.params)
-    step = train.make_train_step(config, mesh)
+    step = steps.make_train_step(config, mesh)
     state, out = step(state, data, items, keys, np.int32(0), np.int32(0))
     after = jax.device_get(state.params)
     assert np.isfinite(float(out['train_loss']))
@@ -192,7 +192,7 @@ def test_dropout_masks_and_gradients_do_not_depend_on_the_device_count(dataset):
 def test_the_gradients_cross_devices_in_one_all_reduce(dataset):
   config = small_config('unused')
   mesh, _, state, data, items, keys = _setup(config, dataset, 2)
-  step = train.make_train_step(config, mesh)
+  step = steps.make_train_step(config, mesh)
   hlo = step.lower(state, data, items, keys, np.int32(0), np.int32(0)).compile().as_text()
   reduces = [line.split(' all-reduce')[0] for line in hlo.splitlines()
              if ' all-reduce(' in line or ' all-reduce-start(' in line]

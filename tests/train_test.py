@@ -16,6 +16,7 @@ from ncf_jax import data as data_lib
 from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
+from ncf_jax import steps
 from ncf_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +63,7 @@ def test_default_config_learns_close_to_the_oracle_and_far_above_popularity(tmp_
   config.num_devices = 1   # the 8 forced host devices only slow a 2-core machine down
   _, summary, history = _run(config, tmp_path / 'run')
   dataset = data_lib.load(config.dataset)
-  _, data_key, _ = train.make_keys(int(config.seed), train.make_mesh(1))
+  _, data_key, _ = steps.make_keys(int(config.seed), steps.make_mesh(1))
   score = lambda scorer: baselines.evaluate_scorer(
       dataset, data_key, scorer, num_neg=config.eval_num_neg, top_k=config.top_k)['hr']
   oracle, popularity = score(baselines.oracle_scorer(dataset)), score(
@@ -103,10 +104,10 @@ def test_one_and_eight_devices_see_identical_batches_and_agree_on_metrics(data_d
 def _tiny_model_and_data(data_dir, **overrides):
   config = tiny_config(data_dir, **overrides)
   dataset = data_lib.load(config.dataset, config.validation)
-  mesh = train.make_mesh(2)
+  mesh = steps.make_mesh(2)
   model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
-  init_key, data_key, _ = train.make_keys(0, mesh)
-  state = train.create_train_state(config, model, init_key, mesh)
+  init_key, data_key, _ = steps.make_keys(0, mesh)
+  state = steps.create_train_state(config, model, init_key, mesh)
   data = sampling.to_device(dataset, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return config, dataset, mesh, model, state.params, data, data_key
 
@@ -148,9 +149,9 @@ def test_sampled_and_full_ranking_metrics_match_a_numpy_brute_force(
   config, dataset, mesh, model, params, data, data_key = _tiny_model_and_data(
       data_dir, eval_full_ranking=True, match_mlperf=match_mlperf, eval_batch_size=64,
       validation=validation, full_ranking_chunk=64)
-  eval_step = train.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
+  eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
                                    split=split)
-  got, _ = train.evaluate(eval_step, params, data, data_key, dataset.num_users, 64)
+  got, _ = steps.evaluate(eval_step, params, data, data_key, dataset.num_users, 64)
   _, items = pipeline.eval_candidates(dataset, data_key, num_neg=config.eval_num_neg,
                                       match_mlperf=match_mlperf, split=split)
   want = _brute_force(model, params, dataset, items, split)
@@ -165,9 +166,9 @@ def test_full_ranking_results_do_not_depend_on_the_chunk_and_memory_is_bounded(d
   for chunk in (7, 200, 1000):   # 200 items: a ragged last chunk, one exact, one wider
     config, dataset, mesh, model, params, data, data_key = _tiny_model_and_data(
         data_dir, eval_full_ranking=True, eval_batch_size=64, full_ranking_chunk=chunk)
-    eval_step = train.make_eval_step(config, mesh, model, dataset.num_users,
+    eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users,
                                      dataset.num_items)
-    results[chunk] = train.evaluate(eval_step, params, data, data_key, dataset.num_users,
+    results[chunk] = steps.evaluate(eval_step, params, data, data_key, dataset.num_users,
                                     64)
     compiled = eval_step.lower(params, data, data_key, np.int32(0)).compile()
     temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
@@ -180,9 +181,9 @@ def test_eval_with_a_padded_last_batch_compiles_once(data_dir):
   config, dataset, mesh, model, params, data, data_key = _tiny_model_and_data(
       data_dir, eval_batch_size=128)
   assert dataset.num_users % 128, 'the last eval batch must be padded for this test'
-  eval_step = train.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
-  train.evaluate(eval_step, params, data, data_key, dataset.num_users, 128)
-  train.evaluate(eval_step, params, data, data_key, dataset.num_users, 128)
+  eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
+  steps.evaluate(eval_step, params, data, data_key, dataset.num_users, 128)
+  steps.evaluate(eval_step, params, data, data_key, dataset.num_users, 128)
   assert eval_step._cache_size() == 1
 
 
@@ -201,9 +202,9 @@ def test_neumf_starts_from_pretrained_gmf_and_mlp_workdirs(data_dir, tmp_path):
   config = tiny_config(data_dir, num_epochs=1, **{'model.pretrained_gmf': str(tmp_path / 'gmf'),
                                                   'model.pretrained_mlp': str(tmp_path / 'mlp')})
   dataset = data_lib.load(config.dataset)
-  mesh = train.make_mesh(1)
+  mesh = steps.make_mesh(1)
   model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
-  state = train.create_train_state(config, model, train.make_keys(0, mesh)[0], mesh)
+  state = steps.create_train_state(config, model, steps.make_keys(0, mesh)[0], mesh)
   params = jax.device_get(train._load_pretrained(config, state, mesh))
   np.testing.assert_array_equal(params['gmf']['gmf_item']['embedding'],
                                 runs['gmf']['gmf']['gmf_item']['embedding'])

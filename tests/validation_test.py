@@ -24,6 +24,7 @@ from ncf_jax import evaluate as evaluate_lib
 from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
+from ncf_jax import steps
 from ncf_jax import synthetic
 from ncf_jax import train
 
@@ -92,12 +93,12 @@ def _read(workdir):
 def _test_hr(config, state):
   """Test HR@K of a state's parameters (the final epoch's, here)."""
   dataset = data_lib.load(config.dataset, config.validation)
-  mesh = train.make_mesh(1)
+  mesh = steps.make_mesh(1)
   model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
   data = sampling.to_device(dataset, NamedSharding(mesh, P()))
-  step = train.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
-  data_key = train.make_keys(int(config.seed), mesh)[1]
-  return train.evaluate(step, state.params, data, data_key, dataset.num_users,
+  step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
+  data_key = steps.make_keys(int(config.seed), mesh)[1]
+  return steps.evaluate(step, state.params, data, data_key, dataset.num_users,
                         int(config.eval_batch_size))[0]['hr']
 
 

@@ -22,7 +22,7 @@ from ncf_jax import data
 from ncf_jax import hashing
 from ncf_jax import pipeline
 from ncf_jax import sampling
-from ncf_jax import train
+from ncf_jax import steps
 from ncf_jax.benchmark import common
 from ncf_jax.benchmark import peers
 from ncf_jax.benchmark import timing
@@ -61,7 +61,7 @@ def _setup(args: common.Args) -> _Setup:
   ds = common.scaled_dataset(args)
   dev = sampling.to_device(ds)
   config = ml_collections.ConfigDict({'num_neg': NUM_NEG})
-  build = train.make_epoch_items(config, train.make_mesh(1), ds.num_train)
+  build = steps.make_epoch_items(config, steps.make_mesh(1), ds.num_train)
   return _Setup(ds=ds, dev=dev, key=jax.random.key(0, impl='threefry2x32'), build=build)
 
 

@@ -24,7 +24,7 @@ from ncf_jax import metrics as metrics_lib
 from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
-from ncf_jax import train
+from ncf_jax import steps
 from ncf_jax.benchmark import common
 from ncf_jax.benchmark import peers
 from ncf_jax.benchmark import timing
@@ -61,9 +61,9 @@ def _step_rates(config, model, dev, mesh, keys, sizes: Sequence[int],
   out = {}
   for batch, hashed in [(b, False) for b in sizes] + [(sizes[0], True)]:
     cfg = _with(config, batch_size=batch, hash_pipeline=hashed)
-    state = train.create_train_state(cfg, model, init_key, mesh)
-    step = train.make_train_step(cfg, mesh)
-    items = train.make_epoch_items(cfg, mesh, dev.num_train)(dev, data_key, np.int32(0))
+    state = steps.create_train_state(cfg, model, init_key, mesh)
+    step = steps.make_train_step(cfg, mesh)
+    items = steps.make_epoch_items(cfg, mesh, dev.num_train)(dev, data_key, np.int32(0))
     n = (3 if batch > 100_000 else 10) if _on_cpu() else 20
 
     in_flight = dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
@@ -97,7 +97,7 @@ def _breakdown(config, model, ds: data.Dataset, keys, batch: int):
   """
   init_key, data_key, _ = keys
   config = _with(config, batch_size=batch, hash_pipeline=False)
-  state = train.create_train_state(config, model, init_key, train.make_mesh(1))
+  state = steps.create_train_state(config, model, init_key, steps.make_mesh(1))
   dev1 = sampling.to_device(ds)
   items1 = jax.jit(lambda d: pipeline.epoch_items(d, data_key, 0, num_neg=4))(dev1)
   gen = jax.jit(lambda d, it: pipeline.batch_from_items(d, it, data_key, 0, 0,
@@ -135,7 +135,7 @@ def _eval_rate(config, model, ds: data.Dataset, dev, mesh, data_key,
   config = _with(
       config, eval_batch_size=(1024 if _on_cpu() else 8192) * mesh.size,
       eval_num_neg=int(min(config.eval_num_neg, ds.num_items - ds.user_degrees().max() - 1)))
-  eval_step = train.make_eval_step(config, mesh, model, ds.num_users, ds.num_items)
+  eval_step = steps.make_eval_step(config, mesh, model, ds.num_users, ds.num_items)
   params = jax.device_put(params, NamedSharding(mesh, P()))
   nb = 4 if _on_cpu() else 16
   sec = timing.timed(lambda: [eval_step(params, dev, data_key,
@@ -151,10 +151,10 @@ def run(args: common.Args) -> Dict[str, Any]:
   # At --scale=1 the tables have ml-20m's sizes: they dominate the optimizer's cost.
   num_users, num_items = ds.num_users, ds.num_items
   config = mlperf.get_config() if args.config is None else args.config.copy_and_resolve_references()
-  mesh = train.make_mesh()
+  mesh = steps.make_mesh()
   dev = sampling.to_device(ds, NamedSharding(mesh, P()))
   model = models.create_model(config.model, num_users, num_items, config.dtype)
-  keys = train.make_keys(0, mesh)
+  keys = steps.make_keys(0, mesh)
   flops = _matmul_flops_per_sec()
   out = {**timing.backend(), 'model': config.model.name, 'dtype': config.dtype,
          'train_num_users': num_users, 'train_num_items': num_items,

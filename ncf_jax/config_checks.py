@@ -1,0 +1,114 @@
+"""Config checks that run before any expensive work: one UserError naming field and range."""
+from typing import Optional
+
+import ml_collections
+
+from ncf_jax import data as data_lib
+from ncf_jax import models
+from ncf_jax import steps
+from ncf_jax.errors import UserError
+
+
+# Values of config.select_metric.
+SELECT_METRICS = ('hr', 'ndcg')
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises UserError naming the field, its value and the allowed range."""
+  def bad(field, value, allowed):
+    raise UserError(f'config.{field}={value!r} is invalid: {allowed}.')
+  if config.model.name not in models.MODEL_NAMES:
+    bad('model.name', config.model.name, f'use one of {", ".join(models.MODEL_NAMES)}')
+  if int(config.batch_size) <= 0 or int(config.batch_size) % num_devices:
+    bad('batch_size', config.batch_size,
+        f'it must be a positive multiple of the global device count ({num_devices})')
+  if int(config.eval_batch_size) <= 0 or int(config.eval_batch_size) % num_devices:
+    bad('eval_batch_size', config.eval_batch_size,
+        f'it must be a positive multiple of the global device count ({num_devices})')
+  if int(config.num_neg) < 1:
+    bad('num_neg', config.num_neg, 'it must be >= 1')
+  if int(config.eval_num_neg) < 1:
+    bad('eval_num_neg', config.eval_num_neg, 'it must be >= 1')
+  if not 1 <= int(config.top_k) <= int(config.eval_num_neg) + 1:
+    bad('top_k', config.top_k,
+        f'it must be in [1, eval_num_neg + 1 = {int(config.eval_num_neg) + 1}]')
+  if config.optimizer not in steps.OPTIMIZERS:
+    bad('optimizer', config.optimizer, f'use one of {", ".join(steps.OPTIMIZERS)}')
+  if not float(config.learning_rate) > 0:
+    bad('learning_rate', config.learning_rate, 'it must be > 0')
+  for f in ('beta1', 'beta2'):
+    if not 0 <= float(config[f]) < 1:
+      bad(f, config[f], 'it must be in [0, 1)')
+  if not float(config.eps) >= 0:
+    bad('eps', config.eps, 'it must be >= 0')
+  if int(config.num_epochs) < 1:
+    bad('num_epochs', config.num_epochs, 'it must be >= 1')
+  if config.dtype not in ('float32', 'bfloat16'):
+    bad('dtype', config.dtype, "use 'float32' or 'bfloat16'")
+  layers = tuple(config.model.mlp_layers)
+  if config.model.name in ('neumf', 'mlp') and (
+      len(layers) < 1 or layers[0] % 2 or min(layers) < 1):
+    bad('model.mlp_layers', layers, 'positive widths; the first (user+item) must be even')
+  if int(config.model.mf_dim) < 1:
+    bad('model.mf_dim', config.model.mf_dim, 'it must be >= 1')
+  if not 0 <= float(config.model.dropout) < 1:
+    bad('model.dropout', config.model.dropout, 'it must be in [0, 1)')
+  for f in ('l2', 'l2_params'):
+    if not float(config.model[f]) >= 0:
+      bad(f'model.{f}', config.model[f], 'it must be >= 0')
+  if not float(config.model.embed_init_std) > 0:
+    bad('model.embed_init_std', config.model.embed_init_std, 'it must be > 0')
+  if config.hr_threshold is not None and not 0 < float(config.hr_threshold) <= 1:
+    bad('hr_threshold', config.hr_threshold, 'it must be in (0, 1] or None')
+  if config.validation not in data_lib.VALIDATIONS:
+    bad('validation', config.validation, f'use one of {", ".join(data_lib.VALIDATIONS)}')
+  if config.select_metric not in SELECT_METRICS:
+    bad('select_metric', config.select_metric, f'use one of {", ".join(SELECT_METRICS)}')
+  if int(config.early_stop_patience) < 0:
+    bad('early_stop_patience', config.early_stop_patience, 'it must be >= 0 (0: no early '
+        'stopping)')
+  if int(config.full_ranking_chunk) < 1:
+    bad('full_ranking_chunk', config.full_ranking_chunk, 'it must be >= 1')
+  if config.validation == 'none':
+    if int(config.early_stop_patience):
+      bad('early_stop_patience', config.early_stop_patience, 'early stopping reads the '
+          'validation split: set config.validation=leave_one_out, or use 0')
+  else:
+    if config.hr_threshold is not None:
+      bad('hr_threshold', config.hr_threshold, 'it stops on the test HR, which a run with a '
+          'validation split reads only once, at the end: use None (stop with '
+          'early_stop_patience)')
+    if config.match_mlperf:
+      bad('match_mlperf', config.match_mlperf, 'the MLPerf reference has no validation '
+          'split: use False with validation=leave_one_out')
+  for f in ('eval_every_epochs', 'keep_checkpoints'):
+    if int(config[f]) < 1:
+      bad(f, config[f], 'it must be >= 1')
+  if not float(config.stall_timeout_s) >= 0:
+    bad('stall_timeout_s', config.stall_timeout_s, 'it must be >= 0 (0 disables it)')
+  for f in ('log_every_steps', 'checkpoint_every_epochs'):
+    if int(config[f]) < 0:
+      bad(f, config[f], 'it must be >= 0')
+
+
+def validate_against_data(config, dataset: data_lib.Dataset) -> None:
+  """Checks that need the dataset: enough candidate items for every user."""
+  degrees = dataset.user_degrees()
+  worst = int(degrees.max()) if degrees.size else 0
+  held = 0 if config.match_mlperf else 1 + (dataset.valid_items is not None)
+  candidates = dataset.num_items - worst - held
+  if int(config.eval_num_neg) > candidates:
+    raise UserError(
+        f'config.eval_num_neg={config.eval_num_neg} is invalid: the most active user has '
+        f'{worst} training positives, leaving only {candidates} candidate negatives of '
+        f'{dataset.num_items} items; use eval_num_neg <= {candidates}.')
+  if config.model.pretrained_gmf or config.model.pretrained_mlp:
+    if config.model.name != 'neumf':
+      raise UserError('config.model.pretrained_gmf/pretrained_mlp need model.name=neumf.')
+
+
+def fixed_seed(config) -> Optional[int]:
+  """The seed the config fixes, or None when it asks for a drawn one (None or < 0)."""
+  if config.seed is None or int(config.seed) < 0:
+    return None
+  return int(config.seed)
