@@ -45,17 +45,21 @@ def _values(data_dir: str, overrides: dict) -> dict:
   return values
 
 
-def tiny_config(data_dir: str, **overrides):
-  """The TINY config as a ConfigDict (in-process runs); `a__b=v` sets field a.b."""
-  from configs import default
-  config = default.get_config()
-  for key, value in _values(data_dir, overrides).items():
+def set_fields(config, values: dict):
+  """Sets {'a.b': v} fields of a ConfigDict in place; returns it."""
+  for key, value in values.items():
     node = config
     *parents, leaf = key.split('.')
     for p in parents:
       node = node[p]
     node[leaf] = value
   return config
+
+
+def tiny_config(data_dir: str, **overrides):
+  """The TINY config as a ConfigDict (in-process runs); `a__b=v` sets field a.b."""
+  from configs import default
+  return set_fields(default.get_config(), _values(data_dir, overrides))
 
 
 def config_flags(data_dir: str, **overrides) -> List[str]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import _train_helpers as h
 from configs import default
 from ncf_jax import data as data_lib
 from ncf_jax import metrics as metrics_lib
@@ -32,13 +33,7 @@ def small_config(data_dir, **overrides):
   c.batch_size = 512
   c.eval_batch_size = 64
   c.eval_num_neg = 20
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return h.set_fields(c, overrides)
 
 
 @pytest.fixture(scope='module')
