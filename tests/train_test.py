@@ -12,6 +12,7 @@ import pytest
 
 from configs import default
 from ncf_jax import baselines
+from ncf_jax import config_checks
 from ncf_jax import data as data_lib
 from ncf_jax import models
 from ncf_jax import pipeline
@@ -217,9 +218,11 @@ def test_every_config_defines_the_public_fields(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   for field in ('seed', 'num_epochs', 'batch_size', 'eval_batch_size', 'learning_rate',
                 'beta1', 'beta2', 'eps', 'num_neg', 'eval_num_neg', 'top_k', 'hr_threshold',
-                'match_mlperf', 'hash_pipeline', 'eval_full_ranking', 'dtype'):
+                'match_mlperf', 'hash_pipeline', 'eval_full_ranking', 'dtype', 'optimizer',
+                'validation', 'select_metric', 'early_stop_patience', 'full_ranking_chunk'):
     assert field in config, field
-  for field in ('name', 'mf_dim', 'mlp_layers', 'dropout', 'l2'):
+  for field in ('name', 'mf_dim', 'mlp_layers', 'dropout', 'l2', 'l2_params',
+                'embed_init_std'):
     assert field in config.model
   for field in ('name', 'source', 'data_dir', 'download', 'min_ratings'):
     assert field in config.dataset
@@ -234,6 +237,28 @@ def test_mlperf_config_matches_the_published_settings():
   assert (c.eval_num_neg, c.top_k, c.hr_threshold, c.num_epochs, c.match_mlperf) == (
       999, 10, 0.635, 20, True)
   assert tuple(c.model.mlp_layers) == (256, 256, 128, 64) and c.model.mf_dim == 64
+
+
+@pytest.mark.parametrize('name', ['ncf_paper', 'mf_baseline'])
+def test_research_configs_select_on_validation_and_stop_early_well_below_their_cap(name):
+  import importlib
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config_checks.validate_config(config, 1)
+  assert config.validation == 'leave_one_out' and config.hr_threshold is None
+  assert config.select_metric == 'hr' and config.early_stop_patience > 0
+  assert config.num_epochs >= 5 * config.early_stop_patience
+  assert not config.match_mlperf and config.eval_num_neg == 100 and config.top_k == 10
+
+
+def test_mf_baseline_is_rendle_et_al_2020s_recipe():
+  from configs import mf_baseline
+  c = mf_baseline.get_config()
+  assert (c.model.name, c.optimizer, c.num_neg, c.model.embed_init_std) == ('mf', 'sgd', 8, 0.1)
+  # reg 0.005 per example (their update subtracts reg * row) and step 0.002 per example,
+  # with a batch-mean loss over batch_size examples.
+  assert c.model.l2 == pytest.approx(0.005 / 2) and c.model.l2_params == 0
+  assert c.learning_rate == pytest.approx(0.002 * c.batch_size)
+  assert 16 <= c.model.mf_dim <= 192 and c.num_epochs == 256
 
 
 def _cli(*args, cwd=REPO):
