@@ -34,8 +34,7 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   d.synthetic_num_topics = 16
   # Synthetic generator: seed of the data itself (independent of the training seed).
   d.synthetic_seed = 0
-  # Synthetic generator: share of interactions drawn uniformly from all items instead of
-  # from the planted model (label noise; with few interactions per user models overfit).
+  # Synthetic generator: share of draws uniform over all items (label noise; it overfits).
   d.synthetic_noise = 0.0
   return d
 
@@ -54,8 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mlp_layers = (64, 32, 16)
   # Dropout rate on the MLP hidden layers (0 = off, as in MLPerf).
   config.model.dropout = 0.0
-  # L2 on the embedding rows each sample reads (its user's and item's, bias rows included):
-  # l2 * their sum of squares per sample, averaged over the batch like the loss (0 = off).
+  # L2 per sample on the embedding rows it reads, averaged like the loss (docs/validation.md).
   config.model.l2 = 0.0
   # The alternative: l2_params * the sum of squares of every parameter, added once per step.
   config.model.l2_params = 0.0
@@ -75,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 8192
   # Users per global evaluation batch (each with 1 + eval_num_neg candidates).
   config.eval_batch_size = 1024
-  # 'adam' or 'sgd' (plain SGD: no momentum; beta1, beta2 and eps are then unused).
+  # 'adam' or 'sgd' (plain SGD, no momentum: beta1, beta2 and eps are unused).
   config.optimizer = 'adam'
   # Learning rate of the optimizer.
   config.learning_rate = 0.002
@@ -91,14 +89,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_num_neg = 100
   # Cut-off K of HR@K, NDCG@K, MRR@K (and Recall@K with eval_full_ranking).
   config.top_k = 10
-  # Stop once the test HR@K reaches this value; None runs all epochs. Only without a
-  # validation split (MLPerf's rule); a validated run stops on early_stop_patience.
+  # Stop once the test HR@K reaches this value (MLPerf's rule, validation='none' only).
   config.hr_threshold = config_dict.placeholder(float)
-  # 'none': evaluate the test split every eval_every_epochs (MLPerf). 'leave_one_out': hold
-  # out each user's latest training interaction for validation, evaluate that, keep the
-  # best epoch's parameters and evaluate them once on the test split (docs/validation.md).
+  # 'none' (MLPerf: test every epoch) or 'leave_one_out' (select on validation, test once).
   config.validation = 'none'
-  # Validation metric that picks the best epoch and drives early stopping: 'hr' or 'ndcg'.
+  # Validation metric that selects the best epoch and drives early stopping: 'hr' or 'ndcg'.
   config.select_metric = 'hr'
   # Stop when select_metric has not improved for this many epochs; 0 = run num_epochs.
   config.early_stop_patience = 0
@@ -106,14 +101,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.match_mlperf = False
   # Hash every training batch and the eval candidates on device and log the digests.
   config.hash_pipeline = False
-  # Also rank each held-out item against all items that are candidates for it (full_*).
+  # Also rank each held-out item against all its candidate items (full_* metrics).
   config.eval_full_ranking = False
   # Full ranking scores this many items per user at a time (memory, not results).
   config.full_ranking_chunk = 256
   # Compute dtype of the model ('float32' or 'bfloat16'); parameters stay float32.
   config.dtype = 'float32'
-  # Evaluate (the test split, or the validation split) every this many epochs and after
-  # the last.
+  # Evaluate (test, or validation with a split) every this many epochs and after the last.
   config.eval_every_epochs = 1
   # Log a train line every this many steps (0 = only per epoch).
   config.log_every_steps = 0

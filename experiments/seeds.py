@@ -9,9 +9,10 @@ experiments.sweep, which this module reuses). Every `--config.x=y` of this comma
 every run. Then DIR gets:
 
   seeds.md / seeds.csv  per seed: epochs and seconds to config.hr_threshold, the maximum
-                        test HR over epochs; the MLPerf summary (the fastest and the slowest run dropped, the
-                        mean of the rest, over the runs that reached the target) and the
-                        spread (std, min, max, how many reached the target);
+                        test HR over epochs; the MLPerf summary (the fastest and the
+                        slowest run dropped, the mean of the rest, over the runs that
+                        reached the target) and the spread (std, min, max, how many
+                        reached the target);
   seeds.png             box plots of epochs and seconds to the target.
 
 MLPerf v0.5 timed NCF this way: of 100 runs, the first 50 that converged count, and the

@@ -12,11 +12,13 @@ The model (GENERATOR_VERSION 1):
     sigma ACTIVITY_SIGMA), capped at num_items // 2, so every user has >= 20 interactions.
   * A user draws items i.i.d. from P(i | u) = theta[u, topic(i)] * within_topic[i] (a topic
     from theta_u, then an item by inverse CDF); the interactions are the distinct items
-    drawn. With label noise `noise` > 0, each draw is instead, with that probability, an
-    item uniform over the catalogue (drawn after the planted one, so noise 0 gives the
-    same bytes as before the option existed). Users that fall short of n_u draw their deficit again, for up to MAX_ROUNDS
+    drawn. Users that fall short of n_u draw their deficit again, for up to MAX_ROUNDS
     rounds (then keep what they have, and always at least 20). Ranking by
     log P(i | u) (`SyntheticOracle.score`) is the best a model can do.
+  * Label noise (`noise` > 0): each draw is instead, with that probability, an item
+    uniform over the catalogue (drawn after the planted one, so noise 0 gives the same
+    bytes as before the option existed). The oracle stays the planted model, which still
+    ranks best: the mixture is a monotone function of it.
   * Timestamps: each user starts at a random time in 1998-2013 and rates in sessions a week
     apart (1 + n_u // 10 sessions), each interaction at a random second in the first minute
     of its session, so ties at a user's latest timestamp occur (7.6 % of users at ml-20m
