@@ -199,3 +199,8 @@ def test_evaluate_errors_are_clear(tmp_path, reference):
     evaluate_lib.evaluate_checkpoint(str(tmp_path / 'empty'))
   with pytest.raises(UserError, match='available steps: 40, 80, 120'):
     evaluate_lib.evaluate_checkpoint(reference[0], step=7)
+  # A run without a validation split has neither a selected epoch nor a validation split.
+  with pytest.raises(UserError, match='no selected epoch; drop --best'):
+    evaluate_lib.evaluate_checkpoint(reference[0], best=True)
+  with pytest.raises(UserError, match='use --split=test'):
+    evaluate_lib.evaluate_checkpoint(reference[0], split='valid')
