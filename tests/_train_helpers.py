@@ -32,11 +32,14 @@ STEPS_PER_EPOCH = 40
 EXACT_KEYS = ('hr', 'ndcg', 'train_loss', 'pipeline_hash_first', 'pipeline_hash_all')
 HASH_KEYS = ('pipeline_hash_first', 'pipeline_hash_all')
 
-# One persistent XLA compilation cache for every subprocess of this test session: a run
-# after the first loads its executables (~5 s instead of ~16 s on 2 cores). Loaded
-# executables are the same binaries, so exact comparisons are unaffected.
-_XLA_CACHE = tempfile.mkdtemp(prefix='ncf_jax_test_xla_cache_')
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+# One persistent XLA compilation cache for every subprocess of this test session (the
+# one conftest.py opened for the pytest process, when there is one): a run after the first
+# loads its executables (~5 s instead of ~16 s on 2 cores). Loaded executables are the
+# same binaries, so exact comparisons are unaffected.
+_XLA_CACHE = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+if not _XLA_CACHE:
+  _XLA_CACHE = tempfile.mkdtemp(prefix='ncf_jax_test_xla_cache_')
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
 
 def _values(data_dir: str, overrides: dict) -> dict:

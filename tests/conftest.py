@@ -4,6 +4,20 @@ import os
 # Tests that need several devices set this before jax is imported (see multidevice tests).
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 
+import atexit
+import shutil
+import tempfile
+
+# One persistent XLA compilation cache for the whole session, in this process and in the
+# runs it starts (_train_helpers.env): the same program built by another test (or the same
+# tiny config trained again) is loaded, not compiled. Compiling is most of a tiny run's
+# time on 2 cores; loaded executables are the same binaries, so exact comparisons hold.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='ncf_jax_test_xla_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
 import contextlib
 import dataclasses
 import http.server

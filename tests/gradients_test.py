@@ -62,9 +62,20 @@ def _setup(config, dataset, ndev):
   return mesh, model, state, data, items, keys
 
 
+_GRAD_STEPS = {}
+
+
+def _grad_step(config, mesh, model, ndev):
+  """One compiled gradient program per (config, device count): the tests reuse them."""
+  key = (ndev, config.to_json())
+  if key not in _GRAD_STEPS:
+    _GRAD_STEPS[key] = steps.make_grad_step(config, mesh, model.apply)
+  return _GRAD_STEPS[key]
+
+
 def _grads(config, dataset, ndev, step=1, global_step=None):
   mesh, model, state, data, items, keys = _setup(config, dataset, ndev)
-  grad_step = steps.make_grad_step(config, mesh, model.apply)
+  grad_step = _grad_step(config, mesh, model, ndev)
   global_step = step if global_step is None else global_step
   grads = grad_step(state.params, data, items, keys, np.int32(0), np.int32(step),
                     np.int32(global_step))
