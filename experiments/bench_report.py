@@ -1,7 +1,8 @@
 r"""Benchmark JSON results -> one Markdown table, a column per file.
 
-  python -m ncf_jax.benchmark --json > results/cpu.json     # on each machine
-  python -m experiments.bench_report results/*.json [--out table.md]
+  mkdir -p runs/bench
+  python -m ncf_jax.benchmark --sections=data --scale=0.01 --json > runs/bench/cpu.json
+  python -m experiments.bench_report runs/bench/*.json --out=runs/bench/table.md
 
 Each file holds one JSON object from `python -m ncf_jax.benchmark --json` (a file whose
 last line is that object, after log lines, is read too). A column is headed by the
@@ -166,10 +167,11 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise UserError('pass the JSON files: python -m experiments.bench_report '
-                    'results/*.json [--out table.md]')
+                    'runs/bench/*.json [--out=runs/bench/table.md]')
   table = render(paths, [read_result(p) for p in paths])
   out = flags.FLAGS.out
   if out:
+    os.makedirs(os.path.dirname(out) or '.', exist_ok=True)  # e.g. --out=runs/bench/table.md
     with open(out, 'w') as f:
       f.write(table)
     print(f'Wrote {out}: {len(paths)} result file(s).')

@@ -360,6 +360,13 @@ def test_bench_report_makes_a_column_per_file_and_a_row_per_key(tmp_path):
   assert body['new_figure_sec'] == '| `new_figure_sec` | s | 0.5 | — |'
 
 
+def test_bench_report_makes_the_folder_of_its_out_file(tmp_path):
+  cpu = write(tmp_path / 'cpu.json', json.dumps({'backend': 'cpu', 'data_parse_sec': 0.5}))
+  out = tmp_path / 'new' / 'folder' / 'table.md'
+  rc, _, err = run('experiments.bench_report', cpu, f'--out={out}')
+  assert rc == 0 and out.read_text().startswith('| figure | unit | cpu |'), err
+
+
 def test_bench_report_rejects_files_that_are_not_a_json_object(tmp_path):
   with pytest.raises(UserError, match='not JSON'):
     bench_report.read_result(write(tmp_path / 'a.json', 'hello\n'))

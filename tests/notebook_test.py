@@ -3,7 +3,8 @@
 The parameters are injected papermill-style: a cell after the one tagged `parameters`
 sets tiny sizes and temporary folders. The kernel is this test's own interpreter
 (sys.executable), through a kernelspec written to a temporary JUPYTER_PATH, so a fresh CI
-virtualenv needs no `ipykernel install`.
+virtualenv needs no `ipykernel install`. The cell tagged `helpers` (config names, Drive
+paths) is also run on its own, with no kernel and a fake Drive folder.
 """
 import json
 import os
@@ -75,3 +76,42 @@ def test_notebook_trains_plots_hashes_and_resumes_on_cpu(tmp_path, kernel_name):
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
   assert summary['epochs_done'] == 3 and f"params hash: {summary['params_hash']}" in text
+
+
+def _helpers(monkeypatch):
+  """The names the notebook's `helpers` cell defines, executed here with configs importable."""
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  (cell,) = [c for c in notebook.cells if 'helpers' in c.metadata.get('tags', [])]
+  assert 'load_config(CONFIG)' in ''.join(c.source for c in notebook.cells)
+  monkeypatch.syspath_prepend(REPO)  # as in the notebook, which runs from the checkout
+  namespace = {'os': os}
+  exec(compile(cell.source, NOTEBOOK, 'exec'), namespace)  # pylint: disable=exec-used
+  return namespace
+
+
+@pytest.mark.parametrize('name, dataset, batch_size', [
+    ('default', 'synthetic', 8192), ('mlperf', 'ml-20m', 1048576),
+    ('mlperf:runlocal', 'synthetic', 8192), ('mlperf:reference', 'ml-20m', 2048),
+    ('configs/mlperf.py:runlocal', 'synthetic', 8192)])
+def test_config_takes_a_file_and_variant_as_the_command_line_does(name, dataset, batch_size,
+                                                                 monkeypatch):
+  config = _helpers(monkeypatch)['load_config'](name)
+  assert (config.dataset.name, config.batch_size) == (dataset, batch_size)
+
+
+def test_an_unknown_config_variant_is_the_config_files_own_error(monkeypatch):
+  with pytest.raises(ValueError, match='use reference or runlocal'):
+    _helpers(monkeypatch)['load_config']('mlperf:nosuch')
+
+
+def test_with_drive_the_data_and_the_workdir_go_on_drive(tmp_path, monkeypatch):
+  resolve_paths = _helpers(monkeypatch)['resolve_paths']
+  drive = str(tmp_path / 'MyDrive' / 'ncf_jax')  # stands in for the mounted folder
+  assert resolve_paths(None, 'runs/colab') == ('~/.cache/ncf_jax', 'runs/colab')
+  assert resolve_paths(None, 'runs/colab', drive) == (
+      os.path.join(drive, 'data'), os.path.join(drive, 'runs/colab'))
+  assert resolve_paths('movielens', 'runs/colab', drive)[0] == os.path.join(drive, 'movielens')
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  assert resolve_paths('~/data', 'runs/colab', drive)[0] == str(tmp_path / 'home' / 'data')
+  data_dir, workdir = resolve_paths(None, 'runs/colab', drive)
+  assert resolve_paths(data_dir, workdir, drive) == (data_dir, workdir)  # running it again
