@@ -404,7 +404,8 @@ def prepare(dataset_config, *, force: bool = False, validation: str = 'none') ->
     build = lambda: build_grouplens(src, min_ratings, validation)
   else:
     params['source'] = 'tfds'
-    ds = movielens.open_tfds(name, os.path.join(data_dir, 'tfds'), v['download'])
+    ds = movielens.open_tfds(name, os.path.join(data_dir, 'tfds'), v['download'],
+                             zip_dir=data_dir)
     source_id = movielens.tfds_identity(ds, name)
     build = lambda: _build_movielens(movielens.read_tfds(ds, name), name, min_ratings,
                                      validation)

@@ -5,10 +5,13 @@ ncf_jax.data. Parsing is vectorized: pyarrow's multi-threaded CSV reader, with `
 files first rewritten in memory to a one-byte separator. Only the error path scans the
 bytes again (numpy, block by block) to name the bad line.
 """
+import contextlib
 import dataclasses
 import hashlib
 import http.client
+import importlib.util
 import os
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -418,25 +421,119 @@ def check_known_sizes(name: str, where: str, num_ratings: Optional[int] = None,
 # --------------------------------------------------------------------------------------
 # TensorFlow Datasets.
 
+# Formats `tfds.data_source` can read (random access); TFDS's default, tfrecord, is not one.
+TFDS_FILE_FORMAT = 'array_record'
+_TFDS_READABLE = ('array_record', 'parquet')
 
-def open_tfds(name: str, data_dir: str, download: bool):
-  """Returns `tfds.data_source` of the ratings of `name` (no TensorFlow needed)."""
+
+def tfds_build_command(name: str) -> str:
+  """The command that builds TFDS `name` the way `open_tfds` reads it."""
+  return (f'python -m ncf_jax.prepare --config=configs/default.py --config.dataset.name={name} '
+          '--config.dataset.source=tfds --download')
+
+
+def open_tfds(name: str, data_dir: str, download: bool,
+              zip_dir: Optional[str] = None):
+  """Returns the `tfds.data_source` of the ratings of `name`, building it first if asked.
+
+  Reading an existing build needs no TensorFlow; building does (TFDS's movielens builder
+  extracts and parses with tf.io.gfile). The build writes array_record, a format
+  `tfds.data_source` reads, and takes the GroupLens zip from `zip_dir/<name>.zip` (TFDS's
+  manual_dir), which `download_zip` fetches first when it is missing: our downloader fails
+  in seconds with a clear message, TFDS's own retries for minutes when offline.
+
+  Args:
+    name: a key of TFDS_NAMES.
+    data_dir: the TFDS data_dir (`config.dataset.data_dir`/tfds).
+    download: build the dataset when it is not in data_dir.
+    zip_dir: where the GroupLens zips live (`config.dataset.data_dir`; default: the
+      folder above data_dir).
+
+  Raises:
+    UserError: not built (and download is off), built in a format data_source cannot
+      read, TensorFlow missing for a build, download or build failed.
+  """
   if name not in TFDS_NAMES:
     raise UserError(f'{name} is not in TensorFlow Datasets (TFDS has '
                     f'{", ".join(sorted(TFDS_NAMES))}); use --config.dataset.source=grouplens.')
-  # pylint: disable=g-import-not-at-top,unused-import
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.structured import movielens  # registers the builder
-  # pylint: enable=g-import-not-at-top,unused-import
-  try:
-    return tfds.data_source(TFDS_NAMES[name], split='train', data_dir=data_dir,
-                            download=download)
-  except Exception as e:  # pylint: disable=broad-except
+  tfds_name = TFDS_NAMES[name]
+  zip_dir = os.path.dirname(os.path.abspath(data_dir)) if zip_dir is None else zip_dir
+  # TFDS prints progress ("Downloading and preparing dataset...") to stdout, which belongs
+  # to the commands' own output (prepare's one JSON line).
+  with contextlib.redirect_stdout(sys.stderr):
+    try:
+      # pylint: disable=g-import-not-at-top,unused-import
+      import tensorflow_datasets as tfds
+      from tensorflow_datasets.structured import movielens  # registers the builder
+      # pylint: enable=g-import-not-at-top,unused-import
+      builder = tfds.builder(tfds_name, data_dir=data_dir)
+      prepared = builder.is_prepared()
+    except ModuleNotFoundError as e:
+      raise UserError(f'TensorFlow Datasets needs the Python module {e.name!r}, which is not '
+                      'installed: pip install -r requirements.txt.') from None
+    where = str(builder.data_path)
+    if not prepared:
+      if not download:
+        raise UserError(
+            f'TFDS {tfds_name} is not built in {data_dir}. Build it there (as array_record) '
+            f'with `{tfds_build_command(name)}` (or --config.dataset.download=True), or use '
+            '--config.dataset.source=grouplens.')
+      _build_tfds(tfds, builder, name, data_dir, zip_dir)
+    else:
+      formats = sorted(f.value for f in builder.info.available_file_formats())
+      if not set(formats) & set(_TFDS_READABLE):
+        raise UserError(
+            f'TFDS {tfds_name} in {where} is stored as {", ".join(formats) or "no known format"}'
+            f', which tfds.data_source cannot read (it needs {TFDS_FILE_FORMAT}). Delete '
+            f'{where} and rebuild it with `{tfds_build_command(name)}`, or use '
+            '--config.dataset.source=grouplens.')
+    try:
+      return builder.as_data_source(split='train')
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f'cannot read TFDS {tfds_name} in {where} ({_first_line(e)}); delete '
+                      f'{where} and rebuild it with `{tfds_build_command(name)}`.') from None
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f'{type(e).__name__}: {text.splitlines()[0]}' if text else type(e).__name__
+
+
+def has_tensorflow() -> bool:
+  """Whether TensorFlow is installed (TFDS builds need it; reading does not)."""
+  return importlib.util.find_spec('tensorflow') is not None
+
+
+def _build_tfds(tfds, builder, name: str, data_dir: str, zip_dir: str) -> None:
+  """Builds TFDS `name` as array_record from `zip_dir/<name>.zip`, downloading it first."""
+  # pylint: disable-next=g-import-not-at-top
+  from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+  tfds_name = TFDS_NAMES[name]
+  if not has_tensorflow():  # checked before any download: fail in a second, not after one
     raise UserError(
-        f'TFDS {TFDS_NAMES[name]} is not available in {data_dir} ({type(e).__name__}: '
-        f'{str(e).splitlines()[0] if str(e) else ""}). Prepare it with '
-        '--config.dataset.download=True (or `tfds build`), or use '
-        '--config.dataset.source=grouplens.') from None
+        f'building TFDS {tfds_name} needs TensorFlow (TFDS\'s movielens builder reads the zip '
+        'with tf.io.gfile), which is not installed: pip install -r requirements-tfds.txt and '
+        'run again, or use --config.dataset.source=grouplens (the same GroupLens files, no '
+        'TensorFlow).')
+  zpath = os.path.join(zip_dir, f'{name}.zip')
+  if not os.path.isfile(zpath):
+    download_zip(name, zip_dir)
+  logging.info('Building TFDS %s in %s from %s', tfds_name, data_dir, zpath)
+  config = tfds.download.DownloadConfig(manual_dir=zip_dir)
+  try:
+    builder.download_and_prepare(file_format=TFDS_FILE_FORMAT, download_config=config)
+  except NonMatchingChecksumError:
+    raise UserError(
+        f'{zpath} is not the official GroupLens {name} zip that TFDS {tfds_name} expects (its '
+        'SHA-256 differs). Delete it and run again with --download, or use '
+        '--config.dataset.source=grouplens to read it as it is.') from None
+  except tfds.download.DownloadError as e:
+    raise UserError(f'TFDS could not download {tfds_name} ({_first_line(e)}). Check the '
+                    f'network, or put the official zip at {zpath} and run again.') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'TFDS failed to build {tfds_name} in {data_dir} from {zpath} '
+                    f'({_first_line(e)}). Delete {zpath} and run again with --download, or '
+                    'use --config.dataset.source=grouplens.') from None
 
 
 def tfds_identity(ds, name: str) -> str:

@@ -25,8 +25,29 @@ def define_flags() -> None:
                                   'are used).',
                                   lock_config=True)
   flags.DEFINE_bool('download', False, 'Download the GroupLens zip into data_dir when it is '
-                    'missing (same as --config.dataset.download=True).')
+                    'missing, and with --config.dataset.source=tfds build the TFDS dataset '
+                    'from it (same as --config.dataset.download=True).')
   flags.DEFINE_bool('force', False, 'Rebuild even if a valid cache exists.')
+
+
+def run(config, *, download: bool = False, force: bool = False) -> dict:
+  """Prepares `config.dataset` and prints the one JSON summary line (the command's body).
+
+  Nothing else goes to stdout: data sources that print (TFDS) are sent to stderr.
+  """
+  dataset_config = config.dataset
+  if download:
+    dataset_config.download = True
+  prepared = data.prepare(dataset_config, force=force, validation=config.validation)
+  if prepared.cache_path is None:
+    raise UserError(f'could not write the processed cache under {dataset_config.data_dir} '
+                    '(see the warning above); make it writable or pick another '
+                    '--config.dataset.data_dir.')
+  ds = prepared.dataset
+  summary = {'dataset': ds.name, 'num_users': ds.num_users, 'num_items': ds.num_items,
+             'num_train': ds.num_train, 'num_test': ds.num_test, 'cache': prepared.cache_path}
+  print(json.dumps(summary), flush=True)
+  return summary
 
 
 @exit_on_user_error
@@ -34,19 +55,7 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments {" ".join(argv[1:])!r}; use --config.dataset.* '
                     'flags.')
-  dataset_config = flags.FLAGS.config.dataset
-  if flags.FLAGS.download:
-    dataset_config.download = True
-  prepared = data.prepare(dataset_config, force=flags.FLAGS.force,
-                          validation=flags.FLAGS.config.validation)
-  if prepared.cache_path is None:
-    raise UserError(f'could not write the processed cache under {dataset_config.data_dir} '
-                    '(see the warning above); make it writable or pick another '
-                    '--config.dataset.data_dir.')
-  ds = prepared.dataset
-  print(json.dumps({'dataset': ds.name, 'num_users': ds.num_users,
-                    'num_items': ds.num_items, 'num_train': ds.num_train,
-                    'num_test': ds.num_test, 'cache': prepared.cache_path}), flush=True)
+  run(flags.FLAGS.config, download=flags.FLAGS.download, force=flags.FLAGS.force)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,9 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 import contextlib
 import dataclasses
 import http.server
+import io
 import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -110,3 +112,32 @@ def serve_http(files, prefix=''):
   finally:
     server.shutdown()
     server.server_close()
+
+
+def ml100k_zip(rows):
+  """A tiny zip laid out like GroupLens ml-100k, as TFDS's movielens builder parses it.
+
+  rows: (user, movie, timestamp) triples for u.data; u.item and u.user list every id used.
+  """
+  users = sorted({u for u, _, _ in rows})
+  movies = sorted({i for _, i, _ in rows})
+  genres = '|'.join(['0'] * 18 + ['1'])   # 19 genre flags, as in the real u.item
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, 'w', zipfile.ZIP_DEFLATED) as z:
+    z.writestr('ml-100k/u.data', ''.join(f'{u}\t{i}\t4\t{t}\n' for u, i, t in rows))
+    z.writestr('ml-100k/u.item', ''.join(
+        f'{i}|Movie {i} (1995)|01-Jan-1995||http://example.com|{genres}\n' for i in movies))
+    z.writestr('ml-100k/u.user', ''.join(f'{u}|24|M|technician|85711\n' for u in users))
+  return buf.getvalue()
+
+
+def write_tfds_metadata(tfds_dir, file_format, name='ml-20m'):
+  """Writes the metadata of a built TFDS dataset (no records, no TensorFlow needed)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.structured import movielens  # pylint: disable=g-import-not-at-top,unused-import
+  from ncf_jax import movielens as ncf_movielens  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(ncf_movielens.TFDS_NAMES[name], data_dir=str(tfds_dir))
+  builder.info.set_file_format(file_format, override=True)
+  builder.data_path.mkdir(parents=True)
+  builder.info.write_to_directory(builder.data_path)
+  return str(builder.data_path)

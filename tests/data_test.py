@@ -13,6 +13,10 @@ from ncf_jax import data
 from ncf_jax import movielens
 from ncf_jax.errors import UserError
 
+from conftest import ml100k_zip
+from conftest import write_tfds_metadata
+from conftest import serve_http
+
 # (raw user, raw movie, timestamp) in file order: 5 users, 12 movies.
 ROWS = [
     (3, 500, 10), (3, 100, 20), (3, 900, 20),    # user 3: tie at its latest ts, 900 is last
@@ -451,14 +455,68 @@ def test_tfds_source_gives_the_same_dataset_and_is_converted_once(tmp_path):
   records = Records({'user_id': str(u).encode(), 'movie_id': str(i).encode(),
                      'user_rating': np.float32(4), 'timestamp': np.int64(t)}
                     for u, i, t in ROWS)
+  tfds_dir = tmp_path / 'tfds'
+  write_tfds_metadata(tfds_dir, 'array_record')   # built, as `open_tfds` builds it
   c = config(tmp_path, 'ml-20m', source='tfds')
-  with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: records):
+  with tfds.testing.mock_data(data_dir=str(tfds_dir), as_data_source_fn=lambda *a, **k: records):
     first = data.prepare(c)
     n = len(reads)
     second = data.prepare(c)
   assert first.built and not second.built and n == len(ROWS) and len(reads) == n
   assert_expected(second.dataset)
   assert '/processed/ml-20m-' in first.cache_path
+
+
+def test_tfds_not_built_without_download_names_the_command_that_builds_it(tmp_path):
+  with pytest.raises(UserError) as e:
+    data.prepare(config(tmp_path, 'ml-100k', source='tfds'))
+  message = str(e.value)
+  assert f'TFDS movielens/100k-ratings is not built in {tmp_path}/tfds' in message
+  assert ('`python -m ncf_jax.prepare --config=configs/default.py --config.dataset.name=ml-100k '
+          '--config.dataset.source=tfds --download`') in message
+  assert 'source=grouplens' in message and 'tfds build' not in message
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('download', [False, True])
+def test_tfds_built_as_tfrecord_says_delete_and_rebuild_as_array_record(tmp_path, download):
+  where = write_tfds_metadata(tmp_path / 'tfds', 'tfrecord', name='ml-100k')
+  with pytest.raises(UserError, match=(
+      rf'TFDS movielens/100k-ratings in {where} is stored as tfrecord, which tfds.data_source '
+      rf'cannot read \(it needs array_record\). Delete {where} and rebuild it with '
+      r'`python -m ncf_jax.prepare .*--download`')):
+    data.prepare(config(tmp_path, 'ml-100k', source='tfds', download=download))
+
+
+def test_tfds_build_without_tensorflow_says_install_it_before_downloading(tmp_path,
+                                                                          monkeypatch):
+  monkeypatch.setattr(movielens, 'has_tensorflow', lambda: False)
+  monkeypatch.setenv(movielens.URL_ENV, 'http://127.0.0.1:9')   # would fail if reached
+  with pytest.raises(UserError, match=r'building TFDS movielens/100k-ratings needs TensorFlow '
+                     r'.*pip install -r requirements-tfds.txt.*source=grouplens'):
+    data.prepare(config(tmp_path, 'ml-100k', source='tfds', download=True))
+  assert os.listdir(tmp_path) == []
+
+
+def test_tfds_download_failure_names_the_url_and_what_to_do(tmp_path, monkeypatch):
+  monkeypatch.setattr(movielens, 'has_tensorflow', lambda: True)  # fails before TF is used
+  with serve_http({}) as url:   # every path is a 404
+    monkeypatch.setenv(movielens.URL_ENV, url)
+    with pytest.raises(UserError, match=(
+        rf'download of {url}/ml-100k.zip failed: HTTP Error 404.*Check the network.*by hand '
+        rf'into {tmp_path}/ml-100k.zip')):
+      data.prepare(config(tmp_path, 'ml-100k', source='tfds', download=True))
+  assert not (tmp_path / 'ml-100k.zip').exists()
+
+
+def test_tfds_unofficial_zip_in_data_dir_fails_the_checksum_with_one_clear_error(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(movielens, 'has_tensorflow', lambda: True)  # fails before TF is used
+  (tmp_path / 'ml-100k.zip').write_bytes(ml100k_zip(ROWS))
+  with pytest.raises(UserError, match=(
+      rf'{tmp_path}/ml-100k.zip is not the official GroupLens ml-100k zip that TFDS '
+      r'movielens/100k-ratings expects \(its SHA-256 differs\)')):
+    data.prepare(config(tmp_path, 'ml-100k', source='tfds', download=True))
 
 
 def _snapshot(folder):

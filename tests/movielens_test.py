@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import serve_http
+from conftest import write_tfds_metadata
 from ncf_jax import movielens
 from ncf_jax.errors import UserError
 
@@ -305,7 +306,11 @@ def test_default_url_is_the_official_grouplens_one(monkeypatch):
 
 def test_tfds_random_mock_records_have_non_numeric_ids_and_say_so(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+  # What tfds.testing.mock_data's random records look like: ids are random strings.
+  records = [{'user_id': b'kq3Zx', 'movie_id': b'7', 'user_rating': np.float32(4),
+              'timestamp': np.int64(k)} for k in range(5)]
+  write_tfds_metadata(tmp_path, 'array_record', name='ml-100k')   # built: records are mocked
+  with tfds.testing.mock_data(data_dir=str(tmp_path), as_data_source_fn=lambda *a, **k: records):
     ds = movielens.open_tfds('ml-100k', str(tmp_path), download=False)
     assert len(ds) == 5
     assert set(ds[0]) >= {'user_id', 'movie_id', 'timestamp', 'user_rating'}
@@ -325,7 +330,8 @@ def tfds_records(rows=ROWS, as_bytes=True):
 def test_tfds_records_convert_to_raw_ratings_in_order(tmp_path, as_bytes):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   records = tfds_records(as_bytes=as_bytes)
-  with tfds.testing.mock_data(as_data_source_fn=lambda *a, **k: records):
+  write_tfds_metadata(tmp_path, 'array_record')   # built: records are mocked
+  with tfds.testing.mock_data(data_dir=str(tmp_path), as_data_source_fn=lambda *a, **k: records):
     ds = movielens.open_tfds('ml-20m', str(tmp_path), download=False)
     ratings = movielens.read_tfds(ds, 'ml-20m')
   assert_rows(ratings)

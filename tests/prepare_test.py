@@ -7,7 +7,9 @@ import sys
 import zipfile
 
 import numpy as np
+import pytest
 
+from conftest import ml100k_zip
 from conftest import serve_http
 from ncf_jax import cache
 
@@ -117,3 +119,51 @@ def test_benchmark_unknown_section_is_a_user_error():
   proc = subprocess.run([PYTHON, '-m', 'ncf_jax.benchmark', '--sections=nope'], cwd=REPO,
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 2 and 'unknown --sections nope; valid: ' in proc.stderr
+
+
+# (raw user, raw movie, timestamp): at min_ratings=3 users 1, 2, 3 stay (user 4 is dropped).
+TFDS_ROWS = [(1, 10, 5), (1, 20, 6), (1, 30, 7), (2, 10, 1), (2, 40, 2), (2, 50, 3),
+             (2, 20, 4), (3, 60, 9), (3, 10, 8), (3, 30, 7), (4, 70, 1), (4, 10, 2)]
+
+
+def tfds_config(data_dir):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.dataset.update(name='ml-100k', source='tfds', data_dir=str(data_dir), min_ratings=3)
+  return config
+
+
+@pytest.mark.slow   # imports TensorFlow (10-20 s on 2 shared cores)
+def test_tfds_download_builds_array_record_prints_one_json_line_then_uses_the_cache(
+    tmp_path, monkeypatch, capfd):
+  """The real TFDS movielens builder, fed over HTTP from 127.0.0.1."""
+  pytest.importorskip('tensorflow')   # requirements-tfds.txt: TFDS builds need it
+  from tensorflow_datasets.structured import movielens as tfds_movielens  # pylint: disable=g-import-not-at-top
+  body = ml100k_zip(TFDS_ROWS)
+  from ncf_jax import prepare as prepare_lib  # pylint: disable=g-import-not-at-top
+  builder_config = next(c for c in tfds_movielens.Movielens.BUILDER_CONFIGS
+                        if c.name == '100k-ratings')
+  with serve_http({'/ml-100k.zip': (body, None)}) as url:
+    monkeypatch.setenv('NCF_JAX_MOVIELENS_URL', url)   # our download of data_dir/ml-100k.zip
+    # The fake zip cannot match TFDS's registered checksum of the official URL, so the
+    # builder fetches it from an unregistered local URL instead.
+    monkeypatch.setattr(builder_config, '_download_url', f'{url}/ml-100k.zip')
+    prepare_lib.run(tfds_config(tmp_path), download=True)   # the command's body
+    out, err = capfd.readouterr()
+  assert len(out.splitlines()) == 1, out
+  summary = json.loads(out)
+  assert summary == {'dataset': 'ml-100k', 'num_users': 3, 'num_items': 6, 'num_train': 7,
+                     'num_test': 3, 'cache': summary['cache']}
+  assert 'Downloading and preparing dataset' in err   # TFDS's progress, moved off stdout
+  built = tmp_path / 'tfds' / 'movielens' / '100k-ratings' / '0.1.1'
+  shards = [f for f in os.listdir(built) if '.array_record-' in f]
+  assert len(shards) == 1 and not [f for f in os.listdir(built) if 'tfrecord' in f]
+  with open(built / 'dataset_info.json') as f:
+    assert json.load(f)['fileFormat'] == 'array_record'
+  mtimes = {p: os.stat(p).st_mtime_ns for p in (built / shards[0], summary['cache'])}
+
+  prepare_lib.run(tfds_config(tmp_path))   # no --download, no server: the build and cache are reused
+  out2, err2 = capfd.readouterr()
+  assert json.loads(out2) == summary and len(out2.splitlines()) == 1
+  assert {p: os.stat(p).st_mtime_ns for p in mtimes} == mtimes
+  assert 'Downloading and preparing' not in err2
