@@ -18,13 +18,13 @@ from absl import logging
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 from ncf_jax import checkpoint as ckpt_lib
 from ncf_jax import config_checks
 from ncf_jax import data as data_lib
 from ncf_jax import dispatch
+from ncf_jax import errors
 from ncf_jax import hashing
 from ncf_jax import launch
 from ncf_jax import models
@@ -520,8 +520,7 @@ def define_flags() -> None:
   """
   if 'coordinator_address' in flags.FLAGS:
     return
-  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training config file.',
-                                  lock_config=True)
+  errors.define_config_file('configs/default.py', 'Training config file.')
   flags.DEFINE_string('workdir', None, 'Run directory (made if absent; resumed).')
   flags.DEFINE_string('coordinator_address', None,
                       'Multi-host: host:port of process 0 (jax.distributed).')
