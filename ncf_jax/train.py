@@ -94,15 +94,46 @@ def resolve_seed(config) -> int:
   return seed
 
 
-def make_workdir(workdir: Optional[str]) -> str:
+def _missing_dirs(path: str) -> list:
+  """`path` and those of its parents that do not exist yet, deepest first."""
+  missing = []
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing
+
+
+def remove_if_empty(dirs) -> None:
+  """Removes each of `dirs` (deepest first) whose tree holds no file at all.
+
+  For the folders a run created before it failed: it leaves no empty workdir behind.
+  Only empty folders are removed (`os.rmdir`), so no file is ever lost.
+  """
+  for top in dirs:
+    if not os.path.isdir(top):
+      continue
+    try:
+      for root, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        os.rmdir(root)   # fails (and stops) at the first folder that is not empty
+    except OSError:
+      return
+
+
+def make_workdir(workdir: Optional[str], made: Optional[list] = None) -> str:
+  """Creates (or checks) the run's folder; appends the folders it created to `made`."""
+  made = [] if made is None else made
   if not workdir and jax.process_count() > 1:
     raise UserError('a multi-process run needs --workdir (the same shared folder on every '
                     'host).')
   if not workdir:
+    made[:0] = _missing_dirs('runs')
     os.makedirs('runs', exist_ok=True)
     workdir = tempfile.mkdtemp(prefix=time.strftime('%Y%m%d-%H%M%S-'), dir='runs')
+    made.insert(0, os.path.abspath(workdir))
     print(f'workdir: {workdir}', flush=True)
   try:
+    made[:0] = _missing_dirs(workdir)
     os.makedirs(workdir, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix='.write_test', dir=workdir)  # unique per process
     with os.fdopen(fd, 'w') as f:
@@ -127,14 +158,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Trains, evaluates every `eval_every_epochs`, checkpoints, and resumes from `workdir`.
 
   Writes config.json, metrics.jsonl, summary.json and TensorBoard events to `workdir`.
-  Returns the final TrainState.
+  Logs to stderr even from plain Python (`writers.visible_logs`). A run that fails
+  before writing anything removes the folders it created. Returns the final TrainState.
   """
+  made = []   # folders this run created (deepest first)
   try:
-    return _train_and_evaluate(config, workdir)
-  except jax.errors.JaxRuntimeError as e:
-    hint = _oom_hint(e)
-    if hint:
-      raise UserError(hint) from None
+    with writers.visible_logs():
+      return _train_and_evaluate(config, workdir, made)
+  except BaseException as e:
+    if jax.process_count() == 1:   # else another process may be about to write there
+      remove_if_empty(made)
+    if isinstance(e, jax.errors.JaxRuntimeError) and _oom_hint(e):
+      raise UserError(_oom_hint(e)) from None
     raise
 
 
@@ -174,11 +209,11 @@ def _max_over_epochs(history, key: str) -> Optional[float]:
   return max(values) if values else None
 
 
-def _train_and_evaluate(config, workdir):
+def _train_and_evaluate(config, workdir, made):
   writers.quiet_library_logs()
   mesh = steps.make_mesh(int(config.num_devices))
   config_checks.validate_config(config, mesh.size)
-  workdir = make_workdir(workdir)
+  workdir = make_workdir(workdir, made)
   is_main = jax.process_index() == 0
   ckpts = ckpt_lib.Checkpoints(workdir, int(config.keep_checkpoints))
   latest = ckpts.latest_step()
@@ -534,6 +569,7 @@ def main(argv):
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   FLAGS = flags.FLAGS
   config = FLAGS.config
+  writers.quiet_library_logs()   # before JAX starts its backends
   launch.xla_flags(config)
   launch.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
