@@ -325,7 +325,8 @@ def _train_and_evaluate(config, workdir, made):
         state = _replay_hashes(config, mesh, state, data, items, data_key, epoch,
                                first_step, in_flight)
       hash_steps = first_step if config.hash_pipeline else None
-      progress = writers.progress(spe, first_step, f'epoch {epoch}', is_main)
+      progress = writers.progress(spe, first_step, f'epoch {epoch}', is_main,
+                                  on_wait=watchdog.beat)
       for step in range(first_step, spe):
         if preemption.check(epoch * spe + step):
           stopped = True
@@ -337,7 +338,7 @@ def _train_and_evaluate(config, workdir, made):
         where['step'] = step + 1
         if hash_steps is not None:
           hash_steps = step + 1
-        progress.update(1)
+        progress.add(out['train_loss'])   # counted when the device has finished it
         if config.log_every_steps and (step + 1) % config.log_every_steps == 0:
           _check_finite(state, ckpts)
           writer.log_step(epoch, step + 1, spe, state)

@@ -180,24 +180,70 @@ class MetricWriter:
 
 
 class _PlainProgress:
-  """Progress for non-terminals: a log line every ~30 s."""
+  """Progress for non-terminals: a log line every `every_s` seconds."""
 
-  def __init__(self, total, initial, desc):
-    self.total, self.n, self.desc = total, initial, desc
-    self.last = time.time()
+  def __init__(self, total: int, initial: int, desc: str, every_s: float = 30.0):
+    self.total, self.n, self.desc, self.every_s = total, initial, desc, every_s
+    self._start = self._last = time.time()
+    self._initial = initial
 
-  def update(self, k):
+  def update(self, k: int) -> None:
     self.n += k
-    if time.time() - self.last > 30:
-      self.last = time.time()
-      logging.info('%s: %d/%d steps', self.desc, self.n, self.total)
+    now = time.time()
+    if now - self._last >= self.every_s:
+      self._last = now
+      rate = (self.n - self._initial) / max(now - self._start, 1e-9)
+      logging.info('%s: %d/%d steps (%.0f%%), %.1f steps/s', self.desc, self.n,
+                   self.total, 100.0 * self.n / max(self.total, 1), rate)
 
-  def close(self):
+  def close(self) -> None:
     pass
 
 
-def progress(total: int, initial: int, desc: str, enabled: bool):
-  """A tqdm bar on a terminal, periodic log lines otherwise."""
+class DeviceProgress:
+  """A progress bar that counts a step when the device has finished it.
+
+  Steps are dispatched asynchronously, so counting dispatches filled the bar at once
+  and left it full while the device worked. `add(token)` takes one small output of
+  each step (its loss) and advances the bar past every finished one, polled with
+  `is_ready()`: no wait, no host sync in the loop. `close()` waits for the rest in
+  order, so the bar keeps moving with the device until the epoch's last step.
+  """
+
+  def __init__(self, bar, on_wait: Optional[Callable[[], None]] = None):
+    self.bar = bar
+    self._pending = collections.deque()
+    self._on_wait = on_wait
+
+  def add(self, token) -> None:
+    self._pending.append(token)
+    done = 0
+    while self._pending and self._pending[0].is_ready():
+      self._pending.popleft()
+      done += 1
+    if done:
+      self.bar.update(done)
+
+  def close(self) -> None:
+    while self._pending:
+      self._pending.popleft().block_until_ready()
+      self.bar.update(1)
+      if self._on_wait is not None:
+        self._on_wait()
+    self.bar.close()
+
+
+def _bar(total: int, initial: int, desc: str, enabled: bool, every_s: float):
   if enabled and sys.stderr.isatty():
     return tqdm.tqdm(total=total, initial=initial, desc=desc, leave=False)
-  return _PlainProgress(total, initial, desc)
+  return _PlainProgress(total, initial, desc, every_s)
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool,
+             on_wait: Optional[Callable[[], None]] = None,
+             every_s: float = 30.0) -> DeviceProgress:
+  """A tqdm bar on a terminal, a log line every `every_s` s otherwise; see DeviceProgress.
+
+  `on_wait` is called after each wait for a step in `close` (the stall watchdog's beat).
+  """
+  return DeviceProgress(_bar(total, initial, desc, enabled, every_s), on_wait)
