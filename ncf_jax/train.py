@@ -453,7 +453,37 @@ def _train_and_evaluate(config, workdir, made):
   ckpts.close()
   if best_ckpts is not None:
     best_ckpts.close()
+  if is_main:
+    logging.info('%s', done_line(workdir, summary, history, int(config.top_k),
+                                 elapsed_before + (time.time() - t_start)))
   return state
+
+
+def done_line(workdir: str, summary: dict, history: list, top_k: int,
+              wall_s: float) -> str:
+  """The run's last line: where its outputs are and its headline result.
+
+  `Done: runs/demo - HR@10 0.6877, NDCG@10 0.4655 (epoch 7), 8.1 s; summary.json`: the
+  run's result as in summary.json, i.e. the selected epoch's test metrics with a
+  validation split (the best validation epoch so far if it was stopped before the
+  test), else the last evaluated epoch's.
+  """
+  def metrics(prefix, label):
+    return (f'{label}HR@{top_k} {summary[prefix + "hr"]:.4f}, '
+            f'NDCG@{top_k} {summary[prefix + "ndcg"]:.4f}')
+  if summary['validation'] == 'none' and summary['test_hr'] is not None:
+    last = next(r['epoch'] for r in reversed(history) if r.get('hr') is not None)
+    what = f'{metrics("test_", "")} (epoch {last})'
+  elif summary['validation'] != 'none' and summary['test_hr'] is not None:
+    what = f'{metrics("test_", "test ")} (selected epoch {summary["best_epoch"]})'
+  elif summary['validation'] != 'none' and summary['valid_hr'] is not None:
+    what = f'{metrics("valid_", "valid ")} (best epoch so far: {summary["best_epoch"]})'
+  else:
+    what = 'no epoch evaluated yet'
+  if summary['preempted']:
+    return (f'Stopped (SIGTERM): {workdir} - {what}, {wall_s:.1f} s; summary.json; rerun '
+            'the same command to resume.')
+  return f'Done: {workdir} - {what}, {wall_s:.1f} s; summary.json'
 
 
 def _test_selected(config, mesh, model, best_ckpts, abstract, data, data_key, dataset,
