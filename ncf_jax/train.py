@@ -166,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     with writers.visible_logs():
       return _train_and_evaluate(config, workdir, made)
   except BaseException as e:
-    if jax.process_count() == 1:   # else another process may be about to write there
+    if made and jax.process_count() == 1:   # else another process may write there now
       remove_if_empty(made)
     if isinstance(e, jax.errors.JaxRuntimeError) and _oom_hint(e):
       raise UserError(_oom_hint(e)) from None
