@@ -1,4 +1,6 @@
 """User-facing errors: one clear message, a non-zero exit, no traceback."""
+import difflib
+import re
 import sys
 
 
@@ -19,11 +21,30 @@ def exit_on_user_error(fn):
   return wrapped
 
 
+def define_config_file(default: str, help_string: str) -> None:
+  """`config_flags.DEFINE_config_file('config', default, ..., lock_config=True)`.
+
+  Without `--config` on the command line, ml_collections loads `default` and applies the
+  `--config.<field>` overrides right here, not in `parse_flags`: a bad override exits
+  with the same one line.
+  """
+  from absl import flags
+  from ml_collections import config_flags
+  from ml_collections.config_flags import config_flags as parsers
+  try:
+    config_flags.DEFINE_config_file('config', default, help_string, lock_config=True)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    load = lambda: parsers.ConfigFileFlagParser('config').parse(default)
+    _fail(_flag_error_message(e, sys.argv, flags.FLAGS, load, default))
+
+
 def parse_flags(argv):
   """absl flags parser for `app.run(main, flags_parser=parse_flags)`.
 
-  A bad `--config` file or `--config.field=value` override (unknown field, wrong type)
-  becomes one line naming it and exit code 2, instead of a traceback from flag parsing.
+  A bad `--config` file, a `--config.field=value` override that names no field or has a
+  value of the wrong type, or any other bad flag becomes one `error:` line that names it
+  (with the closest field for a typo), and exit code 2, instead of a traceback or absl's
+  escaped multi-line text.
   """
   from absl import flags
   try:
@@ -33,20 +54,107 @@ def parse_flags(argv):
       if config is not None:
         config.keys()   # a config file that failed to load raises here
     return rest
-  except flags.Error as e:
-    message = str(e)
   except OSError as e:
     message = ' '.join(str(e).split())
-    print(f'error: cannot load the config file ({message}); pass '
-          '--config=configs/<name>.py with a file that exists (see configs/).',
-          file=sys.stderr)
-    sys.exit(2)
-  except (KeyError, AttributeError, TypeError, ValueError) as e:
-    message = str(e).strip('"\'')
-  if 'Traceback' in message:   # config_flags embeds the config file's own traceback
-    message = [line for line in message.splitlines() if line.strip(' )')][-1].strip()
-  bad = [a for a in argv[1:] if a.startswith('--config')]
-  print(f'error: invalid command-line flags ({message}); check {" ".join(bad) or "the flags"}: '
-        'every --config.<field> must name a field of the config file (see configs/default.py '
-        'for all fields and their types).', file=sys.stderr)
+    _fail(f'cannot load the config file ({message}); pass --config=configs/<name>.py '
+          'with a file that exists (see configs/).')
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    _fail(_flag_error_message(e, argv, flags.FLAGS))
+
+
+def _fail(message: str):
+  print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(2)
+
+
+def _loaded_config(flag_values, config_arg, load):
+  """The config that the command line names, loaded again if parsing stopped early."""
+  try:
+    if load is not None:
+      return load()
+    if 'config' not in flag_values:
+      return None
+    flag = flag_values['config']
+    config = flag.value   # None after an override that names no field
+    if config is None:
+      config = flag.parser.parse(config_arg or flag.default_as_str.strip('\'"'))
+    config.keys()
+    return config
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+# What a `--config.<field>` of each type takes, for the wrong-type message.
+_TYPE_WORDS = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false',
+               'string': 'a string', 'str': 'a string'}
+
+
+def _flag_error_message(error: Exception, argv, flag_values, load=None,
+                        default_file: str = 'the config file') -> str:
+  """One line for an error from absl flag parsing (see `parse_flags`)."""
+  from absl import flags
+  config_arg = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')),
+                    None)
+  if config_arg is None and 'config' in flag_values:
+    default_file = flag_values['config'].default_as_str.strip('\'"')
+  config_file = config_arg.split(':')[0] if config_arg else default_file
+  config = _loaded_config(flag_values, config_arg, load)
+  text = str(error.args[0]) if error.args else str(error)
+
+  # `--config.field=value` whose value does not parse as the field's type.
+  bad_value = re.match(r'flag --(config\.[^=]+)=(.*?): (.*)$', text, re.DOTALL)
+  if bad_value and bad_value.group(1) in flag_values:
+    name, value = bad_value.group(1), bad_value.group(2)
+    current = _lookup(config, name.split('.')[1:]) if config is not None else _MISSING
+    if hasattr(current, 'keys'):
+      fields = ', '.join(sorted(current.keys()))
+      return (f'--{name}={value}: {name} is a group of fields ({fields}); set them one by '
+              f'one, e.g. --{name}.{sorted(current.keys())[0]}=...')
+    kind = 'bool' if isinstance(current, bool) else flag_values[name].flag_type()
+    if isinstance(current, (tuple, list)):
+      kind = 'tuple'
+    expects = _TYPE_WORDS.get(kind, f'a value of type {kind}')
+    now = '' if current is _MISSING else f' ({current!r} in {config_file})'
+    return f'{name} takes {expects}{now}, not {value!r} (from --{name}={value}).'
+
+  # `--config.<path>` that names no field: the first missing part, and the closest field.
+  if isinstance(error, (KeyError, AttributeError)) and config is not None:
+    for arg in argv[1:]:
+      match = re.match(r'--(config\.[^=]+)', arg)
+      if not match:
+        continue
+      parts = match.group(1).split('.')[1:]
+      for i in range(len(parts)):
+        node = _lookup(config, parts[:i])
+        if not hasattr(node, 'keys') or parts[i] in node.keys():
+          continue
+        name = '.'.join(['config'] + parts[:i + 1])
+        close = difflib.get_close_matches(parts[i], list(node.keys()), n=1, cutoff=0.6)
+        hint = (f': did you mean {".".join(["config"] + parts[:i] + close)}?' if close
+                else '.')
+        return (f'unknown config field {name} (from {arg}){hint} Every field is defined, '
+                'with a comment, in configs/default.py.')
+
+  if isinstance(error, flags.UnrecognizedFlagError):
+    close = re.search(r'Did you mean: (\S+)', text)
+    hint = f'; did you mean --{close.group(1)}?' if close else ''
+    return f'unknown flag --{error.flagname}{hint} (--help lists the flags).'
+  if 'Traceback' in text:   # config_flags embeds the config file's own traceback
+    lines = [line for line in text.splitlines() if line.strip(' )^~')]
+    return f'cannot load {config_file}: {lines[-1].strip()}'
+  if isinstance(error, flags.Error):
+    return ' '.join(text.split())
+  return ' '.join(text.strip('"\'').split())
+
+
+_MISSING = object()
+
+
+def _lookup(config, parts):
+  """The value at a field path in a ConfigDict, or _MISSING."""
+  node = config
+  for part in parts:
+    if not hasattr(node, 'keys') or part not in node.keys():
+      return _MISSING
+    node = node[part]
+  return node

@@ -49,6 +49,26 @@ def _find_step(ckpts: ckpt_lib.Checkpoints, workdir: str, step: Optional[int]) -
   return step
 
 
+def checkpoint_epoch(step: int, steps_per_epoch: int):
+  """(epoch, batch) of a checkpoint at global `step`, numbered as in metrics.jsonl.
+
+  Epochs count from 0, like the `Iteration <e>` lines, metrics.jsonl's `epoch` and
+  summary.json's `best_epoch`: the checkpoint saved at the end of epoch e is (e, None).
+  One saved mid-epoch (SIGTERM) is (the epoch it is in, the batches of it done);
+  step 0 is (None, 0).
+  """
+  if step == 0:
+    return None, 0
+  epoch, batch = divmod(step, steps_per_epoch)
+  return (epoch - 1, None) if batch == 0 else (epoch, batch)
+
+
+def _describe_epoch(epoch, batch) -> str:
+  if epoch is None:
+    return 'before training'
+  return f'end of epoch {epoch}' if batch is None else f'epoch {epoch}, batch {batch}'
+
+
 def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
                         data_dir: Optional[str] = None, split: str = 'test',
                         best: bool = False) -> dict:
@@ -63,8 +83,9 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
     best: evaluate the run's best checkpoint (its selected epoch; validation runs only)
       instead of one of its latest.
   Returns:
-    dict with workdir, step, epoch, split, top_k, hr, ndcg, mrr (full_* with
-    eval_full_ranking), num_users, eval_candidates_hash (of the split's candidates), seed.
+    dict with workdir, step, epoch and batch (`checkpoint_epoch`: epochs numbered as in
+    metrics.jsonl), split, top_k, hr, ndcg, mrr (full_* with eval_full_ranking),
+    num_users, eval_candidates_hash (of the split's candidates), seed.
   Raises:
     UserError: no such workdir, no checkpoint, unknown step, data that does not match.
   """
@@ -131,7 +152,10 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
                                    split=split)
   result, digest = steps.evaluate(eval_step, state.params, data, data_key,
                                   dataset.num_users, ebs)
-  return {'workdir': workdir, 'step': int(step), 'epoch': int(meta['epoch']),
+  epoch, batch = checkpoint_epoch(
+      int(step), pipeline.steps_per_epoch(dataset.num_train, config.num_neg,
+                                          config.batch_size))
+  return {'workdir': workdir, 'step': int(step), 'epoch': epoch, 'batch': batch,
           'split': split, 'top_k': int(config.top_k), **result,
           'num_users': dataset.num_users, 'eval_candidates_hash': digest, 'seed': seed}
 
@@ -157,7 +181,8 @@ def main(argv):
                                flags.FLAGS.split, flags.FLAGS.best)
   k = result['top_k']
   split = '' if result['split'] == 'test' else f' ({result["split"]} split)'
-  print(f'checkpoint step {result["step"]} (epoch {result["epoch"]}) of {result["workdir"]}'
+  when = _describe_epoch(result['epoch'], result['batch'])
+  print(f'checkpoint step {result["step"]} ({when}) of {result["workdir"]}'
         f'{split}: HR@{k} = {result["hr"]:.4f}, NDCG@{k} = {result["ndcg"]:.4f}, '
         f'MRR@{k} = {result["mrr"]:.4f} over {result["num_users"]} users', flush=True)
   print(json.dumps(result, sort_keys=True), flush=True)

@@ -18,13 +18,13 @@ from absl import logging
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 from ncf_jax import checkpoint as ckpt_lib
 from ncf_jax import config_checks
 from ncf_jax import data as data_lib
 from ncf_jax import dispatch
+from ncf_jax import errors
 from ncf_jax import hashing
 from ncf_jax import launch
 from ncf_jax import models
@@ -94,15 +94,46 @@ def resolve_seed(config) -> int:
   return seed
 
 
-def make_workdir(workdir: Optional[str]) -> str:
+def _missing_dirs(path: str) -> list:
+  """`path` and those of its parents that do not exist yet, deepest first."""
+  missing = []
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing
+
+
+def remove_if_empty(dirs) -> None:
+  """Removes each of `dirs` (deepest first) whose tree holds no file at all.
+
+  For the folders a run created before it failed: it leaves no empty workdir behind.
+  Only empty folders are removed (`os.rmdir`), so no file is ever lost.
+  """
+  for top in dirs:
+    if not os.path.isdir(top):
+      continue
+    try:
+      for root, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        os.rmdir(root)   # fails (and stops) at the first folder that is not empty
+    except OSError:
+      return
+
+
+def make_workdir(workdir: Optional[str], made: Optional[list] = None) -> str:
+  """Creates (or checks) the run's folder; appends the folders it created to `made`."""
+  made = [] if made is None else made
   if not workdir and jax.process_count() > 1:
     raise UserError('a multi-process run needs --workdir (the same shared folder on every '
                     'host).')
   if not workdir:
+    made[:0] = _missing_dirs('runs')
     os.makedirs('runs', exist_ok=True)
     workdir = tempfile.mkdtemp(prefix=time.strftime('%Y%m%d-%H%M%S-'), dir='runs')
+    made.insert(0, os.path.abspath(workdir))
     print(f'workdir: {workdir}', flush=True)
   try:
+    made[:0] = _missing_dirs(workdir)
     os.makedirs(workdir, exist_ok=True)
     fd, probe = tempfile.mkstemp(prefix='.write_test', dir=workdir)  # unique per process
     with os.fdopen(fd, 'w') as f:
@@ -127,14 +158,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """Trains, evaluates every `eval_every_epochs`, checkpoints, and resumes from `workdir`.
 
   Writes config.json, metrics.jsonl, summary.json and TensorBoard events to `workdir`.
-  Returns the final TrainState.
+  Logs to stderr even from plain Python (`writers.visible_logs`). A run that fails
+  before writing anything removes the folders it created. Returns the final TrainState.
   """
+  made = []   # folders this run created (deepest first)
   try:
-    return _train_and_evaluate(config, workdir)
-  except jax.errors.JaxRuntimeError as e:
-    hint = _oom_hint(e)
-    if hint:
-      raise UserError(hint) from None
+    with writers.visible_logs():
+      return _train_and_evaluate(config, workdir, made)
+  except BaseException as e:
+    if made and jax.process_count() == 1:   # else another process may write there now
+      remove_if_empty(made)
+    if isinstance(e, jax.errors.JaxRuntimeError) and _oom_hint(e):
+      raise UserError(_oom_hint(e)) from None
     raise
 
 
@@ -174,11 +209,11 @@ def _max_over_epochs(history, key: str) -> Optional[float]:
   return max(values) if values else None
 
 
-def _train_and_evaluate(config, workdir):
+def _train_and_evaluate(config, workdir, made):
   writers.quiet_library_logs()
   mesh = steps.make_mesh(int(config.num_devices))
   config_checks.validate_config(config, mesh.size)
-  workdir = make_workdir(workdir)
+  workdir = make_workdir(workdir, made)
   is_main = jax.process_index() == 0
   ckpts = ckpt_lib.Checkpoints(workdir, int(config.keep_checkpoints))
   latest = ckpts.latest_step()
@@ -290,7 +325,8 @@ def _train_and_evaluate(config, workdir):
         state = _replay_hashes(config, mesh, state, data, items, data_key, epoch,
                                first_step, in_flight)
       hash_steps = first_step if config.hash_pipeline else None
-      progress = writers.progress(spe, first_step, f'epoch {epoch}', is_main)
+      progress = writers.progress(spe, first_step, f'epoch {epoch}', is_main,
+                                  on_wait=watchdog.beat)
       for step in range(first_step, spe):
         if preemption.check(epoch * spe + step):
           stopped = True
@@ -302,7 +338,7 @@ def _train_and_evaluate(config, workdir):
         where['step'] = step + 1
         if hash_steps is not None:
           hash_steps = step + 1
-        progress.update(1)
+        progress.add(out['train_loss'])   # counted when the device has finished it
         if config.log_every_steps and (step + 1) % config.log_every_steps == 0:
           _check_finite(state, ckpts)
           writer.log_step(epoch, step + 1, spe, state)
@@ -417,7 +453,37 @@ def _train_and_evaluate(config, workdir):
   ckpts.close()
   if best_ckpts is not None:
     best_ckpts.close()
+  if is_main:
+    logging.info('%s', done_line(workdir, summary, history, int(config.top_k),
+                                 elapsed_before + (time.time() - t_start)))
   return state
+
+
+def done_line(workdir: str, summary: dict, history: list, top_k: int,
+              wall_s: float) -> str:
+  """The run's last line: where its outputs are and its headline result.
+
+  `Done: runs/demo - HR@10 0.6877, NDCG@10 0.4655 (epoch 7), 8.1 s; summary.json`: the
+  run's result as in summary.json, i.e. the selected epoch's test metrics with a
+  validation split (the best validation epoch so far if it was stopped before the
+  test), else the last evaluated epoch's.
+  """
+  def metrics(prefix, label):
+    return (f'{label}HR@{top_k} {summary[prefix + "hr"]:.4f}, '
+            f'NDCG@{top_k} {summary[prefix + "ndcg"]:.4f}')
+  if summary['validation'] == 'none' and summary['test_hr'] is not None:
+    last = next(r['epoch'] for r in reversed(history) if r.get('hr') is not None)
+    what = f'{metrics("test_", "")} (epoch {last})'
+  elif summary['validation'] != 'none' and summary['test_hr'] is not None:
+    what = f'{metrics("test_", "test ")} (selected epoch {summary["best_epoch"]})'
+  elif summary['validation'] != 'none' and summary['valid_hr'] is not None:
+    what = f'{metrics("valid_", "valid ")} (best epoch so far: {summary["best_epoch"]})'
+  else:
+    what = 'no epoch evaluated yet'
+  if summary['preempted']:
+    return (f'Stopped (SIGTERM): {workdir} - {what}, {wall_s:.1f} s; summary.json; rerun '
+            'the same command to resume.')
+  return f'Done: {workdir} - {what}, {wall_s:.1f} s; summary.json'
 
 
 def _test_selected(config, mesh, model, best_ckpts, abstract, data, data_key, dataset,
@@ -520,8 +586,7 @@ def define_flags() -> None:
   """
   if 'coordinator_address' in flags.FLAGS:
     return
-  config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training config file.',
-                                  lock_config=True)
+  errors.define_config_file('configs/default.py', 'Training config file.')
   flags.DEFINE_string('workdir', None, 'Run directory (made if absent; resumed).')
   flags.DEFINE_string('coordinator_address', None,
                       'Multi-host: host:port of process 0 (jax.distributed).')
@@ -535,6 +600,7 @@ def main(argv):
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   FLAGS = flags.FLAGS
   config = FLAGS.config
+  writers.quiet_library_logs()   # before JAX starts its backends
   launch.xla_flags(config)
   launch.maybe_initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)

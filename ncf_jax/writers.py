@@ -2,11 +2,16 @@
 
 Only process 0 writes (`enabled=False` elsewhere). Files are replaced atomically.
 """
+import collections
+import contextlib
+import importlib.util
 import json
+import logging as std_logging
 import math
 import os
 import sys
 import time
+from typing import Callable, Optional
 
 from absl import logging
 import jax
@@ -14,21 +19,90 @@ import tqdm
 
 
 class _QuietLibraries:
-  """Drops INFO records that orbax logs through absl on every save (warnings still show)."""
+  """Drops library records that say nothing to the user of a run.
+
+  orbax's INFO lines on every save and its warning when evaluate opens a workdir
+  read-only (on purpose); JAX's "Unable to initialize backend 'tpu'" when no libtpu is
+  installed (JAX probes for it on every start; with libtpu installed a failure to start
+  it still shows).
+  """
+
+  def __init__(self):
+    self._no_libtpu = importlib.util.find_spec('libtpu') is None
 
   def filter(self, record) -> bool:
+    message = str(record.msg)
+    if message.startswith('Given directory is read only'):
+      return False
+    if self._no_libtpu and message.startswith("Unable to initialize backend 'tpu'"):
+      return False
     return record.levelno > 20 or ('/orbax/' not in record.pathname
                                    and '/etils/' not in record.pathname)
 
 
 _QUIET = _QuietLibraries()
+# The loggers it filters: absl's (orbax logs through it) and the one JAX reports on
+# backends with (logger-level filters see only the logger's own records).
+_QUIET_LOGGERS = ('absl', 'jax._src.xla_bridge')
 
 
 def quiet_library_logs() -> None:
-  """Keeps the run's own log lines readable (idempotent)."""
-  logger = logging.get_absl_logger()
-  if _QUIET not in logger.filters:
-    logger.addFilter(_QUIET)
+  """Keeps the run's own log lines readable (idempotent).
+
+  Call it before JAX starts its backends (the first `jax.devices()`) so that the
+  backend probe's line is filtered too.
+  """
+  for name in _QUIET_LOGGERS:
+    logger = std_logging.getLogger(name)
+    if _QUIET not in logger.filters:
+      logger.addFilter(_QUIET)
+
+
+def _caller_set_up_logging() -> bool:
+  """Whether absl's INFO lines already reach a handler, or the caller chose otherwise.
+
+  True under `absl.app.run` (its handler is on the root logger), when the absl logger
+  has its own level or handlers, when the root logger passes INFO, or when the root
+  logger has any handler but a plain stderr stream (a file, pytest's capture). absl
+  itself puts a plain stderr handler on a bare root logger at its first log call
+  (`logging.basicConfig()`), so that one does not count.
+  """
+  absl_logger, root = logging.get_absl_logger(), std_logging.getLogger()
+  if logging.get_absl_handler() in root.handlers:
+    return True
+  if absl_logger.handlers or absl_logger.level != std_logging.NOTSET:
+    return True
+  if root.level <= std_logging.INFO:
+    return True
+  return any(type(h) is not std_logging.StreamHandler or h.stream is not sys.stderr
+             for h in root.handlers)
+
+
+@contextlib.contextmanager
+def visible_logs():
+  """Shows the run's INFO lines on stderr when it is called from plain Python.
+
+  Without `absl.app.run`, absl drops INFO records (the root logger is at WARNING), so
+  `train_and_evaluate` from a script or a notebook printed no `Iteration` line and no
+  hash. Unless the caller set up logging (`_caller_set_up_logging`), the absl logger
+  gets its own stderr handler at INFO, in the command's format, for the duration of the
+  run; it does not propagate meanwhile, so no line shows twice.
+  """
+  if _caller_set_up_logging():
+    yield
+    return
+  absl_logger = logging.get_absl_logger()
+  handler = std_logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.PythonFormatter())
+  absl_logger.addHandler(handler)
+  absl_logger.setLevel(std_logging.INFO)
+  absl_logger.propagate = False
+  try:
+    yield
+  finally:
+    absl_logger.removeHandler(handler)
+    absl_logger.setLevel(std_logging.NOTSET)
+    absl_logger.propagate = True
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -106,24 +180,70 @@ class MetricWriter:
 
 
 class _PlainProgress:
-  """Progress for non-terminals: a log line every ~30 s."""
+  """Progress for non-terminals: a log line every `every_s` seconds."""
 
-  def __init__(self, total, initial, desc):
-    self.total, self.n, self.desc = total, initial, desc
-    self.last = time.time()
+  def __init__(self, total: int, initial: int, desc: str, every_s: float = 30.0):
+    self.total, self.n, self.desc, self.every_s = total, initial, desc, every_s
+    self._start = self._last = time.time()
+    self._initial = initial
 
-  def update(self, k):
+  def update(self, k: int) -> None:
     self.n += k
-    if time.time() - self.last > 30:
-      self.last = time.time()
-      logging.info('%s: %d/%d steps', self.desc, self.n, self.total)
+    now = time.time()
+    if now - self._last >= self.every_s:
+      self._last = now
+      rate = (self.n - self._initial) / max(now - self._start, 1e-9)
+      logging.info('%s: %d/%d steps (%.0f%%), %.1f steps/s', self.desc, self.n,
+                   self.total, 100.0 * self.n / max(self.total, 1), rate)
 
-  def close(self):
+  def close(self) -> None:
     pass
 
 
-def progress(total: int, initial: int, desc: str, enabled: bool):
-  """A tqdm bar on a terminal, periodic log lines otherwise."""
+class DeviceProgress:
+  """A progress bar that counts a step when the device has finished it.
+
+  Steps are dispatched asynchronously, so counting dispatches filled the bar at once
+  and left it full while the device worked. `add(token)` takes one small output of
+  each step (its loss) and advances the bar past every finished one, polled with
+  `is_ready()`: no wait, no host sync in the loop. `close()` waits for the rest in
+  order, so the bar keeps moving with the device until the epoch's last step.
+  """
+
+  def __init__(self, bar, on_wait: Optional[Callable[[], None]] = None):
+    self.bar = bar
+    self._pending = collections.deque()
+    self._on_wait = on_wait
+
+  def add(self, token) -> None:
+    self._pending.append(token)
+    done = 0
+    while self._pending and self._pending[0].is_ready():
+      self._pending.popleft()
+      done += 1
+    if done:
+      self.bar.update(done)
+
+  def close(self) -> None:
+    while self._pending:
+      self._pending.popleft().block_until_ready()
+      self.bar.update(1)
+      if self._on_wait is not None:
+        self._on_wait()
+    self.bar.close()
+
+
+def _bar(total: int, initial: int, desc: str, enabled: bool, every_s: float):
   if enabled and sys.stderr.isatty():
     return tqdm.tqdm(total=total, initial=initial, desc=desc, leave=False)
-  return _PlainProgress(total, initial, desc)
+  return _PlainProgress(total, initial, desc, every_s)
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool,
+             on_wait: Optional[Callable[[], None]] = None,
+             every_s: float = 30.0) -> DeviceProgress:
+  """A tqdm bar on a terminal, a log line every `every_s` s otherwise; see DeviceProgress.
+
+  `on_wait` is called after each wait for a step in `close` (the stall watchdog's beat).
+  """
+  return DeviceProgress(_bar(total, initial, desc, enabled, every_s), on_wait)
