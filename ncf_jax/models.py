@@ -18,6 +18,16 @@ MODEL_NAMES = ('neumf', 'gmf', 'mlp', 'mf')
 # The MLPerf reference's embedding initialisation: N(0, 0.01).
 EMBED_INIT_STD = 0.01
 
+# Per model, the value of each config field a config leaves None (`config_checks.
+# resolve_model_defaults`). Chosen on the validation split of synthetic data (seed 1) at
+# configs/default.py's sizes: docs/training.md#models. NeuMF keeps the values it always had.
+DEFAULTS = {
+    'neumf': {'learning_rate': 0.002, 'model.embed_init_std': EMBED_INIT_STD},
+    'gmf': {'learning_rate': 0.002, 'model.embed_init_std': EMBED_INIT_STD},
+    'mlp': {'learning_rate': 0.002, 'model.embed_init_std': EMBED_INIT_STD},
+    'mf': {'learning_rate': 0.002, 'model.embed_init_std': EMBED_INIT_STD},
+}
+
 
 def _torch_bias_init(fan_in: int):
   bound = 1.0 / np.sqrt(fan_in)

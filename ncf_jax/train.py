@@ -129,6 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Writes config.json, metrics.jsonl, summary.json and TensorBoard events to `workdir`.
   Returns the final TrainState.
   """
+  config = config_checks.resolve_model_defaults(config)   # None fields: the model's values
   try:
     return _train_and_evaluate(config, workdir)
   except jax.errors.JaxRuntimeError as e:

@@ -1,0 +1,65 @@
+"""Per-model defaults: None config fields take the model's values (models.DEFAULTS)."""
+import pytest
+
+from configs import default
+from configs import mf_baseline
+from configs import mlperf
+from configs import ncf_paper
+from ncf_jax import config_checks
+from ncf_jax import models
+from ncf_jax.errors import UserError
+
+
+def _default(name):
+  config = default.get_config()
+  config.model.name = name
+  return config
+
+
+def test_every_model_has_defaults_and_neumf_keeps_the_values_it_always_had():
+  assert set(models.DEFAULTS) == set(models.MODEL_NAMES)
+  assert models.DEFAULTS['neumf'] == {'learning_rate': 0.002, 'model.embed_init_std': 0.01}
+
+
+@pytest.mark.parametrize('name', models.MODEL_NAMES)
+def test_none_fields_take_the_models_defaults_and_the_input_is_unchanged(name):
+  config = _default(name)
+  assert config.learning_rate is None and config.model.embed_init_std is None
+  resolved = config_checks.resolve_model_defaults(config)
+  assert resolved.learning_rate == models.DEFAULTS[name]['learning_rate']
+  assert resolved.model.embed_init_std == models.DEFAULTS[name]['model.embed_init_std']
+  assert config.learning_rate is None and config.model.embed_init_std is None
+  assert config_checks.resolve_model_defaults(resolved) == resolved   # idempotent
+
+
+def test_a_value_the_config_sets_wins_over_the_models_default():
+  config = _default('gmf')
+  config.learning_rate = 0.0005
+  resolved = config_checks.resolve_model_defaults(config)
+  assert resolved.learning_rate == 0.0005
+  assert resolved.model.embed_init_std == models.DEFAULTS['gmf']['model.embed_init_std']
+
+
+def test_an_unknown_model_is_one_user_error_naming_the_field():
+  with pytest.raises(UserError, match=r"config.model.name='nope' is invalid: use one of "
+                                      r'neumf, gmf, mlp, mf'):
+    config_checks.resolve_model_defaults(_default('nope'))
+
+
+def test_a_config_field_left_none_is_checked_at_its_resolved_value():
+  config_checks.validate_config(_default('mlp'), 1)
+  config = _default('mf')
+  config.learning_rate = -1.0
+  with pytest.raises(UserError, match='config.learning_rate=-1.0 is invalid'):
+    config_checks.validate_config(config, 1)
+
+
+@pytest.mark.parametrize('get_config, lr, init_std', [
+    (mlperf.get_config, 0.0045, 0.01),
+    (lambda: mlperf.get_config('reference'), 0.0005, 0.01),
+    (ncf_paper.get_config, 0.001, 0.01),
+    (mf_baseline.get_config, 0.002 * 1024, 0.1)])
+def test_the_named_configs_resolve_to_the_values_they_always_had(get_config, lr, init_std):
+  resolved = config_checks.resolve_model_defaults(get_config())
+  assert resolved.learning_rate == pytest.approx(lr)
+  assert resolved.model.embed_init_std == init_std
