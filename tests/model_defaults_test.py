@@ -2,9 +2,10 @@
 
 The learning test runs each of gmf, mlp and mf at configs/default.py unchanged (default
 data, default epochs as the cap) and stops as soon as the test HR@10 reaches popularity +
-0.1 (`hr_threshold`): 3, 4 and 3 epochs, mostly compiling, on the default data. NeuMF at the default config
-is tests/train_test.py's test_default_config_learns_close_to_the_oracle_and_far_above_popularity
-(all 8 epochs, the same bound), so it is not trained again here.
+0.1 (`hr_threshold`): after 3, 4 and 3 epochs, most of the time being compilation. NeuMF at
+the default config is train_test.py's
+test_default_config_learns_close_to_the_oracle_and_far_above_popularity (all 8 epochs, the
+same bound), so it is not trained again here.
 """
 import json
 import os
