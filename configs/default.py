@@ -57,8 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.l2 = 0.0
   # The alternative: l2_params * the sum of squares of every parameter, added once per step.
   config.model.l2_params = 0.0
-  # Standard deviation of the normal initialisation of the embedding tables (MLPerf 0.01).
-  config.model.embed_init_std = 0.01
+  # Standard deviation of the normal initialisation of the embedding tables (MLPerf 0.01);
+  # None: the model's default (ncf_jax.models.DEFAULTS), recorded in config.json.
+  config.model.embed_init_std = config_dict.placeholder(float)
   # Initialise NeuMF from a trained GMF workdir / checkpoint (NCF paper pre-training).
   config.model.pretrained_gmf = config_dict.placeholder(str)
   # Initialise NeuMF from a trained MLP workdir / checkpoint (NCF paper pre-training).
@@ -75,8 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 1024
   # 'adam' or 'sgd' (plain SGD, no momentum: beta1, beta2 and eps are unused).
   config.optimizer = 'adam'
-  # Learning rate of the optimizer.
-  config.learning_rate = 0.002
+  # Learning rate of the optimizer; None: the model's default (ncf_jax.models.DEFAULTS;
+  # NeuMF 0.002), recorded in config.json.
+  config.learning_rate = config_dict.placeholder(float)
   # Adam beta1.
   config.beta1 = 0.9
   # Adam beta2.

@@ -213,7 +213,9 @@ def make_points(config: ml_collections.ConfigDict, config_file: str,
       raise UserError(f'points {seen[name]} and {i} are the same ({name}); remove one.')
     seen[name] = i
     try:
-      point_config = apply_overrides(config, overrides, config_file)
+      # Resolved as train resolves it, so is_finished compares the values config.json holds.
+      point_config = config_checks.resolve_model_defaults(
+          apply_overrides(config, overrides, config_file))
       config_checks.validate_config(point_config, 1)  # device counts are checked by each run
     except UserError as e:
       raise UserError(f'sweep point {i} ({name}): {e}') from None

@@ -13,12 +13,38 @@ from ncf_jax.errors import UserError
 SELECT_METRICS = ('hr', 'ndcg')
 
 
+def resolve_model_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose None fields named in `models.DEFAULTS` take the model's value.
+
+  Run once, before anything reads those fields, so that config.json, checkpoints (and so
+  resume and `ncf_jax.evaluate`) record the values a run used. A value the config sets
+  wins; a config without None fields is returned unchanged (as a copy).
+  """
+  name = config.model.name
+  if name not in models.DEFAULTS:
+    raise UserError(f'config.model.name={name!r} is invalid: use one of '
+                    f'{", ".join(models.MODEL_NAMES)}.')
+  resolved = config.copy_and_resolve_references()
+  for path, value in models.DEFAULTS[name].items():
+    *parents, leaf = path.split('.')
+    node = resolved
+    for p in parents:
+      node = node[p]
+    if node[leaf] is None:
+      node[leaf] = value
+  return resolved
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Raises UserError naming the field, its value and the allowed range."""
+  """Raises UserError naming the field, its value and the allowed range.
+
+  Checks the values a run will use: None fields take the model's defaults first.
+  """
   def bad(field, value, allowed):
     raise UserError(f'config.{field}={value!r} is invalid: {allowed}.')
   if config.model.name not in models.MODEL_NAMES:
     bad('model.name', config.model.name, f'use one of {", ".join(models.MODEL_NAMES)}')
+  config = resolve_model_defaults(config)
   if int(config.batch_size) <= 0 or int(config.batch_size) % num_devices:
     bad('batch_size', config.batch_size,
         f'it must be a positive multiple of the global device count ({num_devices})')

@@ -161,6 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Logs to stderr even from plain Python (`writers.visible_logs`). A run that fails
   before writing anything removes the folders it created. Returns the final TrainState.
   """
+  config = config_checks.resolve_model_defaults(config)   # None fields: the model's values
   made = []   # folders this run created (deepest first)
   try:
     with writers.visible_logs():

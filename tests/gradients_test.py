@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import _train_helpers as h
 from configs import default
+from ncf_jax import config_checks
 from ncf_jax import data as data_lib
 from ncf_jax import metrics as metrics_lib
 from ncf_jax import models
@@ -33,7 +34,7 @@ def small_config(data_dir, **overrides):
   c.batch_size = 512
   c.eval_batch_size = 64
   c.eval_num_neg = 20
-  return h.set_fields(c, overrides)
+  return config_checks.resolve_model_defaults(h.set_fields(c, overrides))
 
 
 @pytest.fixture(scope='module')

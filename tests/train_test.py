@@ -46,7 +46,7 @@ def tiny_config(data_dir, **overrides):
     for p in path:
       target = target[p]
     target[last] = v
-  return c
+  return config_checks.resolve_model_defaults(c)   # some tests build the model directly
 
 
 def _run(config, workdir):

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import _train_helpers as h
 from configs import default
 from ncf_jax import checkpoint as ckpt_lib
+from ncf_jax import config_checks
 from ncf_jax import data as data_lib
 from ncf_jax import evaluate as evaluate_lib
 from ncf_jax import models
@@ -92,6 +93,7 @@ def _read(workdir):
 
 def _test_hr(config, state):
   """Test HR@K of a state's parameters (the final epoch's, here)."""
+  config = config_checks.resolve_model_defaults(config)
   dataset = data_lib.load(config.dataset, config.validation)
   mesh = steps.make_mesh(1)
   model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import mlperf
+from ncf_jax import config_checks
 from ncf_jax import data
 from ncf_jax import dispatch
 from ncf_jax import metrics as metrics_lib
@@ -150,7 +151,8 @@ def run(args: common.Args) -> Dict[str, Any]:
   ds = common.scaled_dataset(args)
   # At --scale=1 the tables have ml-20m's sizes: they dominate the optimizer's cost.
   num_users, num_items = ds.num_users, ds.num_items
-  config = mlperf.get_config() if args.config is None else args.config.copy_and_resolve_references()
+  config = config_checks.resolve_model_defaults(
+      mlperf.get_config() if args.config is None else args.config)
   mesh = steps.make_mesh()
   dev = sampling.to_device(ds, NamedSharding(mesh, P()))
   model = models.create_model(config.model, num_users, num_items, config.dtype)
