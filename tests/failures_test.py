@@ -171,6 +171,7 @@ def test_unwritable_workdir(tmp_path, data_dir, no_expensive_work):
       train.train_and_evaluate(config(data_dir), str(locked / 'run'))
 
 
+@pytest.mark.slow   # the real full disk (tmpfs) below runs in CI; this adds the rerun
 def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(tmp_path, data_dir, baseline,
                                                                monkeypatch):
   workdir = str(tmp_path / 'run')

@@ -76,9 +76,12 @@ def test_batches_read_from_the_slot_order_epoch_equal_train_batch(ds):
   items = jnp.concatenate([pipeline.epoch_items(data, KEY, 5, num_neg=4, start=d * per,
                                                 size=per) for d in range(3)])
   assert items.dtype == data.train_items.dtype
+  # Compiled once each, the step traced (as in the train step), not dispatched op by op.
+  want_fn = jax.jit(lambda s: pipeline.train_batch(data, KEY, 5, s, batch_size=64, num_neg=4))
+  got_fn = jax.jit(lambda s: pipeline.batch_from_items(data, items, KEY, 5, s, batch_size=64,
+                                                       num_neg=4))
   for step in range(pipeline.steps_per_epoch(ds.num_train, 4, 64)):
-    want = pipeline.train_batch(data, KEY, 5, step, batch_size=64, num_neg=4)
-    got = pipeline.batch_from_items(data, items, KEY, 5, step, batch_size=64, num_neg=4)
+    want, got = want_fn(jnp.int32(step)), got_fn(jnp.int32(step))
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=f'{k} of batch {step}')
   other = pipeline.epoch_items(data, KEY, 6, num_neg=4)

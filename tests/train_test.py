@@ -188,6 +188,7 @@ def test_eval_with_a_padded_last_batch_compiles_once(data_dir):
   assert eval_step._cache_size() == 1
 
 
+@pytest.mark.slow   # multidevice_cli_test draws a seed (seed=-1) and reruns it in CI
 def test_seed_none_draws_a_seed_and_records_it_so_the_run_can_be_repeated(data_dir, tmp_path):
   _, s1, _ = _run(tiny_config(data_dir, seed=None, num_epochs=1), tmp_path / 'drawn')
   _, s2, _ = _run(tiny_config(data_dir, seed=s1['seed'], num_epochs=1), tmp_path / 'again')

@@ -7,7 +7,6 @@ start; and the one `Done:` line at the end.
 """
 import json
 import logging as std_logging
-import os
 import subprocess
 import sys
 import textwrap

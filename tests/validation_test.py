@@ -199,6 +199,7 @@ CLI = dict(validation='leave_one_out', early_stop_patience=3, num_epochs=12,
            dataset__synthetic_noise=0.5, log_every_steps=5, hash_pipeline=False)
 
 
+@pytest.mark.slow   # SIGKILL and resume are pinned exactly by resume_test; this adds best_epoch
 def test_a_kill_mid_run_then_resume_keeps_the_same_best_epoch(tmp_path):
   data_dir = str(tmp_path / 'data')
   reference = str(tmp_path / 'reference')
