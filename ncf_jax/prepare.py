@@ -11,7 +11,7 @@ import json
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
+from ncf_jax import errors
 
 from ncf_jax import data
 from ncf_jax.errors import exit_on_user_error
@@ -20,10 +20,8 @@ from ncf_jax.errors import UserError
 
 def define_flags() -> None:
   """Defines the prepare command's flags (only when run as a command)."""
-  config_flags.DEFINE_config_file('config', 'configs/default.py',
-                                  'Config file (only config.dataset and config.validation '
-                                  'are used).',
-                                  lock_config=True)
+  errors.define_config_file('configs/default.py', 'Config file (only config.dataset and '
+                            'config.validation are used).')
   flags.DEFINE_bool('download', False, 'Download the GroupLens zip into data_dir when it is '
                     'missing, and with --config.dataset.source=tfds build the TFDS dataset '
                     'from it (same as --config.dataset.download=True).')

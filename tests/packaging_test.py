@@ -24,6 +24,24 @@ def built(tmp_path_factory):
   return out / 'lib', out / 'ncf_jax.egg-info'
 
 
+def _canonical(requirement: str) -> str:
+  from packaging.requirements import Requirement  # pylint: disable=import-outside-toplevel
+  r = Requirement(requirement)
+  return f'{r.name.lower()}{r.specifier}' + (f'; {r.marker}' if r.marker else '')
+
+
+def _requires(path) -> list:
+  """requires.txt's requirements; a `[:marker]` section puts its marker on its lines."""
+  out, marker = [], None
+  for line in path.read_text().splitlines():
+    line = line.strip()
+    if line.startswith('[:') and line.endswith(']'):
+      marker = line[2:-1]
+    elif line:
+      out.append(_canonical(line + (f'; {marker}' if marker else '')))
+  return sorted(out)
+
+
 def _py_files(root, package):
   return {os.path.relpath(os.path.join(d, n), root)
           for d, _, names in os.walk(os.path.join(root, package))
@@ -42,7 +60,7 @@ def test_the_metadata_has_requirements_txt_as_dependencies_and_python_3_11(built
   _, egg_info = built
   with open(os.path.join(REPO, 'requirements.txt')) as f:
     requirements = [line.strip() for line in f if line.strip() and not line.startswith('#')]
-  assert (egg_info / 'requires.txt').read_text().split() == requirements
+  assert _requires(egg_info / 'requires.txt') == sorted(map(_canonical, requirements))
   info = (egg_info / 'PKG-INFO').read_text()
   assert 'Requires-Python: >=3.11' in info.splitlines()
   import ncf_jax  # pylint: disable=import-outside-toplevel

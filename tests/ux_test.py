@@ -249,6 +249,17 @@ def test_a_bad_flag_is_one_clean_line_naming_the_field(args, expected):
   assert '\\' not in lines[0] and 'Traceback' not in out.stderr
 
 
+@pytest.mark.parametrize('module', ['ncf_jax.prepare', 'ncf_jax.benchmark'])
+def test_the_other_commands_give_the_same_line_for_a_typo_without_config(module):
+  out = subprocess.run([sys.executable, '-m', module, '--config.num_epoch=3'], cwd=h.REPO,
+                       env=h.env(1), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == [
+      'error: unknown config field config.num_epoch (from --config.num_epoch=3): did you '
+      'mean config.num_epochs? Every field is defined, with a comment, in '
+      'configs/default.py.'], out.stderr
+
+
 # ----------------------------------------------------------------------------------------
 # A failed start leaves no empty workdir; it never removes what was there.
 

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 
 from absl import flags
-from ml_collections import config_flags
+from ncf_jax import errors
 
 from ncf_jax.benchmark import common
 from ncf_jax.errors import exit_on_user_error
@@ -20,8 +20,8 @@ SECTIONS = {'data': 'data_section', 'sampler': 'sampler_section', 'train': 'trai
 
 def define_flags() -> None:
   """Defines the benchmark command's flags (only when run as a command)."""
-  config_flags.DEFINE_config_file('config', 'configs/mlperf.py', 'Config whose model, dtype '
-                                  'and optimizer the train section times.', lock_config=True)
+  errors.define_config_file('configs/mlperf.py', 'Config whose model, dtype and optimizer '
+                            'the train section times.')
   flags.DEFINE_list('batch_sizes', ['65536', '1048576'],
                     'Global batch sizes the train section times (the smallest also gets the '
                     'breakdown, the hash cost and the PyTorch peer).')
