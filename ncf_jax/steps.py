@@ -105,7 +105,7 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
   calls of `pipeline.EPOCH_CHUNK` slots that write into a donated buffer; one reshard
   then gives every device the whole epoch, which its batches read. Every launch is
   reported to `in_flight` (a `dispatch.InFlight`), so an epoch of many calls stays
-  within the CPU client's queue limit.
+  within the CPU client's queue limit. `build.programs` are its jitted functions.
   """
   num_neg = int(config.num_neg)
   per = -(-pipeline.epoch_size(num_train, num_neg) // mesh.size)
@@ -136,6 +136,7 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
     items = replicate(buf)
     in_flight.add(items)
     return items
+  build.programs = (zeros, fill, replicate)   # its compiled programs (compile-count tests)
   return build
 
 
