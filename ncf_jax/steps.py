@@ -221,19 +221,23 @@ def _hash_update(state_chain, state_first, batch, position, step):
   return chain, jnp.where(first, chain, state_first)
 
 
-def make_train_step(config, mesh: Mesh):
+def make_train_step(config, mesh: Mesh, num_steps: int = 1):
   """The compiled global train step: (state, data, items, keys, epoch, step) -> (state, out).
 
   `items` is the epoch's `make_epoch_items` output and `keys` is (data_key, dropout_key).
   `step` is the batch number within `epoch`; the batch is generated on device, identical
-  to `pipeline.train_batch(data, data_key, epoch, step)`. `out` holds the batch's
+  to `pipeline.train_batch(data, data_key, epoch, step)`. With `num_steps` k > 1 one call
+  runs batches step .. step + k - 1 in a `lax.fori_loop` over the same step body (the
+  caller keeps step + k <= steps per epoch): the same updates as k calls, without k
+  launches from Python (`config.steps_per_call`). `out` holds the last batch's
   `train_loss` (a small output that is not donated: the loop waits on it to bound the
   launches in flight).
   """
   use_hash = bool(config.hash_pipeline)
   grads_fn = _make_per_device_grads(config, mesh.size)
+  num_steps = int(num_steps)
 
-  def per_device(state: TrainState, data, items, keys, epoch, step):
+  def one_step(state: TrainState, data, items, keys, epoch, step):
     grads, local_sum, n_valid, batch, position = grads_fn(
         state.params, state.apply_fn, data, items, keys, epoch, step, state.step)
     loss_sum = jax.lax.psum(local_sum, AXIS)
@@ -247,7 +251,17 @@ def make_train_step(config, mesh: Mesh):
     if use_hash:
       updates['hash_chain'], updates['hash_first'] = _hash_update(
           state.hash_chain, state.hash_first, batch, position, step)
-    return new.replace(**updates), {'train_loss': loss_sum / jnp.maximum(n_valid, 1.0)}
+    return new.replace(**updates), (loss_sum / jnp.maximum(n_valid, 1.0)).astype(jnp.float32)
+
+  def per_device(state: TrainState, data, items, keys, epoch, step):
+    if num_steps == 1:
+      state, loss = one_step(state, data, items, keys, epoch, step)
+    else:
+      def body(i, carry):
+        return one_step(carry[0], data, items, keys, epoch, step + i)
+      state, loss = jax.lax.fori_loop(0, num_steps, body,
+                                      (state, jnp.zeros((), jnp.float32)))
+    return state, {'train_loss': loss}
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), P()),
                        out_specs=(P(), P()))
