@@ -251,7 +251,8 @@ def make_train_step(config, mesh: Mesh, num_steps: int = 1):
     if use_hash:
       updates['hash_chain'], updates['hash_first'] = _hash_update(
           state.hash_chain, state.hash_first, batch, position, step)
-    return new.replace(**updates), (loss_sum / jnp.maximum(n_valid, 1.0)).astype(jnp.float32)
+    loss = loss_sum / jnp.maximum(n_valid, 1.0)
+    return new.replace(**updates), loss.astype(jnp.float32)   # the fori_loop carry's dtype
 
   def per_device(state: TrainState, data, items, keys, epoch, step):
     if num_steps == 1:
