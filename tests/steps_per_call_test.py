@@ -120,3 +120,14 @@ def test_steps_per_call_below_one_is_one_user_error(data_dir, value):
   with pytest.raises(UserError, match=r'^config\.steps_per_call=-?\d+ is invalid: it must '
                      r'be >= 1\.$'):
     config_checks.validate_config(config, 1)
+
+
+def test_a_nan_loss_names_the_same_step_with_three_steps_per_call(tmp_path, data_dir):
+  errors = []
+  for k in (1, 3):
+    with pytest.raises(UserError, match='NaN or inf at global step') as e:
+      _run(str(tmp_path / f'k{k}'), data_dir, num_devices=1, num_epochs=1,
+           learning_rate=1e30, log_every_steps=1, steps_per_call=k)
+    errors.append(str(e.value))
+  # Step 1 is inside the first 3-step call: the step body records it, not the loop.
+  assert errors[0] == errors[1] and 'global step 1;' in errors[1], errors
