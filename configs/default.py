@@ -113,6 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1
   # Log a train line every this many steps (0 = only per epoch).
   config.log_every_steps = 0
+  # Train steps per compiled call (a lax.fori_loop on device): fewer launches from Python,
+  # the same results bit for bit; an epoch's last (steps_per_epoch % this) run one a call.
+  config.steps_per_call = 1
   # Save a checkpoint every this many epochs (0 = only at the end and on SIGTERM).
   config.checkpoint_every_epochs = 1
   # Checkpoints kept in WORKDIR/checkpoints.

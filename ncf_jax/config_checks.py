@@ -107,7 +107,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     if config.match_mlperf:
       bad('match_mlperf', config.match_mlperf, 'the MLPerf reference has no validation '
           'split: use False with validation=leave_one_out')
-  for f in ('eval_every_epochs', 'keep_checkpoints'):
+  for f in ('eval_every_epochs', 'keep_checkpoints', 'steps_per_call'):
     if int(config[f]) < 1:
       bad(f, config[f], 'it must be >= 1')
   if not float(config.stall_timeout_s) >= 0:

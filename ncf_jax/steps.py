@@ -105,7 +105,7 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
   calls of `pipeline.EPOCH_CHUNK` slots that write into a donated buffer; one reshard
   then gives every device the whole epoch, which its batches read. Every launch is
   reported to `in_flight` (a `dispatch.InFlight`), so an epoch of many calls stays
-  within the CPU client's queue limit.
+  within the CPU client's queue limit. `build.programs` are its jitted functions.
   """
   num_neg = int(config.num_neg)
   per = -(-pipeline.epoch_size(num_train, num_neg) // mesh.size)
@@ -136,6 +136,7 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
     items = replicate(buf)
     in_flight.add(items)
     return items
+  build.programs = (zeros, fill, replicate)   # its compiled programs (compile-count tests)
   return build
 
 
@@ -220,19 +221,23 @@ def _hash_update(state_chain, state_first, batch, position, step):
   return chain, jnp.where(first, chain, state_first)
 
 
-def make_train_step(config, mesh: Mesh):
+def make_train_step(config, mesh: Mesh, num_steps: int = 1):
   """The compiled global train step: (state, data, items, keys, epoch, step) -> (state, out).
 
   `items` is the epoch's `make_epoch_items` output and `keys` is (data_key, dropout_key).
   `step` is the batch number within `epoch`; the batch is generated on device, identical
-  to `pipeline.train_batch(data, data_key, epoch, step)`. `out` holds the batch's
+  to `pipeline.train_batch(data, data_key, epoch, step)`. With `num_steps` k > 1 one call
+  runs batches step .. step + k - 1 in a `lax.fori_loop` over the same step body (the
+  caller keeps step + k <= steps per epoch): the same updates as k calls, without k
+  launches from Python (`config.steps_per_call`). `out` holds the last batch's
   `train_loss` (a small output that is not donated: the loop waits on it to bound the
   launches in flight).
   """
   use_hash = bool(config.hash_pipeline)
   grads_fn = _make_per_device_grads(config, mesh.size)
+  num_steps = int(num_steps)
 
-  def per_device(state: TrainState, data, items, keys, epoch, step):
+  def one_step(state: TrainState, data, items, keys, epoch, step):
     grads, local_sum, n_valid, batch, position = grads_fn(
         state.params, state.apply_fn, data, items, keys, epoch, step, state.step)
     loss_sum = jax.lax.psum(local_sum, AXIS)
@@ -246,7 +251,18 @@ def make_train_step(config, mesh: Mesh):
     if use_hash:
       updates['hash_chain'], updates['hash_first'] = _hash_update(
           state.hash_chain, state.hash_first, batch, position, step)
-    return new.replace(**updates), {'train_loss': loss_sum / jnp.maximum(n_valid, 1.0)}
+    loss = loss_sum / jnp.maximum(n_valid, 1.0)
+    return new.replace(**updates), loss.astype(jnp.float32)   # the fori_loop carry's dtype
+
+  def per_device(state: TrainState, data, items, keys, epoch, step):
+    if num_steps == 1:
+      state, loss = one_step(state, data, items, keys, epoch, step)
+    else:
+      def body(i, carry):
+        return one_step(carry[0], data, items, keys, epoch, step + i)
+      state, loss = jax.lax.fori_loop(0, num_steps, body,
+                                      (state, jnp.zeros((), jnp.float32)))
+    return state, {'train_loss': loss}
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), P()),
                        out_specs=(P(), P()))

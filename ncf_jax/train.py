@@ -52,11 +52,15 @@ class _Preemption:
     self._multi = (jax.process_count() > 1 and jax.distributed.is_initialized()
                    and jax.config.jax_enable_preemption_service)
 
-  def check(self, global_step: int) -> bool:
-    """Call before every step, with the same step on every process."""
+  def check(self, call: int) -> bool:
+    """Call before every train call, `call` rising by one each time, as on every process.
+
+    A counter of calls, not the global step: with `steps_per_call` > 1 the step jumps,
+    and the preemption service's agreed stop point (the hosts' max + 1) must be reached.
+    """
     if self._multi and not self.requested:
       from jax.experimental import multihost_utils
-      self.requested = multihost_utils.reached_preemption_sync_point(global_step)
+      self.requested = multihost_utils.reached_preemption_sync_point(call)
     return self.requested
 
   def __enter__(self):
@@ -270,6 +274,10 @@ def _train_and_evaluate(config, workdir, made):
   writer.write_config(ckpt_lib.config_to_dict(config) | {'resolved_seed': seed})
   writer.rewrite_history(history)
   train_step = steps.make_train_step(config, mesh)
+  # k steps per call; an epoch's last (steps left < k) run one per call through train_step.
+  per_call = int(config.steps_per_call)
+  multi_step = (steps.make_train_step(config, mesh, num_steps=per_call) if per_call > 1
+                else None)
   build_epoch = steps.make_epoch_items(config, mesh, dataset.num_train)
   # Every epoch's evaluation reads the validation split when there is one, else the test.
   eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
@@ -313,6 +321,8 @@ def _train_and_evaluate(config, workdir, made):
   watchdog = dispatch.Watchdog(float(config.stall_timeout_s), stalled)
   in_flight = dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat),
                                 on_wait=watchdog.beat)
+  calls = 0   # train calls so far in this process (the preemption check's counter)
+  log_every = int(config.log_every_steps)
   with _Preemption() as preemption, watchdog:
     for epoch in range(start_epoch, num_epochs):
       if reached is not None or stop_early:
@@ -328,21 +338,25 @@ def _train_and_evaluate(config, workdir, made):
       hash_steps = first_step if config.hash_pipeline else None
       progress = writers.progress(spe, first_step, f'epoch {epoch}', is_main,
                                   on_wait=watchdog.beat)
-      for step in range(first_step, spe):
-        if preemption.check(epoch * spe + step):
+      step = first_step
+      while step < spe:
+        if preemption.check(calls):
           stopped = True
           break
-        state, out = train_step(state, data, items, (data_key, dropout_key),
-                                np.int32(epoch), np.int32(step))
+        calls += 1
+        n = per_call if multi_step is not None and step + per_call <= spe else 1
+        state, out = (multi_step if n > 1 else train_step)(
+            state, data, items, (data_key, dropout_key), np.int32(epoch), np.int32(step))
         in_flight.add(out['train_loss'])
         watchdog.beat()
-        where['step'] = step + 1
+        step += n
+        where['step'] = step
         if hash_steps is not None:
-          hash_steps = step + 1
-        progress.add(out['train_loss'])   # counted when the device has finished it
-        if config.log_every_steps and (step + 1) % config.log_every_steps == 0:
+          hash_steps = step
+        progress.add(out['train_loss'], n)   # counted when the device has finished it
+        if log_every and step // log_every > (step - n) // log_every:
           _check_finite(state, ckpts)
-          writer.log_step(epoch, step + 1, spe, state)
+          writer.log_step(epoch, step, spe, state)
       progress.close()
       if stopped:
         _check_finite(state, ckpts)

@@ -215,19 +215,20 @@ class DeviceProgress:
     self._pending = collections.deque()
     self._on_wait = on_wait
 
-  def add(self, token) -> None:
-    self._pending.append(token)
+  def add(self, token, steps: int = 1) -> None:
+    """Counts `steps` steps (one compiled call's) when `token` is ready."""
+    self._pending.append((token, steps))
     done = 0
-    while self._pending and self._pending[0].is_ready():
-      self._pending.popleft()
-      done += 1
+    while self._pending and self._pending[0][0].is_ready():
+      done += self._pending.popleft()[1]
     if done:
       self.bar.update(done)
 
   def close(self) -> None:
     while self._pending:
-      self._pending.popleft().block_until_ready()
-      self.bar.update(1)
+      token, steps = self._pending.popleft()
+      token.block_until_ready()
+      self.bar.update(steps)
       if self._on_wait is not None:
         self._on_wait()
     self.bar.close()
