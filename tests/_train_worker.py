@@ -27,8 +27,9 @@ _STALL_AT = int(os.environ.get('NCF_TEST_STALL_AT_CALL', '-1'))
 _make_train_step = steps.make_train_step
 
 
-def _slow_make_train_step(config, mesh):
-  step_fn = _make_train_step(config, mesh)
+def _slow_make_train_step(config, mesh, **kwargs):
+  # With steps_per_call > 1 each program counts (and delays) its own calls.
+  step_fn = _make_train_step(config, mesh, **kwargs)
   calls = [0]
 
   def slow(*args):

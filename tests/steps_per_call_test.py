@@ -64,7 +64,7 @@ def reference(tmp_path_factory, data_dir):
   return get
 
 
-@pytest.mark.parametrize('devices', [1, 2])
+@pytest.mark.parametrize('devices', [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_three_steps_per_call_equal_one_step_per_call(tmp_path, data_dir, reference,
                                                       monkeypatch, devices):
   built = []
