@@ -4,9 +4,10 @@ Each run is `python -m ncf_jax.train --config=configs/default.py` for one epoch 
 `hash_pipeline=True` (1.15 M samples, 280-560 steps), as a user would type it. Before
 the in-flight bound (ncf_jax/dispatch.py), the combinations in HUNG aborted in XLA's
 all-reduce rendezvous on this 2-core machine. One of them runs in CI (8 devices at batch
-4096: the most devices over the cores, at the depth that aborted), and so do 2 processes
-x 2 devices (gloo), which must equal 1 process x 4 devices; the other four and the rest
-of the matrix are marked slow.
+4096: the most devices over the cores, at the depth that aborted); the other four, the rest
+of the matrix and 2 processes x 2 devices (gloo) against 1 process x 4 devices with a
+drawn seed are marked slow (tests/multihost_test.py runs the latter on the tiny config in
+CI).
 """
 import os
 import re
@@ -90,6 +91,7 @@ def test_the_rest_of_the_device_matrix_matches_one_device(devices, batch, hashed
   _check(devices, batch, hashed, tmp_path, data_dir, reference)
 
 
+@pytest.mark.slow   # multihost_test draws the seed of its 2-process run too, in CI
 def test_two_processes_of_two_devices_with_a_drawn_seed_equal_one_process_of_four(
     tmp_path, data_dir):
   """seed=-1: process 0 draws the seed and sends it; a different seed on process 1

@@ -3,9 +3,12 @@
 Both processes run the real command with --coordinator_address/--num_processes/
 --process_id on 127.0.0.1. The global batch is the same, and a sample depends only on
 (seed, epoch, position), so the pipeline hashes must be identical; losses and metrics
-agree to float tolerance (the all-reduce sums in another order).
+agree to float tolerance (the all-reduce sums in another order). The two-process run
+draws its seed (seed=-1): process 0 draws it and sends it, and the one-process run reuses
+it, so a seed that differed on process 1 would change its half of every batch.
 """
 import os
+import re
 import signal
 import subprocess
 import time
@@ -21,7 +24,7 @@ EPOCHS = 2
 TIMEOUT = 300   # per launch; a run takes ~20-40 s on 2 busy cores
 
 
-def launch(workdir, data_dir, log_prefix, *, worker=False, **env_extra):
+def launch(workdir, data_dir, log_prefix, *, worker=False, seed=0, **env_extra):
   """Starts process 0 and 1 of a 2-process run; returns the Popen objects and log paths."""
   port = h.free_port()
   procs, logs = [], []
@@ -30,7 +33,7 @@ def launch(workdir, data_dir, log_prefix, *, worker=False, **env_extra):
     flags = [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
              f'--process_id={i}']
     procs.append(h.start(h.train_cmd(workdir, data_dir, worker=worker, extra=flags,
-                                     num_epochs=EPOCHS, log_every_steps=5),
+                                     num_epochs=EPOCHS, log_every_steps=5, seed=seed),
                          log, devices=2, **env_extra))
     logs.append(log)
   return procs, logs
@@ -53,21 +56,25 @@ def wait_all(procs, logs, timeout=TIMEOUT):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """(two-process workdir, one-process 4-device workdir), same data and config."""
+  """(two-process workdir, one-process 4-device workdir, data dir, logs, drawn seeds)."""
   root = tmp_path_factory.mktemp('multihost')
   data_dir = str(root / 'data')
   two, one = str(root / 'two'), str(root / 'one')
-  procs, logs = launch(two, data_dir, str(root / 'two'))
+  procs, logs = launch(two, data_dir, str(root / 'two'), seed=-1)
   wait_all(procs, logs)
-  out = h.run(h.train_cmd(one, data_dir, num_epochs=EPOCHS, log_every_steps=5), devices=4,
-              timeout=TIMEOUT, log=str(root / 'one.log'))
+  seeds = [re.findall(r'drew seed (\d+)', h.read(log)) for log in logs]
+  assert len(seeds[0]) == 1, seeds
+  out = h.run(h.train_cmd(one, data_dir, num_epochs=EPOCHS, log_every_steps=5,
+                          seed=int(seeds[0][0])), devices=4, timeout=TIMEOUT,
+              log=str(root / 'one.log'))
   assert out.returncode == 0, out.stdout[-3000:]
-  return two, one, data_dir, logs
+  return two, one, data_dir, logs, seeds
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(runs):
-  two, one, _, logs = runs
+  two, one, _, logs, seeds = runs
   s2, s1 = h.summary(two), h.summary(one)
+  assert seeds[0] == seeds[1] and s2['seed'] == s1['seed'] == int(seeds[0][0])
   assert (s2['num_processes'], s2['num_devices']) == (2, 4)
   assert (s1['num_processes'], s1['num_devices']) == (1, 4)
   for log in logs:
@@ -82,7 +89,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
 
 
 def test_only_process_zero_writes_and_the_checkpoints_restore(runs):
-  two, one, _, _ = runs
+  two, one, _, _, _ = runs
   assert sorted(os.listdir(two)) == sorted(os.listdir(one))
   assert len(os.listdir(os.path.join(two, 'tensorboard'))) == 1   # one writer
   assert not [n for n in os.listdir(two) if '.tmp' in n or n.startswith('.write_test')]
@@ -99,9 +106,10 @@ def test_only_process_zero_writes_and_the_checkpoints_restore(runs):
 
 def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
   """A preemption notice reaching one host first: every process saves the same step."""
-  two, _, data_dir, _ = runs
+  two, _, data_dir, _, seeds = runs
+  seed = int(seeds[0][0])   # the uninterrupted run's
   workdir = str(tmp_path / 'run')
-  procs, logs = launch(workdir, data_dir, str(tmp_path / 'term'), worker=True,
+  procs, logs = launch(workdir, data_dir, str(tmp_path / 'term'), worker=True, seed=seed,
                        NCF_TEST_STEP_DELAY=0.05)
   try:
     h.wait_for_line(procs[0], logs[0], f'epoch 1 step 5/{SPE}', timeout=TIMEOUT)
@@ -119,7 +127,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
 
   # Resume in this process on 4 of its devices (the device count may change on resume):
   # the same batches, so the same pipeline hashes as the uninterrupted 2-process run.
-  config = h.tiny_config(data_dir, num_epochs=EPOCHS, log_every_steps=5, num_devices=4)
+  config = h.tiny_config(data_dir, num_epochs=EPOCHS, log_every_steps=5, num_devices=4,
+                         seed=seed)
   train.train_and_evaluate(config, workdir)
   h.assert_same_epochs(h.metrics(workdir), h.metrics(two), keys=h.HASH_KEYS)
   for a, b in zip(h.metrics(workdir), h.metrics(two)):
