@@ -59,10 +59,14 @@ def set_fields(config, values: dict):
   return config
 
 
-def tiny_config(data_dir: str, **overrides):
-  """The TINY config as a ConfigDict (in-process runs); `a__b=v` sets field a.b."""
+def tiny_config(data_dir: str, base=None, **overrides):
+  """The TINY config as a ConfigDict (in-process runs); `a__b=v` sets field a.b.
+
+  `base`: the config to shrink (default: configs/default.py's).
+  """
   from configs import default
-  return set_fields(default.get_config(), _values(data_dir, overrides))
+  config = default.get_config() if base is None else base
+  return set_fields(config, _values(data_dir, overrides))
 
 
 def config_flags(data_dir: str, **overrides) -> List[str]:

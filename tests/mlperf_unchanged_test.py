@@ -12,6 +12,7 @@ import os
 
 import pytest
 
+import _train_helpers as h
 from configs import mlperf
 from ncf_jax import train
 
@@ -30,19 +31,8 @@ PINNED_PARAMS_HASH = 'a223b341e4211ced'
 
 
 def _config(data_dir):
-  c = mlperf.get_config('runlocal')
-  c.dataset.data_dir = data_dir
-  c.dataset.synthetic_num_users = 300
-  c.dataset.synthetic_num_items = 200
-  c.dataset.synthetic_mean_interactions = 30.0
-  c.batch_size = 1024
-  c.eval_batch_size = 128
-  c.eval_num_neg = 50
-  c.num_epochs = 6
-  c.hr_threshold = 0.6
-  c.hash_pipeline = True
-  c.num_devices = 1
-  return c
+  return h.tiny_config(data_dir, base=mlperf.get_config('runlocal'), num_epochs=6,
+                       hr_threshold=0.6, num_devices=1)
 
 
 @pytest.fixture(scope='module')

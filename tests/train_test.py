@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _train_helpers as h
 from configs import default
 from ncf_jax import baselines
 from ncf_jax import config_checks
@@ -29,24 +30,9 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(data_dir, **overrides):
-  c = default.get_config()
-  c.dataset.data_dir = data_dir
-  c.dataset.synthetic_num_users = 300
-  c.dataset.synthetic_num_items = 200
-  c.dataset.synthetic_mean_interactions = 30.0
-  c.num_epochs = 2
-  c.batch_size = 1024
-  c.eval_batch_size = 128
-  c.eval_num_neg = 50
-  c.hash_pipeline = True
-  c.num_devices = 1
-  for k, v in overrides.items():
-    target = c
-    *path, last = k.split('.')
-    for p in path:
-      target = target[p]
-    target[last] = v
-  return config_checks.resolve_model_defaults(c)   # some tests build the model directly
+  """_train_helpers' TINY config, 2 epochs on one device; `a.b=v` overrides set field a.b."""
+  config = h.tiny_config(data_dir, **{'num_epochs': 2, 'num_devices': 1, **overrides})
+  return config_checks.resolve_model_defaults(config)   # some tests build the model directly
 
 
 def _run(config, workdir):
