@@ -13,7 +13,8 @@ from ml_collections import config_dict
 def get_dataset_config() -> ml_collections.ConfigDict:
   """The `dataset` block shared by every config (see ncf_jax.data)."""
   d = ml_collections.ConfigDict()
-  # 'synthetic', 'ml-100k', 'ml-1m', 'ml-10m', 'ml-20m', 'ml-25m' or 'ml-latest-small'.
+  # 'synthetic', 'ml-100k', 'ml-1m', 'ml-10m', 'ml-20m', 'ml-25m', 'ml-latest-small',
+  # 'ml-20mx16x32' (GroupLens's published fractal expansion of ml-20m) or 'fractal'.
   d.name = 'synthetic'
   # Where a MovieLens dataset comes from: 'grouplens' (files or zip in data_dir) or 'tfds'.
   # Ignored for 'synthetic'.
@@ -36,6 +37,14 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   d.synthetic_seed = 0
   # Synthetic generator: share of draws uniform over all items (label noise; it overfits).
   d.synthetic_noise = 0.0
+  # Fractal expansion (name='fractal'): the dataset expanded, built from this block's fields.
+  d.fractal_base = 'synthetic'
+  # Fractal expansion: integer multiplier of the base's users (ml-20mx16x32: 16).
+  d.fractal_rows = 16
+  # Fractal expansion: integer multiplier of the base's items (ml-20mx16x32: 32).
+  d.fractal_cols = 32
+  # Fractal expansion: seed of the randomised Kronecker product's sampling.
+  d.fractal_seed = 0
   return d
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 import ncf_jax
 from ncf_jax import cache
+from ncf_jax import fractal
 from ncf_jax import movielens
 from ncf_jax import synthetic
 from ncf_jax.errors import UserError
@@ -64,7 +65,13 @@ class Dataset:
 
 # Bump when the preprocessing output changes for the same input: old caches are rebuilt.
 PREPROCESS_VERSION = 1
-NAMES = ('synthetic',) + movielens.NAMES
+FRACTAL = 'fractal'
+# Datasets a fractal expansion can start from: the ones with timestamps, read raw.
+FRACTAL_BASES = ('synthetic',) + movielens.NAMES
+NAMES = FRACTAL_BASES + (movielens.EXPANDED_NAME, FRACTAL)
+# ml-20mx16x32 has no timestamps: its validation item is a training positive per user
+# drawn with this seed (numpy PCG64), the same for every run.
+EXPANDED_VALIDATION_SEED = 0
 SOURCES = ('grouplens', 'tfds')
 # config.validation: no validation split (MLPerf), or the latest training interaction of
 # each user held out as its validation item.
@@ -273,6 +280,39 @@ def _config_values(cfg) -> Dict[str, Any]:
     noise = float(cfg.get('synthetic_noise', 0.0))
     if noise:   # absent when 0: the caches made before the option keep their key
       values['synthetic']['noise'] = noise
+  elif name == movielens.EXPANDED_NAME and cfg.source != 'grouplens':
+    raise UserError(f'config.dataset.source={cfg.source!r}: {name} exists only as the '
+                    "GroupLens .npz shards; use config.dataset.source='grouplens'.")
+  elif name == FRACTAL:
+    values['fractal'] = _fractal_values(cfg)
+    base = cfg.copy_and_resolve_references()
+    base.name = values['fractal']['base']
+    values['base'] = _config_values(base)
+  return values
+
+
+def _fractal_values(cfg) -> Dict[str, Any]:
+  """Checks config.dataset.fractal_*; returns base name, multipliers and seed."""
+  base = cfg.get('fractal_base', 'synthetic')
+  if base not in FRACTAL_BASES:
+    why = {FRACTAL: 'an expansion cannot start from another expansion',
+           movielens.EXPANDED_NAME: f'{base} is already expanded and has no timestamps'}.get(
+               base, 'it is no dataset name')
+    raise UserError(f'config.dataset.fractal_base={base!r} is invalid ({why}); use one of '
+                    f'{", ".join(FRACTAL_BASES)}.')
+  values = {'base': base}
+  for field, what in (('fractal_rows', 'users'), ('fractal_cols', 'items')):
+    value = cfg.get(field)
+    if (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+      raise UserError(f'config.dataset.{field}={value!r} is invalid: it must be an integer '
+                      f'>= 1, the factor by which the base\'s {what} are multiplied (MLPerf\'s '
+                      'ml-20mx16x32: fractal_rows=16, fractal_cols=32).')
+    values[field[len('fractal_'):]] = int(value)
+  seed = cfg.get('fractal_seed', 0)
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    raise UserError(f'config.dataset.fractal_seed={seed!r} is invalid: it must be an '
+                    'integer >= 0.')
+  values['seed'] = int(seed)
   return values
 
 
@@ -311,6 +351,181 @@ def build_grouplens(source: 'movielens.Source', min_ratings: int,
                           validation)
 
 
+def _base_interactions(base: Dict[str, Any], handle) -> Tuple[np.ndarray, ...]:
+  """Raw (users, items, timestamps, num_items or None, where) of a fractal base."""
+  name = base['name']
+  if name == 'synthetic':
+    gen = synthetic.generate(**base['synthetic'])
+    return gen.users, gen.items, gen.timestamps, gen.num_items, 'synthetic data'
+  if isinstance(handle, movielens.Source):
+    ratings = movielens.read_ratings(handle)
+  else:
+    ratings = movielens.read_tfds(handle, name)
+  movielens.check_known_sizes(name, ratings.where, num_ratings=len(ratings))
+  return ratings.users, ratings.items, ratings.timestamps, None, ratings.where
+
+
+def build_fractal(base: Dict[str, Any], handle, params: Dict[str, Any], min_ratings: int,
+                  validation: str = 'none') -> Dataset:
+  """The fractal expansion (ncf_jax.fractal) of a base dataset, then MLPerf preprocessing.
+
+  The base is what `load` gives for its name: its users with >= min_ratings ratings, dense
+  ids in ascending raw order (synthetic: every item of the catalogue). Expanded rows
+  inherit their base row's timestamp, so the leave-one-out split (and validation) runs on
+  them as on any dataset; expanded users with fewer than min_ratings rows are dropped, and
+  every expanded item stays in the catalogue (num_items = cols x base items).
+
+  Args:
+    base: `_config_values` of the base name.
+    handle: from `_source_part(base)`.
+    params: `_fractal_values` (base, rows, cols, seed).
+    min_ratings, validation: as for every dataset.
+  """
+  users, items, timestamps, num_items, where = _base_interactions(base, handle)
+  ucode, _ = _factorize(users)
+  counts = np.bincount(ucode)
+  keep = counts >= base['min_ratings']
+  if not keep.any():
+    raise UserError(f'{where}: no user has at least min_ratings={base["min_ratings"]} '
+                    f'ratings (the most is {int(counts.max())}); lower '
+                    'config.dataset.min_ratings.')
+  rows = keep[ucode]
+  ucode = (np.cumsum(keep, dtype=np.int32) - 1)[ucode[rows]]
+  items, timestamps = items[rows], timestamps[rows]
+  if num_items is None:
+    items, iraw = _factorize(items)
+    num_items = int(iraw.shape[0])
+  num_users = int(np.count_nonzero(keep))
+  logging.info('Expanding %s (%d users, %d items, %d rows) by %d x %d, seed %d', where,
+               num_users, num_items, items.shape[0], params['rows'], params['cols'],
+               params['seed'])
+  try:
+    exp = fractal.expand(ucode, items, timestamps, num_users, num_items, params['rows'],
+                         params['cols'], params['seed'])
+  except ValueError as e:
+    raise UserError(f'fractal expansion of {where}: {e}.') from None
+  del ucode, items, timestamps
+  logging.info('Keep probabilities: mean %.4f, min %.4f, max %.4f; %d expanded rows',
+               exp.probabilities.mean(), exp.probabilities.min(), exp.probabilities.max(),
+               exp.users.shape[0])
+  dataset, _ = preprocess(exp.users, exp.items, exp.timestamps, name=FRACTAL,
+                          min_ratings=min_ratings,
+                          where=f'the {params["rows"]}x{params["cols"]} fractal expansion '
+                                f'of {where}',
+                          num_items=exp.num_items, validation=validation)
+  dropped = exp.num_users - dataset.num_users
+  if dropped:
+    logging.info('%d of %d expanded users have fewer than min_ratings=%d rows: dropped',
+                 dropped, exp.num_users, min_ratings)
+  return dataset
+
+
+def _strictly_increasing(users: np.ndarray, items: np.ndarray) -> bool:
+  """Whether (user, item) rows are strictly increasing (sorted, no repeat), in chunks."""
+  step = 1 << 24
+  n = int(users.shape[0])
+  for lo in range(0, n - 1, step):
+    hi = min(n, lo + step + 1)
+    du = np.diff(users[lo:hi].astype(np.int64))
+    if (du < 0).any() or ((du == 0) & (np.diff(items[lo:hi].astype(np.int64)) <= 0)).any():
+      return False
+  return True
+
+
+def build_ml20mx16x32(source: 'movielens.ShardSource', validation: str = 'none') -> Dataset:
+  """ml-20mx16x32 from its published shards: train rows and one test item per user.
+
+  Users get dense ids in ascending raw-id order (the published ids may have gaps); items
+  keep their published ids (0-based, num_items = largest id + 1). Training positives are
+  the train rows, sorted by (user, item) and de-duplicated (the published shards already
+  are, which costs one pass to check; otherwise one int64 sort); a train row equal to the
+  user's test pair is dropped. min_ratings is not applied: the split is used as published,
+  as the MLPerf reference does. With validation='leave_one_out' the validation item is one
+  training positive per user drawn with EXPANDED_VALIDATION_SEED (there are no timestamps).
+
+  Raises:
+    UserError: missing or malformed shards, a user without a train row or without exactly
+      one test row, or too few positives for the validation split.
+  """
+  raw = movielens.read_shards(source)
+  where = raw.where
+  movielens.check_expanded_sizes(where, num_rows=raw.train_users.shape[0])
+  users, items = raw.train_users, raw.train_items
+  bound = int(users.max()) + 1
+  present = np.zeros(bound, bool)
+  present[users] = True
+  num_users = int(np.count_nonzero(present))
+  lookup = np.cumsum(present, dtype=np.int32) - 1
+  if num_users != bound:   # ids with gaps: relabel in place, chunk by chunk
+    for lo in range(0, users.shape[0], 1 << 24):
+      users[lo:lo + (1 << 24)] = lookup[users[lo:lo + (1 << 24)]]
+  num_items = int(max(int(items.max()), int(raw.test_items.max(initial=-1)))) + 1
+  if not _strictly_increasing(users, items):
+    logging.warning('%s: train rows are not sorted by (user, item) without repeats; '
+                    'sorting them (one int64 key per row in memory).', where)
+    key = users.astype(np.int64) * num_items + items
+    key = np.unique(key)
+    users = (key // num_items).astype(np.int32)
+    items = (key - users.astype(np.int64) * num_items).astype(np.int32)
+    del key
+  test_raw = raw.test_users
+  unknown = (test_raw >= bound) | ~present[np.minimum(test_raw, bound - 1)]
+  if unknown.any():
+    raise UserError(f'{where}: user {int(test_raw[np.argmax(unknown)])} has a test row but no '
+                    'train row; the published split gives every user both. '
+                    f'{movielens.expanded_how_to_get(os.path.dirname(where))}')
+  test_users = lookup[test_raw]
+  per_user = np.bincount(test_users, minlength=num_users)
+  if (per_user != 1).any():
+    u = int(np.argmax(per_user != 1))
+    raw_u = int(np.flatnonzero(present)[u])
+    raise UserError(f'{where}: user {raw_u} has {int(per_user[u])} test rows; the published '
+                    'ml-20mx16x32 split has exactly one test item per user (the test shards '
+                    'hold one row per user).')
+  test_items = np.empty(num_users, np.int32)
+  test_items[test_users] = raw.test_items
+  del raw, present, lookup, test_raw, test_users
+  keep = np.ones(users.shape[0], bool)
+  for lo in range(0, users.shape[0], 1 << 24):
+    sl = slice(lo, lo + (1 << 24))
+    keep[sl] = items[sl] != test_items[users[sl]]
+  valid_items = None
+  if validation == 'leave_one_out':
+    degrees = np.bincount(users[keep], minlength=num_users)
+    if (degrees < 2).any():
+      u = int(np.argmax(degrees < 2))
+      raise UserError(f'{where}: user {u} (dense id) has {int(degrees[u])} training '
+                      'positive(s): config.validation=leave_one_out needs two per user '
+                      '(one held out for validation); use validation=none.')
+    kept = np.flatnonzero(keep)
+    starts = np.zeros(num_users + 1, np.int64)
+    np.cumsum(degrees, out=starts[1:])
+    rng = np.random.Generator(np.random.PCG64(EXPANDED_VALIDATION_SEED))
+    pick = starts[:-1] + (rng.random(num_users) * degrees).astype(np.int64)
+    valid_items = items[kept[pick]]
+    keep[kept[pick]] = False
+    del kept
+  if not keep.all():
+    users, items = users[keep], items[keep]
+  del keep
+  degrees = np.bincount(users, minlength=num_users)
+  if not degrees.all():
+    u = int(np.argmin(degrees))
+    raise UserError(f'{where}: user {u} (dense id) has no training positive besides its '
+                    'test item.')
+  offsets = np.zeros(num_users + 1, np.int64)
+  np.cumsum(degrees, out=offsets[1:])
+  if offsets[-1] >= 2**31:
+    raise UserError(f'{where}: {offsets[-1]} training positives exceed int32 offsets.')
+  movielens.check_expanded_sizes(where, num_items=num_items)
+  logging.info('%s: %d users, %d items, %d training positives', where, num_users, num_items,
+               int(offsets[-1]))
+  return Dataset(name=movielens.EXPANDED_NAME, num_users=num_users, num_items=num_items,
+                 train_users=users, train_items=items,
+                 user_offsets=offsets.astype(np.int32), test_items=test_items,
+                 valid_items=valid_items)
+
+
 def _to_arrays(dataset: Dataset) -> Dict[str, np.ndarray]:
   arrays = {'train_items': dataset.train_items, 'user_offsets': dataset.user_offsets,
             'test_items': dataset.test_items}
@@ -342,6 +557,27 @@ def _from_arrays(arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> Dataset
                  train_users=np.repeat(np.arange(num_users, dtype=np.int32), degrees),
                  train_items=items, user_offsets=offsets, test_items=test, valid_items=valid,
                  oracle=oracle)
+
+
+def _source_part(v: Dict[str, Any]) -> Tuple[Dict[str, Any], str, Any]:
+  """(source part of the cache params, source identity, handle) of a non-fractal name.
+
+  The handle is None for synthetic data, the located `movielens.Source` for GroupLens
+  files and the TFDS data source for TFDS.
+  """
+  name, data_dir = v['name'], v['data_dir']
+  if name == 'synthetic':
+    return ({'source': 'synthetic', 'generator': v['synthetic'],
+             'generator_version': synthetic.GENERATOR_VERSION},
+            f'synthetic-generator-v{synthetic.GENERATOR_VERSION}', None)
+  if v['source'] == 'grouplens':
+    src = movielens.locate(name, data_dir, download=v['download'])
+    return ({'source': 'grouplens'},
+            cache.content_hash(src.path, os.path.join(cache_dir(data_dir),
+                                                      'source_hashes.json')), src)
+  ds = movielens.open_tfds(name, os.path.join(data_dir, 'tfds'), v['download'],
+                           zip_dir=data_dir)
+  return {'source': 'tfds'}, movielens.tfds_identity(ds, name), ds
 
 
 def _try_cache(path: str, params: Dict[str, Any], source_id: str) -> Optional[Dataset]:
@@ -391,24 +627,33 @@ def prepare(dataset_config, *, force: bool = False, validation: str = 'none') ->
             'preprocess_version': PREPROCESS_VERSION}
   if validation != 'none':
     params['validation'] = validation
-  if name == 'synthetic':
-    params.update(source='synthetic', generator=v['synthetic'],
-                  generator_version=synthetic.GENERATOR_VERSION)
-    source_id = f'synthetic-generator-v{synthetic.GENERATOR_VERSION}'
-    build = lambda: _build_synthetic(v['synthetic'], min_ratings, validation)
-  elif v['source'] == 'grouplens':
+  if name == FRACTAL:
+    base = v['base']
+    base_part, base_id, handle = _source_part(base)
+    params.update(source=FRACTAL, fractal=dict(
+        v['fractal'], version=fractal.VERSION,
+        base=dict(base_part, name=base['name'], min_ratings=base['min_ratings'])))
+    source_id = f'fractal-v{fractal.VERSION}:{base_id}'
+    build = lambda: build_fractal(base, handle, v['fractal'], min_ratings, validation)
+  elif name == movielens.EXPANDED_NAME:
+    del params['min_ratings']   # not applied: the published split is used as it is
     params['source'] = 'grouplens'
-    src = movielens.locate(name, data_dir, download=v['download'])
-    source_id = cache.content_hash(src.path,
-                                   os.path.join(cache_dir(data_dir), 'source_hashes.json'))
-    build = lambda: build_grouplens(src, min_ratings, validation)
+    shards = movielens.locate_shards(data_dir, v['download'])
+    memo = os.path.join(cache_dir(data_dir), 'source_hashes.json')
+    digest = hashlib.sha256('\n'.join(cache.content_hash(p, memo)
+                                      for p in shards.paths).encode()).hexdigest()
+    source_id = f'shards-sha256:{digest}'
+    build = lambda: build_ml20mx16x32(shards, validation)
   else:
-    params['source'] = 'tfds'
-    ds = movielens.open_tfds(name, os.path.join(data_dir, 'tfds'), v['download'],
-                             zip_dir=data_dir)
-    source_id = movielens.tfds_identity(ds, name)
-    build = lambda: _build_movielens(movielens.read_tfds(ds, name), name, min_ratings,
-                                     validation)
+    part, source_id, handle = _source_part(v)
+    params.update(part)
+    if name == 'synthetic':
+      build = lambda: _build_synthetic(v['synthetic'], min_ratings, validation)
+    elif v['source'] == 'grouplens':
+      build = lambda: build_grouplens(handle, min_ratings, validation)
+    else:
+      build = lambda: _build_movielens(movielens.read_tfds(handle, name), name, min_ratings,
+                                       validation)
   key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
   path = os.path.join(cache_dir(data_dir), f'{name}-{key}.ncfcache')
 

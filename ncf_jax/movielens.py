@@ -576,3 +576,172 @@ def read_tfds(ds, name: str) -> Ratings:
     k = int(np.argmax(timestamps < 0))
     raise UserError(f'{where} record {k}: negative timestamp {timestamps[k]}.')
   return Ratings(users, items, timestamps, where)
+
+
+# --------------------------------------------------------------------------------------
+# ml-20mx16x32: GroupLens's published fractal expansion of ml-20m (MLPerf's planned
+# successor dataset), as numpy .npz shards; layout in docs/data.md ("ml-20mx16x32").
+
+EXPANDED_NAME = 'ml-20mx16x32'
+# One train and one test shard per user row block (the expansion's 16 user multiplier).
+EXPANDED_SHARDS = 16
+EXPANDED_URL = f'{BASE_URL}/ml-20mx16x32.tar'
+# (train rows, items) of the published files, as both the mlcommons README and PyG's
+# MovieLens1B state them. Their user counts disagree (2,197,225 and 2,210,078), so the
+# user count is not checked.
+EXPANDED_KNOWN_SIZES = {EXPANDED_NAME: (1_223_962_043, 855_776)}
+_NPZ_ARRAY = 'arr_0'   # np.savez's name for its one positional array
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSource:
+  """The located shards of ml-20mx16x32: trainx16x32_<i>.npz and testx16x32_<i>.npz."""
+  folder: str
+  train: tuple               # paths, shard 0 first
+  test: tuple                # paths, shard 0 first
+
+  @property
+  def paths(self) -> tuple:
+    return self.train + self.test
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpandedRatings:
+  """ml-20mx16x32 as published: (user, item) train rows and one test row per user."""
+  train_users: np.ndarray    # int32 [n] raw user ids, shard order
+  train_items: np.ndarray    # int32 [n] item ids (already dense, 0-based)
+  test_users: np.ndarray     # int32 [num_test] raw user ids
+  test_items: np.ndarray     # int32 [num_test]
+  where: str                 # the folder, for messages
+
+
+def expanded_shard_paths(data_dir: str):
+  """(folder, train paths, test paths) that `locate_shards` looks for."""
+  folder = os.path.join(data_dir, EXPANDED_NAME)
+  return (folder,
+          tuple(os.path.join(folder, f'trainx16x32_{i}.npz') for i in range(EXPANDED_SHARDS)),
+          tuple(os.path.join(folder, f'testx16x32_{i}.npz') for i in range(EXPANDED_SHARDS)))
+
+
+def expanded_how_to_get(data_dir: str) -> str:
+  return (f'Download {EXPANDED_URL} (3.1 GB) and extract it into {data_dir} (`tar -xf '
+          f'ml-20mx16x32.tar -C {data_dir}`), or generate it from ml-20m with mlcommons/'
+          'training data_generation/fractal_graph_expansions/data_gen.sh.')
+
+
+def locate_shards(data_dir: str, download: bool = False) -> ShardSource:
+  """Finds the 16 train and 16 test shards of ml-20mx16x32 in data_dir/ml-20mx16x32/.
+
+  Raises:
+    UserError: a shard is missing (names how many and the first one, and how to get them).
+  """
+  folder, train, test = expanded_shard_paths(data_dir)
+  missing = [p for p in train + test if not os.path.isfile(p)]
+  if missing:
+    where = (f'data_dir {data_dir} does not exist' if not os.path.isdir(data_dir) else
+             f'{folder} does not exist' if not os.path.isdir(folder) else
+             f'{len(missing)} of {2 * EXPANDED_SHARDS} shards are missing, the first is '
+             f'{missing[0]}')
+    note = (' (--download does not fetch this tarball: it has no published checksum to '
+            'verify it against.)' if download else '')
+    raise UserError(
+        f'{EXPANDED_NAME} not found: {where}. It is {EXPANDED_SHARDS} train and '
+        f'{EXPANDED_SHARDS} test shards, trainx16x32_<i>.npz and testx16x32_<i>.npz for i = '
+        f'0..{EXPANDED_SHARDS - 1}, in {folder}. {expanded_how_to_get(data_dir)}{note}')
+  return ShardSource(folder, train, test)
+
+
+def _layout_error(path: str, found: str) -> UserError:
+  return UserError(
+      f'{path}: {found}; a published {EXPANDED_NAME} shard holds one array {_NPZ_ARRAY!r} of '
+      f'integer (user, item) rows, shape [n, 2]. Re-extract it from ml-20mx16x32.tar, or '
+      f'regenerate it.')
+
+
+def shard_rows(path: str) -> int:
+  """Rows of a shard, from the .npy header inside the .npz (no data read).
+
+  Raises:
+    UserError: not a readable .npz, no arr_0, or not an integer [n, >= 2] array.
+  """
+  try:
+    with zipfile.ZipFile(path) as z:
+      names = z.namelist()
+      if f'{_NPZ_ARRAY}.npy' not in names:
+        raise _layout_error(path, f'it holds {", ".join(n[:-4] for n in names) or "nothing"}'
+                            f', no {_NPZ_ARRAY!r}')
+      with z.open(f'{_NPZ_ARRAY}.npy') as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
+    raise UserError(f'{path} is not a readable .npz file ({e}). Re-extract it from '
+                    f'ml-20mx16x32.tar, or regenerate it.') from None
+  if len(shape) != 2 or shape[1] < 2 or dtype.kind not in 'iu':
+    raise _layout_error(path, f'{_NPZ_ARRAY!r} is {dtype} with shape {tuple(shape)}')
+  return int(shape[0])
+
+
+def _read_shard(path: str, rows: int) -> np.ndarray:
+  """The [rows, >= 2] integer array of a shard, checked (ids in [0, 2**31))."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      array = z[_NPZ_ARRAY]
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
+    raise UserError(f'{path} cannot be read ({e}). Re-extract it from ml-20mx16x32.tar, or '
+                    'regenerate it.') from None
+  if array.shape[0] != rows:
+    raise UserError(f'{path} changed while it was read; run again.')
+  cols = array[:, :2]
+  if cols.size and (int(cols.min()) < 0 or int(cols.max()) >= 2**31):
+    k = int(np.argmax(((cols < 0) | (cols >= 2**31)).any(axis=1)))
+    raise UserError(f'{path} row {k}: (user, item) = {tuple(int(v) for v in cols[k])}; ids '
+                    'must be in [0, 2**31). Is this a published ml-20mx16x32 shard?')
+  return array
+
+
+def read_shards(source: ShardSource) -> ExpandedRatings:
+  """Reads every shard in turn into preallocated int32 columns (one shard in memory).
+
+  Peak memory: the int32 train columns (8 bytes a row, about 9.8 GB for the published
+  1.2 billion rows) plus one shard as stored.
+
+  Raises:
+    UserError: unreadable shard, wrong layout, an id out of range, no train row.
+  """
+  train_rows = [shard_rows(p) for p in source.train]
+  test_rows = [shard_rows(p) for p in source.test]
+  total = sum(train_rows)
+  if total == 0:
+    raise UserError(f'{source.folder}: the train shards have no rows. '
+                    f'{expanded_how_to_get(os.path.dirname(source.folder))}')
+  columns = []
+  for paths, counts in ((source.train, train_rows), (source.test, test_rows)):
+    n = sum(counts)
+    users, items = np.empty(n, np.int32), np.empty(n, np.int32)
+    pos = 0
+    for path, rows in zip(paths, counts):
+      array = _read_shard(path, rows)
+      users[pos:pos + rows] = array[:, 0]
+      items[pos:pos + rows] = array[:, 1]
+      del array
+      pos += rows
+      logging.info('Read %s (%d rows)', path, rows)
+    columns += [users, items]
+  return ExpandedRatings(*columns, where=source.folder)
+
+
+def check_expanded_sizes(where: str, num_rows: Optional[int] = None,
+                         num_items: Optional[int] = None,
+                         known: Optional[Dict[str, tuple]] = None) -> None:
+  """Raises UserError when ml-20mx16x32's train rows or items differ from the published."""
+  known = EXPANDED_KNOWN_SIZES if known is None else known
+  if EXPANDED_NAME not in known:
+    return
+  for what, got, exp in (('train rows', num_rows, known[EXPANDED_NAME][0]),
+                         ('items', num_items, known[EXPANDED_NAME][1])):
+    if got is not None and got != exp:
+      raise UserError(
+          f'{where} has {got:,} {what}; the published {EXPANDED_NAME} has {exp:,}. These are '
+          f'not the published shards (partial or modified?). {expanded_how_to_get(os.path.dirname(where))}')
