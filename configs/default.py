@@ -69,6 +69,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Standard deviation of the normal initialisation of the embedding tables (MLPerf 0.01);
   # None: the model's default (ncf_jax.models.DEFAULTS), recorded in config.json.
   config.model.embed_init_std = config_dict.placeholder(float)
+  # How the MLP tower's first layer reads the embeddings: 'concat' (one product per pair
+  # on concat(p_u, q_i), as the reference), 'projected' (each table times its half of the
+  # kernel once per call, then gathered) or 'auto' (project a table when it has fewer rows
+  # than the pairs one call scores per device). Same parameters; values equal up to float
+  # rounding (docs/benchmarks.md#first-layer-projection).
+  config.model.first_layer = 'auto'
   # Initialise NeuMF from a trained GMF workdir / checkpoint (NCF paper pre-training).
   config.model.pretrained_gmf = config_dict.placeholder(str)
   # Initialise NeuMF from a trained MLP workdir / checkpoint (NCF paper pre-training).

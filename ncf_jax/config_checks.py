@@ -71,6 +71,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     bad('num_epochs', config.num_epochs, 'it must be >= 1')
   if config.dtype not in ('float32', 'bfloat16'):
     bad('dtype', config.dtype, "use 'float32' or 'bfloat16'")
+  if config.model.first_layer not in models.FIRST_LAYERS:
+    bad('model.first_layer', config.model.first_layer,
+        f'use one of {", ".join(models.FIRST_LAYERS)}')
   layers = tuple(config.model.mlp_layers)
   if config.model.name in ('neumf', 'mlp') and (
       len(layers) < 1 or layers[0] % 2 or min(layers) < 1):

@@ -6,7 +6,7 @@ default is 0.1, see DEFAULTS); MLP kernels Glorot uniform;
 the final kernel LeCun uniform; biases uniform(+-1/sqrt(fan_in)) (PyTorch's Linear
 default). Parameters are float32; `dtype` is the compute dtype. No loss, no data here.
 """
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 MODEL_NAMES = ('neumf', 'gmf', 'mlp', 'mf')
+# Values of model.first_layer: how the MLP tower's first layer reads its embeddings.
+FIRST_LAYERS = ('auto', 'concat', 'projected')
 
 # The MLPerf reference's embedding initialisation: N(0, 0.01).
 EMBED_INIT_STD = 0.01
@@ -47,7 +49,10 @@ def _dense(features: int, fan_in: int, kernel_init, dtype, name: str) -> nn.Dens
 
 
 class _Embedding(nn.Module):
-  """A user table and an item table of one width, gathered and cast to `dtype`."""
+  """A user table and an item table of one width, gathered and cast to `dtype`.
+
+  With `tables=True` it returns the two whole float32 tables instead (same parameters).
+  """
   num_users: int
   num_items: int
   features: int
@@ -56,19 +61,72 @@ class _Embedding(nn.Module):
   init_std: float = EMBED_INIT_STD
 
   @nn.compact
-  def __call__(self, users, items):
+  def __call__(self, users, items, tables: bool = False):
     init = nn.initializers.normal(stddev=self.init_std)
     u = nn.Embed(self.num_users, self.features, embedding_init=init,
-                 param_dtype=jnp.float32, name=f'{self.prefix}_user')(users)
+                 param_dtype=jnp.float32, name=f'{self.prefix}_user')
     i = nn.Embed(self.num_items, self.features, embedding_init=init,
-                 param_dtype=jnp.float32, name=f'{self.prefix}_item')(items)
-    return u.astype(self.dtype), i.astype(self.dtype)
+                 param_dtype=jnp.float32, name=f'{self.prefix}_item')
+    if tables:
+      return u.embedding, i.embedding
+    return u(users).astype(self.dtype), i(items).astype(self.dtype)
+
+
+def projected_tables(first_layer: str, num_users: int, num_items: int,
+                     samples: int) -> Tuple[bool, bool]:
+  """(project the user table, project the item table) for the MLP's first layer.
+
+  `samples` is how many (user, item) pairs one compiled call scores per device. The layer
+  is linear in concat(p_u, q_i), so p_u @ W_u can come from a projected table T @ W_u
+  (one product per row, then a gather) instead of one product per sample: it pays when
+  the table has fewer rows than the samples that read it ('auto'), since both cost
+  rows-or-samples x d x width multiply-adds forward and twice that backward.
+  'concat' never projects (one product on the concatenation, as the reference does);
+  'projected' always projects both.
+  """
+  if first_layer not in FIRST_LAYERS:
+    raise ValueError(f'unknown model.first_layer {first_layer!r}')
+  if first_layer == 'concat':
+    return False, False
+  if first_layer == 'projected':
+    return True, True
+  return num_users < samples, num_items < samples
+
+
+class _FirstLayer(nn.Module):
+  """The MLP tower's first Dense on concat(p_u, q_i), with either table projected.
+
+  Parameters are nn.Dense's (kernel [2d, width] Glorot uniform, bias), so checkpoints and
+  initialisation do not depend on the projection. concat(p_u, q_i) @ W = p_u @ W[:d] +
+  q_i @ W[d:]: a projected half is (table @ W_half)[ids], the other table_[ids] @ W_half.
+  Same values up to float summation order.
+  """
+  features: int
+  fan_in: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, user_table, item_table, users, items, project: Tuple[bool, bool]):
+    kernel = self.param('kernel', nn.initializers.glorot_uniform(),
+                        (self.fan_in, self.features), jnp.float32).astype(self.dtype)
+    bias = self.param('bias', _torch_bias_init(self.fan_in), (self.features,), jnp.float32)
+    d = user_table.shape[1]
+
+    def half(table, ids, w, projected):
+      if projected:
+        return (table.astype(self.dtype) @ w)[ids]
+      return table[ids].astype(self.dtype) @ w
+    return (half(user_table, users, kernel[:d], project[0]) +
+            half(item_table, items, kernel[d:], project[1]) + bias.astype(self.dtype))
 
 
 class NeuMF(nn.Module):
   """GMF and/or MLP towers concatenated into one dense logit.
 
   `use_gmf` / `use_mlp` select the NCF paper's three instantiations: both is NeuMF.
+  `first_layer` ('auto', 'concat', 'projected') chooses per call, from the number of
+  pairs it scores, whether the first MLP layer reads projected tables
+  (`projected_tables`); the parameters are the same either way.
   """
   num_users: int
   num_items: int
@@ -79,6 +137,7 @@ class NeuMF(nn.Module):
   use_mlp: bool = True
   dtype: Any = jnp.float32
   embed_init_std: float = EMBED_INIT_STD
+  first_layer: str = 'concat'
 
   @nn.compact
   def __call__(self, users, items, deterministic: bool = True):
@@ -88,12 +147,20 @@ class NeuMF(nn.Module):
                           self.embed_init_std, name='gmf')(users, items)
       towers.append(gu * gi)
     if self.use_mlp:
-      mu, mi = _Embedding(self.num_users, self.num_items, self.mlp_layers[0] // 2, 'mlp',
-                          self.dtype, self.embed_init_std, name='mlp')(users, items)
-      x = jnp.concatenate([mu, mi], axis=-1)
+      embed = _Embedding(self.num_users, self.num_items, self.mlp_layers[0] // 2, 'mlp',
+                         self.dtype, self.embed_init_std, name='mlp')
+      project = projected_tables(self.first_layer, self.num_users, self.num_items,
+                                 int(np.prod(jnp.shape(users))))
+      if any(project):
+        x = _FirstLayer(self.mlp_layers[1], self.mlp_layers[0], self.dtype, name='mlp_0')(
+            *embed(users, items, tables=True), users, items, tuple(project))
+      else:
+        mu, mi = embed(users, items)
+        x = jnp.concatenate([mu, mi], axis=-1)
       for n, (fan_in, width) in enumerate(zip(self.mlp_layers[:-1], self.mlp_layers[1:])):
-        x = _dense(width, fan_in, nn.initializers.glorot_uniform(), self.dtype,
-                   f'mlp_{n}')(x)
+        if n or not any(project):
+          x = _dense(width, fan_in, nn.initializers.glorot_uniform(), self.dtype,
+                     f'mlp_{n}')(x)
         x = nn.relu(x)
         if self.dropout > 0:
           x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
@@ -131,13 +198,17 @@ def create_model(model_config, num_users: int, num_items: int, dtype: str) -> nn
   layers = tuple(int(w) for w in model_config.mlp_layers)
   jdtype = jnp.dtype(dtype)
   init_std = float(model_config.embed_init_std)
+  first_layer = str(model_config.get('first_layer', 'concat'))   # absent: the reference's
+  if first_layer not in FIRST_LAYERS:
+    raise ValueError(f'unknown model.first_layer {first_layer!r}')
   if name == 'mf':
     return MF(num_users, num_items, int(model_config.mf_dim), jdtype, init_std)
   if name not in MODEL_NAMES:
     raise ValueError(f'unknown model {name!r}')
   return NeuMF(num_users, num_items, mf_dim=int(model_config.mf_dim), mlp_layers=layers,
                dropout=float(model_config.dropout), use_gmf=name in ('neumf', 'gmf'),
-               use_mlp=name in ('neumf', 'mlp'), dtype=jdtype, embed_init_std=init_std)
+               use_mlp=name in ('neumf', 'mlp'), dtype=jdtype, embed_init_std=init_std,
+               first_layer=first_layer)
 
 
 def num_params(params) -> int:

@@ -176,8 +176,11 @@ def test_a_scale_sensitive_update_gives_the_same_parameters_on_1_2_and_8_devices
     after = jax.device_get(state.params)
     assert np.isfinite(float(out['train_loss']))
     moved[n] = jax.tree.map(lambda a, b: a - b, after, before)
+  # atol: a few float32 ulps of the ~0.01 parameters the ~1e-6 updates are taken from;
+  # model.first_layer='auto' projects the tables on 1 device (512 pairs) and not on 8 (64
+  # each), so the float sums differ in order.
   for n in DEVICE_COUNTS[1:]:
-    _assert_trees_close(moved[n], moved[1], rtol=1e-4, atol=1e-9)
+    _assert_trees_close(moved[n], moved[1], rtol=1e-4, atol=5e-9)
   total = sum(float(np.sum(np.abs(x))) for x in jax.tree.leaves(moved[1]))
   assert total > 0
 
