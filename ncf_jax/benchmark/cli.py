@@ -24,7 +24,10 @@ def define_flags() -> None:
                             'the train section times.')
   flags.DEFINE_list('batch_sizes', ['65536', '1048576'],
                     'Global batch sizes the train section times (the smallest also gets the '
-                    'breakdown, the hash cost and the PyTorch peer).')
+                    'breakdown and the hash cost).')
+  flags.DEFINE_list('torch_variants', ['eager', 'fused_adam', 'compiled', 'sparse_adam'],
+                    'PyTorch peer variants the train section interleaves with ours (when '
+                    'torch is installed; empty: none).')
   flags.DEFINE_list('sections', None, 'Sections to run (default: all).')
   flags.DEFINE_float('scale', 1.0, 'Problem size relative to ml-20m (e.g. 0.05).')
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
@@ -42,6 +45,10 @@ def main(argv):
   unknown = [n for n in names if n not in SECTIONS]
   if unknown:
     raise UserError(f'unknown --sections {", ".join(unknown)}; valid: {", ".join(SECTIONS)}.')
+  bad = [v for v in FLAGS.torch_variants or () if v not in common.TORCH_VARIANTS]
+  if bad:
+    raise UserError(f'unknown --torch_variants {", ".join(bad)}; valid: '
+                    f'{", ".join(common.TORCH_VARIANTS)}.')
   if not FLAGS.scale > 0:
     raise UserError(f'--scale is {FLAGS.scale}; it must be > 0.')
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix='ncf_jax_benchmark_')
@@ -52,7 +59,8 @@ def main(argv):
       section = importlib.import_module(f'ncf_jax.benchmark.{SECTIONS[n]}')
       figures.update(section.run(common.Args(
           scale=FLAGS.scale, workdir=workdir, config=FLAGS.config,
-          batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes))))
+          batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),
+          torch_variants=tuple(FLAGS.torch_variants or ()))))
   finally:
     if FLAGS.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)

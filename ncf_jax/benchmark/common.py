@@ -13,6 +13,8 @@ from ncf_jax import data
 # ml-20m: users, rated movies, ratings / users.
 ML20M_USERS, ML20M_ITEMS, ML20M_MEAN = 138_493, 26_744, 20_000_263 / 138_493
 GB = 1e9
+# The train section's PyTorch peer variants (ncf_jax.benchmark.peers.torch_neumf).
+TORCH_VARIANTS = ('eager', 'fused_adam', 'compiled', 'sparse_adam')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Args:
   workdir: str    # scratch folder the section may fill
   config: Any = None        # train section: model, dtype and optimizer (mlperf.py default)
   batch_sizes: tuple = (65536, 1048576)   # train section: global batch sizes to time
+  torch_variants: tuple = TORCH_VARIANTS   # train section: the PyTorch peer's variants
 
 
 def peak_rss_gb() -> float:

@@ -2,11 +2,13 @@
 
 Train-step samples/s of the MLPerf NeuMF (138,493 x 26,744 tables at --scale=1, batch read
 inside the step from the epoch built on device) at each of --batch_sizes (default 65,536
-and 1,048,576); the fraction of the compute ceiling (FLOPS_PER_SAMPLE / measured fp32
-matmul FLOP/s); at the smallest batch a per-part breakdown (sampling, embedding gathers,
-forward, forward+backward, dense Adam update) and the hash's cost on a train step; eval
-users/s with 999 negatives; and NVIDIA's PyTorch NeuMF module (eager and fused Adam) when
-torch is installed, as `peer_ratio_torch`.
+and 1,048,576), interleaved round by round with the same step at
+`model.first_layer='concat'` and NVIDIA's PyTorch NeuMF module (eager, fused Adam,
+torch.compile, SparseAdam; --torch_variants) when torch is installed: ours is the median
+of the rounds, each peer its best, `peer_ratio_torch_b<B>` their ratio. Also the fraction
+of the compute ceiling (FLOPS_PER_SAMPLE / measured fp32 matmul FLOP/s); at the smallest
+batch a per-part breakdown (sampling, embedding gathers, forward, forward+backward, dense
+Adam update) and the hash's cost on a train step; eval users/s with 999 negatives.
 """
 import time
 from typing import Any, Dict, Sequence
@@ -52,41 +54,96 @@ def _matmul_flops_per_sec() -> float:
   return 2 * n ** 3 / sec
 
 
-def _step_rates(config, model, dev, mesh, keys, sizes: Sequence[int],
-                flops: float) -> Dict[str, float]:
-  """Steady-state samples/s of the compiled train step at each batch size, then hashed.
+def _ours(config, model, dev, mesh, keys, batch: int, hashed: bool = False):
+  """run(n) -> seconds for n compiled train steps at `batch` (sampling included).
 
-  The epoch's build happens once per epoch and is not in these rates.
+  The steps read batches 0..n-1 of epoch 0 from the epoch built once here (its build is
+  not timed), `config.steps_per_call` per launch; the state carries over between calls.
   """
   init_key, data_key, dropout_key = keys
-  out = {}
-  for batch, hashed in [(b, False) for b in sizes] + [(sizes[0], True)]:
-    cfg = _with(config, batch_size=batch, hash_pipeline=hashed)
-    state = steps.create_train_state(cfg, model, init_key, mesh)
-    step = steps.make_train_step(cfg, mesh)
-    items = steps.make_epoch_items(cfg, mesh, dev.num_train)(dev, data_key, np.int32(0))
-    n = (3 if batch > 100_000 else 10) if _on_cpu() else 20
+  cfg = _with(config, batch_size=batch, hash_pipeline=hashed)
+  k = int(cfg.steps_per_call)
+  holder = [steps.create_train_state(cfg, model, init_key, mesh)]
+  step = steps.make_train_step(cfg, mesh, num_steps=k)
+  items = steps.make_epoch_items(cfg, mesh, dev.num_train)(dev, data_key, np.int32(0))
+  in_flight = dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
 
-    in_flight = dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
-
-    def run(state):
-      for s in range(n):
-        state, out = step(state, dev, items, (data_key, dropout_key), np.int32(0),
-                          np.int32(s))
-        in_flight.add(out['train_loss'])
-      return state
-    state = run(state)   # compile + warm up
-    jax.block_until_ready(state)
+  def run(n: int) -> float:
     t = time.perf_counter()
-    state = jax.block_until_ready(run(state))
-    rate = n * batch / (time.perf_counter() - t)
-    del state
-    if hashed:   # the hash-of-batches diagnostic's cost on a real train epoch
-      out[f'train_samples_per_sec_b{batch}_hashed'] = rate
-      out['hash_overhead_fraction_of_train'] = out[f'train_samples_per_sec_b{batch}'] / rate - 1
-      continue
-    out[f'train_samples_per_sec_b{batch}'] = rate
-    out[f'compute_ceiling_fraction_b{batch}'] = rate * FLOPS_PER_SAMPLE / flops
+    state = holder[0]
+    for s in range(0, n, k):
+      state, out = step(state, dev, items, (data_key, dropout_key), np.int32(0), np.int32(s))
+      in_flight.add(out['train_loss'])
+    holder[0] = jax.block_until_ready(state)
+    return time.perf_counter() - t
+  return run
+
+
+def _interleaved(contenders, rounds: int) -> Dict[str, list]:
+  """{name: samples/s of each round} for {name: (run, n, batch)}, timed in turn.
+
+  One untimed round first (compiles, warms caches), then `rounds` rounds in which every
+  contender runs its n steps once, so that all sides see the same machine load.
+  """
+  rates = {name: [] for name in contenders}
+  for r in range(rounds + 1):
+    for name, (run, n, batch) in contenders.items():
+      sec = run(n)
+      if r:
+        rates[name].append(n * batch / sec)
+  return rates
+
+
+def _step_rates(config, model, dev, mesh, keys, sizes: Sequence[int], flops: float,
+                num_users: int, num_items: int,
+                torch_variants: Sequence[str]) -> Dict[str, Any]:
+  """Ours against the PyTorch peer at each batch size, interleaved in one process.
+
+  Per batch: ours as configured (median of the rounds), ours with
+  `model.first_layer='concat'` (the reference's arithmetic, before the projection) when
+  the config projects, the hashed step at the smallest batch, and each PyTorch variant
+  (best of the rounds). `peer_ratio_torch_b<B>` is ours' median over the best dense-Adam
+  variant's best; SparseAdam (lazy updates) has its own ratio.
+  """
+  out = {}
+  rounds = 3
+  on_cpu = _on_cpu()
+  for batch in sizes:
+    n = (2 if batch > 100_000 else 5) if on_cpu else 20
+    n = -(-n // int(config.steps_per_call)) * int(config.steps_per_call)
+    contenders = {'ours': (_ours(config, model, dev, mesh, keys, batch), n, batch)}
+    if config.model.first_layer != 'concat' and config.model.name in ('neumf', 'mlp'):
+      plain = models.create_model(_with(config.model, first_layer='concat'), num_users,
+                                  num_items, config.dtype)
+      contenders['concat'] = (_ours(config, plain, dev, mesh, keys, batch), n, batch)
+    if batch == sizes[0]:
+      contenders['hashed'] = (_ours(config, model, dev, mesh, keys, batch, hashed=True), n,
+                              batch)
+    runners, info = peers.torch_neumf(num_users, num_items, batch, torch_variants)
+    out.update(info)
+    for name, run in runners.items():
+      contenders[f'torch_{name}'] = (run, n, batch)
+    rates = _interleaved(contenders, rounds)
+    ours = float(np.median(rates.pop('ours')))
+    out[f'train_samples_per_sec_b{batch}'] = ours
+    out[f'compute_ceiling_fraction_b{batch}'] = ours * FLOPS_PER_SAMPLE / flops
+    if 'concat' in rates:
+      out[f'train_samples_per_sec_b{batch}_concat'] = float(np.median(rates.pop('concat')))
+      out[f'first_layer_speedup_b{batch}'] = ours / out[f'train_samples_per_sec_b{batch}_concat']
+    if 'hashed' in rates:   # the hash-of-batches diagnostic's cost on a real train step
+      hashed = float(np.median(rates.pop('hashed')))
+      out[f'train_samples_per_sec_b{batch}_hashed'] = hashed
+      out['hash_overhead_fraction_of_train'] = ours / hashed - 1
+    for name, r in rates.items():
+      out[f'{name}_samples_per_sec_b{batch}'] = max(r)
+    dense = {k: max(r) for k, r in rates.items() if k != 'torch_sparse_adam'}
+    if dense:
+      best = max(dense, key=dense.get)
+      out[f'peer_best_b{batch}'] = best
+      out[f'peer_ratio_torch_b{batch}'] = ours / dense[best]
+    if 'torch_sparse_adam' in rates:
+      out[f'peer_ratio_torch_sparse_adam_b{batch}'] = ours / max(rates['torch_sparse_adam'])
+    out['timing_rounds'] = rounds
   return out
 
 
@@ -164,16 +221,14 @@ def run(args: common.Args) -> Dict[str, Any]:
          'compute_ceiling_samples_per_sec': flops / FLOPS_PER_SAMPLE}
   sizes = sorted(set(int(b) for b in args.batch_sizes))
   small, large = sizes[0], sizes[-1]
-  out.update(_step_rates(config, model, dev, mesh, keys, sizes, flops))
+  out.update(_step_rates(config, model, dev, mesh, keys, sizes, flops, num_users, num_items,
+                         args.torch_variants))
   breakdown, params = _breakdown(config, model, ds, keys, small)
   out.update(breakdown)
   out.update(_eval_rate(config, model, ds, dev, mesh, keys[1], params))
 
-  peer = peers.torch_neumf(num_users, num_items, small)
-  out.update(peer)
-  best = max([v for k, v in peer.items() if k.endswith('_samples_per_sec')], default=None)
-  if best:
-    out['peer_ratio_torch'] = out[f'train_samples_per_sec_b{small}'] / best
+  if f'peer_ratio_torch_b{small}' in out:
+    out['peer_ratio_torch'] = out[f'peer_ratio_torch_b{small}']
   out['train_samples_per_sec'] = out[f'train_samples_per_sec_b{large}']
   out['compute_ceiling_fraction'] = out[f'compute_ceiling_fraction_b{large}']
   out['peak_host_rss_gb'] = common.peak_rss_gb()
