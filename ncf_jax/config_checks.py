@@ -5,6 +5,8 @@ import ml_collections
 
 from ncf_jax import data as data_lib
 from ncf_jax import models
+from ncf_jax import pipeline
+from ncf_jax import sampling
 from ncf_jax import steps
 from ncf_jax.errors import UserError
 
@@ -121,7 +123,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
 
 def validate_against_data(config, dataset: data_lib.Dataset) -> None:
-  """Checks that need the dataset: enough candidate items for every user."""
+  """Checks that need the dataset: sizes the index arithmetic holds, enough candidates.
+
+  The limits are those of docs/scale.md ("Indices past 32 bits"); each refusal names
+  the limit, the dataset's figure and what to change.
+  """
+  _check_index_limits(config, dataset)
   degrees = dataset.user_degrees()
   worst = int(degrees.max()) if degrees.size else 0
   held = 0 if config.match_mlperf else 1 + (dataset.valid_items is not None)
@@ -134,6 +141,47 @@ def validate_against_data(config, dataset: data_lib.Dataset) -> None:
   if config.model.pretrained_gmf or config.model.pretrained_mlp:
     if config.model.name != 'neumf':
       raise UserError('config.model.pretrained_gmf/pretrained_mlp need model.name=neumf.')
+
+
+def _check_index_limits(config, dataset) -> None:
+  """Raises UserError for sizes past what the sampler's int32/uint32/Wide indices hold."""
+  int32_max = sampling.INT32_MAX
+  n_users, n_items, n_train = dataset.num_users, dataset.num_items, dataset.num_train
+  name = getattr(dataset, 'name', 'the dataset')
+  if n_users + 1 > int32_max or n_items > int32_max:
+    raise UserError(
+        f'{name} has {n_users:,} users and {n_items:,} items: user ids (and the offsets '
+        f'table of num_users + 1 entries) and item ids are int32, so at most '
+        f'{int32_max - 1:,} users and {int32_max:,} items; use a smaller catalogue.')
+  if n_train + n_users > int32_max:
+    raise UserError(
+        f'{name} has {n_train:,} training positives and {n_users:,} users: the sampler '
+        f'indexes positives and its bitmap words (num_train + num_users entries) with '
+        f'int32, so num_train + num_users <= {int32_max:,}; subsample the positives.')
+  num_neg, batch = int(config.num_neg), int(config.batch_size)
+  slots = pipeline.epoch_size(n_train, num_neg)
+  steps = pipeline.steps_per_epoch(n_train, num_neg, batch)
+  if steps * batch > sampling.MAX_WIDE_SLOTS:
+    raise UserError(
+        f'an epoch of {name} has {slots:,} slots ({n_train:,} positives x (1 + '
+        f'config.num_neg={num_neg})), {steps * batch:,} with the last batch padded: epoch '
+        f'positions are exact up to 2**40 = {sampling.MAX_WIDE_SLOTS:,}; lower num_neg.')
+  if steps > int32_max:
+    raise UserError(
+        f'config.batch_size={batch} gives {steps:,} steps per epoch of {name}: step '
+        f'numbers are int32 (at most {int32_max:,}); use a larger batch_size.')
+  if pipeline.wide_positions(n_train, num_neg, batch) and 1 + num_neg > 1 << 16:
+    raise UserError(
+        f'config.num_neg={num_neg} is invalid for {name}: its epoch has {slots:,} slots, '
+        f'past 2**32 - 2**17, where a slot is split into (positive, negative number) by '
+        f'16-bit long division, so 1 + num_neg <= 65536; use num_neg <= 65535.')
+  cols = 1 + int(config.eval_num_neg)
+  if n_users * cols > 1 << 32:
+    raise UserError(
+        f'config.eval_num_neg={config.eval_num_neg} is invalid for {name}: its '
+        f'{n_users:,} users x (1 + eval_num_neg) = {n_users * cols:,} candidates pass '
+        f'2**32, the range of the uint32 candidate counters and hash positions; use '
+        f'eval_num_neg <= {(1 << 32) // max(n_users, 1) - 1}.')
 
 
 def fixed_seed(config) -> Optional[int]:

@@ -13,6 +13,10 @@ Two ways to compute the same batch: `train_batch` samples each position's negati
 visiting order (pure in (key, epoch, step), for inspection and tests); the train loop
 first builds the epoch's items in slot order (`epoch_items`, cache-friendly) and its
 batches read them (`batch_from_items`). Both give identical batches and hashes.
+
+Positions and slots are uint32 while an epoch's padded positions stay within
+`sampling.NARROW_SLOTS`; past that (a static choice from the sizes) they are
+`sampling.Wide` pairs, with the same values where both forms are exact (docs/scale.md).
 """
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -51,22 +55,92 @@ def epoch_keys(key: jax.Array, epoch) -> Tuple[jax.Array, jax.Array]:
           sampling.keypair(jax.random.fold_in(ek, STREAM_TRAIN_NEG)))
 
 
-def _slot_parts(slot: jax.Array, num_neg: int) -> Tuple[jax.Array, jax.Array]:
-  """(index of the slot's positive, whether the slot is that positive itself)."""
+def wide_positions(num_train: int, num_neg: int, batch_size: int) -> bool:
+  """Whether an epoch's padded positions pass sampling.NARROW_SLOTS (so are Wide pairs)."""
+  padded = steps_per_epoch(num_train, num_neg, batch_size) * int(batch_size)
+  return padded > sampling.NARROW_SLOTS
+
+
+def _slot_parts(slot, num_neg: int) -> Tuple[jax.Array, jax.Array]:
+  """(index of the slot's positive, whether the slot is that positive itself).
+
+  `slot` is uint32 or a `sampling.Wide` (exact for slot < (1 + num_neg) * 2**32).
+  """
+  if isinstance(slot, sampling.Wide):
+    k, j = sampling.wide_divmod_const(slot, 1 + num_neg)
+    return k.astype(jnp.int32), j == 0
   return (slot // (1 + num_neg)).astype(jnp.int32), (slot % (1 + num_neg)) == 0
 
 
+def batch_positions(step, batch_size: int, start, size: int, wide: bool):
+  """Epoch positions step * batch_size + start + [0, size): uint32, or Wide when `wide`."""
+  offsets = jnp.arange(size, dtype=jnp.uint32)
+  if not wide:
+    return (jnp.asarray(step, jnp.uint32) * jnp.uint32(batch_size)
+            + jnp.asarray(start, jnp.uint32) + offsets)
+  base = sampling.wide_add(sampling.wide_mul(jnp.asarray(step, jnp.uint32), batch_size),
+                           jnp.asarray(start, jnp.uint32))
+  return sampling.wide_add(base, offsets)
+
+
 def _visited_slots(data, key, epoch, step, batch_size: int, num_neg: int, start,
-                   size: Optional[int]) -> Tuple[jax.Array, jax.Array]:
-  """(slots visited at batch positions [start, start + size) of `step`, valid mask)."""
+                   size: Optional[int]):
+  """(slots visited at batch positions [start, start + size) of `step`, valid mask).
+
+  Slots are uint32, or `sampling.Wide` when the epoch needs it (`wide_positions`).
+  """
   size = batch_size if size is None else size
   n_slots = epoch_size(data.num_train, num_neg)
   order_kp, _ = epoch_keys(key, epoch)
-  position = (jnp.asarray(step, jnp.uint32) * jnp.uint32(batch_size)
-              + jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32))
+  keys = sampling.round_keys(order_kp)
+  if wide_positions(data.num_train, num_neg, batch_size):
+    position = batch_positions(step, batch_size, start, size, wide=True)
+    valid = sampling.wide_less(position, n_slots)
+    position = sampling.wide_where(valid, position, sampling.to_wide(0))
+    return sampling.permute_wide(position, n_slots, keys), valid
+  position = batch_positions(step, batch_size, start, size, wide=False)
   valid = position < jnp.uint32(n_slots)
   position = jnp.where(valid, position, 0)
-  return sampling.permute(position, n_slots, sampling.round_keys(order_kp)), valid
+  return sampling.permute(position, n_slots, keys), valid
+
+
+def shard_start(shard, per: int, call, chunk: int, total: int):
+  """First slot shard * per + call * chunk of an epoch-builder call (`steps.make_epoch_items`).
+
+  The int32 expression of before while `per` fits int32 and the builder's `total` slots
+  fit NARROW_SLOTS (past 2**31 it wraps to the right uint32); a `sampling.Wide` otherwise.
+  """
+  if total <= sampling.NARROW_SLOTS and per <= sampling.INT32_MAX:
+    return shard * per + call * chunk
+  return sampling.wide_add(sampling.wide_mul(jnp.asarray(shard, jnp.uint32), per),
+                           sampling.wide_mul(jnp.asarray(call, jnp.uint32), chunk))
+
+
+# Largest power of two that `read_slots` uses as the row length of a long items buffer.
+READ_ROW = 1 << 18
+
+
+def read_slots(items: jax.Array, slot) -> jax.Array:
+  """items[slot] for uint32 or Wide slots, also past INT32_MAX entries.
+
+  A 1-D gather while the buffer has at most INT32_MAX entries (x64 off, JAX gathers with
+  int32 indices); a longer one is read as [rows, row] with row the largest power of two
+  <= READ_ROW dividing its length (`steps.make_epoch_items` buffers are multiples of
+  EPOCH_CHUNK), so both indices fit int32.
+  """
+  n = items.shape[0]
+  if n <= sampling.INT32_MAX:
+    if isinstance(slot, sampling.Wide):
+      slot = slot.lo        # a slot below n < 2**31 has hi == 0
+    return items[slot]
+  slot = sampling.to_wide(slot)
+  shift = min((n & -n).bit_length() - 1, READ_ROW.bit_length() - 1)
+  if (n >> shift) > sampling.INT32_MAX:
+    raise ValueError(f'an items buffer of {n} entries needs a length divisible by '
+                     f'2**{n.bit_length() - 31} to be read with int32 indices')
+  row = ((slot.hi << (32 - shift)) | (slot.lo >> shift)) if shift else slot.lo
+  col = slot.lo & jnp.uint32((1 << shift) - 1)
+  return items.reshape(n >> shift, 1 << shift)[row.astype(jnp.int32), col.astype(jnp.int32)]
 
 
 def train_batch(data: sampling.DeviceData, key: jax.Array, epoch, step, *,
@@ -109,13 +183,19 @@ def epoch_items(data: sampling.DeviceData, key: jax.Array, epoch, *, num_neg: in
   negative than the visiting order on CPU). The train loop builds each epoch's items this
   way once, sharded over devices, and its batches then read them (`batch_from_items`).
   Slots past the epoch's end (padding) get unspecified items. Stored in the dataset's
-  item dtype (uint16 for up to 65,536 items) to halve the memory.
+  item dtype (uint16 for up to 65,536 items) to halve the memory. `start` may be a
+  `sampling.Wide` (`shard_start`); epochs past NARROW_SLOTS count slots in Wide pairs.
   """
   n_slots = epoch_size(data.num_train, num_neg)
   size = n_slots if size is None else size
   _, neg_kp = epoch_keys(key, epoch)
-  slot = jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32)
-  slot = jnp.minimum(slot, jnp.uint32(max(n_slots - 1, 0)))
+  if isinstance(start, sampling.Wide) or n_slots > sampling.NARROW_SLOTS:
+    slot = sampling.wide_add(start, jnp.arange(size, dtype=jnp.uint32))
+    last = sampling.to_wide(max(n_slots - 1, 0))
+    slot = sampling.wide_where(sampling.wide_less(slot, n_slots), slot, last)
+  else:
+    slot = jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32)
+    slot = jnp.minimum(slot, jnp.uint32(max(n_slots - 1, 0)))
   k, is_pos = _slot_parts(slot, num_neg)
   users = data.train_users[k]
   neg_items = sampling.sample_negatives(data, neg_kp, users, slot)
@@ -133,7 +213,7 @@ def batch_from_items(data: sampling.DeviceData, items: jax.Array, key: jax.Array
   """
   slot, valid = _visited_slots(data, key, epoch, step, batch_size, num_neg, start, size)
   k, is_pos = _slot_parts(slot, num_neg)
-  return dict(user=data.train_users[k], item=items[slot].astype(jnp.int32),
+  return dict(user=data.train_users[k], item=read_slots(items, slot).astype(jnp.int32),
               label=is_pos.astype(jnp.float32), valid=valid)
 
 

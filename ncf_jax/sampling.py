@@ -18,8 +18,13 @@ which a two-level bitmap answers in O(1) reads, with no search:
 Randomness is counter-based: every draw is threefry2x32(key, (index, stream)) for a global
 index (sample slot, user, candidate number), so a value never depends on batch size, how a
 batch is split across devices, or how many devices and hosts there are.
+
+Indices past 32 bits (epochs of more than NARROW_SLOTS slots) are `Wide` (hi, lo) pairs
+of uint32 words, so nothing needs jax_enable_x64; every function that takes one gives the
+same values as its 32-bit form wherever that form is exact (docs/scale.md).
 """
-from typing import Optional, Tuple
+import math
+from typing import NamedTuple, Optional, Tuple
 
 import flax.struct
 import jax
@@ -33,6 +38,13 @@ CHUNK = 16         # items per bitmap word
 GROUP = 16         # chunks per occupancy mask
 NARROW_ITEMS = 1 << 16   # up to this many items, ids, counts and masks pack into 16 bits
 FEISTEL_ROUNDS = 6  # even, so the mixed-radix state returns to (Z_a, Z_b)
+INT32_MAX = (1 << 31) - 1      # largest index an int32 gather (x64 off) can address
+# `permute` and `_divmod` are exact on [0, n) for n <= NARROW_SLOTS: ceil(sqrt(n)) <= 65535,
+# so a * a and a * b stay below 2**32. Larger domains go through `permute_wide`.
+NARROW_SLOTS = (1 << 32) - (1 << 17)
+# `permute_wide` is exact for n <= MAX_WIDE_SLOTS: radices below 2**20 + 1 keep the float32
+# quotient in `_divmod_wide` within one of the truth, and hi words below 2**8.
+MAX_WIDE_SLOTS = 1 << 40
 
 
 @flax.struct.dataclass
@@ -71,12 +83,20 @@ class DeviceData:
     index = jnp.minimum(index, max(self.num_train - 1, 0))
     return self.train_items[index].astype(jnp.int32)
 
-  def group(self, index: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """(occupancy mask uint32, non-empty chunks before the group int32) at indices."""
-    g = self.groups[index]
+  def group(self, users: jax.Array, g: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """(occupancy mask uint32, non-empty chunks before the group int32) of users' group g.
+
+    The flat index users * groups_per_user + g while it fits int32 (the 32-bit gather of
+    before); past INT32_MAX entries the tables are read as [num_users, groups_per_user].
+    """
+    def read(table):
+      if table.shape[0] <= INT32_MAX:
+        return table[users * self.groups_per_user + g]
+      return table.reshape(self.num_users, self.groups_per_user)[users, g]
+    v = read(self.groups)
     if self.group_base is None:
-      return g & 0xFFFF, (g >> 16).astype(jnp.int32)
-    return g, self.group_base[index]
+      return v & 0xFFFF, (v >> 16).astype(jnp.int32)
+    return v, read(self.group_base)
 
   def word(self, index: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """(chunk bitmap uint32, positives in earlier chunks int32) at word indices."""
@@ -231,6 +251,85 @@ def uniform_below(bits: jax.Array, span: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------
+# Wide indices: exact 64-bit unsigned arithmetic on (hi, lo) uint32 pairs, x64 off.
+
+class Wide(NamedTuple):
+  """An unsigned index hi * 2**32 + lo as two uint32 arrays (a pytree; shapes broadcast)."""
+  hi: jax.Array
+  lo: jax.Array
+
+
+def to_wide(x) -> Wide:
+  """A Wide from a Wide, a Python int (any size below 2**64) or a uint32/int32 array."""
+  if isinstance(x, Wide):
+    return x
+  if isinstance(x, int):
+    return Wide(jnp.uint32(x >> 32), jnp.uint32(x & 0xFFFFFFFF))
+  x = jnp.asarray(x).astype(jnp.uint32)
+  return Wide(jnp.zeros_like(x), x)
+
+
+def wide_add(x, y) -> Wide:
+  """x + y (mod 2**64), with the carry out of the low words."""
+  x, y = to_wide(x), to_wide(y)
+  lo = x.lo + y.lo
+  return Wide(x.hi + y.hi + (lo < x.lo).astype(jnp.uint32), lo)
+
+
+def wide_mul(x: jax.Array, c: int) -> Wide:
+  """x * c (mod 2**64) for uint32 x and a Python int 0 <= c < 2**64."""
+  x = jnp.asarray(x).astype(jnp.uint32)
+  c_lo, c_hi = jnp.uint32(c & 0xFFFFFFFF), jnp.uint32(c >> 32)
+  return Wide(mulhi_u32(x, c_lo) + x * c_hi, x * c_lo)
+
+
+def wide_less(x: Wide, n: int) -> jax.Array:
+  """x < n for a Python int n."""
+  n_hi, n_lo = jnp.uint32(n >> 32), jnp.uint32(n & 0xFFFFFFFF)
+  return (x.hi < n_hi) | ((x.hi == n_hi) & (x.lo < n_lo))
+
+
+def wide_where(cond: jax.Array, x: Wide, y: Wide) -> Wide:
+  """Elementwise select between two Wides."""
+  x, y = to_wide(x), to_wide(y)
+  return Wide(jnp.where(cond, x.hi, y.hi), jnp.where(cond, x.lo, y.lo))
+
+
+def wide_divmod_const(x: Wide, d: int) -> Tuple[jax.Array, jax.Array]:
+  """Exact (x // d, x % d) as uint32 for a Python int 1 <= d <= 2**16 and x < d * 2**32.
+
+  Long division in 16-bit digits: each partial dividend stays below 2**32, and a constant
+  divisor compiles to a multiply (as the 32-bit `slot // d` does).
+  """
+  if not 1 <= d <= 1 << 16:
+    raise ValueError(f'wide_divmod_const needs 1 <= d <= 65536, got {d}')
+  x = to_wide(x)
+  d32 = jnp.uint32(d)
+  t1 = (x.hi << 16) | (x.lo >> 16)          # x.hi < d <= 2**16
+  q1, r1 = t1 // d32, t1 % d32
+  t2 = (r1 << 16) | (x.lo & 0xFFFF)         # r1 < d <= 2**16
+  return (q1 << 16) + t2 // d32, t2 % d32
+
+
+def _divmod_wide(x: Wide, b: int) -> Tuple[jax.Array, jax.Array]:
+  """Exact (x // b, x % b) as uint32 for x < 2**40 and quotients below 2**20 + 1.
+
+  `_divmod` on a 64-bit dividend: the float32 quotient (relative error below 2**-22, so
+  off by less than 1/4 here) is fixed by the same two corrections; the remainder, in
+  (-2b, 2b), is exact in wrapping 32-bit arithmetic on the low word.
+  """
+  xf = x.hi.astype(jnp.float32) * jnp.float32(1 << 32) + x.lo.astype(jnp.float32)
+  q = jnp.floor(xf / jnp.float32(b)).astype(jnp.int32)
+  r = (x.lo - q.astype(jnp.uint32) * jnp.uint32(b)).astype(jnp.int32)
+  b32 = jnp.int32(b)
+  for _ in range(2):
+    low, high = r < 0, r >= b32
+    q = q - low + high
+    r = r + jnp.where(low, b32, 0) - jnp.where(high, b32, 0)
+  return q.astype(jnp.uint32), r.astype(jnp.uint32)
+
+
+# ----------------------------------------------------------------------------------------
 # A keyed bijection on [0, n) for any n: mixed-radix Feistel network + cycle walking.
 
 def _mix32(x: jax.Array) -> jax.Array:
@@ -267,9 +366,8 @@ def _divmod(x: jax.Array, b: jax.Array):
   return q.astype(jnp.uint32), r.astype(jnp.uint32)
 
 
-def _feistel(x: jax.Array, a: jax.Array, b: jax.Array, round_keys) -> jax.Array:
-  """One pass of the mixed-radix Feistel network: a bijection of [0, a * b)."""
-  left, right = _divmod(x, b)            # left in Z_a, right in Z_b
+def _rounds(left: jax.Array, right: jax.Array, a, b, round_keys):
+  """The Feistel rounds on (left in Z_a, right in Z_b); an even count ends in Z_a x Z_b."""
   mods = (a, b)
   for i, rk in enumerate(round_keys):
     m = mods[i % 2]
@@ -277,7 +375,50 @@ def _feistel(x: jax.Array, a: jax.Array, b: jax.Array, round_keys) -> jax.Array:
     new_right = left + f
     new_right = jnp.where(new_right >= m, new_right - m, new_right)
     left, right = right, new_right
+  return left, right
+
+
+def _feistel(x: jax.Array, a: jax.Array, b: jax.Array, round_keys) -> jax.Array:
+  """One pass of the mixed-radix Feistel network: a bijection of [0, a * b)."""
+  left, right = _rounds(*_divmod(x, b), a, b, round_keys)   # left in Z_a, right in Z_b
   return left * b + right
+
+
+def radices(n: int) -> Tuple[int, int]:
+  """`_radices` in exact Python integers, for a static domain size of any width."""
+  n = max(int(n), 1)
+  a = math.isqrt(n - 1) + 1              # ceil(sqrt(n))
+  return a, -(-n // a)
+
+
+def _feistel_wide(x: Wide, a: int, b: int, round_keys) -> Wide:
+  """`_feistel` on a Wide of [0, a * b): the same rounds, split and joined in 64 bits."""
+  left, right = _rounds(*_divmod_wide(x, b), jnp.uint32(a), jnp.uint32(b), round_keys)
+  return wide_add(wide_mul(left, b), right)
+
+
+def permute_wide(x, n: int, round_keys) -> Wide:
+  """`permute` for a static domain [0, n) with n <= MAX_WIDE_SLOTS, on Wide indices.
+
+  The same bijection as `permute(x, n, round_keys)` wherever that is exact (n <=
+  NARROW_SLOTS): the same radices, rounds and cycle walking, only the split of x into
+  (x // b, x % b) and the join left * b + right are done on (hi, lo) words.
+  """
+  if not 1 <= n <= MAX_WIDE_SLOTS:
+    raise ValueError(f'permute_wide needs 1 <= n <= {MAX_WIDE_SLOTS}, got {n}')
+  x = to_wide(x)
+  a, b = radices(n)
+  keys = [jnp.asarray(k, jnp.uint32) for k in round_keys]
+  inside = wide_less(x, n)
+
+  def step(v):
+    return _feistel_wide(v, a, b, keys)
+
+  def walk(y):
+    return wide_where(inside & ~wide_less(y, n), step(y), y)
+
+  y = walk(step(x))
+  return jax.lax.while_loop(lambda y: jnp.any(inside & ~wide_less(y, n)), walk, y)
 
 
 def permute(x: jax.Array, n: jax.Array, round_keys) -> jax.Array:
@@ -337,7 +478,7 @@ def rank_positives(data: DeviceData, users: jax.Array, x: jax.Array,
     offsets = data.user_offsets[users]
   x = x.astype(jnp.int32)
   chunk = x // CHUNK
-  occ, g_before = data.group(users * data.groups_per_user + chunk // GROUP)
+  occ, g_before = data.group(users, chunk // GROUP)
   j = (chunk % GROUP).astype(jnp.uint32)
   one = jnp.uint32(1)
   present = ((occ >> j) & one) == one
@@ -385,12 +526,16 @@ def sample_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
                      offsets=None, degrees=None) -> jax.Array:
   """One uniform negative per (user, counter), with replacement, excluding train positives.
 
-  The draw for a counter is a pure function of (kp, counter, stream), whatever the shape.
+  The draw for a counter is a pure function of (kp, counter, stream), whatever the shape:
+  threefry at (counter, stream), or for a `Wide` counter (lo, stream | hi << 16), which
+  is the same pair when hi = 0 (needs stream < 2**16 and hi < 2**16).
   """
   if offsets is None:
     offsets = data.user_offsets[users]
   if degrees is None:
     degrees = data.user_offsets[users + 1] - offsets
+  if isinstance(counters, Wide):
+    counters, stream = counters.lo, jnp.uint32(stream) | (counters.hi << 16)
   bits, _ = random_words(kp, counters, stream)
   r = uniform_below(bits, (data.num_items - degrees).astype(jnp.uint32))
   return nonpositive_at(data, users, r, offsets)

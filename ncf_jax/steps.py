@@ -115,11 +115,15 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
   sharded, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
 
   def fill(buf, data, data_key, epoch, call):
-    start = jax.lax.axis_index(AXIS) * per + call * chunk
+    start = pipeline.shard_start(jax.lax.axis_index(AXIS), per, call, chunk, mesh.size * per)
     part = pipeline.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start,
                                 size=chunk)
     # part[:1] is a small output that is not donated: what `in_flight` waits on.
-    return jax.lax.dynamic_update_slice(buf, part, (call * chunk,)), part[:1]
+    if per <= sampling.INT32_MAX:
+      return jax.lax.dynamic_update_slice(buf, part, (call * chunk,)), part[:1]
+    # A shard past int32 offsets: update row `call` of its [calls, chunk] view.
+    rows = jax.lax.dynamic_update_slice(buf.reshape(calls, chunk), part[None], (call, 0))
+    return rows.reshape(-1), part[:1]
 
   fill = jax.jit(jax.shard_map(fill, mesh=mesh, in_specs=(P(AXIS), P(), P(), P(), P()),
                                out_specs=(P(AXIS), P(AXIS))), donate_argnums=0)
