@@ -20,7 +20,7 @@ def test_sampler_and_train_sections_print_one_json_object_with_the_stable_keys(t
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   out = subprocess.run(
       [sys.executable, '-m', 'ncf_jax.benchmark', '--sections=sampler,train', '--scale=0.002',
-       '--batch_sizes=1024', f'--workdir={tmp_path}', '--json'],
+       '--batch_sizes=1024', '--torch_variants=eager', f'--workdir={tmp_path}', '--json'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   figures = json.loads(out.stdout.strip().splitlines()[-1])
@@ -28,8 +28,21 @@ def test_sampler_and_train_sections_print_one_json_object_with_the_stable_keys(t
     assert key in figures, key
   assert figures['train_samples_per_sec'] == figures['train_samples_per_sec_b1024']
   assert 'peer_ratio_torch' in figures or 'torch_note' in figures
+  if 'peer_ratio_torch' in figures:   # torch installed: the peer was timed next to ours
+    assert figures['peer_best_b1024'] == 'torch_eager'
+    assert figures['peer_ratio_torch'] == (figures['train_samples_per_sec_b1024'] /
+                                           figures['torch_eager_samples_per_sec_b1024'])
+  # The reference arithmetic is timed in the same rounds (the config projects the tables).
+  assert figures['train_samples_per_sec_b1024_concat'] > 0
   for key in ('sampler_negatives_per_sec', 'train_samples_per_sec', 'eval_users_per_sec'):
     assert figures[key] > 0
+
+
+def test_unknown_torch_variant_is_one_line_error():
+  out = subprocess.run([sys.executable, '-m', 'ncf_jax.benchmark', '--torch_variants=jit'],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert 'unknown --torch_variants jit' in out.stderr and 'Traceback' not in out.stderr
 
 
 def test_unknown_section_is_one_line_error():

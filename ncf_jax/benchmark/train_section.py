@@ -109,7 +109,7 @@ def _step_rates(config, model, dev, mesh, keys, sizes: Sequence[int], flops: flo
   rounds = 3
   on_cpu = _on_cpu()
   for batch in sizes:
-    n = (2 if batch > 100_000 else 5) if on_cpu else 20
+    n = (1 if batch > 100_000 else 5) if on_cpu else 20
     n = -(-n // int(config.steps_per_call)) * int(config.steps_per_call)
     contenders = {'ours': (_ours(config, model, dev, mesh, keys, batch), n, batch)}
     if config.model.first_layer != 'concat' and config.model.name in ('neumf', 'mlp'):
