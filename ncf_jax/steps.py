@@ -105,7 +105,8 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
   calls of `pipeline.EPOCH_CHUNK` slots that write into a donated buffer; one reshard
   then gives every device the whole epoch, which its batches read. Every launch is
   reported to `in_flight` (a `dispatch.InFlight`), so an epoch of many calls stays
-  within the CPU client's queue limit. `build.programs` are its jitted functions.
+  within the CPU client's queue limit. `build.programs` are its jitted functions;
+  `build.abstract(data)` is the shape, dtype and sharding of what it returns.
   """
   num_neg = int(config.num_neg)
   per = -(-pipeline.epoch_size(num_train, num_neg) // mesh.size)
@@ -137,6 +138,9 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
     in_flight.add(items)
     return items
   build.programs = (zeros, fill, replicate)   # its compiled programs (compile-count tests)
+  # What `build` returns, unbuilt (`memory.bytes_per_device` of an epoch before it runs).
+  build.abstract = lambda data: jax.ShapeDtypeStruct(
+      (mesh.size * per,), np.dtype(data.train_items.dtype), sharding=replicated)
   return build
 
 

@@ -27,6 +27,7 @@ from ncf_jax import dispatch
 from ncf_jax import errors
 from ncf_jax import hashing
 from ncf_jax import launch
+from ncf_jax import memory
 from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
@@ -279,6 +280,11 @@ def _train_and_evaluate(config, workdir, made):
   multi_step = (steps.make_train_step(config, mesh, num_steps=per_call) if per_call > 1
                 else None)
   build_epoch = steps.make_epoch_items(config, mesh, dataset.num_train)
+  # The most any device holds of each (collective with several processes: all call it).
+  device_bytes = memory.bytes_per_device(
+      params=state.params, opt_state=state.opt_state, data=data,
+      epoch=build_epoch.abstract(data))
+  logging.info('Bytes per device (max over devices): %s', device_bytes)
   # Every epoch's evaluation reads the validation split when there is one, else the test.
   eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
                              split='valid' if validated else 'test')
@@ -456,7 +462,7 @@ def _train_and_evaluate(config, workdir, made):
       'hr_threshold': config.hr_threshold, 'epochs_to_target': None if reached is None
       else reached + 1, 'seconds_to_target': None if reached is None
       else history[[h['epoch'] for h in history].index(reached)]['total_wall_s'],
-      'preempted': preempted, 'num_devices': mesh.size,
+      'preempted': preempted, 'num_devices': mesh.size, 'bytes_per_device': device_bytes,
       'num_processes': jax.process_count(), 'platform': jax.devices()[0].platform,
       'versions': library_versions(), 'workdir': os.path.abspath(workdir)}
   if final_test:
