@@ -176,7 +176,7 @@ class Checkpoints:
     Arrays saved with other row counts (another table layout) are adapted (`_relayout`).
     """
     step = self.latest_step() if step is None else step
-    saved = _saved_shapes(self.manager.item_metadata(step)['state'], abstract_state)
+    saved = _saved_shapes(self._state_metadata(step), abstract_state)
     if saved is None:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -186,6 +186,16 @@ class Checkpoints:
         state=ocp.args.StandardRestore(read), meta=ocp.args.JsonRestore()))
     state = _relayout(restored['state'], abstract_state, self.directory, step)
     return state, restored['meta']
+
+  def _state_metadata(self, step: int):
+    """The saved state's tree metadata (shapes), read without restoring any array.
+
+    Read with a handler of its own: a manager that has not saved or restored the item
+    yet has no handler for it and returns None.
+    """
+    path = ocp.path.step.build_step_path(
+        self.manager.directory, ocp.path.step.standard_name_format(), step)
+    return ocp.StandardCheckpointHandler().metadata(path / 'state')
 
   def restore_meta(self, step: Optional[int] = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -240,7 +250,8 @@ def _relayout(state, abstract_state, directory: str, step: int):
   checkpoint belongs to other data, which is an error, not a silent truncation.
   """
   def fix(x, want):
-    cut = x[want.shape[0]:] if x.ndim and x.shape[0] > want.shape[0] else x[:0]
+    cut = (x[want.shape[0]:] if x.ndim and x.shape[0] > want.shape[0]
+           else jnp.zeros((0,), x.dtype))
     return sharding_lib.fit_rows(x, want), jnp.any(cut != 0)
 
   out_shardings = jax.tree.map(
