@@ -120,6 +120,7 @@ def _state(config, model, mode, ndev, seed=0):
   return steps.create_train_state(config, model, steps.make_keys(seed, mesh)[0], mesh)
 
 
+@pytest.mark.slow   # ~40 s on 2 busy cores: a state built per layout
 def test_a_checkpoint_restores_across_modes_and_device_counts(tmp_path):
   # (A resume across modes, with training on both sides, is in the slow tests above.)
   config = config_checks.resolve_model_defaults(small_config(str(tmp_path / 'data')))
