@@ -138,6 +138,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices of the data mesh: 0 = every device of every process; n > 0 = the first n
   # (single-process only; for device-count studies and sweeps sharing a host).
   config.num_devices = 0
+  # Embedding tables: 'replicated' on every device, or 'sharded' by rows over the devices.
+  config.sharding = 'replicated'
   # End the run with one clear line (exit 3) when no training step finishes for this many
   # seconds, e.g. a collective stalled by a dead host; 0 = never. Checkpoints stay intact.
   config.stall_timeout_s = 600

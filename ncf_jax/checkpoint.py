@@ -8,6 +8,11 @@ a kill during a save leaves the previous checkpoint intact.
 WORKDIR/checkpoints holds the latest `keep_checkpoints` (what a resume restores). A run
 with a validation split also keeps WORKDIR/best_checkpoint: the state of its best epoch
 so far, saved with its validation metric; orbax's `best_fn` keeps that one alone.
+
+A checkpoint restores into any table layout (`config.sharding`, any device count): arrays
+whose saved row count differs from the target's (row-sharded tables are zero-padded to a
+multiple of the device count) are read whole and re-padded or cut to the target's rows,
+then placed with the target's shardings (`restore`).
 """
 import errno
 import json
@@ -16,8 +21,12 @@ from typing import Any, Optional, Tuple
 
 from absl import logging
 import ml_collections
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import orbax.checkpoint as ocp
 
+from ncf_jax import sharding as sharding_lib
 from ncf_jax.errors import UserError
 
 # Fields that may differ between the saved run and a resumed one.
@@ -26,7 +35,7 @@ RESUMABLE_FIELDS = (
     'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size', 'hash_pipeline',
     'eval_full_ranking', 'full_ranking_chunk', 'early_stop_patience', 'num_devices',
     'dataset.data_dir', 'dataset.download', 'dataset.source', 'stall_timeout_s',
-    'steps_per_call')
+    'steps_per_call', 'sharding')
 
 # Folders under the workdir: the latest checkpoints, and the best epoch's.
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best_checkpoint'
@@ -162,10 +171,31 @@ class Checkpoints:
           'fix permissions, then rerun the same command to resume.') from None
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> Tuple[Any, dict]:
+    """(state laid out as `abstract_state`'s shapes and shardings, meta) at `step`.
+
+    Arrays saved with other row counts (another table layout) are adapted (`_relayout`).
+    """
     step = self.latest_step() if step is None else step
+    saved = _saved_shapes(self._state_metadata(step), abstract_state)
+    if saved is None:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      return restored['state'], restored['meta']
+    read = jax.tree.map(_as_saved, abstract_state, saved)
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return restored['state'], restored['meta']
+        state=ocp.args.StandardRestore(read), meta=ocp.args.JsonRestore()))
+    state = _relayout(restored['state'], abstract_state, self.directory, step)
+    return state, restored['meta']
+
+  def _state_metadata(self, step: int):
+    """The saved state's tree metadata (shapes), read without restoring any array.
+
+    Read with a handler of its own: a manager that has not saved or restored the item
+    yet has no handler for it and returns None.
+    """
+    path = ocp.path.step.build_step_path(
+        self.manager.directory, ocp.path.step.standard_name_format(), step)
+    return ocp.StandardCheckpointHandler().metadata(path / 'state')
 
   def restore_meta(self, step: Optional[int] = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -174,6 +204,66 @@ class Checkpoints:
 
   def close(self):
     self.manager.close()
+
+
+def _saved_shapes(metadata, abstract_state):
+  """A tree like `abstract_state` of the saved shapes, or None when they are its own.
+
+  Only the first (row) dimension may differ; anything else is left for orbax to report.
+  """
+  tree = getattr(metadata, 'tree', metadata)
+  differs = []
+
+  def shape_of(path, want):
+    node = tree
+    try:
+      for k in path:
+        node = node[k.idx if hasattr(k, 'idx') else getattr(k, 'key', getattr(k, 'name', k))]
+    except (KeyError, IndexError, TypeError):
+      return want.shape
+    shape = tuple(getattr(node, 'shape', want.shape) or ())
+    if (len(shape) == len(want.shape) >= 1 and shape[1:] == tuple(want.shape[1:])
+        and shape[0] != want.shape[0]):
+      differs.append(path)
+      return shape
+    return tuple(want.shape)
+  shapes = jax.tree_util.tree_map_with_path(shape_of, abstract_state)
+  return shapes if differs else None
+
+
+def _as_saved(want, shape):
+  """What to read a leaf as: its saved shape; sharded like the target where that divides."""
+  if tuple(shape) == tuple(want.shape):
+    return want
+  sharding = want.sharding
+  try:
+    sharding.shard_shape(tuple(shape))
+  except (ValueError, AttributeError):
+    sharding = NamedSharding(want.sharding.mesh, P())
+  return jax.ShapeDtypeStruct(tuple(shape), want.dtype, sharding=sharding)
+
+
+def _relayout(state, abstract_state, directory: str, step: int):
+  """`state` with each array's rows zero-padded or cut to `abstract_state`'s, as placed.
+
+  Cut rows must be zero (padding of a row-sharded table): anything else means the
+  checkpoint belongs to other data, which is an error, not a silent truncation.
+  """
+  def fix(x, want):
+    cut = (x[want.shape[0]:] if x.ndim and x.shape[0] > want.shape[0]
+           else jnp.zeros((0,), x.dtype))
+    return sharding_lib.fit_rows(x, want), jnp.any(cut != 0)
+
+  out_shardings = jax.tree.map(
+      lambda w: (w.sharding, NamedSharding(w.sharding.mesh, P())), abstract_state)
+  out = jax.jit(lambda s: jax.tree.map(fix, s, abstract_state),
+                out_shardings=out_shardings)(state)
+  treedef = jax.tree.structure(abstract_state)
+  pairs = treedef.flatten_up_to(out)
+  if any(bool(jax.device_get(bad)) for _, bad in pairs):
+    raise UserError(f'the checkpoint of step {step} in {directory} has non-zero rows past '
+                    'this run\'s tables: it belongs to another dataset or model size.')
+  return jax.tree.unflatten(treedef, [x for x, _ in pairs])
 
 
 def log_restored(step: int, meta: dict) -> None:

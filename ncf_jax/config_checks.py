@@ -7,6 +7,7 @@ from ncf_jax import data as data_lib
 from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
+from ncf_jax import sharding
 from ncf_jax import steps
 from ncf_jax.errors import UserError
 
@@ -120,6 +121,24 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   for f in ('log_every_steps', 'checkpoint_every_epochs'):
     if int(config[f]) < 0:
       bad(f, config[f], 'it must be >= 0')
+  _validate_sharding(config, bad)
+
+
+def _validate_sharding(config, bad) -> None:
+  """config.sharding and the combinations the sharded tables do not support."""
+  mode = config.get('sharding', 'replicated')
+  if mode not in sharding.MODES:
+    bad('sharding', mode, f'use one of {", ".join(sharding.MODES)}')
+  if mode != 'sharded':
+    return
+  first_layer = config.model.get('first_layer', 'concat')
+  if first_layer == 'projected':   # 'auto' reads sharded tables unprojected
+    bad('model.first_layer', first_layer, "sharding='sharded' looks up the embedding "
+        "tables row by row and supports 'concat' or 'auto' (which then never projects)")
+  import jax
+  if jax.process_count() > 1:
+    bad('sharding', mode, 'row-sharded tables are single-process for now (untested across '
+        "processes): use 'replicated'")
 
 
 def validate_against_data(config, dataset: data_lib.Dataset) -> None:

@@ -21,6 +21,7 @@ from ncf_jax import metrics as metrics_lib
 from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
+from ncf_jax import sharding
 from ncf_jax.errors import UserError
 
 
@@ -52,19 +53,38 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def create_train_state(config, model, key: jax.Array, mesh: Mesh) -> TrainState:
-  """Initialised, replicated TrainState (init runs under jit on the mesh)."""
+  """Initialised TrainState on the mesh (init runs under jit).
+
+  Replicated; or with `config.sharding='sharded'` its embedding tables and their Adam
+  moments zero-padded to a multiple of the device count and split by rows over `data`
+  (`ncf_jax.sharding`), its `apply_fn` reading them inside shard_map. The real rows have
+  the replicated run's initial values.
+  """
   tx = make_optimizer(config)
-  replicated = NamedSharding(mesh, P())
+  sharded = sharding.is_sharded(config)
 
   def init(key):
     dummy = jnp.zeros((2,), jnp.int32)
     params = model.init({'params': key}, dummy, dummy)['params']
+    if sharded:
+      params = sharding.pad_tables(params, mesh.size)
     return TrainState.create(
-        apply_fn=model.apply, params=params, tx=tx,
+        apply_fn=sharding.ShardedApply(model.apply) if sharded else model.apply,
+        params=params, tx=tx,
         loss_sum=jnp.zeros((), jnp.float32), loss_count=jnp.zeros((), jnp.float32),
         hash_chain=hashing.init(), hash_first=hashing.init(),
         bad_step=jnp.full((), -1, jnp.int32))
-  return jax.jit(init, out_shardings=replicated)(key)
+  out = (sharding.shardings(jax.eval_shape(init, key), mesh) if sharded
+         else NamedSharding(mesh, P()))
+  return jax.jit(init, out_shardings=out)(key)
+
+
+def state_specs(config, like):
+  """The shard_map specs of a TrainState or params tree `like` (abstract or not).
+
+  P() (all replicated) unless `config.sharding='sharded'`: then the tables' by rows.
+  """
+  return sharding.specs(like) if sharding.is_sharded(config) else P()
 
 
 def _l2_params_term(params, l2_params: float):
@@ -105,7 +125,8 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
   calls of `pipeline.EPOCH_CHUNK` slots that write into a donated buffer; one reshard
   then gives every device the whole epoch, which its batches read. Every launch is
   reported to `in_flight` (a `dispatch.InFlight`), so an epoch of many calls stays
-  within the CPU client's queue limit. `build.programs` are its jitted functions.
+  within the CPU client's queue limit. `build.programs` are its jitted functions;
+  `build.abstract(data)` is the shape, dtype and sharding of what it returns.
   """
   num_neg = int(config.num_neg)
   per = -(-pipeline.epoch_size(num_train, num_neg) // mesh.size)
@@ -141,6 +162,9 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
     in_flight.add(items)
     return items
   build.programs = (zeros, fill, replicate)   # its compiled programs (compile-count tests)
+  # What `build` returns, unbuilt (`memory.bytes_per_device` of an epoch before it runs).
+  build.abstract = lambda data: jax.ShapeDtypeStruct(
+      (mesh.size * per,), np.dtype(data.train_items.dtype), sharding=replicated)
   return build
 
 
@@ -157,7 +181,15 @@ def _make_per_device_grads(config, ndev: int):
   must enter the differentiated function as per-device (varying) values: differentiating
   the replicated parameters directly, shard_map's autodiff would already sum the
   cotangents over `data`, and the pmean would then return ndev x the mean gradient.
+
+  Sharded tables (`config.sharding='sharded'`, `params`' tables this device's rows):
+  the batch is `pipeline.train_batch` (no epoch items; `items` is unused), and autodiff
+  through `sharding.lookup` already sums every device's cotangent of a row into its
+  owner's gradient, i.e. ndev x the mean gradient of the ndev-scaled objective: the
+  tables' gradients are divided by ndev instead of all-reduced (their `l2_params` term is
+  weighted by ndev to match), the dense layers keep the pmean.
   """
+  sharded = sharding.is_sharded(config)
   batch_size, num_neg = int(config.batch_size), int(config.num_neg)
   local = batch_size // ndev
   l2, l2_params = float(config.model.l2), float(config.model.l2_params)
@@ -166,9 +198,13 @@ def _make_per_device_grads(config, ndev: int):
   def grads_fn(params, apply_fn, data, items, keys, epoch, step, global_step):
     data_key, dropout_key = keys
     start = jax.lax.axis_index(AXIS) * local
-    batch = pipeline.batch_from_items(data, items, data_key, epoch, step,
-                                      batch_size=batch_size, num_neg=num_neg, start=start,
-                                      size=local)
+    if sharded:
+      batch = pipeline.train_batch(data, data_key, epoch, step, batch_size=batch_size,
+                                   num_neg=num_neg, start=start, size=local)
+    else:
+      batch = pipeline.batch_from_items(data, items, data_key, epoch, step,
+                                        batch_size=batch_size, num_neg=num_neg,
+                                        start=start, size=local)
     position = start + jnp.arange(local, dtype=jnp.uint32)   # global, within the batch
     n_valid = jax.lax.psum(jnp.sum(batch['valid'], dtype=jnp.float32), AXIS)
 
@@ -189,32 +225,50 @@ def _make_per_device_grads(config, ndev: int):
       local_sum = metrics_lib.bce_sum(logits_fn(p), batch['label'], batch['valid'])
       objective = local_sum
       if l2:   # per sample, so scaled like the loss: the mean over the global batch
-        rows = models.embedding_rows_sq(p, batch['user'], batch['item'])
+        rows_sq = sharding.embedding_rows_sq if sharded else models.embedding_rows_sq
+        rows = rows_sq(p, batch['user'], batch['item'])
         objective = objective + l2 * jnp.sum(jnp.where(batch['valid'], rows, 0.0))
+      if sharded:
+        tables, dense = sharding.split_tables(p)
+        reg = (_l2_params_term(dense, l2_params)
+               + ndev * _l2_params_term(tables, l2_params))
+      else:
+        reg = _l2_params_term(p, l2_params)
       # Scaled so that the pmean of the gradients is that of the global batch mean, even
       # with padded shards.
-      return (objective * ndev / jnp.maximum(n_valid, 1.0) + _l2_params_term(p, l2_params),
-              local_sum)
+      return objective * ndev / jnp.maximum(n_valid, 1.0) + reg, local_sum
 
-    varying = jax.tree.map(lambda x: jax.lax.pcast(x, AXIS, to='varying'), params)
+    if not sharded:
+      varying = jax.tree.map(lambda x: jax.lax.pcast(x, AXIS, to='varying'), params)
+      (_, local_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
+      grads = jax.lax.pmean(grads, AXIS)
+      return grads, local_sum, n_valid, batch, position
+    tables, dense = sharding.split_tables(params)   # the tables' rows vary already
+    varying = sharding.merge_tables(
+        tables, jax.tree.map(lambda x: jax.lax.pcast(x, AXIS, to='varying'), dense))
     (_, local_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
-    grads = jax.lax.pmean(grads, AXIS)
+    table_grads, dense_grads = sharding.split_tables(grads)
+    grads = sharding.merge_tables({k: g / ndev for k, g in table_grads.items()},
+                                  jax.lax.pmean(dense_grads, AXIS))
     return grads, local_sum, n_valid, batch, position
   return grads_fn
 
 
-def make_grad_step(config, mesh: Mesh, apply_fn):
+def make_grad_step(config, mesh: Mesh, apply_fn, like=None):
   """Compiled (params, data, items, keys, epoch, step, global_step) -> gradients.
 
   The gradients that the train step applies, for tests and diagnostics: they must equal
-  the gradient of the global batch mean whatever the device count.
+  the gradient of the global batch mean whatever the device count. `like`: the params
+  (or their shapes), needed with sharded tables, whose gradients come back sharded.
   """
   grads_fn = _make_per_device_grads(config, mesh.size)
+  specs = state_specs(config, like)
 
   def per_device(params, data, items, keys, epoch, step, global_step):
     return grads_fn(params, apply_fn, data, items, keys, epoch, step, global_step)[0]
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(),) * 7, out_specs=P()))
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(specs,) + (P(),) * 6,
+                               out_specs=specs))
 
 
 def _hash_update(state_chain, state_first, batch, position, step):
@@ -225,7 +279,7 @@ def _hash_update(state_chain, state_first, batch, position, step):
   return chain, jnp.where(first, chain, state_first)
 
 
-def make_train_step(config, mesh: Mesh, num_steps: int = 1):
+def make_train_step(config, mesh: Mesh, num_steps: int = 1, like=None):
   """The compiled global train step: (state, data, items, keys, epoch, step) -> (state, out).
 
   `items` is the epoch's `make_epoch_items` output and `keys` is (data_key, dropout_key).
@@ -235,7 +289,8 @@ def make_train_step(config, mesh: Mesh, num_steps: int = 1):
   caller keeps step + k <= steps per epoch): the same updates as k calls, without k
   launches from Python (`config.steps_per_call`). `out` holds the last batch's
   `train_loss` (a small output that is not donated: the loop waits on it to bound the
-  launches in flight).
+  launches in flight). `like`: the TrainState (or its shapes), needed with sharded
+  tables; then `items` is unused (None): batches come from `pipeline.train_batch`.
   """
   use_hash = bool(config.hash_pipeline)
   grads_fn = _make_per_device_grads(config, mesh.size)
@@ -268,8 +323,9 @@ def make_train_step(config, mesh: Mesh, num_steps: int = 1):
                                       (state, jnp.zeros((), jnp.float32)))
     return state, {'train_loss': loss}
 
-  step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), P()),
-                       out_specs=(P(), P()))
+  specs = state_specs(config, like)
+  step = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, P(), P(), P(), P(), P()),
+                       out_specs=(specs, P()))
   return jax.jit(step, donate_argnums=(0,))
 
 
@@ -279,15 +335,21 @@ def make_hash_replay(config, mesh: Mesh):
   The train step's digest update alone: a resume that turns `hash_pipeline` on mid-epoch
   replays the epoch's earlier batches through it (batches are pure functions of the
   epoch and step), so its digests cover the whole epoch like an uninterrupted run's.
+  With sharded tables `items` is unused, as in the train step.
   """
   batch_size, num_neg = int(config.batch_size), int(config.num_neg)
   local = batch_size // mesh.size
+  sharded = sharding.is_sharded(config)
 
   def per_device(chain, first, data, items, data_key, epoch, step):
     start = jax.lax.axis_index(AXIS) * local
-    batch = pipeline.batch_from_items(data, items, data_key, epoch, step,
-                                      batch_size=batch_size, num_neg=num_neg, start=start,
-                                      size=local)
+    if sharded:
+      batch = pipeline.train_batch(data, data_key, epoch, step, batch_size=batch_size,
+                                   num_neg=num_neg, start=start, size=local)
+    else:
+      batch = pipeline.batch_from_items(data, items, data_key, epoch, step,
+                                        batch_size=batch_size, num_neg=num_neg,
+                                        start=start, size=local)
     return _hash_update(chain, first, batch, start + jnp.arange(local, dtype=jnp.uint32),
                         step)
 
@@ -300,9 +362,18 @@ def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int,
   """Compiled eval of `split` for users [first, first + eval_batch_size): sums, counts, digest.
 
   `split` is 'test' or 'valid' (`pipeline.SPLITS`); each has its own candidates
-  (`pipeline.eval_batch`).
+  (`pipeline.eval_batch`). With sharded tables (`config.sharding`) the params' tables
+  are split by rows (padded to this mesh; another layout is resharded on the way in)
+  and every score's rows are looked up across devices.
   """
   ndev = mesh.size
+  sharded = sharding.is_sharded(config)
+  apply = sharding.ShardedApply(model.apply) if sharded else model.apply
+  specs = P()
+  if sharded:
+    dummy = jnp.zeros((2,), jnp.int32)
+    specs = sharding.specs(jax.eval_shape(
+        lambda: model.init({'params': jax.random.key(0)}, dummy, dummy)['params']))
   local = int(config.eval_batch_size) // ndev
   num_neg, top_k = int(config.eval_num_neg), int(config.top_k)
   match_mlperf = bool(config.match_mlperf)
@@ -315,8 +386,7 @@ def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int,
     users = jnp.where(valid, users, 0)
     items, mask = pipeline.eval_batch(data, data_key, users, num_neg=num_neg,
                                       match_mlperf=match_mlperf, split=split)
-    scores = model.apply({'params': params}, jnp.broadcast_to(users[:, None], items.shape),
-                         items)
+    scores = apply({'params': params}, jnp.broadcast_to(users[:, None], items.shape), items)
     out = metrics_lib.ranking_sums(metrics_lib.positive_rank(scores, mask), valid, top_k)
     cols = 1 + num_neg
     position = users[:, None].astype(jnp.uint32) * jnp.uint32(cols) + jnp.arange(
@@ -324,29 +394,32 @@ def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int,
     out['digest'] = hashing.array_digest(items, position, mask=valid[:, None])
     if full:
       positive, excluded = pipeline.held_out(data, users, split)
-      rank = full_rank(model, params, data, users, positive, excluded, chunk)
+      rank = full_rank(model, params, data, users, positive, excluded, chunk, apply)
       fsums = metrics_lib.ranking_sums(rank, valid, top_k)
       out.update({f'full_{k}': v for k, v in fsums.items() if k != 'count'})
       out['full_recall_sum'] = metrics_lib.recall_sum(
           rank[:, None], jnp.ones((local, 1), bool), valid, top_k)
     return jax.tree.map(lambda x: jax.lax.psum(x, AXIS), out)
 
-  step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P())
+  step = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, P(), P(), P()),
+                       out_specs=P())
   return jax.jit(step)
 
 
 def full_rank(model, params, data: sampling.DeviceData, users, positive, excluded,
-              chunk: int):
+              chunk: int, apply_fn=None):
   """Rank of each user's `positive` item among all items that are candidates for it.
 
   Candidates are every item but the user's training positives and the `excluded`
   held-out items (`pipeline.held_out`, the positive among them); ties count against the
   positive. Items are scored `chunk` at a time (users x chunk pairs in memory, not
-  users x num_items), and the count does not depend on `chunk`.
+  users x num_items), and the count does not depend on `chunk`. `apply_fn`: how to score
+  (default `model.apply`; sharded tables pass their own).
   """
+  apply_fn = model.apply if apply_fn is None else apply_fn
   num_items = data.num_items
   b = users.shape[0]
-  s_pos = model.apply({'params': params}, users, positive)
+  s_pos = apply_fn({'params': params}, users, positive)
   n_chunks = -(-num_items // chunk)
 
   def body(c, above):
@@ -355,7 +428,7 @@ def full_rank(model, params, data: sampling.DeviceData, users, positive, exclude
     items = jnp.minimum(items, num_items - 1)
     grid_u = jnp.broadcast_to(users[:, None], (b, chunk))
     grid_i = jnp.broadcast_to(items[None, :], (b, chunk))
-    scores = model.apply({'params': params}, grid_u, grid_i)
+    scores = apply_fn({'params': params}, grid_u, grid_i)
     _, is_pos = sampling.rank_positives(data, grid_u, grid_i)
     competes = inside[None, :] & ~is_pos
     for item in excluded:

@@ -27,9 +27,11 @@ from ncf_jax import dispatch
 from ncf_jax import errors
 from ncf_jax import hashing
 from ncf_jax import launch
+from ncf_jax import memory
 from ncf_jax import models
 from ncf_jax import pipeline
 from ncf_jax import sampling
+from ncf_jax import sharding
 from ncf_jax import steps
 from ncf_jax import writers
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
@@ -249,7 +251,11 @@ def _train_and_evaluate(config, workdir, made):
                pipeline.epoch_size(dataset.num_train, config.num_neg), spe, config.batch_size)
 
   init_key, data_key, dropout_key = steps.make_keys(seed, mesh)
-  model = models.create_model(config.model, dataset.num_users, dataset.num_items,
+  model_config = config.model
+  if sharding.is_sharded(config):   # a projection would read whole tables, not row shards
+    model_config = model_config.copy_and_resolve_references()
+    model_config.first_layer = 'concat'
+  model = models.create_model(model_config, dataset.num_users, dataset.num_items,
                               config.dtype)
   state = steps.create_train_state(config, model, init_key, mesh)
   logging.info('Model %s: %d parameters.', config.model.name, models.num_params(state.params))
@@ -273,12 +279,20 @@ def _train_and_evaluate(config, workdir, made):
   writer = writers.MetricWriter(workdir, enabled=is_main)
   writer.write_config(ckpt_lib.config_to_dict(config) | {'resolved_seed': seed})
   writer.rewrite_history(history)
-  train_step = steps.make_train_step(config, mesh)
+  train_step = steps.make_train_step(config, mesh, like=abstract)
   # k steps per call; an epoch's last (steps left < k) run one per call through train_step.
   per_call = int(config.steps_per_call)
-  multi_step = (steps.make_train_step(config, mesh, num_steps=per_call) if per_call > 1
-                else None)
-  build_epoch = steps.make_epoch_items(config, mesh, dataset.num_train)
+  multi_step = (steps.make_train_step(config, mesh, num_steps=per_call, like=abstract)
+                if per_call > 1 else None)
+  # Sharded tables: no epoch items (every device would hold them all); the train step
+  # samples each batch in the visiting order (`pipeline.train_batch`, the same batches).
+  sharded = sharding.is_sharded(config)
+  build_epoch = None if sharded else steps.make_epoch_items(config, mesh, dataset.num_train)
+  # The most any device holds of each (collective with several processes: all call it).
+  device_bytes = memory.bytes_per_device(
+      params=state.params, opt_state=state.opt_state, data=data,
+      epoch=() if sharded else build_epoch.abstract(data))
+  logging.info('Bytes per device (max over devices): %s', device_bytes)
   # Every epoch's evaluation reads the validation split when there is one, else the test.
   eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
                              split='valid' if validated else 'test')
@@ -331,7 +345,8 @@ def _train_and_evaluate(config, workdir, made):
       where.update(epoch=epoch, step=first_step)
       t_epoch = time.time()
       stopped = False   # only a SIGTERM before the epoch's last step stops it midway
-      items = build_epoch(data, data_key, np.int32(epoch), in_flight)
+      items = (None if build_epoch is None
+               else build_epoch(data, data_key, np.int32(epoch), in_flight))
       if config.hash_pipeline and first_step > 0 and hash_steps != first_step:
         state = _replay_hashes(config, mesh, state, data, items, data_key, epoch,
                                first_step, in_flight)
@@ -456,7 +471,7 @@ def _train_and_evaluate(config, workdir, made):
       'hr_threshold': config.hr_threshold, 'epochs_to_target': None if reached is None
       else reached + 1, 'seconds_to_target': None if reached is None
       else history[[h['epoch'] for h in history].index(reached)]['total_wall_s'],
-      'preempted': preempted, 'num_devices': mesh.size,
+      'preempted': preempted, 'num_devices': mesh.size, 'bytes_per_device': device_bytes,
       'num_processes': jax.process_count(), 'platform': jax.devices()[0].platform,
       'versions': library_versions(), 'workdir': os.path.abspath(workdir)}
   if final_test:
@@ -585,6 +600,10 @@ def _load_pretrained(config, state: steps.TrainState, mesh: Mesh):
   mlp = load(config.model.pretrained_mlp, 'mlp')
   params = models.neumf_from_pretrained(jax.device_get(state.params), gmf, mlp)
   try:
+    # The pretrained runs' tables as saved (either layout): this run's rows.
+    params = jax.tree.map(sharding.fit_rows, params, jax.device_get(state.params))
+    if sharding.is_sharded(config):
+      return jax.device_put(params, sharding.shardings(params, mesh))
     return jax.device_put(params, NamedSharding(mesh, P()))
   except (ValueError, TypeError) as e:
     raise UserError(f'pretrained GMF/MLP shapes do not match this NeuMF config: {e}') from None
