@@ -115,7 +115,7 @@ def _history(workdir):
 def test_a_projected_run_has_the_plain_runs_batches_and_nearly_its_losses(tmp_path):
   runs = {}
   for first_layer in ('concat', 'projected'):
-    config = h.tiny_config(str(tmp_path / 'data'), num_epochs=2, num_devices=1,
+    config = h.tiny_config(str(tmp_path / 'data'), num_epochs=1, num_devices=1,
                            model__first_layer=first_layer)
     train.train_and_evaluate(config, str(tmp_path / first_layer))
     runs[first_layer] = _history(tmp_path / first_layer)
