@@ -35,7 +35,7 @@ RESUMABLE_FIELDS = (
     'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size', 'hash_pipeline',
     'eval_full_ranking', 'full_ranking_chunk', 'early_stop_patience', 'num_devices',
     'dataset.data_dir', 'dataset.download', 'dataset.source', 'stall_timeout_s',
-    'steps_per_call', 'sharding')
+    'steps_per_call', 'sharding', 'model.first_layer')
 
 # Folders under the workdir: the latest checkpoints, and the best epoch's.
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best_checkpoint'
