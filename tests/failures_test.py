@@ -321,7 +321,7 @@ def test_out_of_memory_becomes_a_user_error(tmp_path, data_dir, monkeypatch, whe
   if where == 'compile':   # e.g. XLA's buffer assignment while compiling the model init
     monkeypatch.setattr(steps, 'create_train_state', fail)
   else:                    # the first train step
-    monkeypatch.setattr(steps, 'make_train_step', lambda config, mesh: fail)
+    monkeypatch.setattr(steps, 'make_train_step', lambda config, mesh, **kw: fail)
   with pytest.raises(UserError) as e:
     train.train_and_evaluate(config(data_dir), str(tmp_path / 'run'))
   assert 'out of device memory: reduce config.batch_size and/or config.eval_batch_size' in str(

@@ -184,8 +184,8 @@ def test_the_train_loop_advances_the_bar_with_the_device(tmp_path, data_dir, mon
   bars = []
   real_make_train_step = steps.make_train_step
 
-  def make_slow_step(config, mesh):
-    step = real_make_train_step(config, mesh)
+  def make_slow_step(config, mesh, **kwargs):
+    step = real_make_train_step(config, mesh, **kwargs)
     def slow_step(*args):
       state, out = step(*args)
       return state, dict(out, train_loss=device.token())
