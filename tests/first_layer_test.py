@@ -66,11 +66,11 @@ def test_every_first_layer_initialises_the_same_parameters(name):
       np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize('name', ['neumf', 'mlp'])
-@pytest.mark.parametrize('first_layer,samples,projected', [
-    ('auto', 200, (False, True)),       # between the two table sizes: items only
-    ('auto', 4096, (True, True)),
-    ('projected', 64, (True, True)),    # fewer samples than rows: projected anyway
+@pytest.mark.parametrize('name,first_layer,samples,projected', [
+    ('neumf', 'auto', 200, (False, True)),       # between the two table sizes: items only
+    ('neumf', 'auto', 4096, (True, True)),
+    ('neumf', 'projected', 64, (True, True)),    # fewer samples than rows: projected anyway
+    ('mlp', 'auto', 200, (False, True)),
 ])
 def test_projected_first_layer_gives_the_concat_models_loss_and_gradients(
     name, first_layer, samples, projected):
@@ -88,6 +88,7 @@ def test_projected_first_layer_gives_the_concat_models_loss_and_gradients(
                              plain.apply({'params': params}, *batch[:2]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_projected_first_layer_in_bfloat16_stays_within_bfloat16_rounding():
   plain, fast = _model(dtype='bfloat16'), _model(first_layer='projected', dtype='bfloat16')
   dummy = jnp.zeros((2,), jnp.int32)
