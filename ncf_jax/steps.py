@@ -168,6 +168,20 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
   return build
 
 
+def _device_batch(sharded: bool, data, items, data_key, epoch, step, batch_size: int,
+                  num_neg: int, start, local: int):
+  """This device's `local` samples of global batch `step`, from `start`.
+
+  Read from the epoch's `items` (replicated layout), or sampled in the visiting order when
+  the tables are sharded and no epoch is built: the same batch either way.
+  """
+  if sharded:
+    return pipeline.train_batch(data, data_key, epoch, step, batch_size=batch_size,
+                                num_neg=num_neg, start=start, size=local)
+  return pipeline.batch_from_items(data, items, data_key, epoch, step, batch_size=batch_size,
+                                   num_neg=num_neg, start=start, size=local)
+
+
 def _make_per_device_grads(config, ndev: int):
   """Per-device body shared by the train step and `make_grad_step`.
 
@@ -198,13 +212,8 @@ def _make_per_device_grads(config, ndev: int):
   def grads_fn(params, apply_fn, data, items, keys, epoch, step, global_step):
     data_key, dropout_key = keys
     start = jax.lax.axis_index(AXIS) * local
-    if sharded:
-      batch = pipeline.train_batch(data, data_key, epoch, step, batch_size=batch_size,
-                                   num_neg=num_neg, start=start, size=local)
-    else:
-      batch = pipeline.batch_from_items(data, items, data_key, epoch, step,
-                                        batch_size=batch_size, num_neg=num_neg,
-                                        start=start, size=local)
+    batch = _device_batch(sharded, data, items, data_key, epoch, step, batch_size, num_neg,
+                          start, local)
     position = start + jnp.arange(local, dtype=jnp.uint32)   # global, within the batch
     n_valid = jax.lax.psum(jnp.sum(batch['valid'], dtype=jnp.float32), AXIS)
 
@@ -343,13 +352,8 @@ def make_hash_replay(config, mesh: Mesh):
 
   def per_device(chain, first, data, items, data_key, epoch, step):
     start = jax.lax.axis_index(AXIS) * local
-    if sharded:
-      batch = pipeline.train_batch(data, data_key, epoch, step, batch_size=batch_size,
-                                   num_neg=num_neg, start=start, size=local)
-    else:
-      batch = pipeline.batch_from_items(data, items, data_key, epoch, step,
-                                        batch_size=batch_size, num_neg=num_neg,
-                                        start=start, size=local)
+    batch = _device_batch(sharded, data, items, data_key, epoch, step, batch_size, num_neg,
+                          start, local)
     return _hash_update(chain, first, batch, start + jnp.arange(local, dtype=jnp.uint32),
                         step)
 
