@@ -34,6 +34,10 @@ def test_sampler_and_train_sections_print_one_json_object_with_the_stable_keys(t
                                            figures['torch_eager_samples_per_sec_b1024'])
   # The reference arithmetic is timed in the same rounds (the config projects the tables).
   assert figures['train_samples_per_sec_b1024_concat'] > 0
+  # Bytes one device holds, as summary.json's bytes_per_device: the tables dominate.
+  assert (figures['bytes_per_device_params'] > 0 and figures['bytes_per_device_epoch'] > 0
+          and figures['bytes_per_device_data'] > 0)
+  assert figures['bytes_per_device_opt_state'] >= 2 * figures['bytes_per_device_params']
   for key in ('sampler_negatives_per_sec', 'train_samples_per_sec', 'eval_users_per_sec'):
     assert figures[key] > 0
 

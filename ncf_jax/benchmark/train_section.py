@@ -8,7 +8,9 @@ torch.compile, SparseAdam; --torch_variants) when torch is installed: ours is th
 of the rounds, each peer its best, `peer_ratio_torch_b<B>` their ratio. Also the fraction
 of the compute ceiling (FLOPS_PER_SAMPLE / measured fp32 matmul FLOP/s); at the smallest
 batch a per-part breakdown (sampling, embedding gathers, forward, forward+backward, dense
-Adam update) and the hash's cost on a train step; eval users/s with 999 negatives.
+Adam update), the hash's cost on a train step and the bytes one device holds
+(`bytes_per_device_{params,opt_state,data,epoch}`, as in summary.json); eval users/s with
+999 negatives.
 """
 import time
 from typing import Any, Dict, Sequence
@@ -23,6 +25,7 @@ from configs import mlperf
 from ncf_jax import config_checks
 from ncf_jax import data
 from ncf_jax import dispatch
+from ncf_jax import memory
 from ncf_jax import metrics as metrics_lib
 from ncf_jax import models
 from ncf_jax import pipeline
@@ -76,6 +79,9 @@ def _ours(config, model, dev, mesh, keys, batch: int, hashed: bool = False):
       in_flight.add(out['train_loss'])
     holder[0] = jax.block_until_ready(state)
     return time.perf_counter() - t
+  # What one device holds for this contender, as summary.json's `bytes_per_device`.
+  run.bytes_per_device = memory.bytes_per_device(
+      params=holder[0].params, opt_state=holder[0].opt_state, data=dev, epoch=items)
   return run
 
 
@@ -112,6 +118,9 @@ def _step_rates(config, model, dev, mesh, keys, sizes: Sequence[int], flops: flo
     n = (1 if batch > 100_000 else 5) if on_cpu else 20
     n = -(-n // int(config.steps_per_call)) * int(config.steps_per_call)
     contenders = {'ours': (_ours(config, model, dev, mesh, keys, batch), n, batch)}
+    if batch == sizes[0]:
+      out.update({f'bytes_per_device_{k}': v
+                  for k, v in contenders['ours'][0].bytes_per_device.items()})
     if config.model.first_layer != 'concat' and config.model.name in ('neumf', 'mlp'):
       plain = models.create_model(_with(config.model, first_layer='concat'), num_users,
                                   num_items, config.dtype)
