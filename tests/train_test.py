@@ -75,6 +75,7 @@ def test_same_seed_gives_identical_params_metrics_and_pipeline_hashes(data_dir, 
   assert s3['eval_candidates_hash'] != s1['eval_candidates_hash']
 
 
+@pytest.mark.slow   # CI: multidevice_cli_test's 8 x 4096 run, hashing_test, gradients_test
 def test_one_and_eight_devices_see_identical_batches_and_agree_on_metrics(data_dir, tmp_path):
   _, s1, h1 = _run(tiny_config(data_dir, num_devices=1), tmp_path / 'one')
   _, s8, h8 = _run(tiny_config(data_dir, num_devices=8), tmp_path / 'eight')

@@ -57,18 +57,18 @@ def _matmul_flops_per_sec() -> float:
   return 2 * n ** 3 / sec
 
 
-def _ours(config, model, dev, mesh, keys, batch: int, hashed: bool = False):
+def _ours(config, model, dev, items, mesh, keys, batch: int, hashed: bool = False):
   """run(n) -> seconds for n compiled train steps at `batch` (sampling included).
 
-  The steps read batches 0..n-1 of epoch 0 from the epoch built once here (its build is
-  not timed), `config.steps_per_call` per launch; the state carries over between calls.
+  The steps read batches 0..n-1 of epoch 0 from `items` (the epoch, built once per batch
+  size and not timed), `config.steps_per_call` per launch; the state carries over
+  between calls.
   """
-  init_key, data_key, dropout_key = keys
+  _, data_key, dropout_key = keys
   cfg = _with(config, batch_size=batch, hash_pipeline=hashed)
   k = int(cfg.steps_per_call)
-  holder = [steps.create_train_state(cfg, model, init_key, mesh)]
+  holder = [steps.create_train_state(cfg, model, keys[0], mesh)]
   step = steps.make_train_step(cfg, mesh, num_steps=k)
-  items = steps.make_epoch_items(cfg, mesh, dev.num_train)(dev, data_key, np.int32(0))
   in_flight = dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
 
   def run(n: int) -> float:
@@ -117,17 +117,19 @@ def _step_rates(config, model, dev, mesh, keys, sizes: Sequence[int], flops: flo
   for batch in sizes:
     n = (1 if batch > 100_000 else 5) if on_cpu else 20
     n = -(-n // int(config.steps_per_call)) * int(config.steps_per_call)
-    contenders = {'ours': (_ours(config, model, dev, mesh, keys, batch), n, batch)}
+    # The epoch does not depend on the batch size or the model: one for all contenders.
+    items = steps.make_epoch_items(config, mesh, dev.num_train)(dev, keys[1], np.int32(0))
+    contenders = {'ours': (_ours(config, model, dev, items, mesh, keys, batch), n, batch)}
     if batch == sizes[0]:
       out.update({f'bytes_per_device_{k}': v
                   for k, v in contenders['ours'][0].bytes_per_device.items()})
     if config.model.first_layer != 'concat' and config.model.name in ('neumf', 'mlp'):
       plain = models.create_model(_with(config.model, first_layer='concat'), num_users,
                                   num_items, config.dtype)
-      contenders['concat'] = (_ours(config, plain, dev, mesh, keys, batch), n, batch)
+      contenders['concat'] = (_ours(config, plain, dev, items, mesh, keys, batch), n, batch)
     if batch == sizes[0]:
-      contenders['hashed'] = (_ours(config, model, dev, mesh, keys, batch, hashed=True), n,
-                              batch)
+      contenders['hashed'] = (_ours(config, model, dev, items, mesh, keys, batch,
+                                    hashed=True), n, batch)
     runners, info = peers.torch_neumf(num_users, num_items, batch, torch_variants)
     out.update(info)
     for name, run in runners.items():
