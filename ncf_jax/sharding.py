@@ -132,9 +132,9 @@ def sharded_lookups(tables: Dict[Tuple[str, ...], jax.Array], axis: str = 'data'
       return next_fun(*args, **kwargs)
     if context.method_name == 'setup':   # its table is a shard in `tables`, not a param
       return None
-    if context.method_name != '__call__':
-      raise NotImplementedError(f'sharded tables support Embed.__call__ only, not '
-                                f'{context.method_name} ({module.path})')
+    if context.method_name != '__call__':   # an invariant of ncf_jax.models, not user input
+      raise RuntimeError(f'sharded tables are read through Embed.__call__ only; '
+                         f'{module.path} called {context.method_name}')
     return lookup(tables[tuple(module.path)], args[0], axis)
   with nn.intercept_methods(interceptor):
     yield
