@@ -149,6 +149,7 @@ def test_sampled_and_full_ranking_metrics_match_a_numpy_brute_force(
     np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow   # CI: the NumPy brute-force tests check full ranking at one chunk
 def test_full_ranking_results_do_not_depend_on_the_chunk_and_memory_is_bounded(data_dir):
   results, temp = {}, {}
   for chunk in (7, 200, 1000):   # 200 items: a ragged last chunk, one exact, one wider
