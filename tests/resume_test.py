@@ -111,7 +111,7 @@ def test_sigterm_saves_mid_epoch_exits_zero_and_resumes_exactly(tmp_path, data_d
   h.assert_same_epochs(h.metrics(workdir), ref_metrics)
 
 
-@pytest.mark.slow   # CI time: the hash replay program it exercises is compiled in every run
+@pytest.mark.slow   # CI time; sharding_test (slow) runs the hash replay too
 def test_turning_the_hash_on_at_a_mid_epoch_resume_still_hashes_the_whole_epoch(
     tmp_path, data_dir, reference):
   """The batches before the checkpoint are replayed through the digest, so the logged
