@@ -33,7 +33,7 @@ TABLE = 'embedding'
 
 def is_sharded(config) -> bool:
   """Whether `config` asks for row-sharded tables (configs without the field: no)."""
-  return config.get('sharding', 'replicated') == 'sharded'
+  return getattr(config, 'sharding', 'replicated') == 'sharded'
 
 
 def _key_name(k) -> str:

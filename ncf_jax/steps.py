@@ -118,8 +118,18 @@ def make_mesh(num_devices: int = 0) -> Mesh:
                        devices=devices)
 
 
-def make_epoch_items(config, mesh: Mesh, num_train: int):
+def device_data(config, dataset, mesh: Mesh):
+  """The sampler's device form of `dataset` for this run's mode, on `mesh`.
+
+  Replicated on every device (`sampling.to_device`).
+  """
+  return sampling.to_device(dataset, NamedSharding(mesh, P()))
+
+
+def make_epoch_items(config, mesh: Mesh, data):
   """The epoch builder: (data, data_key, epoch, in_flight=None) -> every slot's item.
+
+  `data` is `device_data`'s (or its shapes: only its sizes are read).
 
   Each device builds its 1/ndev of the slots in slot order (`pipeline.epoch_items`), in
   calls of `pipeline.EPOCH_CHUNK` slots that write into a donated buffer; one reshard
@@ -129,7 +139,7 @@ def make_epoch_items(config, mesh: Mesh, num_train: int):
   `build.abstract(data)` is the shape, dtype and sharding of what it returns.
   """
   num_neg = int(config.num_neg)
-  per = -(-pipeline.epoch_size(num_train, num_neg) // mesh.size)
+  per = -(-pipeline.epoch_size(data.num_train, num_neg) // mesh.size)
   chunk = min(pipeline.EPOCH_CHUNK, per)
   calls = -(-per // chunk)
   per = calls * chunk

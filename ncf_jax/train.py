@@ -241,8 +241,7 @@ def _train_and_evaluate(config, workdir, made):
 
   dataset = data_lib.load(config.dataset, config.validation)
   config_checks.validate_against_data(config, dataset)
-  replicated = NamedSharding(mesh, P())
-  data = sampling.to_device(dataset, replicated)
+  data = steps.device_data(config, dataset, mesh)
   spe = pipeline.steps_per_epoch(dataset.num_train, config.num_neg, config.batch_size)
   logging.info('Devices: %d (%d processes), platform %s. Dataset %s: %d users, %d items, '
                '%d train positives; %d samples/epoch, %d steps/epoch of %d.',
@@ -287,7 +286,7 @@ def _train_and_evaluate(config, workdir, made):
   # Sharded tables: no epoch items (every device would hold them all); the train step
   # samples each batch in the visiting order (`pipeline.train_batch`, the same batches).
   sharded = sharding.is_sharded(config)
-  build_epoch = None if sharded else steps.make_epoch_items(config, mesh, dataset.num_train)
+  build_epoch = None if sharded else steps.make_epoch_items(config, mesh, data)
   # The most any device holds of each (collective with several processes: all call it).
   device_bytes = memory.bytes_per_device(
       params=state.params, opt_state=state.opt_state, data=data,

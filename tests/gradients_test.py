@@ -55,7 +55,7 @@ def _setup(config, dataset, ndev):
     mesh = steps.make_mesh(ndev)
     init_key, data_key, dropout_key = steps.make_keys(0, mesh)
     data = sampling.to_device(dataset, NamedSharding(mesh, P()))
-    items = steps.make_epoch_items(config, mesh, dataset.num_train)(data, data_key,
+    items = steps.make_epoch_items(config, mesh, data)(data, data_key,
                                                                     np.int32(0))
     _SETUPS[ndev] = mesh, init_key, data, items, (data_key, dropout_key)
   mesh, init_key, data, items, keys = _SETUPS[ndev]

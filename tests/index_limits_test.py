@@ -229,7 +229,7 @@ def _everything(ds, ndev=2, batch=384, num_neg=4):
   mesh = steps.make_mesh(ndev)
   data = sampling.to_device(ds, NamedSharding(mesh, P()))
   config = types.SimpleNamespace(num_neg=num_neg)
-  items = steps.make_epoch_items(config, mesh, ds.num_train)(data, KEY, np.int32(0))
+  items = steps.make_epoch_items(config, mesh, data)(data, KEY, np.int32(0))
   direct = jax.jit(lambda d, s: pipeline.train_batch(d, KEY, 0, s, batch_size=batch,
                                                      num_neg=num_neg))
   read = jax.jit(lambda d, it, s: pipeline.batch_from_items(

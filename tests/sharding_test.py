@@ -180,7 +180,7 @@ def test_sharded_gradients_equal_the_replicated_ones_with_both_l2_terms(data_dir
     data = sampling.to_device(dataset, NamedSharding(mesh, P()))
     items = None
     if mode == 'replicated':
-      items = steps.make_epoch_items(config, mesh, dataset.num_train)(data, data_key,
+      items = steps.make_epoch_items(config, mesh, data)(data, data_key,
                                                                       np.int32(0))
     grad_step = steps.make_grad_step(config, mesh, state.apply_fn, like=state.params)
     grads[mode] = jax.device_get(grad_step(state.params, data, items,
@@ -227,7 +227,7 @@ def test_sharded_batches_hash_like_the_replicated_ones_on_1_and_2_devices(data_d
     data = sampling.to_device(dataset, NamedSharding(mesh, P()))
     items = None
     if mode == 'replicated':
-      items = steps.make_epoch_items(config, mesh, dataset.num_train)(data, data_key,
+      items = steps.make_epoch_items(config, mesh, data)(data, data_key,
                                                                       np.int32(0))
     replay = steps.make_hash_replay(config, mesh)
     chain, first = hashing.init(), hashing.init()

@@ -61,7 +61,7 @@ def _setup(args: common.Args) -> _Setup:
   ds = common.scaled_dataset(args)
   dev = sampling.to_device(ds)
   config = ml_collections.ConfigDict({'num_neg': NUM_NEG})
-  build = steps.make_epoch_items(config, steps.make_mesh(1), ds.num_train)
+  build = steps.make_epoch_items(config, steps.make_mesh(1), dev)
   return _Setup(ds=ds, dev=dev, key=jax.random.key(0, impl='threefry2x32'), build=build)
 
 

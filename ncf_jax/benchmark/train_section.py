@@ -118,7 +118,7 @@ def _step_rates(config, model, dev, mesh, keys, sizes: Sequence[int], flops: flo
     n = (1 if batch > 100_000 else 5) if on_cpu else 20
     n = -(-n // int(config.steps_per_call)) * int(config.steps_per_call)
     # The epoch does not depend on the batch size or the model: one for all contenders.
-    items = steps.make_epoch_items(config, mesh, dev.num_train)(dev, keys[1], np.int32(0))
+    items = steps.make_epoch_items(config, mesh, dev)(dev, keys[1], np.int32(0))
     contenders = {'ours': (_ours(config, model, dev, items, mesh, keys, batch), n, batch)}
     if batch == sizes[0]:
       out.update({f'bytes_per_device_{k}': v
