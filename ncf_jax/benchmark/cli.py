@@ -15,7 +15,8 @@ from ncf_jax.errors import UserError
 # Section name -> its module under ncf_jax.benchmark, which has `run(args) -> figures`.
 # Imported only when chosen, so the data section and its measurement processes never
 # load JAX (its import would count in their peak RSS).
-SECTIONS = {'data': 'data_section', 'sampler': 'sampler_section', 'train': 'train_section'}
+SECTIONS = {'data': 'data_section', 'sampler': 'sampler_section', 'train': 'train_section',
+            'modes': 'modes_section'}
 
 
 def define_flags() -> None:
