@@ -135,10 +135,6 @@ def _validate_sharding(config, bad) -> None:
   if first_layer == 'projected':   # 'auto' reads sharded tables unprojected
     bad('model.first_layer', first_layer, "sharding='sharded' looks up the embedding "
         "tables row by row and supports 'concat' or 'auto' (which then never projects)")
-  import jax
-  if jax.process_count() > 1:
-    bad('sharding', mode, 'row-sharded tables are single-process for now (untested across '
-        "processes): use 'replicated'")
 
 
 def validate_against_data(config, dataset: data_lib.Dataset) -> None:

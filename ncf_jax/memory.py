@@ -6,10 +6,12 @@ about 1/n. Abstract arrays (`jax.ShapeDtypeStruct` with a sharding) count the sh
 would have, so a figure can be given for something not built yet (an epoch's items).
 """
 import collections
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import jax
 import numpy as np
+
+from ncf_jax.errors import UserError
 
 
 def device_bytes(tree) -> Dict[jax.Device, int]:
@@ -40,3 +42,42 @@ def bytes_per_device(**trees) -> Dict[str, int]:
     local = np.asarray(multihost_utils.process_allgather(local)).reshape(
         jax.process_count(), len(names)).max(axis=0)
   return {n: int(v) for n, v in zip(names, local)}
+
+
+def available(devices) -> Tuple[Optional[int], int]:
+  """(bytes available to `devices` together, how many of them share it), or (None, 0).
+
+  CPU devices of one process share the host's memory (MemAvailable); an accelerator's
+  limit is its own (`memory_stats()['bytes_limit']`), so 1 device shares it.
+  """
+  devices = list(devices)
+  if devices and devices[0].platform == 'cpu':
+    try:
+      with open('/proc/meminfo') as f:
+        info = dict(line.split(':', 1) for line in f)
+      return int(info['MemAvailable'].split()[0]) * 1024, len(devices)
+    except (OSError, KeyError, ValueError):
+      return None, 0
+  limits = [(d.memory_stats() or {}).get('bytes_limit') for d in devices]
+  if not limits or None in limits:
+    return None, 0
+  return min(limits), 1
+
+
+def check_fits(need: Dict[str, int], devices, alternative: str = '') -> None:
+  """Raises UserError when `need` (bytes per device, before any step) cannot fit.
+
+  `need` leaves out a step's temporaries, so a run that passes may still run out; one
+  that fails this check certainly would, and it fails here before anything is allocated.
+  """
+  limit, sharing = available(devices)
+  total = sum(need.values())
+  if limit is None or total * sharing <= limit:
+    return
+  parts = ', '.join(f'{k} {v / 1e9:.2f}' for k, v in need.items())
+  where = (f'{sharing} devices share this host\'s {limit / 1e9:.1f} GB of available memory'
+           if sharing > 1 else f'a device holds {limit / 1e9:.1f} GB')
+  hint = alternative or 'Use more devices or hosts, or a smaller model or dataset.'
+  raise UserError(
+      f'out of memory before the first step: this run needs at least {total / 1e9:.2f} GB '
+      f'per device ({parts} GB), and {where}. {hint}')

@@ -61,6 +61,18 @@ def wide_positions(num_train: int, num_neg: int, batch_size: int) -> bool:
   return padded > sampling.NARROW_SLOTS
 
 
+def slot_parts(slot, num_neg: int) -> Tuple[jax.Array, jax.Array]:
+  """(index of the slot's positive, the slot's number within it: 0 is the positive), int32.
+
+  `slot` is uint32 or a `sampling.Wide` (exact for slot < (1 + num_neg) * 2**32).
+  """
+  if isinstance(slot, sampling.Wide):
+    k, j = sampling.wide_divmod_const(slot, 1 + num_neg)
+    return k.astype(jnp.int32), j.astype(jnp.int32)
+  return ((slot // (1 + num_neg)).astype(jnp.int32),
+          (slot % (1 + num_neg)).astype(jnp.int32))
+
+
 def _slot_parts(slot, num_neg: int) -> Tuple[jax.Array, jax.Array]:
   """(index of the slot's positive, whether the slot is that positive itself).
 
@@ -85,15 +97,21 @@ def batch_positions(step, batch_size: int, start, size: int, wide: bool):
 
 def _visited_slots(data, key, epoch, step, batch_size: int, num_neg: int, start,
                    size: Optional[int]):
+  return visited_slots(data.num_train, key, epoch, step, batch_size, num_neg, start, size)
+
+
+def visited_slots(num_train: int, key, epoch, step, batch_size: int, num_neg: int, start,
+                  size: Optional[int]):
   """(slots visited at batch positions [start, start + size) of `step`, valid mask).
 
-  Slots are uint32, or `sampling.Wide` when the epoch needs it (`wide_positions`).
+  Depends on the dataset only through `num_train`. Slots are uint32, or `sampling.Wide`
+  when the epoch needs it (`wide_positions`).
   """
   size = batch_size if size is None else size
-  n_slots = epoch_size(data.num_train, num_neg)
+  n_slots = epoch_size(num_train, num_neg)
   order_kp, _ = epoch_keys(key, epoch)
   keys = sampling.round_keys(order_kp)
-  if wide_positions(data.num_train, num_neg, batch_size):
+  if wide_positions(num_train, num_neg, batch_size):
     position = batch_positions(step, batch_size, start, size, wide=True)
     valid = sampling.wide_less(position, n_slots)
     position = sampling.wide_where(valid, position, sampling.to_wide(0))
@@ -175,7 +193,8 @@ def train_batch(data: sampling.DeviceData, key: jax.Array, epoch, step, *,
 
 
 def epoch_items(data: sampling.DeviceData, key: jax.Array, epoch, *, num_neg: int,
-                start=0, size: Optional[int] = None) -> jax.Array:
+                start=0, size: Optional[int] = None, num_train: Optional[int] = None,
+                pos_base=0) -> jax.Array:
   """Items of epoch slots [start, start + size) in slot order (not the visiting order).
 
   The same values `train_batch` computes for these slots, but generated in slot order:
@@ -185,8 +204,10 @@ def epoch_items(data: sampling.DeviceData, key: jax.Array, epoch, *, num_neg: in
   Slots past the epoch's end (padding) get unspecified items. Stored in the dataset's
   item dtype (uint16 for up to 65,536 items) to halve the memory. `start` may be a
   `sampling.Wide` (`shard_start`); epochs past NARROW_SLOTS count slots in Wide pairs.
+  `data` may be a part of the dataset (`data_shards`): its positives are then global
+  positives [pos_base, ...) of an epoch of `num_train` positives.
   """
-  n_slots = epoch_size(data.num_train, num_neg)
+  n_slots = epoch_size(data.num_train if num_train is None else num_train, num_neg)
   size = n_slots if size is None else size
   _, neg_kp = epoch_keys(key, epoch)
   if isinstance(start, sampling.Wide) or n_slots > sampling.NARROW_SLOTS:
@@ -197,6 +218,8 @@ def epoch_items(data: sampling.DeviceData, key: jax.Array, epoch, *, num_neg: in
     slot = jnp.asarray(start, jnp.uint32) + jnp.arange(size, dtype=jnp.uint32)
     slot = jnp.minimum(slot, jnp.uint32(max(n_slots - 1, 0)))
   k, is_pos = _slot_parts(slot, num_neg)
+  if num_train is not None:
+    k = jnp.clip(k - pos_base, 0, max(data.num_train - 1, 0))
   users = data.train_users[k]
   neg_items = sampling.sample_negatives(data, neg_kp, users, slot)
   items = jnp.where(is_pos, data.positive_items(k), neg_items)
@@ -256,8 +279,8 @@ def held_out(data: sampling.DeviceData, users: jax.Array, split: str = 'test'):
 
 
 def eval_batch(data: sampling.DeviceData, key: jax.Array, users: jax.Array, *,
-               num_neg: int, match_mlperf: bool = False,
-               split: str = 'test') -> Tuple[jax.Array, jax.Array]:
+               num_neg: int, match_mlperf: bool = False, split: str = 'test',
+               user_base=0) -> Tuple[jax.Array, jax.Array]:
   """Candidates of `users` in `split`: column 0 its held-out item, then `num_neg` negatives.
 
   Default: distinct negatives, never a training positive nor an excluded held-out item
@@ -266,14 +289,18 @@ def eval_batch(data: sampling.DeviceData, key: jax.Array, users: jax.Array, *,
   may be drawn); `mask` is False for a repeated item and for a drawn copy of the test
   item, so duplicates count once.
 
+  `data` may hold users [user_base, ...) only (`data_shards`); `users` are global ids.
+
   Returns:
     items int32 [len(users), 1 + num_neg], mask bool of the same shape.
   """
   kp = eval_key(key, split)
   users = users.astype(jnp.int32)
-  positive, excluded = held_out(data, users, split)
+  local = users - user_base
+  positive, excluded = held_out(data, local, split)
   if not match_mlperf:
-    negs = sampling.sample_distinct_negatives(data, kp, users, num_neg, excluded)
+    negs = sampling.sample_distinct_negatives(data, kp, local, num_neg, excluded,
+                                              key_users=users)
     items = jnp.concatenate([positive[:, None], negs], axis=1)
     return items, jnp.ones(items.shape, bool)
   if len(excluded) > 1 or split != 'test':
@@ -282,7 +309,7 @@ def eval_batch(data: sampling.DeviceData, key: jax.Array, users: jax.Array, *,
   test = positive[:, None]
   counters = (users[:, None].astype(jnp.uint32) * jnp.uint32(num_neg)
               + jnp.arange(num_neg, dtype=jnp.uint32)[None, :])
-  negs = sampling.sample_negatives(data, kp, users[:, None], counters, stream=1)
+  negs = sampling.sample_negatives(data, kp, local[:, None], counters, stream=1)
   items = jnp.concatenate([test, negs], axis=1)
   return items, first_occurrence(items)
 

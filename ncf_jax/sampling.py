@@ -182,6 +182,31 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
   return out
 
 
+def host_shapes(num_users: int, num_items: int, num_train: int,
+                has_valid: bool) -> dict:
+  """{key: (length, dtype)} of `host_arrays` for these sizes, without building them."""
+  narrow = num_items <= NARROW_ITEMS
+  item = np.dtype(np.uint16 if narrow else np.int32)
+  i32, u32 = np.dtype(np.int32), np.dtype(np.uint32)
+  groups = num_users * groups_per_user(num_items)
+  out = dict(train_users=(num_train, i32), train_items=(num_train, item),
+             user_offsets=(num_users + 1, i32), test_items=(num_users, i32),
+             remap=(num_train, item), groups=(groups, u32), words=(num_train + num_users, u32))
+  if has_valid:
+    out['valid_items'] = (num_users, i32)
+  if not narrow:
+    out.update(group_base=(groups, i32), word_before=(num_train + num_users, i32))
+  return out
+
+
+def abstract_device_data(dataset: data_lib.Dataset, sharding) -> DeviceData:
+  """`to_device(dataset, sharding)` as shapes with that sharding (nothing is built)."""
+  shapes = host_shapes(dataset.num_users, dataset.num_items, dataset.num_train,
+                       dataset.valid_items is not None)
+  return DeviceData(num_users=dataset.num_users, num_items=dataset.num_items, **{
+      k: jax.ShapeDtypeStruct((n,), dt, sharding=sharding) for k, (n, dt) in shapes.items()})
+
+
 def to_device(dataset: data_lib.Dataset, sharding=None) -> DeviceData:
   """Copies a Dataset to device memory (replicated with `sharding` when given)."""
   arrays = host_arrays(dataset)
@@ -542,7 +567,8 @@ def sample_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
 
 
 def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
-                              num_neg: int, held_out=None) -> jax.Array:
+                              num_neg: int, held_out=None,
+                              key_users: Optional[jax.Array] = None) -> jax.Array:
   """`num_neg` distinct negatives per user, never a training positive nor a held-out item.
 
   Draws are without replacement: the first num_neg images of a per-user keyed bijection
@@ -554,6 +580,8 @@ def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
   Args:
     held_out: a sequence of int32 [len(users)] arrays: per user, distinct items that are
       not training positives (default: the test item alone).
+    key_users: the users' ids that key the draws (default `users`; a part of the
+      dataset, `data_shards`, indexes its users from 0 but keys them by global id).
 
   Returns: int32 [len(users), num_neg].
   """
@@ -562,7 +590,7 @@ def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
   if held_out is None:
     held_out = (data.test_items[users],)
   m = (data.num_items - degrees - len(held_out)).astype(jnp.uint32)   # candidate count
-  keys = [k[:, None] for k in round_keys(kp, users)]
+  keys = [k[:, None] for k in round_keys(kp, users if key_users is None else key_users)]
   j = jnp.broadcast_to(jnp.arange(num_neg, dtype=jnp.uint32)[None, :],
                        (users.shape[0], num_neg))
   ranks = permute(j, m[:, None], keys).astype(jnp.int32)

@@ -24,6 +24,7 @@ from flax import traverse_util
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
+import numpy as np
 
 # Values of config.sharding.
 MODES = ('replicated', 'sharded')
@@ -70,6 +71,25 @@ def fit_rows(x, like):
   if x.shape[0] > like.shape[0]:
     return x[:like.shape[0]]
   return jnp.pad(x, ((0, like.shape[0] - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+
+def model_shapes(model):
+  """Abstract params of `model` (the unpadded rows of its tables)."""
+  dummy = jnp.zeros((2,), jnp.int32)
+  return jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, dummy, dummy))[
+      'params']
+
+
+def gathered(tree, mesh: Mesh):
+  """`tree` replicated on every device of `mesh` (collective: every process calls it), so
+  that each process can read it whole (a table split over other hosts' devices)."""
+  return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(tree)
+
+
+def unpadded(tree, like):
+  """`tree`'s tables cut to `like`'s rows (host arrays; the padding of a sharded layout)."""
+  return jax.tree.map(lambda x, y: x[:y.shape[0]] if np.ndim(x) and x.shape[1:] == y.shape[1:]
+                      else x, tree, like)
 
 
 def specs(tree):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ncf_jax import data_shards
 from ncf_jax import dispatch
 from ncf_jax import hashing
 from ncf_jax import metrics as metrics_lib
@@ -52,13 +53,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
                     b2=float(config.beta2), eps=float(config.eps))
 
 
-def create_train_state(config, model, key: jax.Array, mesh: Mesh) -> TrainState:
+def create_train_state(config, model, key: jax.Array, mesh: Mesh,
+                       abstract: bool = False) -> TrainState:
   """Initialised TrainState on the mesh (init runs under jit).
 
   Replicated; or with `config.sharding='sharded'` its embedding tables and their Adam
   moments zero-padded to a multiple of the device count and split by rows over `data`
   (`ncf_jax.sharding`), its `apply_fn` reading them inside shard_map. The real rows have
-  the replicated run's initial values.
+  the replicated run's initial values. `abstract`: its shapes and shardings only.
   """
   tx = make_optimizer(config)
   sharded = sharding.is_sharded(config)
@@ -74,8 +76,12 @@ def create_train_state(config, model, key: jax.Array, mesh: Mesh) -> TrainState:
         loss_sum=jnp.zeros((), jnp.float32), loss_count=jnp.zeros((), jnp.float32),
         hash_chain=hashing.init(), hash_first=hashing.init(),
         bad_step=jnp.full((), -1, jnp.int32))
-  out = (sharding.shardings(jax.eval_shape(init, key), mesh) if sharded
-         else NamedSharding(mesh, P()))
+  shapes = jax.eval_shape(init, key)
+  out = (sharding.shardings(shapes, mesh) if sharded
+         else jax.tree.map(lambda _: NamedSharding(mesh, P()), shapes))
+  if abstract:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, out)
   return jax.jit(init, out_shardings=out)(key)
 
 
@@ -121,15 +127,27 @@ def make_mesh(num_devices: int = 0) -> Mesh:
 def device_data(config, dataset, mesh: Mesh):
   """The sampler's device form of `dataset` for this run's mode, on `mesh`.
 
-  Replicated on every device (`sampling.to_device`).
+  Replicated on every device (`sampling.to_device`), or with `config.sharding='sharded'`
+  split by training positives over `data` (`data_shards.to_devices`).
   """
+  if sharding.is_sharded(config):
+    return data_shards.to_devices(dataset, mesh, AXIS)
   return sampling.to_device(dataset, NamedSharding(mesh, P()))
+
+
+def abstract_device_data(config, dataset, mesh: Mesh):
+  """`device_data`'s shapes and shardings, without building anything."""
+  if sharding.is_sharded(config):
+    return data_shards.abstract(dataset, mesh, AXIS)
+  return sampling.abstract_device_data(dataset, NamedSharding(mesh, P()))
 
 
 def make_epoch_items(config, mesh: Mesh, data):
   """The epoch builder: (data, data_key, epoch, in_flight=None) -> every slot's item.
 
-  `data` is `device_data`'s (or its shapes: only its sizes are read).
+  `data` is `device_data`'s (or its shapes: only its sizes are read). Split data
+  (`data_shards.Split`): each device builds only the slots it owns and keeps them; no
+  reshard, nothing replicated.
 
   Each device builds its 1/ndev of the slots in slot order (`pipeline.epoch_items`), in
   calls of `pipeline.EPOCH_CHUNK` slots that write into a donated buffer; one reshard
@@ -139,16 +157,20 @@ def make_epoch_items(config, mesh: Mesh, data):
   `build.abstract(data)` is the shape, dtype and sharding of what it returns.
   """
   num_neg = int(config.num_neg)
-  per = -(-pipeline.epoch_size(data.num_train, num_neg) // mesh.size)
-  chunk = min(pipeline.EPOCH_CHUNK, per)
-  calls = -(-per // chunk)
+  split, owned, chunk, calls = _epoch_layout(config, mesh, data)
   per = calls * chunk
   sharded, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
 
   def fill(buf, data, data_key, epoch, call):
-    start = pipeline.shard_start(jax.lax.axis_index(AXIS), per, call, chunk, mesh.size * per)
-    part = pipeline.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start,
-                                size=chunk)
+    index = jax.lax.axis_index(AXIS)
+    if split:   # this device's owned slots, from its first: d * owned
+      start = pipeline.shard_start(index, owned, call, chunk, mesh.size * owned + chunk)
+      part = data_shards.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start,
+                                     size=chunk)
+    else:
+      start = pipeline.shard_start(index, per, call, chunk, mesh.size * per)
+      part = pipeline.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start,
+                                  size=chunk)
     # part[:1] is a small output that is not donated: what `in_flight` waits on.
     if per <= sampling.INT32_MAX:
       return jax.lax.dynamic_update_slice(buf, part, (call * chunk,)), part[:1]
@@ -156,7 +178,8 @@ def make_epoch_items(config, mesh: Mesh, data):
     rows = jax.lax.dynamic_update_slice(buf.reshape(calls, chunk), part[None], (call, 0))
     return rows.reshape(-1), part[:1]
 
-  fill = jax.jit(jax.shard_map(fill, mesh=mesh, in_specs=(P(AXIS), P(), P(), P(), P()),
+  fill = jax.jit(jax.shard_map(fill, mesh=mesh,
+                               in_specs=(P(AXIS), data_shards.specs(data), P(), P(), P()),
                                out_specs=(P(AXIS), P(AXIS))), donate_argnums=0)
   replicate = jax.jit(lambda buf: buf, out_shardings=replicated)
   zeros = jax.jit(lambda dtype: jnp.zeros((mesh.size * per,), dtype), static_argnums=0,
@@ -164,30 +187,55 @@ def make_epoch_items(config, mesh: Mesh, data):
 
   def build(data, data_key, epoch, in_flight: Optional[dispatch.InFlight] = None):
     in_flight = in_flight or dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
-    buf = zeros(np.dtype(data.train_items.dtype))
+    buf = zeros(np.dtype(_local(data).train_items.dtype))
     for call in range(calls):
       buf, token = fill(buf, data, data_key, epoch, np.int32(call))
       in_flight.add(token)
-    items = replicate(buf)
+    items = buf if split else replicate(buf)
     in_flight.add(items)
     return items
-  build.programs = (zeros, fill, replicate)   # its compiled programs (compile-count tests)
+  build.programs = (zeros, fill) if split else (zeros, fill, replicate)   # its compiled programs (compile-count tests)
   # What `build` returns, unbuilt (`memory.bytes_per_device` of an epoch before it runs).
-  build.abstract = lambda data: jax.ShapeDtypeStruct(
-      (mesh.size * per,), np.dtype(data.train_items.dtype), sharding=replicated)
+  build.abstract = lambda data: epoch_items_shape(config, mesh, data)
   return build
+
+
+def _epoch_layout(config, mesh: Mesh, data):
+  """(split data?, slots a device owns, slots per builder call, calls per epoch)."""
+  num_neg = int(config.num_neg)
+  split = isinstance(data, data_shards.Split)
+  if split:
+    owned = data_shards.slots_per_device(data, num_neg)
+  else:
+    owned = -(-pipeline.epoch_size(data.num_train, num_neg) // mesh.size)
+  chunk = min(pipeline.EPOCH_CHUNK, owned)
+  return split, owned, chunk, -(-owned // chunk)
+
+
+def epoch_items_shape(config, mesh: Mesh, data) -> jax.ShapeDtypeStruct:
+  """What `make_epoch_items(config, mesh, data)` builds, as a shape with its sharding."""
+  split, _, chunk, calls = _epoch_layout(config, mesh, data)
+  return jax.ShapeDtypeStruct(
+      (mesh.size * calls * chunk,), np.dtype(_local(data).train_items.dtype),
+      sharding=NamedSharding(mesh, P(AXIS) if split else P()))
+
+
+def _local(data) -> sampling.DeviceData:
+  """The DeviceData of `data` (a Split's is its devices' parts)."""
+  return data.local if isinstance(data, data_shards.Split) else data
 
 
 def _device_batch(sharded: bool, data, items, data_key, epoch, step, batch_size: int,
                   num_neg: int, start, local: int):
   """This device's `local` samples of global batch `step`, from `start`.
 
-  Read from the epoch's `items` (replicated layout), or sampled in the visiting order when
-  the tables are sharded and no epoch is built: the same batch either way.
+  Read from the whole epoch's `items` (replicated), or with split data from the owners of
+  its slots (`data_shards.device_batch`): the same batch either way.
   """
   if sharded:
-    return pipeline.train_batch(data, data_key, epoch, step, batch_size=batch_size,
-                                num_neg=num_neg, start=start, size=local)
+    return data_shards.device_batch(data, items, data_key, epoch, step,
+                                    batch_size=batch_size, num_neg=num_neg, start=start,
+                                    size=local, axis=AXIS)
   return pipeline.batch_from_items(data, items, data_key, epoch, step, batch_size=batch_size,
                                    num_neg=num_neg, start=start, size=local)
 
@@ -207,7 +255,7 @@ def _make_per_device_grads(config, ndev: int):
   cotangents over `data`, and the pmean would then return ndev x the mean gradient.
 
   Sharded tables (`config.sharding='sharded'`, `params`' tables this device's rows):
-  the batch is `pipeline.train_batch` (no epoch items; `items` is unused), and autodiff
+  `data` and `items` are split too (`data_shards`), and autodiff
   through `sharding.lookup` already sums every device's cotangent of a row into its
   owner's gradient, i.e. ndev x the mean gradient of the ndev-scaled objective: the
   tables' gradients are divided by ndev instead of all-reduced (their `l2_params` term is
@@ -273,6 +321,11 @@ def _make_per_device_grads(config, ndev: int):
   return grads_fn
 
 
+def _data_specs(config):
+  """shard_map specs of (data, items): split over `data` when sharded, else replicated."""
+  return (P(AXIS), P(AXIS)) if sharding.is_sharded(config) else (P(), P())
+
+
 def make_grad_step(config, mesh: Mesh, apply_fn, like=None):
   """Compiled (params, data, items, keys, epoch, step, global_step) -> gradients.
 
@@ -286,7 +339,8 @@ def make_grad_step(config, mesh: Mesh, apply_fn, like=None):
   def per_device(params, data, items, keys, epoch, step, global_step):
     return grads_fn(params, apply_fn, data, items, keys, epoch, step, global_step)[0]
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(specs,) + (P(),) * 6,
+  return jax.jit(jax.shard_map(per_device, mesh=mesh,
+                               in_specs=(specs, *_data_specs(config)) + (P(),) * 4,
                                out_specs=specs))
 
 
@@ -309,7 +363,7 @@ def make_train_step(config, mesh: Mesh, num_steps: int = 1, like=None):
   launches from Python (`config.steps_per_call`). `out` holds the last batch's
   `train_loss` (a small output that is not donated: the loop waits on it to bound the
   launches in flight). `like`: the TrainState (or its shapes), needed with sharded
-  tables; then `items` is unused (None): batches come from `pipeline.train_batch`.
+  tables; then `data` and `items` are split over `data` (`data_shards`).
   """
   use_hash = bool(config.hash_pipeline)
   grads_fn = _make_per_device_grads(config, mesh.size)
@@ -343,7 +397,8 @@ def make_train_step(config, mesh: Mesh, num_steps: int = 1, like=None):
     return state, {'train_loss': loss}
 
   specs = state_specs(config, like)
-  step = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, P(), P(), P(), P(), P()),
+  step = jax.shard_map(per_device, mesh=mesh,
+                       in_specs=(specs, *_data_specs(config), P(), P(), P()),
                        out_specs=(specs, P()))
   return jax.jit(step, donate_argnums=(0,))
 
@@ -354,7 +409,7 @@ def make_hash_replay(config, mesh: Mesh):
   The train step's digest update alone: a resume that turns `hash_pipeline` on mid-epoch
   replays the epoch's earlier batches through it (batches are pure functions of the
   epoch and step), so its digests cover the whole epoch like an uninterrupted run's.
-  With sharded tables `items` is unused, as in the train step.
+  With sharded tables `data` and `items` are split, as in the train step.
   """
   batch_size, num_neg = int(config.batch_size), int(config.num_neg)
   local = batch_size // mesh.size
@@ -367,7 +422,8 @@ def make_hash_replay(config, mesh: Mesh):
     return _hash_update(chain, first, batch, start + jnp.arange(local, dtype=jnp.uint32),
                         step)
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(),) * 7,
+  return jax.jit(jax.shard_map(per_device, mesh=mesh,
+                               in_specs=(P(), P(), *_data_specs(config), P(), P(), P()),
                                out_specs=(P(), P())))
 
 
@@ -377,17 +433,16 @@ def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int,
 
   `split` is 'test' or 'valid' (`pipeline.SPLITS`); each has its own candidates
   (`pipeline.eval_batch`). With sharded tables (`config.sharding`) the params' tables
-  are split by rows (padded to this mesh; another layout is resharded on the way in)
-  and every score's rows are looked up across devices.
+  are split by rows (padded to this mesh; another layout is resharded on the way in),
+  every score's rows are looked up across devices, and each device evaluates the users
+  of its part of the data (`data_shards.eval_users`).
   """
   ndev = mesh.size
   sharded = sharding.is_sharded(config)
   apply = sharding.ShardedApply(model.apply) if sharded else model.apply
   specs = P()
   if sharded:
-    dummy = jnp.zeros((2,), jnp.int32)
-    specs = sharding.specs(jax.eval_shape(
-        lambda: model.init({'params': jax.random.key(0)}, dummy, dummy)['params']))
+    specs = sharding.specs(sharding.model_shapes(model))
   local = int(config.eval_batch_size) // ndev
   num_neg, top_k = int(config.eval_num_neg), int(config.top_k)
   match_mlperf = bool(config.match_mlperf)
@@ -395,11 +450,15 @@ def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int,
   chunk = int(config.full_ranking_chunk)
 
   def per_device(params, data, data_key, first):
-    users = first + jax.lax.axis_index(AXIS) * local + jnp.arange(local, dtype=jnp.int32)
-    valid = users < num_users
-    users = jnp.where(valid, users, 0)
+    if sharded:   # this device's own users, on its part of the data
+      users, valid, base = data_shards.eval_users(data, first, local)
+      data = data.local
+    else:
+      users = first + jax.lax.axis_index(AXIS) * local + jnp.arange(local, dtype=jnp.int32)
+      valid = users < num_users
+      users, base = jnp.where(valid, users, 0), 0
     items, mask = pipeline.eval_batch(data, data_key, users, num_neg=num_neg,
-                                      match_mlperf=match_mlperf, split=split)
+                                      match_mlperf=match_mlperf, split=split, user_base=base)
     scores = apply({'params': params}, jnp.broadcast_to(users[:, None], items.shape), items)
     out = metrics_lib.ranking_sums(metrics_lib.positive_rank(scores, mask), valid, top_k)
     cols = 1 + num_neg
@@ -407,28 +466,29 @@ def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int,
         cols, dtype=jnp.uint32)
     out['digest'] = hashing.array_digest(items, position, mask=valid[:, None])
     if full:
-      positive, excluded = pipeline.held_out(data, users, split)
-      rank = full_rank(model, params, data, users, positive, excluded, chunk, apply)
+      positive, excluded = pipeline.held_out(data, users - base, split)
+      rank = full_rank(model, params, data, users, positive, excluded, chunk, apply, base)
       fsums = metrics_lib.ranking_sums(rank, valid, top_k)
       out.update({f'full_{k}': v for k, v in fsums.items() if k != 'count'})
       out['full_recall_sum'] = metrics_lib.recall_sum(
           rank[:, None], jnp.ones((local, 1), bool), valid, top_k)
     return jax.tree.map(lambda x: jax.lax.psum(x, AXIS), out)
 
-  step = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, P(), P(), P()),
-                       out_specs=P())
+  step = jax.shard_map(per_device, mesh=mesh,
+                       in_specs=(specs, _data_specs(config)[0], P(), P()), out_specs=P())
   return jax.jit(step)
 
 
 def full_rank(model, params, data: sampling.DeviceData, users, positive, excluded,
-              chunk: int, apply_fn=None):
+              chunk: int, apply_fn=None, user_base=0):
   """Rank of each user's `positive` item among all items that are candidates for it.
 
   Candidates are every item but the user's training positives and the `excluded`
   held-out items (`pipeline.held_out`, the positive among them); ties count against the
   positive. Items are scored `chunk` at a time (users x chunk pairs in memory, not
   users x num_items), and the count does not depend on `chunk`. `apply_fn`: how to score
-  (default `model.apply`; sharded tables pass their own).
+  (default `model.apply`; sharded tables pass their own). `data` may hold users
+  [user_base, ...) only (`data_shards`).
   """
   apply_fn = model.apply if apply_fn is None else apply_fn
   num_items = data.num_items
@@ -443,7 +503,7 @@ def full_rank(model, params, data: sampling.DeviceData, users, positive, exclude
     grid_u = jnp.broadcast_to(users[:, None], (b, chunk))
     grid_i = jnp.broadcast_to(items[None, :], (b, chunk))
     scores = apply_fn({'params': params}, grid_u, grid_i)
-    _, is_pos = sampling.rank_positives(data, grid_u, grid_i)
+    _, is_pos = sampling.rank_positives(data, grid_u - user_base, grid_i)
     competes = inside[None, :] & ~is_pos
     for item in excluded:
       competes &= grid_i != item[:, None]
@@ -463,6 +523,8 @@ def evaluate(eval_step, params, data, data_key, num_users: int, eval_batch_size:
     devices = jax.tree.leaves(params)[0].sharding.device_set
     in_flight = dispatch.InFlight(dispatch.in_flight_limit(list(devices)))
   totals = None
+  if isinstance(data, data_shards.Split):   # each device's own users, padded to the most
+    num_users = data.eval_span
   for first in range(0, num_users, eval_batch_size):
     out = eval_step(params, data, data_key, np.int32(first))
     in_flight.add(out['count'])
@@ -476,10 +538,15 @@ def evaluate(eval_step, params, data, data_key, num_users: int, eval_batch_size:
   return result, hashing.hexdigest(chain)
 
 
-def params_hash(params) -> str:
-  """Hex digest of the parameters' bytes (host side, once per run)."""
+def params_hash(params, mesh: Mesh, model) -> str:
+  """Hex digest of the parameters' bytes (once per run; collective: every process calls it).
+
+  Tables are cut to `model`'s rows, so a sharded run's padding does not count.
+  """
   import hashlib
   h = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(params)):
+  host = sharding.unpadded(jax.device_get(sharding.gathered(params, mesh)),
+                           sharding.model_shapes(model))
+  for leaf in jax.tree.leaves(host):
     h.update(np.ascontiguousarray(leaf).tobytes())
   return h.hexdigest()[:16]

@@ -241,7 +241,6 @@ def _train_and_evaluate(config, workdir, made):
 
   dataset = data_lib.load(config.dataset, config.validation)
   config_checks.validate_against_data(config, dataset)
-  data = steps.device_data(config, dataset, mesh)
   spe = pipeline.steps_per_epoch(dataset.num_train, config.num_neg, config.batch_size)
   logging.info('Devices: %d (%d processes), platform %s. Dataset %s: %d users, %d items, '
                '%d train positives; %d samples/epoch, %d steps/epoch of %d.',
@@ -256,6 +255,8 @@ def _train_and_evaluate(config, workdir, made):
     model_config.first_layer = 'concat'
   model = models.create_model(model_config, dataset.num_users, dataset.num_items,
                               config.dtype)
+  _check_memory(config, model, dataset, mesh, init_key)
+  data = steps.device_data(config, dataset, mesh)
   state = steps.create_train_state(config, model, init_key, mesh)
   logging.info('Model %s: %d parameters.', config.model.name, models.num_params(state.params))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -283,14 +284,11 @@ def _train_and_evaluate(config, workdir, made):
   per_call = int(config.steps_per_call)
   multi_step = (steps.make_train_step(config, mesh, num_steps=per_call, like=abstract)
                 if per_call > 1 else None)
-  # Sharded tables: no epoch items (every device would hold them all); the train step
-  # samples each batch in the visiting order (`pipeline.train_batch`, the same batches).
-  sharded = sharding.is_sharded(config)
-  build_epoch = None if sharded else steps.make_epoch_items(config, mesh, data)
+  build_epoch = steps.make_epoch_items(config, mesh, data)
   # The most any device holds of each (collective with several processes: all call it).
   device_bytes = memory.bytes_per_device(
       params=state.params, opt_state=state.opt_state, data=data,
-      epoch=() if sharded else build_epoch.abstract(data))
+      epoch=build_epoch.abstract(data))
   logging.info('Bytes per device (max over devices): %s', device_bytes)
   # Every epoch's evaluation reads the validation split when there is one, else the test.
   eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
@@ -344,8 +342,7 @@ def _train_and_evaluate(config, workdir, made):
       where.update(epoch=epoch, step=first_step)
       t_epoch = time.time()
       stopped = False   # only a SIGTERM before the epoch's last step stops it midway
-      items = (None if build_epoch is None
-               else build_epoch(data, data_key, np.int32(epoch), in_flight))
+      items = build_epoch(data, data_key, np.int32(epoch), in_flight)
       if config.hash_pipeline and first_step > 0 and hash_steps != first_step:
         state = _replay_hashes(config, mesh, state, data, items, data_key, epoch,
                                first_step, in_flight)
@@ -445,7 +442,7 @@ def _train_and_evaluate(config, workdir, made):
           best_record(history, select_key), in_flight)
       watchdog.beat()
 
-  phash = steps.params_hash(state.params)
+  phash = steps.params_hash(state.params, mesh, model)
   logging.info('[params_hash] %s', phash)
   best = best_record(history, select_key) if validated else None
   # The test metrics of the run's result: the selected parameters' with a validation
@@ -545,6 +542,33 @@ def _test_selected(config, mesh, model, best_ckpts, abstract, data, data_key, da
   return result, digest
 
 
+def memory_need(config, model, dataset, mesh, key) -> dict:
+  """Bytes per device (the most any holds) of the state, data and epoch, before building.
+
+  Collective with several processes: every process calls it.
+  """
+  state = steps.create_train_state(config, model, key, mesh, abstract=True)
+  data = steps.abstract_device_data(config, dataset, mesh)
+  epoch = steps.epoch_items_shape(config, mesh, data)
+  return memory.bytes_per_device(params=state.params, opt_state=state.opt_state, data=data,
+                                 epoch=epoch)
+
+
+def _check_memory(config, model, dataset, mesh, key) -> None:
+  """Refuses, before allocating, a run whose state, data and epoch cannot fit in memory."""
+  need = memory_need(config, model, dataset, mesh, key)
+  alternative = ''
+  if not sharding.is_sharded(config):
+    other = config.copy_and_resolve_references()
+    other.sharding = 'sharded'
+    split = sum(memory_need(other, model, dataset, mesh, key).values())
+    alternative = (f'--config.sharding=sharded splits the tables, their optimizer state, '
+                   f'the data and the epoch over the {mesh.size} devices: about '
+                   f'{split / 1e9:.2f} GB per device (docs/scale.md).')
+  memory.check_fits(need, [d for d in mesh.devices.flat
+                           if d.process_index == jax.process_index()], alternative)
+
+
 def _check_finite(state: steps.TrainState, ckpts: ckpt_lib.Checkpoints) -> None:
   bad = int(jax.device_get(state.bad_step))
   if bad >= 0:
@@ -597,10 +621,11 @@ def _load_pretrained(config, state: steps.TrainState, mesh: Mesh):
     return restored['params']
   gmf = load(config.model.pretrained_gmf, 'gmf')
   mlp = load(config.model.pretrained_mlp, 'mlp')
-  params = models.neumf_from_pretrained(jax.device_get(state.params), gmf, mlp)
+  current = jax.device_get(sharding.gathered(state.params, mesh))   # whole, on every host
+  params = models.neumf_from_pretrained(current, gmf, mlp)
   try:
     # The pretrained runs' tables as saved (either layout): this run's rows.
-    params = jax.tree.map(sharding.fit_rows, params, jax.device_get(state.params))
+    params = jax.tree.map(sharding.fit_rows, params, current)
     if sharding.is_sharded(config):
       return jax.device_put(params, sharding.shardings(params, mesh))
     return jax.device_put(params, NamedSharding(mesh, P()))

@@ -5,7 +5,8 @@ Both processes run the real command with --coordinator_address/--num_processes/
 (seed, epoch, position), so the pipeline hashes must be identical; losses and metrics
 agree to float tolerance (the all-reduce sums in another order). The two-process run
 draws its seed (seed=-1): process 0 draws it and sends it, and the one-process run reuses
-it, so a seed that differed on process 1 would change its half of every batch.
+it, so a seed that differed on process 1 would change its half of every batch. The
+SIGTERM run shards tables and data over the two processes (`config.sharding='sharded'`).
 """
 import os
 import re
@@ -24,7 +25,8 @@ EPOCHS = 2
 TIMEOUT = 300   # per launch; a run takes ~20-40 s on 2 busy cores
 
 
-def launch(workdir, data_dir, log_prefix, *, worker=False, seed=0, **env_extra):
+def launch(workdir, data_dir, log_prefix, *, worker=False, seed=0, fields=None,
+           **env_extra):
   """Starts process 0 and 1 of a 2-process run; returns the Popen objects and log paths."""
   port = h.free_port()
   procs, logs = [], []
@@ -33,7 +35,8 @@ def launch(workdir, data_dir, log_prefix, *, worker=False, seed=0, **env_extra):
     flags = [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
              f'--process_id={i}']
     procs.append(h.start(h.train_cmd(workdir, data_dir, worker=worker, extra=flags,
-                                     num_epochs=EPOCHS, log_every_steps=5, seed=seed),
+                                     num_epochs=EPOCHS, log_every_steps=5, seed=seed,
+                                     **(fields or {})),
                          log, devices=2, **env_extra))
     logs.append(log)
   return procs, logs
@@ -105,12 +108,16 @@ def test_only_process_zero_writes_and_the_checkpoints_restore(runs):
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
-  """A preemption notice reaching one host first: every process saves the same step."""
+  """A preemption notice reaching one host first: every process saves the same step.
+
+  This run shards its tables and data over the 2 x 2 devices (config.sharding), and
+  resumes replicated in one process: the same batches as the replicated 2-process run.
+  """
   two, _, data_dir, _, seeds = runs
   seed = int(seeds[0][0])   # the uninterrupted run's
   workdir = str(tmp_path / 'run')
   procs, logs = launch(workdir, data_dir, str(tmp_path / 'term'), worker=True, seed=seed,
-                       NCF_TEST_STEP_DELAY=0.05)
+                       fields={'sharding': 'sharded'}, NCF_TEST_STEP_DELAY=0.05)
   try:
     h.wait_for_line(procs[0], logs[0], f'epoch 1 step 5/{SPE}', timeout=TIMEOUT)
   except AssertionError:

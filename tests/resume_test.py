@@ -81,6 +81,33 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir,
   assert h.checkpoint_steps(workdir) == [SPE, 2 * SPE, 3 * SPE]
 
 
+SHARDED = dict(FLAGS, sharding='sharded', num_epochs=2)
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_exact_with_sharded_tables_and_data(
+    tmp_path, data_dir):
+  # Tables, Adam moments, the sampler's data and the epoch split over 2 devices: the
+  # resumed run's parameters are bit-identical to an uninterrupted sharded run's.
+  ref = str(tmp_path / 'reference')
+  out = h.run(h.train_cmd(ref, data_dir, **SHARDED), log=ref + '.log')
+  assert out.returncode == 0, out.stdout[-3000:]
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'killed.log')
+  proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **SHARDED), log, **DELAY)
+  try:
+    h.wait_for_line(proc, log, f'epoch 1 step 5/{SPE}')
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+  finally:
+    h.stop(proc)
+  assert h.checkpoint_steps(workdir) == [SPE]
+  out = h.run(h.train_cmd(workdir, data_dir, **SHARDED), log=str(tmp_path / 'resumed.log'))
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert f'Resuming from checkpoint at step {SPE}' in out.stdout
+  assert h.summary(workdir)['params_hash'] == h.summary(ref)['params_hash']
+  assert h.summary(workdir)['eval_candidates_hash'] == h.summary(ref)['eval_candidates_hash']
+  h.assert_same_epochs(h.metrics(workdir), h.metrics(ref))
+
+
 def test_sigterm_saves_mid_epoch_exits_zero_and_resumes_exactly(tmp_path, data_dir,
                                                                 reference):
   _, ref_summary, ref_metrics = reference
