@@ -11,18 +11,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ('params', 'opt_state', 'data', 'epoch')
 
 
-def test_modes_section_times_both_modes_on_1_and_2_devices(tmp_path):
+def test_modes_section_times_both_modes_and_the_sharded_one_holds_less(tmp_path):
+  # One worker (2 devices) keeps CI short; the counts' loop is the same for 1, 4 and 8.
   # scale 0.0007: common.scaled_dataset's minimum sizes (100 users, 1000 items).
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   out = subprocess.run(
-      [sys.executable, '-m', 'ncf_jax.benchmark.modes_section', '--counts=1,2',
+      [sys.executable, '-m', 'ncf_jax.benchmark.modes_section', '--counts=2',
        '--batch=1024', '--steps=1', '--scale=0.0007', f'--workdir={tmp_path}', '--json'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   figures = json.loads(out.stdout.strip().splitlines()[-1])
   assert not [k for k in figures if k.startswith('modes_error')], figures
   assert figures['modes_batch'] == 1024 and figures['modes_num_users'] == 100
-  for n in (1, 2):
+  for n in (2,):
     for mode in modes_section.MODES:
       assert figures[f'modes_samples_per_sec_{mode}_d{n}'] > 0
       total = figures[f'modes_bytes_per_device_{mode}_d{n}']
@@ -31,9 +32,9 @@ def test_modes_section_times_both_modes_on_1_and_2_devices(tmp_path):
     assert figures[f'modes_sharded_memory_ratio_d{n}'] > 0
     assert figures[f'modes_peak_host_rss_gb_d{n}'] > 0
   assert figures['modes_first_layer_sharded_d2'] == 'concat'
-  # On one device the sharded mode holds the same tables; on two, half their rows.
-  assert figures['modes_sharded_state_memory_ratio_d1'] == 1.0
-  for part in ('params', 'opt_state'):
+  # On two devices the sharded mode holds about half the rows of every table, of the
+  # sampler's data and of the epoch.
+  for part in PARTS:
     assert (figures[f'modes_bytes_per_device_sharded_d2_{part}']
             < figures[f'modes_bytes_per_device_replicated_d2_{part}']), part
 

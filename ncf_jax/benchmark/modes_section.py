@@ -124,9 +124,6 @@ def measure(config, dataset, num_devices: int, batch: int,
     out[f'modes_train_loss_{mode}_d{n}'] = r['train_loss']
   rep, sh = (f'modes_bytes_per_device_{m}_d{n}' for m in MODES)
   out[f'modes_sharded_memory_ratio_d{n}'] = out[sh] / out[rep]
-  parts = ('params', 'opt_state')   # what sharding splits, whatever the epoch's form
-  out[f'modes_sharded_state_memory_ratio_d{n}'] = (
-      sum(out[f'{sh}_{p}'] for p in parts) / sum(out[f'{rep}_{p}'] for p in parts))
   out[f'modes_sharded_throughput_ratio_d{n}'] = (
       out[f'modes_samples_per_sec_sharded_d{n}'] / out[f'modes_samples_per_sec_replicated_d{n}'])
   return out
