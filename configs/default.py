@@ -138,7 +138,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices of the data mesh: 0 = every device of every process; n > 0 = the first n
   # (single-process only; for device-count studies and sweeps sharing a host).
   config.num_devices = 0
-  # Embedding tables: 'replicated' on every device, or 'sharded' by rows over the devices.
+  # 'replicated': every device holds the embedding tables, their Adam state, the sampler's
+  # data and the epoch; 'sharded': tables by rows, data and epoch by training positives,
+  # split over the devices (docs/scale.md). Same batches and hashes either way.
   config.sharding = 'replicated'
   # End the run with one clear line (exit 3) when no training step finishes for this many
   # seconds, e.g. a collective stalled by a dead host; 0 = never. Checkpoints stay intact.

@@ -3,7 +3,9 @@
 Data parallel over every device of every process: a 1-D `data` mesh, parameters and the
 dataset replicated, each device computing its share of the global batch (negatives
 included) inside the compiled step and averaging gradients with one explicit `pmean`
-(`jax.shard_map`: pmap semantics without `jax.pmap`). Everything here is a pure function
+(`jax.shard_map`: pmap semantics without `jax.pmap`). With `config.sharding='sharded'`
+the embedding tables (`ncf_jax.sharding`), the sampler's data and the epoch
+(`ncf_jax.data_shards`) are split over `data` instead, the same batches either way. Everything here is a pure function
 of its arguments; the loop that calls them is `ncf_jax.train`.
 """
 from typing import Optional

@@ -87,8 +87,9 @@ def test_each_device_holds_about_one_nth_of_the_data(dataset):
 
 
 def test_split_evaluation_gives_the_replicated_metrics_and_candidates(dataset):
+  # 8 devices: users split unevenly (ranges balance positives, not users).
   digests, results = {}, {}
-  for mode, ndev in (('replicated', 2), ('sharded', 8), ('sharded', 3)):
+  for mode, ndev in (('replicated', 2), ('sharded', 8)):
     config = config_checks.resolve_model_defaults(h.tiny_config(
         '', sharding=mode, eval_batch_size=ndev * 16, eval_num_neg=30))
     config.model.first_layer = 'concat'

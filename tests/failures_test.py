@@ -66,6 +66,7 @@ def no_expensive_work(monkeypatch):
 # ----------------------------------------------------------------------------------------
 # Non-finite loss.
 
+@pytest.mark.slow   # CI time: the next test names the step in process; ux_test the exit codes
 def test_nan_loss_stops_the_command_naming_the_step(tmp_path, data_dir):
   workdir = str(tmp_path / 'run')
   out = h.run(h.train_cmd(workdir, data_dir, learning_rate=1e30, log_every_steps=1))

@@ -122,6 +122,7 @@ def test_steps_per_call_below_one_is_one_user_error(data_dir, value):
     config_checks.validate_config(config, 1)
 
 
+@pytest.mark.slow   # CI time: failures_test names the step with one step per call
 def test_a_nan_loss_names_the_same_step_with_three_steps_per_call(tmp_path, data_dir):
   errors = []
   for k in (1, 3):

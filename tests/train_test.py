@@ -129,9 +129,11 @@ def _brute_force(model, params, dataset, items, split):
   return {k: np.mean(v) for k, v in out.items()}
 
 
+# CI runs two (CI time); the slow two differ only in which held-out items are excluded.
 @pytest.mark.parametrize('match_mlperf,validation,split', [
-    (False, 'none', 'test'), (True, 'none', 'test'),
-    (False, 'leave_one_out', 'valid'), (False, 'leave_one_out', 'test')])
+    (False, 'none', 'test'), pytest.param(True, 'none', 'test', marks=pytest.mark.slow),
+    (False, 'leave_one_out', 'valid'),
+    pytest.param(False, 'leave_one_out', 'test', marks=pytest.mark.slow)])
 def test_sampled_and_full_ranking_metrics_match_a_numpy_brute_force(
     data_dir, match_mlperf, validation, split):
   config, dataset, mesh, model, params, data, data_key = _tiny_model_and_data(

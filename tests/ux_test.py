@@ -48,6 +48,7 @@ def _tpu_probe_lines(text: str):
 # ----------------------------------------------------------------------------------------
 # Log lines from plain Python and from the command.
 
+@pytest.mark.slow   # CI time: the command's log lines are checked by the next test
 def test_a_python_caller_sees_every_run_line_once_unless_it_set_up_logging(tmp_path,
                                                                           data_dir):
   # Two runs in one process: first as the README's snippet (no logging set up), then
