@@ -52,13 +52,12 @@ def test_uninterrupted_run_keeps_the_last_checkpoints_with_everything(reference)
   assert meta['test_hr_max_over_epochs'] == max(r['hr'] for r in metrics[:2])
 
 
-@pytest.mark.slow   # CI time: the sharded SIGKILL test below runs the same kill and resume
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir, reference):
-  _, ref_summary, ref_metrics = reference
+def _kill_in_epoch_1_then_resume(tmp_path, data_dir, fields) -> str:
+  """SIGKILL mid-epoch 1 (epoch 0 saved), a half-written save left over, then the same
+  command again; returns the workdir of the resumed run."""
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'killed.log')
-  proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **FLAGS), log, **DELAY)
+  proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **fields), log, **DELAY)
   try:
-    # Epoch 0 checkpointed and recorded, epoch 1 under way.
     h.wait_for_line(proc, log, f'epoch 1 step 5/{SPE}')
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
@@ -73,12 +72,23 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir,
   shutil.copytree(os.path.join(ckdir, str(SPE)), partial)
   os.remove(os.path.join(partial, 'commit_success.txt'))
 
-  out = h.run(h.train_cmd(workdir, data_dir, **FLAGS), log=str(tmp_path / 'resumed.log'))
+  out = h.run(h.train_cmd(workdir, data_dir, **fields), log=str(tmp_path / 'resumed.log'))
   assert out.returncode == 0, out.stdout[-3000:]
   assert f'Resuming from checkpoint at step {SPE}' in out.stdout
+  return workdir
+
+
+def _assert_same_run(workdir, ref_summary, ref_metrics):
   assert h.summary(workdir)['params_hash'] == ref_summary['params_hash']
   assert h.summary(workdir)['eval_candidates_hash'] == ref_summary['eval_candidates_hash']
   h.assert_same_epochs(h.metrics(workdir), ref_metrics)
+
+
+@pytest.mark.slow   # CI time: the sharded SIGKILL test below runs the same kill and resume
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir, reference):
+  _, ref_summary, ref_metrics = reference
+  workdir = _kill_in_epoch_1_then_resume(tmp_path, data_dir, FLAGS)
+  _assert_same_run(workdir, ref_summary, ref_metrics)
   assert h.checkpoint_steps(workdir) == [SPE, 2 * SPE, 3 * SPE]
 
 
@@ -92,27 +102,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact_with_sharded_tables_and_data
   ref = str(tmp_path / 'reference')
   out = h.run(h.train_cmd(ref, data_dir, **SHARDED), log=ref + '.log')
   assert out.returncode == 0, out.stdout[-3000:]
-  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'killed.log')
-  proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **SHARDED), log, **DELAY)
-  try:
-    h.wait_for_line(proc, log, f'epoch 1 step 5/{SPE}')
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(30) == -signal.SIGKILL
-  finally:
-    h.stop(proc)
-  assert h.checkpoint_steps(workdir) == [SPE]
-  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
-  # A kill during a save leaves orbax's temporary folder: it must be ignored.
-  ckdir = os.path.join(workdir, 'checkpoints')
-  partial = os.path.join(ckdir, f'{2 * SPE}.orbax-checkpoint-tmp')
-  shutil.copytree(os.path.join(ckdir, str(SPE)), partial)
-  os.remove(os.path.join(partial, 'commit_success.txt'))
-  out = h.run(h.train_cmd(workdir, data_dir, **SHARDED), log=str(tmp_path / 'resumed.log'))
-  assert out.returncode == 0, out.stdout[-3000:]
-  assert f'Resuming from checkpoint at step {SPE}' in out.stdout
-  assert h.summary(workdir)['params_hash'] == h.summary(ref)['params_hash']
-  assert h.summary(workdir)['eval_candidates_hash'] == h.summary(ref)['eval_candidates_hash']
-  h.assert_same_epochs(h.metrics(workdir), h.metrics(ref))
+  workdir = _kill_in_epoch_1_then_resume(tmp_path, data_dir, SHARDED)
+  _assert_same_run(workdir, h.summary(ref), h.metrics(ref))
 
 
 def test_sigterm_saves_mid_epoch_exits_zero_and_resumes_exactly(tmp_path, data_dir,
