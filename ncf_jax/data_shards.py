@@ -14,7 +14,7 @@ the slots of its own positions, the slots are all-gathered, each device reads th
 samples (`device_batch`). Exactly one device contributes each sample, so the batches, and
 their `[pipeline_hash]` lines, are those of a replicated run on any device count.
 """
-from typing import Dict, Optional
+from typing import Dict
 
 import flax.struct
 import jax
@@ -169,8 +169,8 @@ def slots_per_device(split: Split, num_neg: int) -> int:
   return split.per_device * (1 + int(num_neg))
 
 
-def epoch_items(split: Split, key: jax.Array, epoch, *, num_neg: int, start, size: int,
-                axis: str = 'data') -> jax.Array:
+def epoch_items(split: Split, key: jax.Array, epoch, *, num_neg: int, start,
+                size: int) -> jax.Array:
   """Inside shard_map: items of this device's owned slots [start, start + size) (global).
 
   `pipeline.epoch_items` on the device's users; slots past its range get unspecified
@@ -226,8 +226,3 @@ def eval_users(split: Split, first, size: int):
   users = lo + first // split.ndev + jnp.arange(size, dtype=jnp.int32)
   valid = users < hi
   return jnp.where(valid, users, lo), valid, split.user_base[0]
-
-
-def specs(data) -> Optional[P]:
-  """shard_map spec of the sampler's data: split over `data`, or replicated."""
-  return P('data') if isinstance(data, Split) else P()

@@ -74,14 +74,9 @@ def slot_parts(slot, num_neg: int) -> Tuple[jax.Array, jax.Array]:
 
 
 def _slot_parts(slot, num_neg: int) -> Tuple[jax.Array, jax.Array]:
-  """(index of the slot's positive, whether the slot is that positive itself).
-
-  `slot` is uint32 or a `sampling.Wide` (exact for slot < (1 + num_neg) * 2**32).
-  """
-  if isinstance(slot, sampling.Wide):
-    k, j = sampling.wide_divmod_const(slot, 1 + num_neg)
-    return k.astype(jnp.int32), j == 0
-  return (slot // (1 + num_neg)).astype(jnp.int32), (slot % (1 + num_neg)) == 0
+  """(index of the slot's positive, whether the slot is that positive itself)."""
+  k, j = slot_parts(slot, num_neg)
+  return k, j == 0
 
 
 def batch_positions(step, batch_size: int, start, size: int, wide: bool):

@@ -181,7 +181,7 @@ def make_epoch_items(config, mesh: Mesh, data):
     return rows.reshape(-1), part[:1]
 
   fill = jax.jit(jax.shard_map(fill, mesh=mesh,
-                               in_specs=(P(AXIS), data_shards.specs(data), P(), P(), P()),
+                               in_specs=(P(AXIS), P(AXIS) if split else P(), P(), P(), P()),
                                out_specs=(P(AXIS), P(AXIS))), donate_argnums=0)
   replicate = jax.jit(lambda buf: buf, out_shardings=replicated)
   zeros = jax.jit(lambda dtype: jnp.zeros((mesh.size * per,), dtype), static_argnums=0,

@@ -36,10 +36,7 @@ def small_config(data_dir, **overrides):
   return h.tiny_config(data_dir, **dict(SMALL, **overrides))
 
 
-def _unpadded(tree, like):
-  """`tree`'s arrays cut to `like`'s rows (a sharded run's tables without padding)."""
-  return jax.tree.map(lambda x, y: np.asarray(x)[:np.shape(y)[0]] if np.ndim(y) else x,
-                      tree, like)
+_unpadded = sharding.unpadded   # a sharded run's tables without their padding rows
 
 
 def _assert_close(a, b, rtol=1e-4, atol=1e-6):
