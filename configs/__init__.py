@@ -5,6 +5,7 @@ with `from configs import default`. `--config` takes a file path, which resolves
 checkout's root; elsewhere, pass the installed file: `--config="$(python -c 'import configs;
 print(configs.DIR)')/mlperf.py:runlocal"`.
 """
+
 import os
 
 DIR = os.path.dirname(os.path.abspath(__file__))  # the folder of these config files

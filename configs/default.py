@@ -6,6 +6,7 @@ this one and change only what differs.
   python -m ncf_jax.train --config=configs/default.py
   python -m ncf_jax.train --config=configs/default.py --config.num_epochs=3
 """
+
 import ml_collections
 from ml_collections import config_dict
 

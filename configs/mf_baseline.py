@@ -41,6 +41,7 @@ Tuned only on the validation split of synthetic data shaped like ml-100k (943 us
 130 (early stop), against 0.671 at epoch 7 for the previous Adam config, which then fell
 to 0.587 by epoch 30.
 """
+
 from configs import default
 
 

@@ -1,4 +1,4 @@
-"""NeuMF on MovieLens-20M under the MLPerf v0.5 NCF rules (../shared/MLPERF.md).
+"""NeuMF on MovieLens-20M under the MLPerf v0.5 NCF rules (docs/mlperf.md).
 
 Default: the large-batch setting of NVIDIA's MLPerf v0.5 submission (batch 1,048,576,
 lr 0.0045, Adam beta1 0.25, beta2 0.5, eps 1e-8). Variant `reference`: the 2018 PyTorch
@@ -8,6 +8,7 @@ reference (batch 2048, lr 0.0005, Adam defaults).
   python -m ncf_jax.train --config=configs/mlperf.py:reference
   python -m ncf_jax.train --config=configs/mlperf.py:runlocal      # tiny synthetic smoke run
 """
+
 from configs import default
 
 

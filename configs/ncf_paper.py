@@ -25,6 +25,7 @@ Tuned only on the validation split of synthetic data shaped like ml-100k (943 us
   factors 64 (MLP 256-128-64), l2 0.001       0.665 (epoch 3)
   l2 0.01, dropout 0.2 alone, lr 0.0005       worse (0.63-0.66)
 """
+
 from configs import default
 
 

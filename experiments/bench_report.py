@@ -11,79 +11,89 @@ order and with their units, then any other key found, with a unit read off its s
 (so a figure added to the benchmark later still shows). A key a file lacks is '—'; a
 known key no file has is left out.
 """
+
+from collections.abc import Sequence
 import json
 import math
 import os
 import sys
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from ncf_jax.errors import UserError, exit_on_user_error
 
 # (key, unit, what it is), in table order.
-KNOWN: List[Tuple[str, str, str]] = [
-    ('backend', '', 'JAX backend'),
-    ('device', '', 'device kind'),
-    ('num_devices', '', 'devices used'),
-    ('jax_version', '', 'JAX version'),
-    # Headline figures.
-    ('train_samples_per_sec', 'samples/s', 'training throughput'),
-    ('compute_ceiling_samples_per_sec', 'samples/s', 'throughput the matmul rate allows'),
-    ('compute_ceiling_fraction', 'fraction', 'share of the compute ceiling reached'),
-    ('peer_ratio_torch', 'x', 'throughput relative to the PyTorch peer'),
-    ('matmul_flops_per_sec', 'FLOP/s', 'measured matmul rate'),
-    # Sampler, epoch pipeline, evaluation candidates.
-    ('sampler_negatives_per_sec', 'negatives/s', 'on-device negative sampler'),
-    ('numpy_bisection_negatives_per_sec', 'negatives/s', 'NumPy bisection sampler'),
-    ('sampler_vs_numpy_ratio', 'x', 'sampler / NumPy sampler'),
-    ('random_draws_per_sec', 'draws/s', 'bare uniform draws'),
-    ('sampler_vs_random_ratio', 'x', 'sampler / bare draws'),
-    ('sampler_random_order_negatives_per_sec', 'negatives/s', 'sampler, users at random'),
-    ('sampler_random_order_vs_random_ratio', 'x', 'sampler at random / bare draws'),
-    ('sampler_random_order_vs_numpy_ratio', 'x', 'sampler at random / NumPy at random'),
-    ('epoch_samples', 'samples', 'samples in one epoch'),
-    ('epoch_batches_sec', 's', 'one epoch of batches'),
-    ('epoch_batches_hashed_sec', 's', 'one epoch of batches, hashed'),
-    ('hash_overhead_fraction_of_batches', 'fraction', 'hashing cost'),
-    ('epoch_random_draws_sec', 's', 'the same number of bare draws'),
-    ('epoch_vs_random_ratio', 'x', 'epoch / bare draws'),
-    ('epoch_batches_per_position_sec', 's', 'one epoch of train_batch calls'),
-    ('eval_users_per_sec', 'users/s', 'evaluation throughput'),
-    ('eval_num_neg', 'items', 'evaluation negatives per user'),
-    ('eval_candidates_sec', 's', 'all evaluation candidates'),
-    ('eval_random_draws_sec', 's', 'the same number of bare draws'),
-    ('eval_candidates_vs_random_ratio', 'x', 'candidates / bare draws'),
-    ('device_data_bytes', 'bytes', 'dataset arrays on the device'),
-    ('device_data_vs_int32_ratio', 'x', 'versus plain int32 arrays'),
-    # Data preparation.
-    ('data_preprocess_sec', 's', 'parse + MLPerf preprocessing'),
-    ('data_bare_parse_sec', 's', 'bare pyarrow CSV parse'),
-    ('data_parse_sec', 's', 'our CSV parse'),
-    ('data_preprocess_parse_ratio', 'x', 'preprocess time / bare parse time'),
-    ('data_prepare_sec', 's', 'first prepare (hash, parse, preprocess, cache write)'),
-    ('data_cache_load_sec', 's', 'processed-cache load'),
-    ('data_peak_rss_gb', 'GB', 'peak RSS of the data steps'),
-    ('data_preprocess_peak_rss_gb', 'GB', 'peak RSS, preprocess'),
-    ('data_prepare_peak_rss_gb', 'GB', 'peak RSS, first prepare'),
-    ('data_cache_load_peak_rss_gb', 'GB', 'peak RSS, cache load'),
-    ('data_bare_parse_peak_rss_gb', 'GB', 'peak RSS, bare parse'),
-    ('data_cache_bytes', 'bytes', 'processed cache size'),
-    ('data_csv_bytes', 'bytes', 'ratings.csv size'),
-    ('data_num_users', 'users', 'users after preprocessing'),
-    ('data_num_items', 'items', 'items after preprocessing'),
-    ('data_num_train', 'ratings', 'training positives'),
-    ('scale', 'x ml-20m', 'problem size'),
+KNOWN: list[tuple[str, str, str]] = [
+  ('backend', '', 'JAX backend'),
+  ('device', '', 'device kind'),
+  ('num_devices', '', 'devices used'),
+  ('jax_version', '', 'JAX version'),
+  # Headline figures.
+  ('train_samples_per_sec', 'samples/s', 'training throughput'),
+  ('compute_ceiling_samples_per_sec', 'samples/s', 'throughput the matmul rate allows'),
+  ('compute_ceiling_fraction', 'fraction', 'share of the compute ceiling reached'),
+  ('peer_ratio_torch', 'x', 'throughput relative to the PyTorch peer'),
+  ('matmul_flops_per_sec', 'FLOP/s', 'measured matmul rate'),
+  # Sampler, epoch pipeline, evaluation candidates.
+  ('sampler_negatives_per_sec', 'negatives/s', 'on-device negative sampler'),
+  ('numpy_bisection_negatives_per_sec', 'negatives/s', 'NumPy bisection sampler'),
+  ('sampler_vs_numpy_ratio', 'x', 'sampler / NumPy sampler'),
+  ('random_draws_per_sec', 'draws/s', 'bare uniform draws'),
+  ('sampler_vs_random_ratio', 'x', 'sampler / bare draws'),
+  ('sampler_random_order_negatives_per_sec', 'negatives/s', 'sampler, users at random'),
+  ('sampler_random_order_vs_random_ratio', 'x', 'sampler at random / bare draws'),
+  ('sampler_random_order_vs_numpy_ratio', 'x', 'sampler at random / NumPy at random'),
+  ('epoch_samples', 'samples', 'samples in one epoch'),
+  ('epoch_batches_sec', 's', 'one epoch of batches'),
+  ('epoch_batches_hashed_sec', 's', 'one epoch of batches, hashed'),
+  ('hash_overhead_fraction_of_batches', 'fraction', 'hashing cost'),
+  ('epoch_random_draws_sec', 's', 'the same number of bare draws'),
+  ('epoch_vs_random_ratio', 'x', 'epoch / bare draws'),
+  ('epoch_batches_per_position_sec', 's', 'one epoch of train_batch calls'),
+  ('eval_users_per_sec', 'users/s', 'evaluation throughput'),
+  ('eval_num_neg', 'items', 'evaluation negatives per user'),
+  ('eval_candidates_sec', 's', 'all evaluation candidates'),
+  ('eval_random_draws_sec', 's', 'the same number of bare draws'),
+  ('eval_candidates_vs_random_ratio', 'x', 'candidates / bare draws'),
+  ('device_data_bytes', 'bytes', 'dataset arrays on the device'),
+  ('device_data_vs_int32_ratio', 'x', 'versus plain int32 arrays'),
+  # Data preparation.
+  ('data_preprocess_sec', 's', 'parse + MLPerf preprocessing'),
+  ('data_bare_parse_sec', 's', 'bare pyarrow CSV parse'),
+  ('data_parse_sec', 's', 'our CSV parse'),
+  ('data_preprocess_parse_ratio', 'x', 'preprocess time / bare parse time'),
+  ('data_prepare_sec', 's', 'first prepare (hash, parse, preprocess, cache write)'),
+  ('data_cache_load_sec', 's', 'processed-cache load'),
+  ('data_peak_rss_gb', 'GB', 'peak RSS of the data steps'),
+  ('data_preprocess_peak_rss_gb', 'GB', 'peak RSS, preprocess'),
+  ('data_prepare_peak_rss_gb', 'GB', 'peak RSS, first prepare'),
+  ('data_cache_load_peak_rss_gb', 'GB', 'peak RSS, cache load'),
+  ('data_bare_parse_peak_rss_gb', 'GB', 'peak RSS, bare parse'),
+  ('data_cache_bytes', 'bytes', 'processed cache size'),
+  ('data_csv_bytes', 'bytes', 'ratings.csv size'),
+  ('data_num_users', 'users', 'users after preprocessing'),
+  ('data_num_items', 'items', 'items after preprocessing'),
+  ('data_num_train', 'ratings', 'training positives'),
+  ('scale', 'x ml-20m', 'problem size'),
 ]
 _KNOWN_UNITS = {k: u for k, u, _ in KNOWN}
 _HEADER_KEYS = ('backend', 'device')
-_SUFFIX_UNITS = [('_per_sec', '/s'), ('_sec', 's'), ('_ms', 'ms'), ('_gb', 'GB'),
-                 ('_bytes', 'bytes'), ('_fraction', 'fraction'), ('_ratio', 'x'),
-                 ('_rows', 'rows'), ('_num_users', 'users'), ('_num_items', 'items')]
+_SUFFIX_UNITS = [
+  ('_per_sec', '/s'),
+  ('_sec', 's'),
+  ('_ms', 'ms'),
+  ('_gb', 'GB'),
+  ('_bytes', 'bytes'),
+  ('_fraction', 'fraction'),
+  ('_ratio', 'x'),
+  ('_rows', 'rows'),
+  ('_num_users', 'users'),
+  ('_num_items', 'items'),
+]
 
 
-def read_result(path: str) -> Dict[str, Any]:
+def read_result(path: str) -> dict[str, Any]:
   """The JSON object in `path` (the whole file, else its last non-empty line)."""
   try:
     with open(path) as f:
@@ -98,10 +108,10 @@ def read_result(path: str) -> Dict[str, Any]:
       continue
     if isinstance(value, dict):
       return value
-    raise UserError(f'{path} holds a JSON {type(value).__name__}, not an object of '
-                    'benchmark figures.')
-  raise UserError(f'{path} is not JSON; write it with `python -m ncf_jax.benchmark '
-                  '--json > FILE`.')
+    raise UserError(
+      f'{path} holds a JSON {type(value).__name__}, not an object of benchmark figures.'
+    )
+  raise UserError(f'{path} is not JSON; write it with `python -m ncf_jax.benchmark --json > FILE`.')
 
 
 def unit(key: str) -> str:
@@ -129,7 +139,7 @@ def format_value(value: Any) -> str:
   return str(value).replace('|', '\\|').replace('\n', ' ')
 
 
-def column_names(paths: Sequence[str], results: Sequence[Dict[str, Any]]) -> List[str]:
+def column_names(paths: Sequence[str], results: Sequence[dict[str, Any]]) -> list[str]:
   names = []
   for path, result in zip(paths, results):
     parts = []
@@ -139,18 +149,19 @@ def column_names(paths: Sequence[str], results: Sequence[Dict[str, Any]]) -> Lis
         parts.append(text)
     names.append(' '.join(parts) or os.path.splitext(os.path.basename(path))[0])
   counts = {n: names.count(n) for n in names}
-  return [f'{n} ({os.path.basename(p)})' if counts[n] > 1 else n  # same backend twice
-          for n, p in zip(names, paths)]
+  return [
+    f'{n} ({os.path.basename(p)})' if counts[n] > 1 else n  # same backend twice
+    for n, p in zip(names, paths)
+  ]
 
 
-def render(paths: Sequence[str], results: Sequence[Dict[str, Any]]) -> str:
+def render(paths: Sequence[str], results: Sequence[dict[str, Any]]) -> str:
   """The Markdown table: a row per key (known keys first), a column per result."""
   present = set().union(*(r.keys() for r in results)) if results else set()
   keys = [k for k, _, _ in KNOWN if k in present]
   keys += sorted(present - set(keys))
   header = ['figure', 'unit'] + [n.replace('|', '\\|') for n in column_names(paths, results)]
-  lines = ['| ' + ' | '.join(header) + ' |',
-           '|:---|:---|' + '---:|' * len(results)]
+  lines = ['| ' + ' | '.join(header) + ' |', '|:---|:---|' + '---:|' * len(results)]
   for key in keys:
     cells = [format_value(r.get(key)) for r in results]
     lines.append('| ' + ' | '.join([f'`{key}`', unit(key)] + cells) + ' |')
@@ -166,8 +177,10 @@ def define_flags() -> None:
 def main(argv):
   paths = argv[1:]
   if not paths:
-    raise UserError('pass the JSON files: python -m experiments.bench_report '
-                    'runs/bench/*.json [--out=runs/bench/table.md]')
+    raise UserError(
+      'pass the JSON files: python -m experiments.bench_report '
+      'runs/bench/*.json [--out=runs/bench/table.md]'
+    )
   table = render(paths, [read_result(p) for p in paths])
   out = flags.FLAGS.out
   if out:

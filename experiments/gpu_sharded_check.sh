@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The sharded mode on a lent accelerator (issue 14), after ../shared/device/gpu_check.sh has
-# run (the shared kit is read-only and times the replicated mode only). From the project
-# root: OUT=<folder> bash experiments/gpu_sharded_check.sh. Writes into $OUT:
+# The sharded mode on an accelerator: both sharding modes timed and sized, and their
+# [pipeline_hash] lines compared. From the project root:
+# OUT=<folder> bash experiments/gpu_sharded_check.sh. Writes into $OUT:
 #   modes.json       python -m ncf_jax.benchmark --sections=modes (both modes, bytes and
 #                    samples/s per device count the machine has)
 #   train_<mode>.log the MLPerf config on synthetic data in each mode, seeded

@@ -4,20 +4,27 @@ Figures are built with `matplotlib.figure.Figure` and saved through the Agg canv
 nothing here touches the pyplot backend of the calling process (a notebook keeps its
 inline backend; a headless sweep needs no display).
 """
-from typing import Optional, Sequence, Tuple
+
+from collections.abc import Sequence
 
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.ticker import MaxNLocator
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # (label, epochs trained [1, 2, ...], HR per epoch, train loss per epoch)
-Curve = Tuple[str, Sequence[int], Sequence[float], Sequence[float]]
+Curve = tuple[str, Sequence[int], Sequence[float], Sequence[float]]
 
 
-def hr_curves(curves: Sequence[Curve], path: str, *, top_k: int = 10,
-              hr_threshold: Optional[float] = None, title: str = '',
-              styles: Optional[Sequence[Tuple[int, int]]] = None) -> None:
+def hr_curves(
+  curves: Sequence[Curve],
+  path: str,
+  *,
+  top_k: int = 10,
+  hr_threshold: float | None = None,
+  title: str = '',
+  styles: Sequence[tuple[int, int]] | None = None,
+) -> None:
   """HR@K (left) and train loss (right) by epoch, one line per run; saves a PNG.
 
   `styles[i]` = (colour group, line-style group) of curve i, e.g. colour by learning rate
@@ -31,17 +38,22 @@ def hr_curves(curves: Sequence[Curve], path: str, *, top_k: int = 10,
   FigureCanvasAgg(fig)
   ax_hr, ax_loss = fig.subplots(1, 2)
   for (label, epochs, hrs, losses), (color, dash) in zip(curves, styles):
-    kw = dict(marker='o', markersize=3, color=palette[color % len(palette)],
-              linestyle=dashes[dash % len(dashes)])
+    kw = dict(
+      marker='o',
+      markersize=3,
+      color=palette[color % len(palette)],
+      linestyle=dashes[dash % len(dashes)],
+    )
     points = [(e, h) for e, h in zip(epochs, hrs) if h is not None]
     if points:
       ax_hr.plot(*zip(*points), label=label, **kw)
-    loss_points = [(e, l) for e, l in zip(epochs, losses) if l is not None]
+    loss_points = [(e, v) for e, v in zip(epochs, losses) if v is not None]
     if loss_points:
       ax_loss.plot(*zip(*loss_points), **kw)
   if hr_threshold is not None:
-    ax_hr.axhline(hr_threshold, color='gray', linestyle='--', linewidth=1,
-                  label=f'target {hr_threshold:g}')
+    ax_hr.axhline(
+      hr_threshold, color='gray', linestyle='--', linewidth=1, label=f'target {hr_threshold:g}'
+    )
   ax_hr.set(xlabel='epochs trained', ylabel=f'HR@{top_k}', title=f'eval HR@{top_k}')
   ax_loss.set(xlabel='epochs trained', ylabel='train loss (BCE)', title='train loss')
   for ax in (ax_hr, ax_loss):
@@ -56,8 +68,9 @@ def hr_curves(curves: Sequence[Curve], path: str, *, top_k: int = 10,
   fig.savefig(path, dpi=80)
 
 
-def seed_boxplot(groups: Sequence[Tuple[str, Sequence[float]]], path: str, *,
-                 title: str = '') -> None:
+def seed_boxplot(
+  groups: Sequence[tuple[str, Sequence[float]]], path: str, *, title: str = ''
+) -> None:
   """One box (with the individual runs as dots) per group, side by side; saves a PNG.
 
   `groups` is [(axis label, values)], e.g. [('epochs to target', [...]),
@@ -72,8 +85,9 @@ def seed_boxplot(groups: Sequence[Tuple[str, Sequence[float]]], path: str, *,
       ax.boxplot([values], widths=0.5, showfliers=False)  # every run is a dot
       ax.scatter([1] * len(values), values, s=14, alpha=0.6, zorder=3)
     else:
-      ax.text(0.5, 0.5, 'no run reached the target', ha='center', va='center',
-              transform=ax.transAxes)
+      ax.text(
+        0.5, 0.5, 'no run reached the target', ha='center', va='center', transform=ax.transAxes
+      )
     ax.set(ylabel=label, xticks=[1], xticklabels=[f'{len(values)} runs'])
     ax.grid(True, axis='y', alpha=0.3)
   if title:

@@ -30,6 +30,9 @@ and values `ncf_jax.train` would reject stop the sweep with one message.
 Ctrl-C (or SIGTERM) is passed on as SIGTERM to the running points, which save a
 checkpoint and exit; rerun the same command to continue.
 """
+
+from collections.abc import Sequence
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -45,18 +48,17 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
 from experiments import plots
+
 # Sweeps and seed studies reuse ncf_jax.train's --config (config_flags) and --workdir
 # flags (train.define_flags), so `--config.x=y` means exactly what it means for a run.
-from ncf_jax import config_checks
-from ncf_jax import train
+from ncf_jax import config_checks, train
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 FLAGS = flags.FLAGS
@@ -66,13 +68,13 @@ PREFIX = 'config.'
 # ----------------------------------------------------------------------------------------
 # Sweep files and points.
 
-def load_sweep(path: str) -> List[Dict[str, Any]]:
+
+def load_sweep(path: str) -> list[dict[str, Any]]:
   """The points of a sweep file: `get_sweep()`, checked to be a list of config dicts."""
   if not path:
     raise UserError('pass --sweep=experiments/sweeps/<name>.py.')
   if not os.path.isfile(path):
-    raise UserError(f'--sweep={path!r}: no such file (sweep files live in '
-                    'experiments/sweeps/).')
+    raise UserError(f'--sweep={path!r}: no such file (sweep files live in experiments/sweeps/).')
   name = '_sweep_' + re.sub(r'\W', '_', os.path.splitext(os.path.basename(path))[0])
   spec = importlib.util.spec_from_file_location(name, path)
   if spec is None or spec.loader is None:
@@ -84,29 +86,40 @@ def load_sweep(path: str) -> List[Dict[str, Any]]:
     raise UserError(f'--sweep={path!r} failed to load: {type(e).__name__}: {e}') from None
   get_sweep = getattr(module, 'get_sweep', None)
   if not callable(get_sweep):
-    raise UserError(f'{path} has no get_sweep(); define one that returns a list of '
-                    "{'config.<field>': value} dicts (see experiments/hyper.py).")
+    raise UserError(
+      f'{path} has no get_sweep(); define one that returns a list of '
+      "{'config.<field>': value} dicts (see experiments/hyper.py)."
+    )
   try:
     points = get_sweep()
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'{path}: get_sweep() raised {type(e).__name__}: {e}') from None
-  if (not isinstance(points, (list, tuple)) or not points
-      or not all(isinstance(p, dict) for p in points)):
-    raise UserError(f'{path}: get_sweep() must return a non-empty list of dicts, got '
-                    f'{type(points).__name__}.')
+  if (
+    not isinstance(points, (list, tuple))
+    or not points
+    or not all(isinstance(p, dict) for p in points)
+  ):
+    raise UserError(
+      f'{path}: get_sweep() must return a non-empty list of dicts, got {type(points).__name__}.'
+    )
   for i, point in enumerate(points):
     for key in point:
       if not isinstance(key, str) or not key.startswith(PREFIX) or key == PREFIX:
-        raise UserError(f'{path}: point {i} has key {key!r}; every key names a config '
-                        "field and starts with 'config.', e.g. 'config.learning_rate'.")
+        raise UserError(
+          f'{path}: point {i} has key {key!r}; every key names a config '
+          "field and starts with 'config.', e.g. 'config.learning_rate'."
+        )
   return [dict(p) for p in points]
 
 
-def _flat_fields(config: ml_collections.ConfigDict, prefix: str = '') -> List[str]:
+def _flat_fields(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
   out = []
   for k, v in config.items():
-    out += (_flat_fields(v, f'{prefix}{k}.') if isinstance(v, ml_collections.ConfigDict)
-            else [f'{prefix}{k}'])
+    out += (
+      _flat_fields(v, f'{prefix}{k}.')
+      if isinstance(v, ml_collections.ConfigDict)
+      else [f'{prefix}{k}']
+    )
   return out
 
 
@@ -119,24 +132,31 @@ def _current_value(config: ml_collections.ConfigDict, field: str, config_arg: st
       raise UserError(f'{PREFIX}{field} is not a field of {config_arg}{hint}')
     node = node[part]
   if isinstance(node, ml_collections.ConfigDict):
-    raise UserError(f'{PREFIX}{field} is a group of fields in {config_arg}; set its '
-                    f'fields (e.g. {PREFIX}{field}.{next(iter(node.keys()), "x")}).')
+    raise UserError(
+      f'{PREFIX}{field} is a group of fields in {config_arg}; set its '
+      f'fields (e.g. {PREFIX}{field}.{next(iter(node.keys()), "x")}).'
+    )
   return node
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any],
-                    config_arg: str) -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: dict[str, Any], config_arg: str
+) -> ml_collections.ConfigDict:
   """A copy of `config` with {'config.a.b': value} applied; UserError on a bad key/value."""
   config = copy.deepcopy(config)
   for key, value in overrides.items():
-    field = key[len(PREFIX):]
+    field = key[len(PREFIX) :]
     current = _current_value(config, field, config_arg)
     if value is None:
-      raise UserError(f'{key}=None: None cannot be passed to ncf_jax.train as a '
-                      'command-line override; leave the field out instead.')
+      raise UserError(
+        f'{key}=None: None cannot be passed to ncf_jax.train as a '
+        'command-line override; leave the field out instead.'
+      )
     if current is not None and isinstance(value, bool) != isinstance(current, bool):
-      raise UserError(f'{key}={value!r} has the wrong type: {config_arg} holds '
-                      f'{type(current).__name__} {current!r} there.')
+      raise UserError(
+        f'{key}={value!r} has the wrong type: {config_arg} holds '
+        f'{type(current).__name__} {current!r} there.'
+      )
     format_value(value)  # raises for types a command line cannot carry
     try:
       config.update_from_flattened_dict({field: value})
@@ -147,17 +167,20 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Dict[str, Any]
 
 def format_value(value: Any) -> str:
   """A value as `--config.x=<here>` text that config_flags parses back to the same value."""
-  if isinstance(value, bool) or isinstance(value, int):
+  if isinstance(value, (bool, int)):
     return str(value)
   if isinstance(value, float):
     return repr(value)
   if isinstance(value, str):
     return value
   if isinstance(value, (tuple, list)) and all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+  ):
     return repr(tuple(value))
-  raise UserError(f'sweep value {value!r} ({type(value).__name__}) cannot be passed on a '
-                  'command line; use numbers, strings, booleans or tuples of numbers.')
+  raise UserError(
+    f'sweep value {value!r} ({type(value).__name__}) cannot be passed on a '
+    'command line; use numbers, strings, booleans or tuples of numbers.'
+  )
 
 
 def _name_value(value: Any) -> str:
@@ -166,12 +189,12 @@ def _name_value(value: Any) -> str:
   return repr(value) if isinstance(value, float) else str(value)
 
 
-def point_name(overrides: Dict[str, Any]) -> str:
+def point_name(overrides: dict[str, Any]) -> str:
   """Filesystem-safe folder name from a point's overrides, e.g. 'learning_rate=0.001,seed=0'.
 
   Keys are sorted, so reordering a sweep file's axes keeps every point's folder.
   """
-  text = ','.join(f'{k[len(PREFIX):]}={_name_value(v)}' for k, v in sorted(overrides.items()))
+  text = ','.join(f'{k[len(PREFIX) :]}={_name_value(v)}' for k, v in sorted(overrides.items()))
   name = re.sub(r'[^A-Za-z0-9._=+,-]', '_', text) or 'base'
   if len(name) > 120:  # keep paths short; the hash keeps long names distinct
     name = f'{name[:100]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}'
@@ -181,16 +204,17 @@ def point_name(overrides: Dict[str, Any]) -> str:
 @dataclasses.dataclass
 class Point:
   """One run of a sweep or seed study."""
-  name: str                            # sub-workdir name
-  overrides: Dict[str, Any]            # the point's own {'config.x': value}
-  config: ml_collections.ConfigDict    # the base config with every override applied
-  workdir: str                         # absolute
-  command: List[str]                   # the ncf_jax.train command line
-  returncode: Optional[int] = None     # of this invocation; None: not run now
-  seconds: float = 0.0                 # wall time of this invocation
+
+  name: str  # sub-workdir name
+  overrides: dict[str, Any]  # the point's own {'config.x': value}
+  config: ml_collections.ConfigDict  # the base config with every override applied
+  workdir: str  # absolute
+  command: list[str]  # the ncf_jax.train command line
+  returncode: int | None = None  # of this invocation; None: not run now
+  seconds: float = 0.0  # wall time of this invocation
 
 
-def base_overrides() -> Dict[str, Any]:
+def base_overrides() -> dict[str, Any]:
   """The `--config.x=y` flags of this command as {'config.x': parsed value}."""
   values = config_flags.get_override_values(FLAGS['config'])
   return {PREFIX + k: v for k, v in values.items()}
@@ -201,9 +225,14 @@ def config_arg() -> str:
   return config_flags.get_config_filename(FLAGS['config'])
 
 
-def make_points(config: ml_collections.ConfigDict, config_file: str,
-                base: Dict[str, Any], overrides_list: Sequence[Dict[str, Any]],
-                workdir: str, names: Optional[Sequence[str]] = None) -> List[Point]:
+def make_points(
+  config: ml_collections.ConfigDict,
+  config_file: str,
+  base: dict[str, Any],
+  overrides_list: Sequence[dict[str, Any]],
+  workdir: str,
+  names: Sequence[str] | None = None,
+) -> list[Point]:
   """Checks every point (fields, types, train's own checks) before anything trains."""
   workdir = os.path.abspath(workdir)
   points, seen = [], {}
@@ -215,15 +244,18 @@ def make_points(config: ml_collections.ConfigDict, config_file: str,
     try:
       # Resolved as train resolves it, so is_finished compares the values config.json holds.
       point_config = config_checks.resolve_model_defaults(
-          apply_overrides(config, overrides, config_file))
+        apply_overrides(config, overrides, config_file)
+      )
       config_checks.validate_config(point_config, 1)  # device counts are checked by each run
     except UserError as e:
       raise UserError(f'sweep point {i} ({name}): {e}') from None
     flat = {**base, **overrides}  # the point's own values win over this command's
     run_dir = os.path.join(workdir, name)
-    command = ([sys.executable, '-m', 'ncf_jax.train', f'--config={config_file}']
-               + [f'--{k}={format_value(v)}' for k, v in flat.items()]
-               + [f'--workdir={run_dir}'])
+    command = (
+      [sys.executable, '-m', 'ncf_jax.train', f'--config={config_file}']
+      + [f'--{k}={format_value(v)}' for k, v in flat.items()]
+      + [f'--workdir={run_dir}']
+    )
     points.append(Point(name, dict(overrides), point_config, run_dir, command))
   return points
 
@@ -231,7 +263,8 @@ def make_points(config: ml_collections.ConfigDict, config_file: str,
 # ----------------------------------------------------------------------------------------
 # Reading runs back.
 
-def _read_json(path: str) -> Optional[dict]:
+
+def _read_json(path: str) -> dict | None:
   try:
     with open(path) as f:
       return json.load(f)
@@ -239,7 +272,7 @@ def _read_json(path: str) -> Optional[dict]:
     return None
 
 
-def read_history(workdir: str) -> List[dict]:
+def read_history(workdir: str) -> list[dict]:
   """The per-epoch records of a run (metrics.jsonl); [] when there are none."""
   try:
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -248,7 +281,7 @@ def read_history(workdir: str) -> List[dict]:
     return []
 
 
-def read_summary(workdir: str) -> Optional[dict]:
+def read_summary(workdir: str) -> dict | None:
   return _read_json(os.path.join(workdir, 'summary.json'))
 
 
@@ -263,7 +296,7 @@ def is_finished(point: Point) -> bool:
   return {k: saved.get(k) for k in expected} == expected
 
 
-def steady_samples_per_sec(history: List[dict]) -> Optional[float]:
+def steady_samples_per_sec(history: list[dict]) -> float | None:
   """Median train samples/s over the epochs after the first (which includes compiling)."""
   rates = [r.get('train_samples_per_sec') for r in history]
   later = [x for x in rates[1:] if x]
@@ -271,7 +304,7 @@ def steady_samples_per_sec(history: List[dict]) -> Optional[float]:
   return statistics.median(rates) if rates else None
 
 
-def point_result(point: Point) -> Dict[str, Any]:
+def point_result(point: Point) -> dict[str, Any]:
   """One results row: the run's summary and curve, and its status in this invocation."""
   summary = read_summary(point.workdir) or {}
   history = read_history(point.workdir)
@@ -289,20 +322,27 @@ def point_result(point: Point) -> Dict[str, Any]:
     if summary:
       return summary.get(f'test_{key}_max_over_epochs')
     return max([r[key] for r in history if r.get(key) is not None], default=None)
+
   return {
-      'name': point.name, 'overrides': point.overrides, 'status': status,
-      'epochs_done': summary.get('epochs_done', len(history) or None),
-      # The selected epoch (validation runs), its validation HR and the run's test HR.
-      'best_epoch': summary.get('best_epoch'), 'valid_hr': summary.get('valid_hr'),
-      'test_hr': summary.get('test_hr'),
-      # The test maximum over epochs (runs without validation): not a selected result.
-      'test_hr_max_over_epochs': max_over_epochs('hr'),
-      'test_ndcg_max_over_epochs': max_over_epochs('ndcg'),
-      'final_hr': final.get('hr'), 'epochs_to_target': summary.get('epochs_to_target'),
-      'seconds_to_target': summary.get('seconds_to_target'),
-      'samples_per_sec': steady_samples_per_sec(history),
-      'params_hash': summary.get('params_hash'),
-      'workdir': point.workdir, 'history': history}
+    'name': point.name,
+    'overrides': point.overrides,
+    'status': status,
+    'epochs_done': summary.get('epochs_done', len(history) or None),
+    # The selected epoch (validation runs), its validation HR and the run's test HR.
+    'best_epoch': summary.get('best_epoch'),
+    'valid_hr': summary.get('valid_hr'),
+    'test_hr': summary.get('test_hr'),
+    # The test maximum over epochs (runs without validation): not a selected result.
+    'test_hr_max_over_epochs': max_over_epochs('hr'),
+    'test_ndcg_max_over_epochs': max_over_epochs('ndcg'),
+    'final_hr': final.get('hr'),
+    'epochs_to_target': summary.get('epochs_to_target'),
+    'seconds_to_target': summary.get('seconds_to_target'),
+    'samples_per_sec': steady_samples_per_sec(history),
+    'params_hash': summary.get('params_hash'),
+    'workdir': point.workdir,
+    'history': history,
+  }
 
 
 def failure_reason(point: Point) -> str:
@@ -313,33 +353,38 @@ def failure_reason(point: Point) -> str:
   except OSError:
     return 'no train.log'
   errors = [line for line in lines if line.startswith('error:')]
-  exceptions = [line for line in lines  # e.g. 'TypeError: ...' ending a traceback
-                if re.match(r'[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', line)]
+  exceptions = [
+    line
+    for line in lines  # e.g. 'TypeError: ...' ending a traceback
+    if re.match(r'[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b', line)
+  ]
   return (errors or exceptions or lines or ['empty train.log'])[-1][:400]
 
 
 # ----------------------------------------------------------------------------------------
 # Devices and processes.
 
-_PROBE = ('import json, jax; d = jax.local_devices(); print(json.dumps({"platform": '
-          'd[0].platform, "count": len(d), "chips": len({tuple(getattr(x, "coords", '
-          '(x.id,))) for x in d})}))')
-_TPU_BOUNDS = {1: '1,1,1', 2: '1,2,1', 4: '2,2,1'}   # chips per process -> bounds
+_PROBE = (
+  'import json, jax; d = jax.local_devices(); print(json.dumps({"platform": '
+  'd[0].platform, "count": len(d), "chips": len({tuple(getattr(x, "coords", '
+  '(x.id,))) for x in d})}))'
+)
+_TPU_BOUNDS = {1: '1,1,1', 2: '1,2,1', 4: '2,2,1'}  # chips per process -> bounds
 _COUNT_FLAG = re.compile(r'--xla_force_host_platform_device_count=\d+')
 
 
-def probe_devices(env: Dict[str, str]) -> Dict[str, Any]:
+def probe_devices(env: dict[str, str]) -> dict[str, Any]:
   """Platform and device/chip counts, asked of a short-lived process (which then lets go
   of the devices: the sweep process itself never starts a JAX backend)."""
-  proc = subprocess.run([sys.executable, '-c', _PROBE], env=env, capture_output=True,
-                        text=True, check=False)
+  proc = subprocess.run(
+    [sys.executable, '-c', _PROBE], env=env, capture_output=True, text=True, check=False
+  )
   if proc.returncode:
     raise UserError(f'could not list the JAX devices: {proc.stderr.strip()[-500:]}')
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def slice_envs(devices: Dict[str, Any], parallel: int,
-               env: Dict[str, str]) -> List[Dict[str, str]]:
+def slice_envs(devices: dict[str, Any], parallel: int, env: dict[str, str]) -> list[dict[str, str]]:
   """One environment per concurrent point, each seeing its own share of the devices.
 
   GPU: CUDA_VISIBLE_DEVICES. TPU: TPU_VISIBLE_CHIPS (and the older TPU_VISIBLE_DEVICES)
@@ -355,23 +400,31 @@ def slice_envs(devices: Dict[str, Any], parallel: int,
     ids = visible.split(',') if visible else [str(i) for i in range(count)]
     per = len(ids) // parallel
     if per < 1:
-      raise UserError(f'--parallel={parallel} needs at least {parallel} GPUs; found '
-                      f'{len(ids)}.')
+      raise UserError(f'--parallel={parallel} needs at least {parallel} GPUs; found {len(ids)}.')
     for i in range(parallel):
-      envs.append({**env, 'CUDA_VISIBLE_DEVICES': ','.join(ids[i * per:(i + 1) * per])})
+      envs.append({**env, 'CUDA_VISIBLE_DEVICES': ','.join(ids[i * per : (i + 1) * per])})
   elif platform == 'tpu':
     chips = int(devices['chips'])
     per = chips // parallel
     if per not in _TPU_BOUNDS:
-      raise UserError(f'--parallel={parallel} on {chips} TPU chips gives {per} chips a '
-                      f'point; use a --parallel that gives 1, 2 or 4 chips each.')
+      raise UserError(
+        f'--parallel={parallel} on {chips} TPU chips gives {per} chips a '
+        f'point; use a --parallel that gives 1, 2 or 4 chips each.'
+      )
     for i in range(parallel):
       ids = ','.join(str(c) for c in range(i * per, (i + 1) * per))
       port = str(8476 + i)
-      envs.append({**env, 'TPU_VISIBLE_CHIPS': ids, 'TPU_VISIBLE_DEVICES': ids,
-                   'TPU_CHIPS_PER_PROCESS_BOUNDS': _TPU_BOUNDS[per],
-                   'TPU_PROCESS_BOUNDS': '1,1,1', 'TPU_MESH_CONTROLLER_PORT': port,
-                   'TPU_MESH_CONTROLLER_ADDRESS': f'localhost:{port}'})
+      envs.append(
+        {
+          **env,
+          'TPU_VISIBLE_CHIPS': ids,
+          'TPU_VISIBLE_DEVICES': ids,
+          'TPU_CHIPS_PER_PROCESS_BOUNDS': _TPU_BOUNDS[per],
+          'TPU_PROCESS_BOUNDS': '1,1,1',
+          'TPU_MESH_CONTROLLER_PORT': port,
+          'TPU_MESH_CONTROLLER_ADDRESS': f'localhost:{port}',
+        }
+      )
   else:
     per = max(1, count // parallel)
     flags_now = _COUNT_FLAG.sub('', env.get('XLA_FLAGS', '')).strip()
@@ -384,7 +437,7 @@ def _say(text: str) -> None:
   print(text, flush=True)
 
 
-def run_points(points: Sequence[Point], envs: Sequence[Dict[str, str]]) -> bool:
+def run_points(points: Sequence[Point], envs: Sequence[dict[str, str]]) -> bool:
   """Runs the points not yet finished, len(envs) at a time; returns False if interrupted.
 
   Each point's output goes to WORKDIR/<name>/train.log; its command to command.txt.
@@ -408,10 +461,8 @@ def run_points(points: Sequence[Point], envs: Sequence[Dict[str, str]]) -> bool:
 
   previous = {}
   for sig in (signal.SIGINT, signal.SIGTERM):
-    try:
+    with contextlib.suppress(ValueError):  # not the main thread: no handler
       previous[sig] = signal.signal(sig, handle)
-    except ValueError:  # not the main thread
-      pass
   try:
     while pending or running:
       while pending and free and not stop['signals']:
@@ -421,16 +472,22 @@ def run_points(points: Sequence[Point], envs: Sequence[Dict[str, str]]) -> bool:
         text = shlex.join(point.command)
         with open(os.path.join(point.workdir, 'command.txt'), 'w') as f:
           f.write(text + '\n')
-        log = open(os.path.join(point.workdir, 'train.log'), 'a')
+        log = open(os.path.join(point.workdir, 'train.log'), 'a')  # noqa: SIM115 (closed when the run ends)
         log.write(f'\n# {time.strftime("%Y-%m-%d %H:%M:%S")} {text}\n')
         log.flush()
         # A new session: a terminal's Ctrl-C reaches only this process, which then
         # asks each run to checkpoint and stop (SIGTERM).
-        proc = subprocess.Popen(point.command, env=envs[slot], stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+          point.command,
+          env=envs[slot],
+          stdout=log,
+          stderr=subprocess.STDOUT,
+          start_new_session=True,
+        )
         running[slot] = (i, point, proc, log, time.time())
-        _say(f'[{i + 1}/{total}] {point.name}: started'
-             + (f' (slot {slot})' if len(envs) > 1 else ''))
+        _say(
+          f'[{i + 1}/{total}] {point.name}: started' + (f' (slot {slot})' if len(envs) > 1 else '')
+        )
       if not running:
         break
       time.sleep(0.2)
@@ -443,13 +500,17 @@ def run_points(points: Sequence[Point], envs: Sequence[Dict[str, str]]) -> bool:
         point.returncode, point.seconds = proc.returncode, time.time() - start
         summary = read_summary(point.workdir) or {}
         if proc.returncode == 0 and not summary.get('preempted'):
-          _say(f'[{i + 1}/{total}] {point.name}: done in {point.seconds:.1f} s, '
-               f'{result_line(summary)} after {summary.get("epochs_done")} epochs')
+          _say(
+            f'[{i + 1}/{total}] {point.name}: done in {point.seconds:.1f} s, '
+            f'{result_line(summary)} after {summary.get("epochs_done")} epochs'
+          )
         elif proc.returncode == 0:
           _say(f'[{i + 1}/{total}] {point.name}: stopped, checkpoint saved')
         else:
-          _say(f'[{i + 1}/{total}] {point.name}: FAILED (exit {proc.returncode}): '
-               f'{failure_reason(point)}  [log: {point.workdir}/train.log]')
+          _say(
+            f'[{i + 1}/{total}] {point.name}: FAILED (exit {proc.returncode}): '
+            f'{failure_reason(point)}  [log: {point.workdir}/train.log]'
+          )
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
@@ -459,13 +520,15 @@ def run_points(points: Sequence[Point], envs: Sequence[Dict[str, str]]) -> bool:
 def result_line(summary: dict) -> str:
   """What a finished run reports: its selected test HR, or the test maximum over epochs."""
   if summary.get('best_epoch') is not None:
-    return (f'test HR {summary.get("test_hr") or float("nan"):.4f} (epoch '
-            f'{summary["best_epoch"]}, selected on validation)')
+    return (
+      f'test HR {summary.get("test_hr") or float("nan"):.4f} (epoch '
+      f'{summary["best_epoch"]}, selected on validation)'
+    )
   value = summary.get('test_hr_max_over_epochs')
   return f'max test HR over epochs {float("nan") if value is None else value:.4f}'
 
 
-def prepare_envs(parallel: int) -> List[Dict[str, str]]:
+def prepare_envs(parallel: int) -> list[dict[str, str]]:
   if parallel < 1:
     raise UserError(f'--parallel={parallel}; it must be >= 1.')
   env = dict(os.environ)
@@ -495,41 +558,57 @@ def fmt(value: Any, kind: str) -> str:
   return str(value)
 
 
-def varying_keys(points: Sequence[Point]) -> List[str]:
+def varying_keys(points: Sequence[Point]) -> list[str]:
   """Override keys whose value differs between points (all keys if none differ)."""
   keys = []
   for p in points:
     keys += [k for k in p.overrides if k not in keys]
-  varying = [k for k in keys
-             if len({repr(p.overrides.get(k)) for p in points}) > 1]
+  varying = [k for k in keys if len({repr(p.overrides.get(k)) for p in points}) > 1]
   return varying or keys
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
-                   align: Sequence[str]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |',
-           '|' + '|'.join('---:' if a == 'r' else ':---' for a in align) + '|']
+def markdown_table(
+  header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str]
+) -> str:
+  lines = [
+    '| ' + ' | '.join(header) + ' |',
+    '|' + '|'.join('---:' if a == 'r' else ':---' for a in align) + '|',
+  ]
   lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
   return '\n'.join(lines) + '\n'
 
 
-def write_results(points: Sequence[Point], workdir: str, *, title: str,
-                  preamble: str) -> List[Dict[str, Any]]:
+def write_results(
+  points: Sequence[Point], workdir: str, *, title: str, preamble: str
+) -> list[dict[str, Any]]:
   """results.csv, results.md and curves.png in `workdir`; returns the rows."""
   results = [point_result(p) for p in points]
   keys = []
   for p in points:
     keys += [k for k in p.overrides if k not in keys]
-  columns = ['epochs_done', 'best_epoch', 'valid_hr', 'test_hr', 'test_hr_max_over_epochs',
-             'test_ndcg_max_over_epochs', 'final_hr', 'epochs_to_target',
-             'seconds_to_target', 'samples_per_sec', 'params_hash', 'status']
+  columns = [
+    'epochs_done',
+    'best_epoch',
+    'valid_hr',
+    'test_hr',
+    'test_hr_max_over_epochs',
+    'test_ndcg_max_over_epochs',
+    'final_hr',
+    'epochs_to_target',
+    'seconds_to_target',
+    'samples_per_sec',
+    'params_hash',
+    'status',
+  ]
   with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(['name'] + keys + columns)
     for r in results:
-      writer.writerow([r['name']] + [format_value(r['overrides'][k])
-                                     if k in r['overrides'] else '' for k in keys]
-                      + ['' if r[c] is None else r[c] for c in columns])
+      writer.writerow(
+        [r['name']]
+        + [format_value(r['overrides'][k]) if k in r['overrides'] else '' for k in keys]
+        + ['' if r[c] is None else r[c] for c in columns]
+      )
 
   config = points[0].config
   top_k = int(config.top_k)
@@ -538,27 +617,50 @@ def write_results(points: Sequence[Point], workdir: str, *, title: str,
   # A validated sweep reports each point's selected epoch and its test HR; otherwise the
   # test maximum over epochs, named so that nobody takes it for a selected result.
   metric_header, metric_cells = (
-      (['best epoch', f'valid HR@{top_k}', f'test HR@{top_k}'],
-       lambda r: [fmt(r['best_epoch'], ''), fmt(r['valid_hr'], 'metric'),
-                  fmt(r['test_hr'], 'metric')]) if validated else
-      ([f'max test HR@{top_k} over epochs', f'max test NDCG@{top_k} over epochs'],
-       lambda r: [fmt(r['test_hr_max_over_epochs'], 'metric'),
-                  fmt(r['test_ndcg_max_over_epochs'], 'metric')]))
-  header = [k[len(PREFIX):] for k in shown] + metric_header + [
-      'epochs', 'epochs to target', 's to target', 'train samples/s', 'status']
+    (
+      ['best epoch', f'valid HR@{top_k}', f'test HR@{top_k}'],
+      lambda r: [
+        fmt(r['best_epoch'], ''),
+        fmt(r['valid_hr'], 'metric'),
+        fmt(r['test_hr'], 'metric'),
+      ],
+    )
+    if validated
+    else (
+      [f'max test HR@{top_k} over epochs', f'max test NDCG@{top_k} over epochs'],
+      lambda r: [
+        fmt(r['test_hr_max_over_epochs'], 'metric'),
+        fmt(r['test_ndcg_max_over_epochs'], 'metric'),
+      ],
+    )
+  )
+  header = (
+    [k[len(PREFIX) :] for k in shown]
+    + metric_header
+    + ['epochs', 'epochs to target', 's to target', 'train samples/s', 'status']
+  )
   rows = []
   for r in results:
-    rows.append([_name_value(r['overrides'][k]) if k in r['overrides'] else DASH
-                 for k in shown] + metric_cells(r) + [
-        fmt(r['epochs_done'], ''), fmt(r['epochs_to_target'], ''),
-        fmt(r['seconds_to_target'], 'seconds'), fmt(r['samples_per_sec'], 'rate'),
-        r['status']])
+    rows.append(
+      [_name_value(r['overrides'][k]) if k in r['overrides'] else DASH for k in shown]
+      + metric_cells(r)
+      + [
+        fmt(r['epochs_done'], ''),
+        fmt(r['epochs_to_target'], ''),
+        fmt(r['seconds_to_target'], 'seconds'),
+        fmt(r['samples_per_sec'], 'rate'),
+        r['status'],
+      ]
+    )
   table = markdown_table(header, rows, ['r'] * (len(header) - 1) + ['l'])
-  notes = (f'Target: HR@{top_k} >= {config.hr_threshold} (config.hr_threshold)'
-           if config.hr_threshold is not None else
-           'No target (config.hr_threshold is None): epochs/s to target are empty')
-  notes += ('; train samples/s is the median over epochs after the first (the first '
-            'includes compilation).')
+  notes = (
+    f'Target: HR@{top_k} >= {config.hr_threshold} (config.hr_threshold)'
+    if config.hr_threshold is not None
+    else 'No target (config.hr_threshold is None): epochs/s to target are empty'
+  )
+  notes += (
+    '; train samples/s is the median over epochs after the first (the first includes compilation).'
+  )
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(f'# {title}\n\n{preamble}\n\n{table}\n{notes}\n\n![HR curves](curves.png)\n')
 
@@ -568,18 +670,37 @@ def write_results(points: Sequence[Point], workdir: str, *, title: str,
   for r in results:
     colour = repr([r['overrides'].get(k) for k in colour_keys])
     dash = repr([r['overrides'].get(k) for k in dash_keys])
-    styles.append((groups['colour'].setdefault(colour, len(groups['colour'])),
-                   groups['dash'].setdefault(dash, len(groups['dash']))))
-    label = ', '.join(f'{k[len(PREFIX):]}={_name_value(r["overrides"][k])}'
-                      for k in shown if k in r['overrides']) or r['name']
+    styles.append(
+      (
+        groups['colour'].setdefault(colour, len(groups['colour'])),
+        groups['dash'].setdefault(dash, len(groups['dash'])),
+      )
+    )
+    label = (
+      ', '.join(
+        f'{k[len(PREFIX) :]}={_name_value(r["overrides"][k])}' for k in shown if k in r['overrides']
+      )
+      or r['name']
+    )
     epochs = [h['epoch'] + 1 for h in r['history']]
-    curves.append((label, epochs, [h.get('valid_hr' if validated else 'hr')
-                                   for h in r['history']],
-                   [h.get('train_loss') for h in r['history']]))
+    curves.append(
+      (
+        label,
+        epochs,
+        [h.get('valid_hr' if validated else 'hr') for h in r['history']],
+        [h.get('train_loss') for h in r['history']],
+      )
+    )
   # Colour by every varying key but the last (e.g. the learning rate), line style by the
   # last (e.g. the seed), so that the repeats of a setting share a colour.
-  plots.hr_curves(curves, os.path.join(workdir, 'curves.png'), top_k=top_k,
-                  hr_threshold=config.hr_threshold, title=title, styles=styles)
+  plots.hr_curves(
+    curves,
+    os.path.join(workdir, 'curves.png'),
+    top_k=top_k,
+    hr_threshold=config.hr_threshold,
+    title=title,
+    styles=styles,
+  )
   return results
 
 
@@ -587,7 +708,7 @@ def this_command(module: str) -> str:
   return shlex.join(['python', '-m', module] + sys.argv[1:])
 
 
-def base_config() -> Tuple[ml_collections.ConfigDict, str, Dict[str, Any], str]:
+def base_config() -> tuple[ml_collections.ConfigDict, str, dict[str, Any], str]:
   """(config, --config argument, this command's --config.* overrides, --workdir)."""
   if not FLAGS.workdir:
     raise UserError('pass --workdir=DIR: every run gets a sub-folder of it.')
@@ -597,11 +718,11 @@ def base_config() -> Tuple[ml_collections.ConfigDict, str, Dict[str, Any], str]:
 # ----------------------------------------------------------------------------------------
 # Command line.
 
+
 def define_flags() -> None:
-  train.define_flags()   # --config and --workdir mean what they mean for a train run
+  train.define_flags()  # --config and --workdir mean what they mean for a train run
   flags.DEFINE_string('sweep', None, 'Sweep file defining get_sweep().')
-  flags.DEFINE_integer('parallel', 1,
-                       'Points run at once, each on its share of the devices.')
+  flags.DEFINE_integer('parallel', 1, 'Points run at once, each on its share of the devices.')
 
 
 @exit_on_user_error
@@ -616,18 +737,23 @@ def main(argv):
   _say(f'Sweep {FLAGS.sweep}: {len(points)} points in {os.path.abspath(workdir)}')
   completed = run_points(points, envs)
   sweep_name = os.path.splitext(os.path.basename(FLAGS.sweep))[0]
-  preamble = (f'Sweep `{FLAGS.sweep}` on `{config_file}`, {len(points)} points.\n\n'
-              f'Command: `{this_command("experiments.sweep")}`')
+  preamble = (
+    f'Sweep `{FLAGS.sweep}` on `{config_file}`, {len(points)} points.\n\n'
+    f'Command: `{this_command("experiments.sweep")}`'
+  )
   results = write_results(points, workdir, title=f'Sweep {sweep_name}', preamble=preamble)
   _say(f'Wrote {os.path.join(workdir, "results.md")}, results.csv and curves.png.')
   if not completed:
-    raise UserError('interrupted: the running points saved checkpoints; rerun the same '
-                    'command to continue.')
+    raise UserError(
+      'interrupted: the running points saved checkpoints; rerun the same command to continue.'
+    )
   failed = [p for p, r in zip(points, results) if r['status'].startswith('failed')]
   if failed:
-    raise UserError(f'{len(failed)} of {len(points)} points failed: '
-                    + '; '.join(f'{p.name} ({failure_reason(p)})' for p in failed)
-                    + '. Their logs: <point>/train.log.')
+    raise UserError(
+      f'{len(failed)} of {len(points)} points failed: '
+      + '; '.join(f'{p.name} ({failure_reason(p)})' for p in failed)
+      + '. Their logs: <point>/train.log.'
+    )
 
 
 if __name__ == '__main__':

@@ -4,7 +4,8 @@ They bracket what a trained model should reach: the popularity baseline (score =
 training positives of the item) is the floor any personalised model must beat, and on
 synthetic data the planted oracle (`Dataset.oracle`) is the ceiling.
 """
-from typing import Callable, Dict, Optional
+
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -13,7 +14,7 @@ from ncf_jax import data as data_lib
 from ncf_jax import pipeline
 
 
-def hr_ndcg(scores: np.ndarray, mask: np.ndarray, top_k: int) -> Dict[str, float]:
+def hr_ndcg(scores: np.ndarray, mask: np.ndarray, top_k: int) -> dict[str, float]:
   """HR@K and NDCG@K with column 0 the positive; ties count against the positive."""
   beats = (scores[:, 1:] >= scores[:, :1]) & mask[:, 1:]
   rank = beats.sum(axis=1)
@@ -22,12 +23,17 @@ def hr_ndcg(scores: np.ndarray, mask: np.ndarray, top_k: int) -> Dict[str, float
   return {'hr': float(hit.mean()), 'ndcg': float(ndcg.mean())}
 
 
-def evaluate_scorer(dataset: data_lib.Dataset, key: jax.Array,
-                    scorer: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
-                    num_neg: int, top_k: int, match_mlperf: bool = False) -> Dict[str, float]:
+def evaluate_scorer(
+  dataset: data_lib.Dataset,
+  key: jax.Array,
+  scorer: Callable[[np.ndarray, np.ndarray], np.ndarray],
+  *,
+  num_neg: int,
+  top_k: int,
+  match_mlperf: bool = False,
+) -> dict[str, float]:
   """HR/NDCG of `scorer(users [U, C], items [U, C]) -> scores` on the run's candidates."""
-  users, items = pipeline.eval_candidates(dataset, key, num_neg=num_neg,
-                                          match_mlperf=match_mlperf)
+  users, items = pipeline.eval_candidates(dataset, key, num_neg=num_neg, match_mlperf=match_mlperf)
   if match_mlperf:
     mask = np.asarray(pipeline.first_occurrence(items))
   else:
@@ -41,7 +47,7 @@ def popularity_scorer(dataset: data_lib.Dataset):
   return lambda users, items: counts[items]
 
 
-def oracle_scorer(dataset: data_lib.Dataset) -> Optional[Callable]:
+def oracle_scorer(dataset: data_lib.Dataset) -> Callable | None:
   if dataset.oracle is None:
     return None
   return dataset.oracle.score

@@ -20,13 +20,16 @@ truncated, corrupted or other-version file raises `CacheError` and is never misr
 Also here: `content_hash`, a source-file content hash memoised by (path, size, mtime_ns) in
 a small JSON, so a valid cache loads without re-hashing a 500 MB ratings file.
 """
+
+from collections.abc import Mapping
+import contextlib
 import hashlib
 import json
 import os
 import struct
 import tempfile
+from typing import Any
 import zlib
-from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
@@ -74,8 +77,15 @@ def write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) 
   for name, a in arrays.items():
     a = np.ascontiguousarray(a)
     contiguous[name] = a
-    entries.append({'name': name, 'dtype': a.dtype.str, 'shape': list(a.shape),
-                    'offset': offset, 'nbytes': int(a.nbytes)})
+    entries.append(
+      {
+        'name': name,
+        'dtype': a.dtype.str,
+        'shape': list(a.shape),
+        'offset': offset,
+        'nbytes': int(a.nbytes),
+      }
+    )
     offset = _align(offset + a.nbytes)
   payload_bytes = offset
   # The checksum covers the payload exactly as written, padding included.
@@ -85,8 +95,10 @@ def write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) 
     crc = zlib.crc32(memoryview(contiguous[e['name']]).cast('B'), crc)
     pos = e['offset'] + e['nbytes']
   crc = zlib.crc32(bytes(payload_bytes - pos), crc)
-  header = json.dumps({'meta': dict(meta), 'arrays': entries, 'payload_bytes': payload_bytes,
-                       'payload_crc32': crc}, sort_keys=True).encode()
+  header = json.dumps(
+    {'meta': dict(meta), 'arrays': entries, 'payload_bytes': payload_bytes, 'payload_crc32': crc},
+    sort_keys=True,
+  ).encode()
   start = _align(_PREAMBLE.size + len(header))
 
   folder = os.path.dirname(os.path.abspath(path))
@@ -107,14 +119,12 @@ def write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) 
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
-    try:
+    with contextlib.suppress(FileNotFoundError):
       os.unlink(tmp)
-    except FileNotFoundError:
-      pass
     raise
 
 
-def read(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Reads a cache written by `write`.
 
   Returns:
@@ -133,8 +143,9 @@ def read(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     if magic != MAGIC:
       raise CacheError('not an ncf_jax cache file (bad magic bytes)')
     if version != FORMAT_VERSION:
-      raise CacheError(f'written by cache format version {version}, this code reads '
-                       f'version {FORMAT_VERSION}')
+      raise CacheError(
+        f'written by cache format version {version}, this code reads version {FORMAT_VERSION}'
+      )
     header = f.read(header_len)
     if len(header) != header_len or zlib.crc32(header) != header_crc:
       raise CacheError('header checksum mismatch (truncated or corrupted)')
@@ -145,8 +156,9 @@ def read(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     except (ValueError, KeyError, TypeError) as e:
       raise CacheError(f'unreadable header ({e})') from e
     if size != start + payload_bytes:
-      raise CacheError(f'size is {size} bytes, expected {start + payload_bytes} '
-                       '(truncated or appended to)')
+      raise CacheError(
+        f'size is {size} bytes, expected {start + payload_bytes} (truncated or appended to)'
+      )
     f.seek(start)
     buf = bytearray(payload_bytes)
     if f.readinto(buf) != payload_bytes:

@@ -14,16 +14,18 @@ whose saved row count differs from the target's (row-sharded tables are zero-pad
 multiple of the device count) are read whole and re-padded or cut to the target's rows,
 then placed with the target's shardings (`restore`).
 """
+
 import errno
 import json
 import os
-from typing import Any, Optional, Tuple
+from typing import Any
 
 from absl import logging
-import ml_collections
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
 import orbax.checkpoint as ocp
 
 from ncf_jax import sharding as sharding_lib
@@ -31,11 +33,26 @@ from ncf_jax.errors import UserError
 
 # Fields that may differ between the saved run and a resumed one.
 RESUMABLE_FIELDS = (
-    'num_epochs', 'hr_threshold', 'eval_every_epochs', 'log_every_steps',
-    'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size', 'hash_pipeline',
-    'eval_full_ranking', 'full_ranking_chunk', 'early_stop_patience', 'num_devices',
-    'dataset.data_dir', 'dataset.download', 'dataset.source', 'stall_timeout_s',
-    'steps_per_call', 'sharding', 'model.first_layer')
+  'num_epochs',
+  'hr_threshold',
+  'eval_every_epochs',
+  'log_every_steps',
+  'checkpoint_every_epochs',
+  'keep_checkpoints',
+  'eval_batch_size',
+  'hash_pipeline',
+  'eval_full_ranking',
+  'full_ranking_chunk',
+  'early_stop_patience',
+  'num_devices',
+  'dataset.data_dir',
+  'dataset.download',
+  'dataset.source',
+  'stall_timeout_s',
+  'steps_per_call',
+  'sharding',
+  'model.first_layer',
+)
 
 # Folders under the workdir: the latest checkpoints, and the best epoch's.
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best_checkpoint'
@@ -70,9 +87,11 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, seed: int) 
     diffs.append(f'seed: saved {saved["seed"]!r}, now {config.seed!r}')
   if diffs:
     raise UserError(
-        'cannot resume: the workdir holds a run with a different config (' + '; '.join(diffs)
-        + '). Use a new --workdir, or restore those values. Fields that may change on '
-        'resume: ' + ', '.join(RESUMABLE_FIELDS) + '.')
+      'cannot resume: the workdir holds a run with a different config ('
+      + '; '.join(diffs)
+      + '). Use a new --workdir, or restore those values. Fields that may change on '
+      'resume: ' + ', '.join(RESUMABLE_FIELDS) + '.'
+    )
   del seed
 
 
@@ -86,7 +105,8 @@ def _save_failure_detail(error: BaseException, directory: str) -> str:
   while cur is not None and id(cur) not in seen:
     seen.add(id(cur))
     if (isinstance(cur, OSError) and cur.errno == errno.ENOSPC) or (
-        'No space left on device' in str(cur)):
+      'No space left on device' in str(cur)
+    ):
       return 'No space left on device'
     cur = cur.__cause__ or cur.__context__
   try:
@@ -97,7 +117,7 @@ def _save_failure_detail(error: BaseException, directory: str) -> str:
   except OSError:
     pass
   detail = (str(error).splitlines() or [type(error).__name__])[0]
-  if len(detail) > 400:   # tensorstore: the path first, the cause (errno) last
+  if len(detail) > 400:  # tensorstore: the path first, the cause (errno) last
     detail = detail[:150] + ' ... ' + detail[-250:]
   return detail
 
@@ -105,48 +125,61 @@ def _save_failure_detail(error: BaseException, directory: str) -> str:
 class Checkpoints:
   """The checkpoints of one workdir: the latest ones, or (`best_metric`) the best one."""
 
-  def __init__(self, workdir: str, keep: int, read_only: bool = False,
-               best_metric: Optional[str] = None):
+  def __init__(
+    self, workdir: str, keep: int, read_only: bool = False, best_metric: str | None = None
+  ):
     """`read_only` (evaluation, pretrained weights): never saves, deletes or cleans up, so
     it is safe while a train command is writing to the same workdir.
 
     With `best_metric` (a key of the metrics passed to `save`), this is the workdir's
     best checkpoint: orbax keeps the one checkpoint with the highest value of it.
     """
-    self.directory = os.path.abspath(
-        os.path.join(workdir, BEST_DIR if best_metric else LATEST_DIR))
+    self.directory = os.path.abspath(os.path.join(workdir, BEST_DIR if best_metric else LATEST_DIR))
     best = {}
     if best_metric:
-      best = dict(best_fn=lambda metrics: metrics[best_metric], best_mode='max',
-                  keep_checkpoints_without_metrics=False)
+      best = dict(
+        best_fn=lambda metrics: metrics[best_metric],
+        best_mode='max',
+        keep_checkpoints_without_metrics=False,
+      )
       keep = 1
     if read_only:
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=None, save_interval_steps=0, create=False, read_only=True,
-          enable_async_checkpointing=False, **best)
+        max_to_keep=None,
+        save_interval_steps=0,
+        create=False,
+        read_only=True,
+        enable_async_checkpointing=False,
+        **best,
+      )
     else:
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=False,
-          cleanup_tmp_directories=True, **best)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'meta'))
+        max_to_keep=max(1, int(keep)),
+        create=True,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
+        **best,
+      )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=('state', 'meta')
+    )
     # The cleanup of unfinished saves runs in a thread; finish it now (milliseconds), or a
     # run that fails right away (missing data) exits mid-cleanup with an orbax traceback.
     wait_cleanup = getattr(self.manager, '_maybe_await_cleanup_tmp_directory', None)
     if wait_cleanup is not None:
       wait_cleanup()
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def all_steps(self):
     return list(self.manager.all_steps())
 
-  def best_step(self) -> Optional[int]:
+  def best_step(self) -> int | None:
     """The step with the highest `best_metric` (a best checkpoint's only one)."""
     return self.manager.best_step()
 
-  def delete_after(self, step: Optional[int]) -> None:
+  def delete_after(self, step: int | None) -> None:
     """Deletes the checkpoints after global step `step` (all of them for None).
 
     A run killed between saving its best and its latest checkpoint leaves a best one
@@ -156,21 +189,25 @@ class Checkpoints:
       if step is None or s > step:
         self.manager.delete(s)
 
-  def save(self, step: int, state: Any, meta: dict, metrics: Optional[dict] = None) -> None:
+  def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
     """Saves synchronously; a failure leaves earlier checkpoints as they were."""
     try:
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                        metrics=metrics, force=True)
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+        force=True,
+      )
       self.manager.wait_until_finished()
-    except (OSError, ValueError) as e:   # tensorstore reports I/O errors as ValueError
+    except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
       detail = _save_failure_detail(e, self.directory)
       raise UserError(
-          f'could not save the checkpoint of step {step} in {self.directory}: {detail}. '
-          f'Earlier checkpoints are intact ({self.all_steps() or "none"}); free space or '
-          'fix permissions, then rerun the same command to resume.') from None
+        f'could not save the checkpoint of step {step} in {self.directory}: {detail}. '
+        f'Earlier checkpoints are intact ({self.all_steps() or "none"}); free space or '
+        'fix permissions, then rerun the same command to resume.'
+      ) from None
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None) -> Tuple[Any, dict]:
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """(state laid out as `abstract_state`'s shapes and shardings, meta) at `step`.
 
     Arrays saved with other row counts (another table layout) are adapted (`_relayout`).
@@ -178,12 +215,18 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     saved = _saved_shapes(self._state_metadata(step), abstract_state)
     if saved is None:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      restored = self.manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+      )
       return restored['state'], restored['meta']
     read = jax.tree.map(_as_saved, abstract_state, saved)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(read), meta=ocp.args.JsonRestore()))
+    restored = self.manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(read), meta=ocp.args.JsonRestore()),
+    )
     state = _relayout(restored['state'], abstract_state, self.directory, step)
     return state, restored['meta']
 
@@ -194,13 +237,13 @@ class Checkpoints:
     yet has no handler for it and returns None.
     """
     path = ocp.path.step.build_step_path(
-        self.manager.directory, ocp.path.step.standard_name_format(), step)
+      self.manager.directory, ocp.path.step.standard_name_format(), step
+    )
     return ocp.StandardCheckpointHandler().metadata(path / 'state')
 
-  def restore_meta(self, step: Optional[int] = None) -> dict:
+  def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))['meta']
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def close(self):
     self.manager.close()
@@ -222,11 +265,15 @@ def _saved_shapes(metadata, abstract_state):
     except (KeyError, IndexError, TypeError):
       return want.shape
     shape = tuple(getattr(node, 'shape', want.shape) or ())
-    if (len(shape) == len(want.shape) >= 1 and shape[1:] == tuple(want.shape[1:])
-        and shape[0] != want.shape[0]):
+    if (
+      len(shape) == len(want.shape) >= 1
+      and shape[1:] == tuple(want.shape[1:])
+      and shape[0] != want.shape[0]
+    ):
       differs.append(path)
       return shape
     return tuple(want.shape)
+
   shapes = jax.tree_util.tree_map_with_path(shape_of, abstract_state)
   return shapes if differs else None
 
@@ -249,23 +296,29 @@ def _relayout(state, abstract_state, directory: str, step: int):
   Cut rows must be zero (padding of a row-sharded table): anything else means the
   checkpoint belongs to other data, which is an error, not a silent truncation.
   """
+
   def fix(x, want):
-    cut = (x[want.shape[0]:] if x.ndim and x.shape[0] > want.shape[0]
-           else jnp.zeros((0,), x.dtype))
+    cut = x[want.shape[0] :] if x.ndim and x.shape[0] > want.shape[0] else jnp.zeros((0,), x.dtype)
     return sharding_lib.fit_rows(x, want), jnp.any(cut != 0)
 
   out_shardings = jax.tree.map(
-      lambda w: (w.sharding, NamedSharding(w.sharding.mesh, P())), abstract_state)
-  out = jax.jit(lambda s: jax.tree.map(fix, s, abstract_state),
-                out_shardings=out_shardings)(state)
+    lambda w: (w.sharding, NamedSharding(w.sharding.mesh, P())), abstract_state
+  )
+  out = jax.jit(lambda s: jax.tree.map(fix, s, abstract_state), out_shardings=out_shardings)(state)
   treedef = jax.tree.structure(abstract_state)
   pairs = treedef.flatten_up_to(out)
   if any(bool(jax.device_get(bad)) for _, bad in pairs):
-    raise UserError(f'the checkpoint of step {step} in {directory} has non-zero rows past '
-                    'this run\'s tables: it belongs to another dataset or model size.')
+    raise UserError(
+      f'the checkpoint of step {step} in {directory} has non-zero rows past '
+      'this run\'s tables: it belongs to another dataset or model size.'
+    )
   return jax.tree.unflatten(treedef, [x for x, _ in pairs])
 
 
 def log_restored(step: int, meta: dict) -> None:
-  logging.info('Resuming from checkpoint at step %d (epoch %d, %d epochs done).', step,
-               meta['epoch'], len(meta['history']))
+  logging.info(
+    'Resuming from checkpoint at step %d (epoch %d, %d epochs done).',
+    step,
+    meta['epoch'],
+    len(meta['history']),
+  )

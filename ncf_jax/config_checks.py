@@ -1,16 +1,10 @@
 """Config checks that run before any expensive work: one UserError naming field and range."""
-from typing import Optional
 
 import ml_collections
 
 from ncf_jax import data as data_lib
-from ncf_jax import models
-from ncf_jax import pipeline
-from ncf_jax import sampling
-from ncf_jax import sharding
-from ncf_jax import steps
+from ncf_jax import models, pipeline, sampling, sharding, steps
 from ncf_jax.errors import UserError
-
 
 # Values of config.select_metric.
 SELECT_METRICS = ('hr', 'ndcg')
@@ -25,8 +19,9 @@ def resolve_model_defaults(config: ml_collections.ConfigDict) -> ml_collections.
   """
   name = config.model.name
   if name not in models.DEFAULTS:
-    raise UserError(f'config.model.name={name!r} is invalid: use one of '
-                    f'{", ".join(models.MODEL_NAMES)}.')
+    raise UserError(
+      f'config.model.name={name!r} is invalid: use one of {", ".join(models.MODEL_NAMES)}.'
+    )
   resolved = config.copy_and_resolve_references()
   for path, value in models.DEFAULTS[name].items():
     *parents, leaf = path.split('.')
@@ -43,24 +38,33 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
   Checks the values a run will use: None fields take the model's defaults first.
   """
+
   def bad(field, value, allowed):
     raise UserError(f'config.{field}={value!r} is invalid: {allowed}.')
+
   if config.model.name not in models.MODEL_NAMES:
     bad('model.name', config.model.name, f'use one of {", ".join(models.MODEL_NAMES)}')
   config = resolve_model_defaults(config)
   if int(config.batch_size) <= 0 or int(config.batch_size) % num_devices:
-    bad('batch_size', config.batch_size,
-        f'it must be a positive multiple of the global device count ({num_devices})')
+    bad(
+      'batch_size',
+      config.batch_size,
+      f'it must be a positive multiple of the global device count ({num_devices})',
+    )
   if int(config.eval_batch_size) <= 0 or int(config.eval_batch_size) % num_devices:
-    bad('eval_batch_size', config.eval_batch_size,
-        f'it must be a positive multiple of the global device count ({num_devices})')
+    bad(
+      'eval_batch_size',
+      config.eval_batch_size,
+      f'it must be a positive multiple of the global device count ({num_devices})',
+    )
   if int(config.num_neg) < 1:
     bad('num_neg', config.num_neg, 'it must be >= 1')
   if int(config.eval_num_neg) < 1:
     bad('eval_num_neg', config.eval_num_neg, 'it must be >= 1')
   if not 1 <= int(config.top_k) <= int(config.eval_num_neg) + 1:
-    bad('top_k', config.top_k,
-        f'it must be in [1, eval_num_neg + 1 = {int(config.eval_num_neg) + 1}]')
+    bad(
+      'top_k', config.top_k, f'it must be in [1, eval_num_neg + 1 = {int(config.eval_num_neg) + 1}]'
+    )
   if config.optimizer not in steps.OPTIMIZERS:
     bad('optimizer', config.optimizer, f'use one of {", ".join(steps.OPTIMIZERS)}')
   if not float(config.learning_rate) > 0:
@@ -75,11 +79,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   if config.dtype not in ('float32', 'bfloat16'):
     bad('dtype', config.dtype, "use 'float32' or 'bfloat16'")
   if config.model.first_layer not in models.FIRST_LAYERS:
-    bad('model.first_layer', config.model.first_layer,
-        f'use one of {", ".join(models.FIRST_LAYERS)}')
+    bad(
+      'model.first_layer', config.model.first_layer, f'use one of {", ".join(models.FIRST_LAYERS)}'
+    )
   layers = tuple(config.model.mlp_layers)
   if config.model.name in ('neumf', 'mlp') and (
-      len(layers) < 1 or layers[0] % 2 or min(layers) < 1):
+    len(layers) < 1 or layers[0] % 2 or min(layers) < 1
+  ):
     bad('model.mlp_layers', layers, 'positive widths; the first (user+item) must be even')
   if int(config.model.mf_dim) < 1:
     bad('model.mf_dim', config.model.mf_dim, 'it must be >= 1')
@@ -97,22 +103,31 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   if config.select_metric not in SELECT_METRICS:
     bad('select_metric', config.select_metric, f'use one of {", ".join(SELECT_METRICS)}')
   if int(config.early_stop_patience) < 0:
-    bad('early_stop_patience', config.early_stop_patience, 'it must be >= 0 (0: no early '
-        'stopping)')
+    bad('early_stop_patience', config.early_stop_patience, 'it must be >= 0 (0: no early stopping)')
   if int(config.full_ranking_chunk) < 1:
     bad('full_ranking_chunk', config.full_ranking_chunk, 'it must be >= 1')
   if config.validation == 'none':
     if int(config.early_stop_patience):
-      bad('early_stop_patience', config.early_stop_patience, 'early stopping reads the '
-          'validation split: set config.validation=leave_one_out, or use 0')
+      bad(
+        'early_stop_patience',
+        config.early_stop_patience,
+        'early stopping reads the validation split: set config.validation=leave_one_out, or use 0',
+      )
   else:
     if config.hr_threshold is not None:
-      bad('hr_threshold', config.hr_threshold, 'it stops on the test HR, which a run with a '
-          'validation split reads only once, at the end: use None (stop with '
-          'early_stop_patience)')
+      bad(
+        'hr_threshold',
+        config.hr_threshold,
+        'it stops on the test HR, which a run with a '
+        'validation split reads only once, at the end: use None (stop with '
+        'early_stop_patience)',
+      )
     if config.match_mlperf:
-      bad('match_mlperf', config.match_mlperf, 'the MLPerf reference has no validation '
-          'split: use False with validation=leave_one_out')
+      bad(
+        'match_mlperf',
+        config.match_mlperf,
+        'the MLPerf reference has no validation split: use False with validation=leave_one_out',
+      )
   for f in ('eval_every_epochs', 'keep_checkpoints', 'steps_per_call'):
     if int(config[f]) < 1:
       bad(f, config[f], 'it must be >= 1')
@@ -132,9 +147,13 @@ def _validate_sharding(config, bad) -> None:
   if mode != 'sharded':
     return
   first_layer = config.model.get('first_layer', 'concat')
-  if first_layer == 'projected':   # 'auto' reads sharded tables unprojected
-    bad('model.first_layer', first_layer, "sharding='sharded' looks up the embedding "
-        "tables row by row and supports 'concat' or 'auto' (which then never projects)")
+  if first_layer == 'projected':  # 'auto' reads sharded tables unprojected
+    bad(
+      'model.first_layer',
+      first_layer,
+      "sharding='sharded' looks up the embedding "
+      "tables row by row and supports 'concat' or 'auto' (which then never projects)",
+    )
 
 
 def validate_against_data(config, dataset: data_lib.Dataset) -> None:
@@ -150,12 +169,12 @@ def validate_against_data(config, dataset: data_lib.Dataset) -> None:
   candidates = dataset.num_items - worst - held
   if int(config.eval_num_neg) > candidates:
     raise UserError(
-        f'config.eval_num_neg={config.eval_num_neg} is invalid: the most active user has '
-        f'{worst} training positives, leaving only {candidates} candidate negatives of '
-        f'{dataset.num_items} items; use eval_num_neg <= {candidates}.')
-  if config.model.pretrained_gmf or config.model.pretrained_mlp:
-    if config.model.name != 'neumf':
-      raise UserError('config.model.pretrained_gmf/pretrained_mlp need model.name=neumf.')
+      f'config.eval_num_neg={config.eval_num_neg} is invalid: the most active user has '
+      f'{worst} training positives, leaving only {candidates} candidate negatives of '
+      f'{dataset.num_items} items; use eval_num_neg <= {candidates}.'
+    )
+  if (config.model.pretrained_gmf or config.model.pretrained_mlp) and config.model.name != 'neumf':
+    raise UserError('config.model.pretrained_gmf/pretrained_mlp need model.name=neumf.')
 
 
 def _check_index_limits(config, dataset) -> None:
@@ -165,41 +184,47 @@ def _check_index_limits(config, dataset) -> None:
   name = getattr(dataset, 'name', 'the dataset')
   if n_users + 1 > int32_max or n_items > int32_max:
     raise UserError(
-        f'{name} has {n_users:,} users and {n_items:,} items: user ids (and the offsets '
-        f'table of num_users + 1 entries) and item ids are int32, so at most '
-        f'{int32_max - 1:,} users and {int32_max:,} items; use a smaller catalogue.')
+      f'{name} has {n_users:,} users and {n_items:,} items: user ids (and the offsets '
+      f'table of num_users + 1 entries) and item ids are int32, so at most '
+      f'{int32_max - 1:,} users and {int32_max:,} items; use a smaller catalogue.'
+    )
   if n_train + n_users > int32_max:
     raise UserError(
-        f'{name} has {n_train:,} training positives and {n_users:,} users: the sampler '
-        f'indexes positives and its bitmap words (num_train + num_users entries) with '
-        f'int32, so num_train + num_users <= {int32_max:,}; subsample the positives.')
+      f'{name} has {n_train:,} training positives and {n_users:,} users: the sampler '
+      f'indexes positives and its bitmap words (num_train + num_users entries) with '
+      f'int32, so num_train + num_users <= {int32_max:,}; subsample the positives.'
+    )
   num_neg, batch = int(config.num_neg), int(config.batch_size)
   slots = pipeline.epoch_size(n_train, num_neg)
   steps = pipeline.steps_per_epoch(n_train, num_neg, batch)
   if steps * batch > sampling.MAX_WIDE_SLOTS:
     raise UserError(
-        f'an epoch of {name} has {slots:,} slots ({n_train:,} positives x (1 + '
-        f'config.num_neg={num_neg})), {steps * batch:,} with the last batch padded: epoch '
-        f'positions are exact up to 2**40 = {sampling.MAX_WIDE_SLOTS:,}; lower num_neg.')
+      f'an epoch of {name} has {slots:,} slots ({n_train:,} positives x (1 + '
+      f'config.num_neg={num_neg})), {steps * batch:,} with the last batch padded: epoch '
+      f'positions are exact up to 2**40 = {sampling.MAX_WIDE_SLOTS:,}; lower num_neg.'
+    )
   if steps > int32_max:
     raise UserError(
-        f'config.batch_size={batch} gives {steps:,} steps per epoch of {name}: step '
-        f'numbers are int32 (at most {int32_max:,}); use a larger batch_size.')
+      f'config.batch_size={batch} gives {steps:,} steps per epoch of {name}: step '
+      f'numbers are int32 (at most {int32_max:,}); use a larger batch_size.'
+    )
   if pipeline.wide_positions(n_train, num_neg, batch) and 1 + num_neg > 1 << 16:
     raise UserError(
-        f'config.num_neg={num_neg} is invalid for {name}: its epoch has {slots:,} slots, '
-        f'past 2**32 - 2**17, where a slot is split into (positive, negative number) by '
-        f'16-bit long division, so 1 + num_neg <= 65536; use num_neg <= 65535.')
+      f'config.num_neg={num_neg} is invalid for {name}: its epoch has {slots:,} slots, '
+      f'past 2**32 - 2**17, where a slot is split into (positive, negative number) by '
+      f'16-bit long division, so 1 + num_neg <= 65536; use num_neg <= 65535.'
+    )
   cols = 1 + int(config.eval_num_neg)
   if n_users * cols > 1 << 32:
     raise UserError(
-        f'config.eval_num_neg={config.eval_num_neg} is invalid for {name}: its '
-        f'{n_users:,} users x (1 + eval_num_neg) = {n_users * cols:,} candidates pass '
-        f'2**32, the range of the uint32 candidate counters and hash positions; use '
-        f'eval_num_neg <= {(1 << 32) // max(n_users, 1) - 1}.')
+      f'config.eval_num_neg={config.eval_num_neg} is invalid for {name}: its '
+      f'{n_users:,} users x (1 + eval_num_neg) = {n_users * cols:,} candidates pass '
+      f'2**32, the range of the uint32 candidate counters and hash positions; use '
+      f'eval_num_neg <= {(1 << 32) // max(n_users, 1) - 1}.'
+    )
 
 
-def fixed_seed(config) -> Optional[int]:
+def fixed_seed(config) -> int | None:
   """The seed the config fixes, or None when it asks for a drawn one (None or < 0)."""
   if config.seed is None or int(config.seed) < 0:
     return None

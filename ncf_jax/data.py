@@ -1,26 +1,24 @@
 """The processed dataset: what every other module consumes.
 
 Raw MovieLens files / TFDS / the synthetic generator -> preprocessing (MLPerf rules,
-../shared/MLPERF.md) -> a cached, checksummed binary -> `Dataset`.
+docs/mlperf.md) -> a cached, checksummed binary -> `Dataset`.
 
   dataset = data.load(config.dataset)   # cache hit: about a second at ml-20m scale
 
 No jax here: numpy and pyarrow only, so the data layer and its tests stay fast.
 """
+
 import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 from absl import logging
 import numpy as np
 
 import ncf_jax
-from ncf_jax import cache
-from ncf_jax import fractal
-from ncf_jax import movielens
-from ncf_jax import synthetic
+from ncf_jax import cache, fractal, movielens, synthetic
 from ncf_jax.errors import UserError
 
 
@@ -36,15 +34,16 @@ class Dataset:
   differs from the test item and is never among u's training positives. Otherwise it is
   None.
   """
+
   name: str
   num_users: int
   num_items: int
-  train_users: np.ndarray    # int32 [num_train]
-  train_items: np.ndarray    # int32 [num_train]
-  user_offsets: np.ndarray   # int32 [num_users + 1]
-  test_items: np.ndarray     # int32 [num_users]
-  valid_items: Optional[np.ndarray] = None   # int32 [num_users], or None: no validation
-  oracle: Optional[synthetic.SyntheticOracle] = None
+  train_users: np.ndarray  # int32 [num_train]
+  train_items: np.ndarray  # int32 [num_train]
+  user_offsets: np.ndarray  # int32 [num_users + 1]
+  test_items: np.ndarray  # int32 [num_users]
+  valid_items: np.ndarray | None = None  # int32 [num_users], or None: no validation
+  oracle: synthetic.SyntheticOracle | None = None
 
   @property
   def num_train(self) -> int:
@@ -60,7 +59,7 @@ class Dataset:
 
 
 # --------------------------------------------------------------------------------------
-# Preprocessing (MLPerf NCF rules, ../shared/MLPERF.md section 1, with the differences
+# Preprocessing (MLPerf NCF rules, docs/mlperf.md section 1, with the differences
 # documented in docs/data.md: ascending-id relabelling and a deterministic tie rule).
 
 # Bump when the preprocessing output changes for the same input: old caches are rebuilt.
@@ -98,8 +97,9 @@ def _factorize(raw: np.ndarray):
   return codes, ordered[first]
 
 
-def _latest_rows(ucode: np.ndarray, timestamps: np.ndarray, num_users: int,
-                 eligible: Optional[np.ndarray] = None) -> np.ndarray:
+def _latest_rows(
+  ucode: np.ndarray, timestamps: np.ndarray, num_users: int, eligible: np.ndarray | None = None
+) -> np.ndarray:
   """Per user, the input position of its latest eligible row; -1 for a user without one.
 
   Among rows tied at the latest timestamp the last one in the input wins: the maximum of
@@ -128,10 +128,17 @@ def _latest_rows(ucode: np.ndarray, timestamps: np.ndarray, num_users: int,
   return out
 
 
-def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
-               name: str, min_ratings: int, where: str,
-               num_items: Optional[int] = None,
-               validation: str = 'none') -> Tuple[Dataset, np.ndarray]:
+def preprocess(
+  users: np.ndarray,
+  items: np.ndarray,
+  timestamps: np.ndarray,
+  *,
+  name: str,
+  min_ratings: int,
+  where: str,
+  num_items: int | None = None,
+  validation: str = 'none',
+) -> tuple[Dataset, np.ndarray]:
   """MLPerf NCF preprocessing of raw interactions given in file order.
 
   Every row is a positive. Users with fewer than `min_ratings` rows are dropped; users and
@@ -168,8 +175,10 @@ def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
   keep = counts >= min_ratings
   if not keep.all():
     if not keep.any():
-      raise UserError(f'{where}: no user has at least min_ratings={min_ratings} ratings (the '
-                      f'most is {int(counts.max())}); lower config.dataset.min_ratings.')
+      raise UserError(
+        f'{where}: no user has at least min_ratings={min_ratings} ratings (the '
+        f'most is {int(counts.max())}); lower config.dataset.min_ratings.'
+      )
     rows = keep[ucode]
     ucode = (np.cumsum(keep, dtype=np.int32) - 1)[ucode[rows]]
     uraw, items, timestamps = uraw[keep], items[rows], timestamps[rows]
@@ -182,21 +191,22 @@ def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
     icode = items.astype(np.int32, copy=False)
 
   held_out = 2 if validation == 'leave_one_out' else 1
-  hint = (f'Use --config.dataset.min_ratings={held_out + 1} or more (MLPerf: 20).')
+  hint = f'Use --config.dataset.min_ratings={held_out + 1} or more (MLPerf: 20).'
   test_pos = _latest_rows(ucode, timestamps, num_users)
   test_items = icode[test_pos]
   held_rows = [test_pos]
   valid_items = None
   if validation == 'leave_one_out':
-    eligible = icode != test_items[ucode]   # the test row, and repeats of its item, are out
+    eligible = icode != test_items[ucode]  # the test row, and repeats of its item, are out
     valid_pos = _latest_rows(ucode, timestamps, num_users, eligible)
     del eligible
     if (valid_pos < 0).any():
       u = int(np.argmax(valid_pos < 0))
       raise UserError(
-          f'{where}: user {int(uraw[u])} has no rating left for validation after holding '
-          f'out its latest one as the test item (config.validation=leave_one_out needs two '
-          f'distinct items and a training positive per user). {hint}')
+        f'{where}: user {int(uraw[u])} has no rating left for validation after holding '
+        f'out its latest one as the test item (config.validation=leave_one_out needs two '
+        f'distinct items and a training positive per user). {hint}'
+      )
     valid_items = icode[valid_pos]
     held_rows.append(valid_pos)
 
@@ -215,7 +225,7 @@ def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
   keep_row[:1] = True
   np.not_equal(train[1:], train[:-1], out=keep_row[1:])
   user_base = np.arange(num_users, dtype=np.int64) * num_items
-  for held in (test_items, valid_items):   # a repeat of a held-out pair is not training
+  for held in (test_items, valid_items):  # a repeat of a held-out pair is not training
     if held is not None:
       keep_row &= train != (user_base + held)[train_users]
   train_items = (train - train_users * num_items)[keep_row].astype(np.int32)
@@ -226,18 +236,24 @@ def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
     u = int(np.argmin(degrees))
     what = 'its latest rating' if held_out == 1 else 'its two latest items'
     raise UserError(
-        f'{where}: user {int(uraw[u])} has no training positive left after holding out '
-        f'{what} (it rated {int(np.count_nonzero(ucode == u))} time(s), '
-        f'min_ratings={min_ratings}). {hint}')
+      f'{where}: user {int(uraw[u])} has no training positive left after holding out '
+      f'{what} (it rated {int(np.count_nonzero(ucode == u))} time(s), '
+      f'min_ratings={min_ratings}). {hint}'
+    )
   offsets = np.zeros(num_users + 1, np.int64)
   np.cumsum(degrees, out=offsets[1:])
   if offsets[-1] >= 2**31:
     raise UserError(f'{where}: {offsets[-1]} training positives exceed int32 offsets.')
-  dataset = Dataset(name=name, num_users=num_users, num_items=int(num_items),
-                    train_users=train_users, train_items=train_items,
-                    user_offsets=offsets.astype(np.int32),
-                    test_items=test_items.astype(np.int32),
-                    valid_items=None if valid_items is None else valid_items.astype(np.int32))
+  dataset = Dataset(
+    name=name,
+    num_users=num_users,
+    num_items=int(num_items),
+    train_users=train_users,
+    train_items=train_items,
+    user_offsets=offsets.astype(np.int32),
+    test_items=test_items.astype(np.int32),
+    valid_items=None if valid_items is None else valid_items.astype(np.int32),
+  )
   return dataset, uraw
 
 
@@ -248,41 +264,60 @@ def preprocess(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, *,
 @dataclasses.dataclass(frozen=True)
 class Prepared:
   """What `prepare` did."""
+
   dataset: Dataset
-  cache_path: Optional[str]  # None when the cache could not be written (a warning says why)
-  built: bool                # False when loaded from a valid cache
+  cache_path: str | None  # None when the cache could not be written (a warning says why)
+  built: bool  # False when loaded from a valid cache
 
 
-def _config_values(cfg) -> Dict[str, Any]:
+def _config_values(cfg) -> dict[str, Any]:
   """Checks the dataset config block; returns its values as a plain dict."""
   name = cfg.name
   if name not in NAMES:
-    raise UserError(f'unknown dataset name {name!r} (config.dataset.name); valid names: '
-                    f'{", ".join(NAMES)}.')
-  values = {'name': name, 'source': cfg.source, 'data_dir': cfg.data_dir,
-            'download': bool(cfg.download), 'min_ratings': cfg.min_ratings}
+    raise UserError(
+      f'unknown dataset name {name!r} (config.dataset.name); valid names: {", ".join(NAMES)}.'
+    )
+  values = {
+    'name': name,
+    'source': cfg.source,
+    'data_dir': cfg.data_dir,
+    'download': bool(cfg.download),
+    'min_ratings': cfg.min_ratings,
+  }
   if name != 'synthetic' and cfg.source not in SOURCES:
-    raise UserError(f'unknown config.dataset.source {cfg.source!r}; valid sources: '
-                    f'{", ".join(SOURCES)}.')
-  if (not isinstance(cfg.min_ratings, (int, np.integer)) or isinstance(cfg.min_ratings, bool)
-      or cfg.min_ratings < 1):
-    raise UserError(f'config.dataset.min_ratings is {cfg.min_ratings!r}; it must be an '
-                    'integer >= 1 (MLPerf: 20).')
+    raise UserError(
+      f'unknown config.dataset.source {cfg.source!r}; valid sources: {", ".join(SOURCES)}.'
+    )
+  if (
+    not isinstance(cfg.min_ratings, (int, np.integer))
+    or isinstance(cfg.min_ratings, bool)
+    or cfg.min_ratings < 1
+  ):
+    raise UserError(
+      f'config.dataset.min_ratings is {cfg.min_ratings!r}; it must be an integer >= 1 (MLPerf: 20).'
+    )
   if not cfg.data_dir:
-    raise UserError('config.dataset.data_dir is empty; set it to a folder for the raw files '
-                    'and the processed cache.')
+    raise UserError(
+      'config.dataset.data_dir is empty; set it to a folder for the raw files '
+      'and the processed cache.'
+    )
   values['data_dir'] = os.path.abspath(os.path.expanduser(cfg.data_dir))
   if name == 'synthetic':
     values['synthetic'] = {
-        'num_users': int(cfg.synthetic_num_users), 'num_items': int(cfg.synthetic_num_items),
-        'mean_interactions': float(cfg.synthetic_mean_interactions),
-        'num_topics': int(cfg.synthetic_num_topics), 'seed': int(cfg.synthetic_seed)}
+      'num_users': int(cfg.synthetic_num_users),
+      'num_items': int(cfg.synthetic_num_items),
+      'mean_interactions': float(cfg.synthetic_mean_interactions),
+      'num_topics': int(cfg.synthetic_num_topics),
+      'seed': int(cfg.synthetic_seed),
+    }
     noise = float(cfg.get('synthetic_noise', 0.0))
-    if noise:   # absent when 0: the caches made before the option keep their key
+    if noise:  # absent when 0: the caches made before the option keep their key
       values['synthetic']['noise'] = noise
   elif name == movielens.EXPANDED_NAME and cfg.source != 'grouplens':
-    raise UserError(f'config.dataset.source={cfg.source!r}: {name} exists only as the '
-                    "GroupLens .npz shards; use config.dataset.source='grouplens'.")
+    raise UserError(
+      f'config.dataset.source={cfg.source!r}: {name} exists only as the '
+      "GroupLens .npz shards; use config.dataset.source='grouplens'."
+    )
   elif name == FRACTAL:
     values['fractal'] = _fractal_values(cfg)
     base = cfg.copy_and_resolve_references()
@@ -291,27 +326,31 @@ def _config_values(cfg) -> Dict[str, Any]:
   return values
 
 
-def _fractal_values(cfg) -> Dict[str, Any]:
+def _fractal_values(cfg) -> dict[str, Any]:
   """Checks config.dataset.fractal_*; returns base name, multipliers and seed."""
   base = cfg.get('fractal_base', 'synthetic')
   if base not in FRACTAL_BASES:
-    why = {FRACTAL: 'an expansion cannot start from another expansion',
-           movielens.EXPANDED_NAME: f'{base} is already expanded and has no timestamps'}.get(
-               base, 'it is no dataset name')
-    raise UserError(f'config.dataset.fractal_base={base!r} is invalid ({why}); use one of '
-                    f'{", ".join(FRACTAL_BASES)}.')
+    why = {
+      FRACTAL: 'an expansion cannot start from another expansion',
+      movielens.EXPANDED_NAME: f'{base} is already expanded and has no timestamps',
+    }.get(base, 'it is no dataset name')
+    raise UserError(
+      f'config.dataset.fractal_base={base!r} is invalid ({why}); use one of '
+      f'{", ".join(FRACTAL_BASES)}.'
+    )
   values = {'base': base}
   for field, what in (('fractal_rows', 'users'), ('fractal_cols', 'items')):
     value = cfg.get(field)
-    if (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
-      raise UserError(f'config.dataset.{field}={value!r} is invalid: it must be an integer '
-                      f'>= 1, the factor by which the base\'s {what} are multiplied (MLPerf\'s '
-                      'ml-20mx16x32: fractal_rows=16, fractal_cols=32).')
-    values[field[len('fractal_'):]] = int(value)
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+      raise UserError(
+        f'config.dataset.{field}={value!r} is invalid: it must be an integer '
+        f'>= 1, the factor by which the base\'s {what} are multiplied (MLPerf\'s '
+        'ml-20mx16x32: fractal_rows=16, fractal_cols=32).'
+      )
+    values[field[len('fractal_') :]] = int(value)
   seed = cfg.get('fractal_seed', 0)
   if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-    raise UserError(f'config.dataset.fractal_seed={seed!r} is invalid: it must be an '
-                    'integer >= 0.')
+    raise UserError(f'config.dataset.fractal_seed={seed!r} is invalid: it must be an integer >= 0.')
   values['seed'] = int(seed)
   return values
 
@@ -321,37 +360,54 @@ def cache_dir(data_dir: str) -> str:
   return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), 'processed')
 
 
-def _build_synthetic(params: Dict[str, Any], min_ratings: int, validation: str) -> Dataset:
+def _build_synthetic(params: dict[str, Any], min_ratings: int, validation: str) -> Dataset:
   gen = synthetic.generate(**params)
-  dataset, kept = preprocess(gen.users, gen.items, gen.timestamps, name='synthetic',
-                             min_ratings=min_ratings, where='synthetic data',
-                             num_items=gen.num_items, validation=validation)
-  oracle = synthetic.SyntheticOracle(theta=np.ascontiguousarray(gen.oracle.theta[kept]),
-                                     item_topic=gen.oracle.item_topic,
-                                     within_topic=gen.oracle.within_topic)
+  dataset, kept = preprocess(
+    gen.users,
+    gen.items,
+    gen.timestamps,
+    name='synthetic',
+    min_ratings=min_ratings,
+    where='synthetic data',
+    num_items=gen.num_items,
+    validation=validation,
+  )
+  oracle = synthetic.SyntheticOracle(
+    theta=np.ascontiguousarray(gen.oracle.theta[kept]),
+    item_topic=gen.oracle.item_topic,
+    within_topic=gen.oracle.within_topic,
+  )
   return dataclasses.replace(dataset, oracle=oracle)
 
 
-def _build_movielens(ratings: 'movielens.Ratings', name: str, min_ratings: int,
-                     validation: str) -> Dataset:
+def _build_movielens(
+  ratings: 'movielens.Ratings', name: str, min_ratings: int, validation: str
+) -> Dataset:
   movielens.check_known_sizes(name, ratings.where, num_ratings=len(ratings))
-  dataset, _ = preprocess(ratings.users, ratings.items, ratings.timestamps, name=name,
-                          min_ratings=min_ratings, where=ratings.where,
-                          validation=validation)
+  dataset, _ = preprocess(
+    ratings.users,
+    ratings.items,
+    ratings.timestamps,
+    name=name,
+    min_ratings=min_ratings,
+    where=ratings.where,
+    validation=validation,
+  )
   if min_ratings <= 20:  # the published counts are after the (no-op) MLPerf filter
-    movielens.check_known_sizes(name, ratings.where, num_users=dataset.num_users,
-                                num_items=dataset.num_items)
+    movielens.check_known_sizes(
+      name, ratings.where, num_users=dataset.num_users, num_items=dataset.num_items
+    )
   return dataset
 
 
-def build_grouplens(source: 'movielens.Source', min_ratings: int,
-                    validation: str = 'none') -> Dataset:
+def build_grouplens(
+  source: 'movielens.Source', min_ratings: int, validation: str = 'none'
+) -> Dataset:
   """Parses and preprocesses a located GroupLens file (no cache)."""
-  return _build_movielens(movielens.read_ratings(source), source.name, min_ratings,
-                          validation)
+  return _build_movielens(movielens.read_ratings(source), source.name, min_ratings, validation)
 
 
-def _base_interactions(base: Dict[str, Any], handle) -> Tuple[np.ndarray, ...]:
+def _base_interactions(base: dict[str, Any], handle) -> tuple[np.ndarray, ...]:
   """Raw (users, items, timestamps, num_items or None, where) of a fractal base."""
   name = base['name']
   if name == 'synthetic':
@@ -365,8 +421,9 @@ def _base_interactions(base: Dict[str, Any], handle) -> Tuple[np.ndarray, ...]:
   return ratings.users, ratings.items, ratings.timestamps, None, ratings.where
 
 
-def build_fractal(base: Dict[str, Any], handle, params: Dict[str, Any], min_ratings: int,
-                  validation: str = 'none') -> Dataset:
+def build_fractal(
+  base: dict[str, Any], handle, params: dict[str, Any], min_ratings: int, validation: str = 'none'
+) -> Dataset:
   """The fractal expansion (ncf_jax.fractal) of a base dataset, then MLPerf preprocessing.
 
   The base is what `load` gives for its name: its users with >= min_ratings ratings, dense
@@ -386,9 +443,11 @@ def build_fractal(base: Dict[str, Any], handle, params: Dict[str, Any], min_rati
   counts = np.bincount(ucode)
   keep = counts >= base['min_ratings']
   if not keep.any():
-    raise UserError(f'{where}: no user has at least min_ratings={base["min_ratings"]} '
-                    f'ratings (the most is {int(counts.max())}); lower '
-                    'config.dataset.min_ratings.')
+    raise UserError(
+      f'{where}: no user has at least min_ratings={base["min_ratings"]} '
+      f'ratings (the most is {int(counts.max())}); lower '
+      'config.dataset.min_ratings.'
+    )
   rows = keep[ucode]
   ucode = (np.cumsum(keep, dtype=np.int32) - 1)[ucode[rows]]
   items, timestamps = items[rows], timestamps[rows]
@@ -396,27 +455,48 @@ def build_fractal(base: Dict[str, Any], handle, params: Dict[str, Any], min_rati
     items, iraw = _factorize(items)
     num_items = int(iraw.shape[0])
   num_users = int(np.count_nonzero(keep))
-  logging.info('Expanding %s (%d users, %d items, %d rows) by %d x %d, seed %d', where,
-               num_users, num_items, items.shape[0], params['rows'], params['cols'],
-               params['seed'])
+  logging.info(
+    'Expanding %s (%d users, %d items, %d rows) by %d x %d, seed %d',
+    where,
+    num_users,
+    num_items,
+    items.shape[0],
+    params['rows'],
+    params['cols'],
+    params['seed'],
+  )
   try:
-    exp = fractal.expand(ucode, items, timestamps, num_users, num_items, params['rows'],
-                         params['cols'], params['seed'])
+    exp = fractal.expand(
+      ucode, items, timestamps, num_users, num_items, params['rows'], params['cols'], params['seed']
+    )
   except ValueError as e:
     raise UserError(f'fractal expansion of {where}: {e}.') from None
   del ucode, items, timestamps
-  logging.info('Keep probabilities: mean %.4f, min %.4f, max %.4f; %d expanded rows',
-               exp.probabilities.mean(), exp.probabilities.min(), exp.probabilities.max(),
-               exp.users.shape[0])
-  dataset, _ = preprocess(exp.users, exp.items, exp.timestamps, name=FRACTAL,
-                          min_ratings=min_ratings,
-                          where=f'the {params["rows"]}x{params["cols"]} fractal expansion '
-                                f'of {where}',
-                          num_items=exp.num_items, validation=validation)
+  logging.info(
+    'Keep probabilities: mean %.4f, min %.4f, max %.4f; %d expanded rows',
+    exp.probabilities.mean(),
+    exp.probabilities.min(),
+    exp.probabilities.max(),
+    exp.users.shape[0],
+  )
+  dataset, _ = preprocess(
+    exp.users,
+    exp.items,
+    exp.timestamps,
+    name=FRACTAL,
+    min_ratings=min_ratings,
+    where=f'the {params["rows"]}x{params["cols"]} fractal expansion of {where}',
+    num_items=exp.num_items,
+    validation=validation,
+  )
   dropped = exp.num_users - dataset.num_users
   if dropped:
-    logging.info('%d of %d expanded users have fewer than min_ratings=%d rows: dropped',
-                 dropped, exp.num_users, min_ratings)
+    logging.info(
+      '%d of %d expanded users have fewer than min_ratings=%d rows: dropped',
+      dropped,
+      exp.num_users,
+      min_ratings,
+    )
   return dataset
 
 
@@ -456,13 +536,16 @@ def build_ml20mx16x32(source: 'movielens.ShardSource', validation: str = 'none')
   present[users] = True
   num_users = int(np.count_nonzero(present))
   lookup = np.cumsum(present, dtype=np.int32) - 1
-  if num_users != bound:   # ids with gaps: relabel in place, chunk by chunk
+  if num_users != bound:  # ids with gaps: relabel in place, chunk by chunk
     for lo in range(0, users.shape[0], 1 << 24):
-      users[lo:lo + (1 << 24)] = lookup[users[lo:lo + (1 << 24)]]
+      users[lo : lo + (1 << 24)] = lookup[users[lo : lo + (1 << 24)]]
   num_items = int(max(int(items.max()), int(raw.test_items.max(initial=-1)))) + 1
   if not _strictly_increasing(users, items):
-    logging.warning('%s: train rows are not sorted by (user, item) without repeats; '
-                    'sorting them (one int64 key per row in memory).', where)
+    logging.warning(
+      '%s: train rows are not sorted by (user, item) without repeats; '
+      'sorting them (one int64 key per row in memory).',
+      where,
+    )
     key = users.astype(np.int64) * num_items + items
     key = np.unique(key)
     users = (key // num_items).astype(np.int32)
@@ -471,17 +554,21 @@ def build_ml20mx16x32(source: 'movielens.ShardSource', validation: str = 'none')
   test_raw = raw.test_users
   unknown = (test_raw >= bound) | ~present[np.minimum(test_raw, bound - 1)]
   if unknown.any():
-    raise UserError(f'{where}: user {int(test_raw[np.argmax(unknown)])} has a test row but no '
-                    'train row; the published split gives every user both. '
-                    f'{movielens.expanded_how_to_get(os.path.dirname(where))}')
+    raise UserError(
+      f'{where}: user {int(test_raw[np.argmax(unknown)])} has a test row but no '
+      'train row; the published split gives every user both. '
+      f'{movielens.expanded_how_to_get(os.path.dirname(where))}'
+    )
   test_users = lookup[test_raw]
   per_user = np.bincount(test_users, minlength=num_users)
   if (per_user != 1).any():
     u = int(np.argmax(per_user != 1))
     raw_u = int(np.flatnonzero(present)[u])
-    raise UserError(f'{where}: user {raw_u} has {int(per_user[u])} test rows; the published '
-                    'ml-20mx16x32 split has exactly one test item per user (the test shards '
-                    'hold one row per user).')
+    raise UserError(
+      f'{where}: user {raw_u} has {int(per_user[u])} test rows; the published '
+      'ml-20mx16x32 split has exactly one test item per user (the test shards '
+      'hold one row per user).'
+    )
   test_items = np.empty(num_users, np.int32)
   test_items[test_users] = raw.test_items
   del raw, present, lookup, test_raw, test_users
@@ -494,9 +581,11 @@ def build_ml20mx16x32(source: 'movielens.ShardSource', validation: str = 'none')
     degrees = np.bincount(users[keep], minlength=num_users)
     if (degrees < 2).any():
       u = int(np.argmax(degrees < 2))
-      raise UserError(f'{where}: user {u} (dense id) has {int(degrees[u])} training '
-                      'positive(s): config.validation=leave_one_out needs two per user '
-                      '(one held out for validation); use validation=none.')
+      raise UserError(
+        f'{where}: user {u} (dense id) has {int(degrees[u])} training '
+        'positive(s): config.validation=leave_one_out needs two per user '
+        '(one held out for validation); use validation=none.'
+      )
     kept = np.flatnonzero(keep)
     starts = np.zeros(num_users + 1, np.int64)
     np.cumsum(degrees, out=starts[1:])
@@ -511,55 +600,80 @@ def build_ml20mx16x32(source: 'movielens.ShardSource', validation: str = 'none')
   degrees = np.bincount(users, minlength=num_users)
   if not degrees.all():
     u = int(np.argmin(degrees))
-    raise UserError(f'{where}: user {u} (dense id) has no training positive besides its '
-                    'test item.')
+    raise UserError(f'{where}: user {u} (dense id) has no training positive besides its test item.')
   offsets = np.zeros(num_users + 1, np.int64)
   np.cumsum(degrees, out=offsets[1:])
   if offsets[-1] >= 2**31:
     raise UserError(f'{where}: {offsets[-1]} training positives exceed int32 offsets.')
   movielens.check_expanded_sizes(where, num_items=num_items)
-  logging.info('%s: %d users, %d items, %d training positives', where, num_users, num_items,
-               int(offsets[-1]))
-  return Dataset(name=movielens.EXPANDED_NAME, num_users=num_users, num_items=num_items,
-                 train_users=users, train_items=items,
-                 user_offsets=offsets.astype(np.int32), test_items=test_items,
-                 valid_items=valid_items)
+  logging.info(
+    '%s: %d users, %d items, %d training positives', where, num_users, num_items, int(offsets[-1])
+  )
+  return Dataset(
+    name=movielens.EXPANDED_NAME,
+    num_users=num_users,
+    num_items=num_items,
+    train_users=users,
+    train_items=items,
+    user_offsets=offsets.astype(np.int32),
+    test_items=test_items,
+    valid_items=valid_items,
+  )
 
 
-def _to_arrays(dataset: Dataset) -> Dict[str, np.ndarray]:
-  arrays = {'train_items': dataset.train_items, 'user_offsets': dataset.user_offsets,
-            'test_items': dataset.test_items}
+def _to_arrays(dataset: Dataset) -> dict[str, np.ndarray]:
+  arrays = {
+    'train_items': dataset.train_items,
+    'user_offsets': dataset.user_offsets,
+    'test_items': dataset.test_items,
+  }
   if dataset.valid_items is not None:
     arrays['valid_items'] = dataset.valid_items
   if dataset.oracle is not None:
-    arrays.update(oracle_theta=dataset.oracle.theta,
-                  oracle_item_topic=dataset.oracle.item_topic,
-                  oracle_within_topic=dataset.oracle.within_topic)
+    arrays.update(
+      oracle_theta=dataset.oracle.theta,
+      oracle_item_topic=dataset.oracle.item_topic,
+      oracle_within_topic=dataset.oracle.within_topic,
+    )
   return arrays
 
 
-def _from_arrays(arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> Dataset:
+def _from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Dataset:
   num_users, num_items = int(meta['num_users']), int(meta['num_items'])
   offsets, items = arrays['user_offsets'], arrays['train_items']
   test, valid = arrays['test_items'], arrays.get('valid_items')
-  if (offsets.dtype != np.int32 or items.dtype != np.int32 or test.dtype != np.int32
-      or offsets.shape != (num_users + 1,) or test.shape != (num_users,)
-      or int(offsets[-1]) != items.shape[0]
-      or (valid is not None and (valid.dtype != np.int32 or valid.shape != (num_users,)))):
+  if (
+    offsets.dtype != np.int32
+    or items.dtype != np.int32
+    or test.dtype != np.int32
+    or offsets.shape != (num_users + 1,)
+    or test.shape != (num_users,)
+    or int(offsets[-1]) != items.shape[0]
+    or (valid is not None and (valid.dtype != np.int32 or valid.shape != (num_users,)))
+  ):
     raise cache.CacheError('arrays do not match the header counts')
   degrees = np.diff(offsets)
   oracle = None
   if 'oracle_theta' in arrays:
-    oracle = synthetic.SyntheticOracle(theta=arrays['oracle_theta'],
-                                       item_topic=arrays['oracle_item_topic'],
-                                       within_topic=arrays['oracle_within_topic'])
-  return Dataset(name=meta['name'], num_users=num_users, num_items=num_items,
-                 train_users=np.repeat(np.arange(num_users, dtype=np.int32), degrees),
-                 train_items=items, user_offsets=offsets, test_items=test, valid_items=valid,
-                 oracle=oracle)
+    oracle = synthetic.SyntheticOracle(
+      theta=arrays['oracle_theta'],
+      item_topic=arrays['oracle_item_topic'],
+      within_topic=arrays['oracle_within_topic'],
+    )
+  return Dataset(
+    name=meta['name'],
+    num_users=num_users,
+    num_items=num_items,
+    train_users=np.repeat(np.arange(num_users, dtype=np.int32), degrees),
+    train_items=items,
+    user_offsets=offsets,
+    test_items=test,
+    valid_items=valid,
+    oracle=oracle,
+  )
 
 
-def _source_part(v: Dict[str, Any]) -> Tuple[Dict[str, Any], str, Any]:
+def _source_part(v: dict[str, Any]) -> tuple[dict[str, Any], str, Any]:
   """(source part of the cache params, source identity, handle) of a non-fractal name.
 
   The handle is None for synthetic data, the located `movielens.Source` for GroupLens
@@ -567,27 +681,33 @@ def _source_part(v: Dict[str, Any]) -> Tuple[Dict[str, Any], str, Any]:
   """
   name, data_dir = v['name'], v['data_dir']
   if name == 'synthetic':
-    return ({'source': 'synthetic', 'generator': v['synthetic'],
-             'generator_version': synthetic.GENERATOR_VERSION},
-            f'synthetic-generator-v{synthetic.GENERATOR_VERSION}', None)
+    return (
+      {
+        'source': 'synthetic',
+        'generator': v['synthetic'],
+        'generator_version': synthetic.GENERATOR_VERSION,
+      },
+      f'synthetic-generator-v{synthetic.GENERATOR_VERSION}',
+      None,
+    )
   if v['source'] == 'grouplens':
     src = movielens.locate(name, data_dir, download=v['download'])
-    return ({'source': 'grouplens'},
-            cache.content_hash(src.path, os.path.join(cache_dir(data_dir),
-                                                      'source_hashes.json')), src)
-  ds = movielens.open_tfds(name, os.path.join(data_dir, 'tfds'), v['download'],
-                           zip_dir=data_dir)
+    return (
+      {'source': 'grouplens'},
+      cache.content_hash(src.path, os.path.join(cache_dir(data_dir), 'source_hashes.json')),
+      src,
+    )
+  ds = movielens.open_tfds(name, os.path.join(data_dir, 'tfds'), v['download'], zip_dir=data_dir)
   return {'source': 'tfds'}, movielens.tfds_identity(ds, name), ds
 
 
-def _try_cache(path: str, params: Dict[str, Any], source_id: str) -> Optional[Dataset]:
+def _try_cache(path: str, params: dict[str, Any], source_id: str) -> Dataset | None:
   try:
     arrays, meta = cache.read(path)
     if meta.get('params') != params:
       raise cache.CacheError('built with other parameters')
     if meta.get('source') != source_id:
-      raise cache.CacheError(f'built from another source ({meta.get("source")}, now '
-                             f'{source_id})')
+      raise cache.CacheError(f'built from another source ({meta.get("source")}, now {source_id})')
     return _from_arrays(arrays, meta)
   except FileNotFoundError:
     return None
@@ -620,28 +740,34 @@ def prepare(dataset_config, *, force: bool = False, validation: str = 'none') ->
   """
   v = _config_values(dataset_config)
   if validation not in VALIDATIONS:
-    raise UserError(f'config.validation={validation!r} is invalid: use one of '
-                    f'{", ".join(VALIDATIONS)}.')
+    raise UserError(
+      f'config.validation={validation!r} is invalid: use one of {", ".join(VALIDATIONS)}.'
+    )
   name, data_dir, min_ratings = v['name'], v['data_dir'], v['min_ratings']
-  params = {'name': name, 'min_ratings': min_ratings,
-            'preprocess_version': PREPROCESS_VERSION}
+  params = {'name': name, 'min_ratings': min_ratings, 'preprocess_version': PREPROCESS_VERSION}
   if validation != 'none':
     params['validation'] = validation
   if name == FRACTAL:
     base = v['base']
     base_part, base_id, handle = _source_part(base)
-    params.update(source=FRACTAL, fractal=dict(
-        v['fractal'], version=fractal.VERSION,
-        base=dict(base_part, name=base['name'], min_ratings=base['min_ratings'])))
+    params.update(
+      source=FRACTAL,
+      fractal=dict(
+        v['fractal'],
+        version=fractal.VERSION,
+        base=dict(base_part, name=base['name'], min_ratings=base['min_ratings']),
+      ),
+    )
     source_id = f'fractal-v{fractal.VERSION}:{base_id}'
     build = lambda: build_fractal(base, handle, v['fractal'], min_ratings, validation)
   elif name == movielens.EXPANDED_NAME:
-    del params['min_ratings']   # not applied: the published split is used as it is
+    del params['min_ratings']  # not applied: the published split is used as it is
     params['source'] = 'grouplens'
     shards = movielens.locate_shards(data_dir, v['download'])
     memo = os.path.join(cache_dir(data_dir), 'source_hashes.json')
-    digest = hashlib.sha256('\n'.join(cache.content_hash(p, memo)
-                                      for p in shards.paths).encode()).hexdigest()
+    digest = hashlib.sha256(
+      '\n'.join(cache.content_hash(p, memo) for p in shards.paths).encode()
+    ).hexdigest()
     source_id = f'shards-sha256:{digest}'
     build = lambda: build_ml20mx16x32(shards, validation)
   else:
@@ -652,8 +778,9 @@ def prepare(dataset_config, *, force: bool = False, validation: str = 'none') ->
     elif v['source'] == 'grouplens':
       build = lambda: build_grouplens(handle, min_ratings, validation)
     else:
-      build = lambda: _build_movielens(movielens.read_tfds(handle, name), name, min_ratings,
-                                       validation)
+      build = lambda: _build_movielens(
+        movielens.read_tfds(handle, name), name, min_ratings, validation
+      )
   key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
   path = os.path.join(cache_dir(data_dir), f'{name}-{key}.ncfcache')
 
@@ -664,14 +791,19 @@ def prepare(dataset_config, *, force: bool = False, validation: str = 'none') ->
       return Prepared(dataset, path, built=False)
   logging.info('Building %s (%s)', name, source_id)
   dataset = build()
-  meta = {'name': name, 'num_users': dataset.num_users, 'num_items': dataset.num_items,
-          'num_train': dataset.num_train, 'params': params, 'source': source_id,
-          'ncf_jax_version': ncf_jax.__version__}
+  meta = {
+    'name': name,
+    'num_users': dataset.num_users,
+    'num_items': dataset.num_items,
+    'num_train': dataset.num_train,
+    'params': params,
+    'source': source_id,
+    'ncf_jax_version': ncf_jax.__version__,
+  }
   try:
     cache.write(path, _to_arrays(dataset), meta)
   except OSError as e:
-    logging.warning('Could not write the processed cache %s (%s); continuing without it.',
-                    path, e)
+    logging.warning('Could not write the processed cache %s (%s); continuing without it.', path, e)
     return Prepared(dataset, None, built=True)
   logging.info('Wrote %s', path)
   return Prepared(dataset, path, built=True)

@@ -14,17 +14,16 @@ the slots of its own positions, the slots are all-gathered, each device reads th
 samples (`device_batch`). Exactly one device contributes each sample, so the batches, and
 their `[pipeline_hash]` lines, are those of a replicated run on any device count.
 """
-from typing import Dict
 
 import flax.struct
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from ncf_jax import data as data_lib
-from ncf_jax import pipeline
-from ncf_jax import sampling
+from ncf_jax import pipeline, sampling
 
 
 @flax.struct.dataclass
@@ -35,17 +34,18 @@ class Split:
   a device sees its own part (`local` a `sampling.DeviceData` of its user range, each
   per-device scalar an array of shape [1]).
   """
+
   local: sampling.DeviceData
-  user_base: jax.Array   # int32 [ndev]: the first user of the device's range
-  pos_base: jax.Array    # int32 [ndev]: global index of the range's first positive
-  eval_lo: jax.Array     # int32 [ndev]: the users it evaluates, [eval_lo, eval_hi)
+  user_base: jax.Array  # int32 [ndev]: the first user of the device's range
+  pos_base: jax.Array  # int32 [ndev]: global index of the range's first positive
+  eval_lo: jax.Array  # int32 [ndev]: the users it evaluates, [eval_lo, eval_hi)
   eval_hi: jax.Array
-  num_users: int = flax.struct.field(pytree_node=False, default=0)   # global
+  num_users: int = flax.struct.field(pytree_node=False, default=0)  # global
   num_items: int = flax.struct.field(pytree_node=False, default=0)
-  num_train: int = flax.struct.field(pytree_node=False, default=0)   # global
+  num_train: int = flax.struct.field(pytree_node=False, default=0)  # global
   ndev: int = flax.struct.field(pytree_node=False, default=1)
-  per_device: int = flax.struct.field(pytree_node=False, default=1)   # K positives
-  eval_per: int = flax.struct.field(pytree_node=False, default=1)     # most eval users
+  per_device: int = flax.struct.field(pytree_node=False, default=1)  # K positives
+  eval_per: int = flax.struct.field(pytree_node=False, default=1)  # most eval users
 
   @property
   def eval_span(self) -> int:
@@ -53,23 +53,22 @@ class Split:
     return self.ndev * self.eval_per
 
 
-def partition(user_offsets: np.ndarray, num_train: int, ndev: int) -> Dict[str, np.ndarray]:
+def partition(user_offsets: np.ndarray, num_train: int, ndev: int) -> dict[str, np.ndarray]:
   """Per device: owned positives [pos_lo, pos_hi), eval users, held users [lo, hi)."""
   offsets = np.asarray(user_offsets, np.int64)
   num_users = offsets.shape[0] - 1
   per = max(1, -(-int(num_train) // ndev))
   pos_lo = np.minimum(np.arange(ndev, dtype=np.int64) * per, num_train)
   pos_hi = np.minimum(pos_lo + per, num_train)
-  eval_lo = np.searchsorted(offsets[:-1], pos_lo, 'left')   # first user starting in range
+  eval_lo = np.searchsorted(offsets[:-1], pos_lo, 'left')  # first user starting in range
   eval_lo[0] = 0
   eval_hi = np.r_[eval_lo[1:], num_users]
   has = pos_hi > pos_lo
-  first = np.searchsorted(offsets, pos_lo, 'right') - 1   # the user of positive pos_lo
+  first = np.searchsorted(offsets, pos_lo, 'right') - 1  # the user of positive pos_lo
   last = np.searchsorted(offsets, np.maximum(pos_hi - 1, 0), 'right') - 1
   lo = np.where(has, np.minimum(eval_lo, first), eval_lo)
   hi = np.where(has, np.maximum(eval_hi, last + 1), eval_hi)
-  return dict(per=per, pos_lo=pos_lo, pos_hi=pos_hi, eval_lo=eval_lo, eval_hi=eval_hi,
-              lo=lo, hi=hi)
+  return dict(per=per, pos_lo=pos_lo, pos_hi=pos_hi, eval_lo=eval_lo, eval_hi=eval_hi, lo=lo, hi=hi)
 
 
 def local_dataset(dataset: data_lib.Dataset, lo: int, hi: int) -> data_lib.Dataset:
@@ -78,12 +77,15 @@ def local_dataset(dataset: data_lib.Dataset, lo: int, hi: int) -> data_lib.Datas
   a, b = int(offsets[lo]), int(offsets[hi])
   valid = dataset.valid_items
   return data_lib.Dataset(
-      name=dataset.name, num_users=int(hi - lo), num_items=dataset.num_items,
-      train_users=(dataset.train_users[a:b] - lo).astype(np.int32),
-      train_items=dataset.train_items[a:b],
-      user_offsets=(offsets[lo:hi + 1] - a).astype(np.int32),
-      test_items=dataset.test_items[lo:hi],
-      valid_items=None if valid is None else valid[lo:hi])
+    name=dataset.name,
+    num_users=int(hi - lo),
+    num_items=dataset.num_items,
+    train_users=(dataset.train_users[a:b] - lo).astype(np.int32),
+    train_items=dataset.train_items[a:b],
+    user_offsets=(offsets[lo : hi + 1] - a).astype(np.int32),
+    test_items=dataset.test_items[lo:hi],
+    valid_items=None if valid is None else valid[lo:hi],
+  )
 
 
 def _layout(dataset: data_lib.Dataset, ndev: int):
@@ -95,22 +97,33 @@ def _layout(dataset: data_lib.Dataset, ndev: int):
   offsets = np.asarray(dataset.user_offsets, np.int64)
   users = max(1, int((parts['hi'] - parts['lo']).max()))
   train = max(1, int((offsets[parts['hi']] - offsets[parts['lo']]).max()))
-  return parts, sampling.host_shapes(users, dataset.num_items, train,
-                                     dataset.valid_items is not None)
+  return parts, sampling.host_shapes(
+    users, dataset.num_items, train, dataset.valid_items is not None
+  )
 
 
 def _split(dataset: data_lib.Dataset, ndev: int, parts, arrays, scalars) -> Split:
   offsets = np.asarray(dataset.user_offsets, np.int64)
   degrees = np.diff(offsets)
   local = sampling.DeviceData(
-      num_users=int(arrays['test_items'].shape[0]) // ndev, num_items=dataset.num_items,
-      max_degree=int(degrees.max()) if degrees.size else 0, **arrays)
-  return Split(local=local, user_base=scalars(parts['lo']),
-               pos_base=scalars(offsets[parts['lo']]),
-               eval_lo=scalars(parts['eval_lo']), eval_hi=scalars(parts['eval_hi']),
-               num_users=dataset.num_users, num_items=dataset.num_items,
-               num_train=dataset.num_train, ndev=ndev, per_device=int(parts['per']),
-               eval_per=max(1, int((parts['eval_hi'] - parts['eval_lo']).max())))
+    num_users=int(arrays['test_items'].shape[0]) // ndev,
+    num_items=dataset.num_items,
+    max_degree=int(degrees.max()) if degrees.size else 0,
+    **arrays,
+  )
+  return Split(
+    local=local,
+    user_base=scalars(parts['lo']),
+    pos_base=scalars(offsets[parts['lo']]),
+    eval_lo=scalars(parts['eval_lo']),
+    eval_hi=scalars(parts['eval_hi']),
+    num_users=dataset.num_users,
+    num_items=dataset.num_items,
+    num_train=dataset.num_train,
+    ndev=ndev,
+    per_device=int(parts['per']),
+    eval_per=max(1, int((parts['eval_hi'] - parts['eval_lo']).max())),
+  )
 
 
 def abstract(dataset: data_lib.Dataset, mesh: Mesh, axis: str = 'data') -> Split:
@@ -118,10 +131,16 @@ def abstract(dataset: data_lib.Dataset, mesh: Mesh, axis: str = 'data') -> Split
   ndev = mesh.size
   parts, shapes = _layout(dataset, ndev)
   sharding = NamedSharding(mesh, P(axis))
-  arrays = {k: jax.ShapeDtypeStruct((ndev * n,), dt, sharding=sharding)
-            for k, (n, dt) in shapes.items()}
-  return _split(dataset, ndev, parts, arrays, lambda v: jax.ShapeDtypeStruct(
-      (ndev,), np.dtype(np.int32), sharding=sharding))
+  arrays = {
+    k: jax.ShapeDtypeStruct((ndev * n,), dt, sharding=sharding) for k, (n, dt) in shapes.items()
+  }
+  return _split(
+    dataset,
+    ndev,
+    parts,
+    arrays,
+    lambda v: jax.ShapeDtypeStruct((ndev,), np.dtype(np.int32), sharding=sharding),
+  )
 
 
 def to_devices(dataset: data_lib.Dataset, mesh: Mesh, axis: str = 'data') -> Split:
@@ -145,17 +164,19 @@ def to_devices(dataset: data_lib.Dataset, mesh: Mesh, axis: str = 'data') -> Spl
     return built[d]
 
   sharding = NamedSharding(mesh, P(axis))
-  local_devices = [i for i, dev in enumerate(mesh.devices.flat)
-                   if dev.process_index == jax.process_index()]
+  local_devices = [
+    i for i, dev in enumerate(mesh.devices.flat) if dev.process_index == jax.process_index()
+  ]
   keys = part(local_devices[0]).keys()
 
   def split(key: str) -> jax.Array:
     n = lengths[key]
     return jax.make_array_from_callback(
-        (ndev * n,), sharding, lambda index: part((index[0].start or 0) // n)[key])
+      (ndev * n,), sharding, lambda index: part((index[0].start or 0) // n)[key]
+    )
 
   arrays = {k: split(k) for k in keys}
-  built.clear()   # the device arrays hold them now
+  built.clear()  # the device arrays hold them now
 
   def scalars(values) -> jax.Array:
     values = np.asarray(values, np.int32)
@@ -169,36 +190,56 @@ def slots_per_device(split: Split, num_neg: int) -> int:
   return split.per_device * (1 + int(num_neg))
 
 
-def epoch_items(split: Split, key: jax.Array, epoch, *, num_neg: int, start,
-                size: int) -> jax.Array:
+def epoch_items(
+  split: Split, key: jax.Array, epoch, *, num_neg: int, start, size: int
+) -> jax.Array:
   """Inside shard_map: items of this device's owned slots [start, start + size) (global).
 
   `pipeline.epoch_items` on the device's users; slots past its range get unspecified
   items that no batch reads.
   """
-  return pipeline.epoch_items(split.local, key, epoch, num_neg=num_neg, start=start,
-                              size=size, num_train=split.num_train,
-                              pos_base=split.pos_base[0])
+  return pipeline.epoch_items(
+    split.local,
+    key,
+    epoch,
+    num_neg=num_neg,
+    start=start,
+    size=size,
+    num_train=split.num_train,
+    pos_base=split.pos_base[0],
+  )
 
 
 def _offsets(local_k: jax.Array, j: jax.Array, num_neg: int, length: int):
   """Offsets local_k (1 + num_neg) + j into a device's items buffer of `length` slots."""
   if length <= sampling.INT32_MAX:
     return local_k * (1 + num_neg) + j
-  return sampling.wide_add(sampling.wide_mul(local_k.astype(jnp.uint32), 1 + num_neg),
-                           j.astype(jnp.uint32))
+  return sampling.wide_add(
+    sampling.wide_mul(local_k.astype(jnp.uint32), 1 + num_neg), j.astype(jnp.uint32)
+  )
 
 
-def device_batch(split: Split, items: jax.Array, key: jax.Array, epoch, step, *,
-                 batch_size: int, num_neg: int, start, size: int,
-                 axis: str = 'data') -> Dict[str, jax.Array]:
+def device_batch(
+  split: Split,
+  items: jax.Array,
+  key: jax.Array,
+  epoch,
+  step,
+  *,
+  batch_size: int,
+  num_neg: int,
+  start,
+  size: int,
+  axis: str = 'data',
+) -> dict[str, jax.Array]:
   """Inside shard_map: this device's `size` samples of global batch `step`, from `start`.
 
   `items` is this device's part of the epoch (`epoch_items`). The same values as
   `pipeline.train_batch` on the whole dataset.
   """
-  slot, valid = pipeline.visited_slots(split.num_train, key, epoch, step, batch_size,
-                                       num_neg, start, size)
+  slot, valid = pipeline.visited_slots(
+    split.num_train, key, epoch, step, batch_size, num_neg, start, size
+  )
   k, j = pipeline.slot_parts(slot, num_neg)
   every_k = jax.lax.all_gather(k, axis, tiled=True)
   every_j = jax.lax.all_gather(j, axis, tiled=True)
@@ -212,8 +253,7 @@ def device_batch(split: Split, items: jax.Array, key: jax.Array, epoch, step, *,
   user = data.train_users[index] + split.user_base[0]
   both = jnp.where(owned[:, None], jnp.stack([user, item.astype(jnp.int32)], axis=1), 0)
   mine = jax.lax.psum_scatter(both, axis, scatter_dimension=0, tiled=True)
-  return dict(user=mine[:, 0], item=mine[:, 1], label=(j == 0).astype(jnp.float32),
-              valid=valid)
+  return dict(user=mine[:, 0], item=mine[:, 1], label=(j == 0).astype(jnp.float32), valid=valid)
 
 
 def eval_users(split: Split, first, size: int):

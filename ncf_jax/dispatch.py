@@ -20,12 +20,13 @@ Why a watchdog. A collective can also stall for reasons outside the process (a h
 died or froze, a wedged interconnect): on GPUs NCCL then waits forever without a word.
 `Watchdog` ends such a run with one line saying what happened and what to do.
 """
+
 import collections
+from collections.abc import Callable, Sequence
 import os
 import sys
 import threading
 import time
-from typing import Callable, Optional, Sequence
 
 import jax
 
@@ -37,7 +38,7 @@ CPU_MAX_IN_FLIGHT = 8
 EXIT_STALLED = 3
 
 
-def in_flight_limit(devices: Sequence[jax.Device]) -> Optional[int]:
+def in_flight_limit(devices: Sequence[jax.Device]) -> int | None:
   """The bound for programs over `devices`: CPU_MAX_IN_FLIGHT on a multi-device CPU client.
 
   Only this process's devices count: each process has its own CPU client and queues.
@@ -55,7 +56,7 @@ class InFlight:
   the next launch: a metric, a digest). With `limit=None` it only counts.
   """
 
-  def __init__(self, limit: Optional[int], on_wait: Optional[Callable[[], None]] = None):
+  def __init__(self, limit: int | None, on_wait: Callable[[], None] | None = None):
     self.limit = limit
     self._pending = collections.deque()
     self._on_wait = on_wait
@@ -96,8 +97,7 @@ class Watchdog:
 
   def __enter__(self):
     if self.timeout_s > 0:
-      self._thread = threading.Thread(target=self._watch, name='ncf_jax-watchdog',
-                                      daemon=True)
+      self._thread = threading.Thread(target=self._watch, name='ncf_jax-watchdog', daemon=True)
       self._thread.start()
     return self
 

@@ -1,4 +1,5 @@
 """User-facing errors: one clear message, a non-zero exit, no traceback."""
+
 import difflib
 import re
 import sys
@@ -10,12 +11,14 @@ class UserError(Exception):
 
 def exit_on_user_error(fn):
   """Wraps a command's main: a UserError prints one line to stderr and exits 2."""
+
   def wrapped(*args, **kwargs):
     try:
       return fn(*args, **kwargs)
     except UserError as e:
       print(f'error: {e}', file=sys.stderr, flush=True)
       sys.exit(2)
+
   wrapped.__name__ = getattr(fn, '__name__', 'main')
   wrapped.__doc__ = fn.__doc__
   return wrapped
@@ -31,6 +34,7 @@ def define_config_file(default: str, help_string: str) -> None:
   from absl import flags
   from ml_collections import config_flags
   from ml_collections.config_flags import config_flags as parsers
+
   try:
     config_flags.DEFINE_config_file('config', default, help_string, lock_config=True)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
@@ -47,17 +51,20 @@ def parse_flags(argv):
   escaped multi-line text.
   """
   from absl import flags
+
   try:
     rest = flags.FLAGS(argv)
     if 'config' in flags.FLAGS:
       config = flags.FLAGS['config'].value
       if config is not None:
-        config.keys()   # a config file that failed to load raises here
+        config.keys()  # a config file that failed to load raises here
     return rest
   except OSError as e:
     message = ' '.join(str(e).split())
-    _fail(f'cannot load the config file ({message}); pass --config=configs/<name>.py '
-          'with a file that exists (see configs/).')
+    _fail(
+      f'cannot load the config file ({message}); pass --config=configs/<name>.py '
+      'with a file that exists (see configs/).'
+    )
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
     _fail(_flag_error_message(e, argv, flags.FLAGS))
 
@@ -75,7 +82,7 @@ def _loaded_config(flag_values, config_arg, load):
     if 'config' not in flag_values:
       return None
     flag = flag_values['config']
-    config = flag.value   # None after an override that names no field
+    config = flag.value  # None after an override that names no field
     if config is None:
       config = flag.parser.parse(config_arg or flag.default_as_str.strip('\'"'))
     config.keys()
@@ -85,16 +92,22 @@ def _loaded_config(flag_values, config_arg, load):
 
 
 # What a `--config.<field>` of each type takes, for the wrong-type message.
-_TYPE_WORDS = {'int': 'an integer', 'float': 'a number', 'bool': 'true or false',
-               'string': 'a string', 'str': 'a string'}
+_TYPE_WORDS = {
+  'int': 'an integer',
+  'float': 'a number',
+  'bool': 'true or false',
+  'string': 'a string',
+  'str': 'a string',
+}
 
 
-def _flag_error_message(error: Exception, argv, flag_values, load=None,
-                        default_file: str = 'the config file') -> str:
+def _flag_error_message(
+  error: Exception, argv, flag_values, load=None, default_file: str = 'the config file'
+) -> str:
   """One line for an error from absl flag parsing (see `parse_flags`)."""
   from absl import flags
-  config_arg = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')),
-                    None)
+
+  config_arg = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), None)
   if config_arg is None and 'config' in flag_values:
     default_file = flag_values['config'].default_as_str.strip('\'"')
   config_file = config_arg.split(':')[0] if config_arg else default_file
@@ -108,8 +121,10 @@ def _flag_error_message(error: Exception, argv, flag_values, load=None,
     current = _lookup(config, name.split('.')[1:]) if config is not None else _MISSING
     if hasattr(current, 'keys'):
       fields = ', '.join(sorted(current.keys()))
-      return (f'--{name}={value}: {name} is a group of fields ({fields}); set them one by '
-              f'one, e.g. --{name}.{sorted(current.keys())[0]}=...')
+      return (
+        f'--{name}={value}: {name} is a group of fields ({fields}); set them one by '
+        f'one, e.g. --{name}.{sorted(current.keys())[0]}=...'
+      )
     kind = 'bool' if isinstance(current, bool) else flag_values[name].flag_type()
     if isinstance(current, (tuple, list)):
       kind = 'tuple'
@@ -126,20 +141,21 @@ def _flag_error_message(error: Exception, argv, flag_values, load=None,
       parts = match.group(1).split('.')[1:]
       for i in range(len(parts)):
         node = _lookup(config, parts[:i])
-        if not hasattr(node, 'keys') or parts[i] in node.keys():
+        if not hasattr(node, 'keys') or parts[i] in node:
           continue
-        name = '.'.join(['config'] + parts[:i + 1])
+        name = '.'.join(['config'] + parts[: i + 1])
         close = difflib.get_close_matches(parts[i], list(node.keys()), n=1, cutoff=0.6)
-        hint = (f': did you mean {".".join(["config"] + parts[:i] + close)}?' if close
-                else '.')
-        return (f'unknown config field {name} (from {arg}){hint} Every field is defined, '
-                'with a comment, in configs/default.py.')
+        hint = f': did you mean {".".join(["config"] + parts[:i] + close)}?' if close else '.'
+        return (
+          f'unknown config field {name} (from {arg}){hint} Every field is defined, '
+          'with a comment, in configs/default.py.'
+        )
 
   if isinstance(error, flags.UnrecognizedFlagError):
     close = re.search(r'Did you mean: (\S+)', text)
     hint = f'; did you mean --{close.group(1)}?' if close else ''
     return f'unknown flag --{error.flagname}{hint} (--help lists the flags).'
-  if 'Traceback' in text:   # config_flags embeds the config file's own traceback
+  if 'Traceback' in text:  # config_flags embeds the config file's own traceback
     lines = [line for line in text.splitlines() if line.strip(' )^~')]
     return f'cannot load {config_file}: {lines[-1].strip()}'
   if isinstance(error, flags.Error):
@@ -154,7 +170,7 @@ def _lookup(config, parts):
   """The value at a field path in a ConfigDict, or _MISSING."""
   node = config
   for part in parts:
-    if not hasattr(node, 'keys') or part not in node.keys():
+    if not hasattr(node, 'keys') or part not in node:
       return _MISSING
     node = node[part]
   return node

@@ -14,38 +14,37 @@ line for scripts.
 
 Read-only: safe to run while a train command is still writing to the same workdir.
 """
+
 import functools
 import json
 import os
-from typing import Optional
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 
 from ncf_jax import checkpoint as ckpt_lib
-from ncf_jax import config_checks
+from ncf_jax import config_checks, models, pipeline, sampling, steps, writers
 from ncf_jax import data as data_lib
-from ncf_jax import models
-from ncf_jax import pipeline
-from ncf_jax import sampling
-from ncf_jax import steps
-from ncf_jax import writers
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 
-def _find_step(ckpts: ckpt_lib.Checkpoints, workdir: str, step: Optional[int]) -> int:
+def _find_step(ckpts: ckpt_lib.Checkpoints, workdir: str, step: int | None) -> int:
   saved = sorted(ckpts.all_steps())
   if not saved:
-    raise UserError(f'no checkpoint in {ckpts.directory}; train first with '
-                    f'`python -m ncf_jax.train --workdir={workdir}`.')
+    raise UserError(
+      f'no checkpoint in {ckpts.directory}; train first with '
+      f'`python -m ncf_jax.train --workdir={workdir}`.'
+    )
   if step is None:
     return saved[-1]
   if step not in saved:
-    raise UserError(f'no checkpoint at step {step} in {ckpts.directory}; available steps: '
-                    f'{", ".join(map(str, saved))}.')
+    raise UserError(
+      f'no checkpoint at step {step} in {ckpts.directory}; available steps: '
+      f'{", ".join(map(str, saved))}.'
+    )
   return step
 
 
@@ -69,9 +68,13 @@ def _describe_epoch(epoch, batch) -> str:
   return f'end of epoch {epoch}' if batch is None else f'epoch {epoch}, batch {batch}'
 
 
-def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
-                        data_dir: Optional[str] = None, split: str = 'test',
-                        best: bool = False) -> dict:
+def evaluate_checkpoint(
+  workdir: str,
+  step: int | None = None,
+  data_dir: str | None = None,
+  split: str = 'test',
+  best: bool = False,
+) -> dict:
   """HR/NDCG/MRR of the checkpoint at `step` (default: the latest) of a train workdir.
 
   Args:
@@ -95,8 +98,10 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
   if not os.path.isdir(workdir):
     raise UserError(f'workdir {workdir!r} does not exist.')
   if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise UserError(f'{workdir!r} has no checkpoints folder: it is not the workdir of a '
-                    f'train command, or no checkpoint was saved yet.')
+    raise UserError(
+      f'{workdir!r} has no checkpoints folder: it is not the workdir of a '
+      f'train command, or no checkpoint was saved yet.'
+    )
   if split not in pipeline.SPLITS:
     raise UserError(f'--split={split!r}: use one of {", ".join(pipeline.SPLITS)}.')
   ckpts = ckpt_lib.Checkpoints(workdir, 1, read_only=True)
@@ -105,11 +110,14 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
       latest = ckpts.latest_step()
       saved = ckpts.restore_meta(_find_step(ckpts, workdir, latest))['config']
       if saved.get('validation', 'none') == 'none':
-        raise UserError(f'{workdir!r} was trained without a validation split, so it has no '
-                        'selected epoch; drop --best.')
+        raise UserError(
+          f'{workdir!r} was trained without a validation split, so it has no '
+          'selected epoch; drop --best.'
+        )
       ckpts.close()
-      ckpts = ckpt_lib.Checkpoints(workdir, 1, read_only=True,
-                                   best_metric=f'valid_{saved["select_metric"]}')
+      ckpts = ckpt_lib.Checkpoints(
+        workdir, 1, read_only=True, best_metric=f'valid_{saved["select_metric"]}'
+      )
       if step is None:
         step = ckpts.best_step()
     step = _find_step(ckpts, workdir, step)
@@ -119,57 +127,81 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None,
     if data_dir:
       config.dataset.data_dir = data_dir
     if split == 'valid' and config.validation == 'none':
-      raise UserError(f'{workdir!r} was trained without a validation split '
-                      '(config.validation=none); use --split=test.')
+      raise UserError(
+        f'{workdir!r} was trained without a validation split '
+        '(config.validation=none); use --split=test.'
+      )
 
     mesh = steps.make_mesh(0)
     # Any eval batch gives the same sums; round it up to a multiple of this device count.
     ebs = -(-int(config.eval_batch_size) // mesh.size) * mesh.size
     config.eval_batch_size = ebs
-    config_checks.validate_config(config, 1)   # model and eval fields; batch_size is not used here
+    config_checks.validate_config(config, 1)  # model and eval fields; batch_size is not used here
     dataset = data_lib.load(config.dataset, config.validation)
     config_checks.validate_against_data(config, dataset)
     replicated = NamedSharding(mesh, P())
     data = sampling.to_device(dataset, replicated)
     init_key, data_key, _ = steps.make_keys(seed, mesh)
-    model = models.create_model(config.model, dataset.num_users, dataset.num_items,
-                                config.dtype)
+    model = models.create_model(config.model, dataset.num_users, dataset.num_items, config.dtype)
     shapes = jax.eval_shape(
-        functools.partial(steps.create_train_state, config, model, mesh=mesh), init_key)
+      functools.partial(steps.create_train_state, config, model, mesh=mesh), init_key
+    )
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes
+    )
     try:
       state, meta = ckpts.restore(abstract, step)
     except (ValueError, TypeError, KeyError) as e:
       raise UserError(
-          f'the checkpoint at step {step} does not match its config and dataset '
-          f'({dataset.name}: {dataset.num_users} users, {dataset.num_items} items): '
-          f'{str(e).splitlines()[0][:300]}') from None
+        f'the checkpoint at step {step} does not match its config and dataset '
+        f'({dataset.name}: {dataset.num_users} users, {dataset.num_items} items): '
+        f'{str(e).splitlines()[0][:300]}'
+      ) from None
   finally:
     ckpts.close()
 
-  eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items,
-                                   split=split)
-  result, digest = steps.evaluate(eval_step, state.params, data, data_key,
-                                  dataset.num_users, ebs)
+  eval_step = steps.make_eval_step(
+    config, mesh, model, dataset.num_users, dataset.num_items, split=split
+  )
+  result, digest = steps.evaluate(eval_step, state.params, data, data_key, dataset.num_users, ebs)
   epoch, batch = checkpoint_epoch(
-      int(step), pipeline.steps_per_epoch(dataset.num_train, config.num_neg,
-                                          config.batch_size))
-  return {'workdir': workdir, 'step': int(step), 'epoch': epoch, 'batch': batch,
-          'split': split, 'top_k': int(config.top_k), **result,
-          'num_users': dataset.num_users, 'eval_candidates_hash': digest, 'seed': seed}
+    int(step), pipeline.steps_per_epoch(dataset.num_train, config.num_neg, config.batch_size)
+  )
+  return {
+    'workdir': workdir,
+    'step': int(step),
+    'epoch': epoch,
+    'batch': batch,
+    'split': split,
+    'top_k': int(config.top_k),
+    **result,
+    'num_users': dataset.num_users,
+    'eval_candidates_hash': digest,
+    'seed': seed,
+  }
 
 
 def define_flags() -> None:
   """Defines the evaluate command's flags (only when run as a command)."""
   flags.DEFINE_string('workdir', None, 'Run directory of the checkpoints to evaluate.')
   flags.DEFINE_integer('step', None, 'Global step of the checkpoint (default: latest).')
-  flags.DEFINE_string('data_dir', None, 'Dataset folder, if it moved since training '
-                      '(default: the saved config.dataset.data_dir).')
-  flags.DEFINE_enum('split', 'test', list(pipeline.SPLITS), 'Split to evaluate: test, or '
-                    'valid for a run with a validation split.')
-  flags.DEFINE_bool('best', False, 'Evaluate the best checkpoint (the selected epoch of a '
-                    'run with a validation split) instead of the latest.')
+  flags.DEFINE_string(
+    'data_dir',
+    None,
+    'Dataset folder, if it moved since training (default: the saved config.dataset.data_dir).',
+  )
+  flags.DEFINE_enum(
+    'split',
+    'test',
+    list(pipeline.SPLITS),
+    'Split to evaluate: test, or valid for a run with a validation split.',
+  )
+  flags.DEFINE_bool(
+    'best',
+    False,
+    'Evaluate the best checkpoint (the selected epoch of a '
+    'run with a validation split) instead of the latest.',
+  )
 
 
 @exit_on_user_error
@@ -177,14 +209,18 @@ def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   writers.quiet_library_logs()
-  result = evaluate_checkpoint(flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.data_dir,
-                               flags.FLAGS.split, flags.FLAGS.best)
+  result = evaluate_checkpoint(
+    flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.data_dir, flags.FLAGS.split, flags.FLAGS.best
+  )
   k = result['top_k']
   split = '' if result['split'] == 'test' else f' ({result["split"]} split)'
   when = _describe_epoch(result['epoch'], result['batch'])
-  print(f'checkpoint step {result["step"]} ({when}) of {result["workdir"]}'
-        f'{split}: HR@{k} = {result["hr"]:.4f}, NDCG@{k} = {result["ndcg"]:.4f}, '
-        f'MRR@{k} = {result["mrr"]:.4f} over {result["num_users"]} users', flush=True)
+  print(
+    f'checkpoint step {result["step"]} ({when}) of {result["workdir"]}'
+    f'{split}: HR@{k} = {result["hr"]:.4f}, NDCG@{k} = {result["ndcg"]:.4f}, '
+    f'MRR@{k} = {result["mrr"]:.4f} over {result["num_users"]} users',
+    flush=True,
+  )
   print(json.dumps(result, sort_keys=True), flush=True)
 
 

@@ -19,8 +19,8 @@ A base user x item matrix B (n x m, binary) becomes a (rows * n) x (cols * m) on
 
 Pure numpy, seeded: the same input and seed give the same bytes.
 """
+
 import dataclasses
-from typing import Optional, Tuple
 
 import numpy as np
 
@@ -35,25 +35,26 @@ MAX_KEEP = 0.95
 DENSE_SVD_ENTRIES = 1 << 23
 _OVERSAMPLE = 10
 _POWER_ITERATIONS = 7
-_CHUNK = 1 << 22   # candidates drawn per numpy call (memory, not results)
+_CHUNK = 1 << 22  # candidates drawn per numpy call (memory, not results)
 
 
 @dataclasses.dataclass(frozen=True)
 class Expansion:
   """Expanded interactions in generation order, and how they were drawn."""
-  users: np.ndarray          # int32 [nnz] a * num_base_users + u
-  items: np.ndarray          # int32 [nnz] b * num_base_items + i
-  timestamps: np.ndarray     # int64 [nnz] the base interaction's timestamp
-  num_users: int             # rows * num_base_users
-  num_items: int             # cols * num_base_items
-  reduced: np.ndarray        # float64 [rows, cols] R, singular values = B's largest
+
+  users: np.ndarray  # int32 [nnz] a * num_base_users + u
+  items: np.ndarray  # int32 [nnz] b * num_base_items + i
+  timestamps: np.ndarray  # int64 [nnz] the base interaction's timestamp
+  num_users: int  # rows * num_base_users
+  num_items: int  # cols * num_base_items
+  reduced: np.ndarray  # float64 [rows, cols] R, singular values = B's largest
   probabilities: np.ndarray  # float64 [rows, cols] P, keep probability of each block
 
 
 class _Csr:
   """Binary sparse matrix from (row, col) pairs, duplicates counted once; products only."""
 
-  def __init__(self, rows: np.ndarray, cols: np.ndarray, shape: Tuple[int, int]):
+  def __init__(self, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]):
     key = np.unique(rows.astype(np.int64) * shape[1] + cols)
     self.shape = shape
     self.row_of = key // shape[1]
@@ -77,9 +78,14 @@ class _Csr:
     return _Csr(self.col, self.row_of, (self.shape[1], self.shape[0]))
 
 
-def top_singular_triplets(users: np.ndarray, items: np.ndarray, num_users: int,
-                          num_items: int, k: int,
-                          dense_entries: int = DENSE_SVD_ENTRIES):
+def top_singular_triplets(
+  users: np.ndarray,
+  items: np.ndarray,
+  num_users: int,
+  num_items: int,
+  k: int,
+  dense_entries: int = DENSE_SVD_ENTRIES,
+):
   """The k largest singular values of the binary interaction matrix, and their vectors.
 
   Returns (u [n, k], s [k] descending, vt [k, m]). Dense LAPACK up to `dense_entries`
@@ -99,7 +105,7 @@ def top_singular_triplets(users: np.ndarray, items: np.ndarray, num_users: int,
   for _ in range(_POWER_ITERATIONS):
     z, _ = np.linalg.qr(at.dot(q))
     q, _ = np.linalg.qr(a.dot(z))
-  small = at.dot(q).T          # q^T a, [width, m]
+  small = at.dot(q).T  # q^T a, [width, m]
   w, s, vt = np.linalg.svd(small, full_matrices=False)
   return (q @ w)[:, :k], s[:k], vt[:k]
 
@@ -113,8 +119,7 @@ def resize_rows(x: np.ndarray, size: int) -> np.ndarray:
     counts = np.diff(np.r_[starts, n])
     return np.add.reduceat(x, starts, axis=0) / counts[:, None]
   centres = (np.arange(size) + 0.5) * n / size - 0.5
-  return np.stack([np.interp(centres, np.arange(n), x[:, j]) for j in range(x.shape[1])],
-                  axis=1)
+  return np.stack([np.interp(centres, np.arange(n), x[:, j]) for j in range(x.shape[1])], axis=1)
 
 
 def closest_orthonormal(x: np.ndarray) -> np.ndarray:
@@ -127,8 +132,9 @@ def closest_orthonormal(x: np.ndarray) -> np.ndarray:
   return p @ qt
 
 
-def reduced_matrix(u: np.ndarray, s: np.ndarray, vt: np.ndarray, rows: int,
-                   cols: int) -> np.ndarray:
+def reduced_matrix(
+  u: np.ndarray, s: np.ndarray, vt: np.ndarray, rows: int, cols: int
+) -> np.ndarray:
   """The paper's Algorithm 2: a rows x cols matrix with singular values s[:k]."""
   k = min(rows, cols, s.shape[0])
   u_r = closest_orthonormal(resize_rows(u[:, :k], rows))
@@ -145,15 +151,22 @@ def keep_probabilities(reduced: np.ndarray) -> np.ndarray:
 def check_multipliers(rows, cols) -> None:
   """Raises ValueError naming a multiplier that is not an integer >= 1."""
   for field, value in (('rows', rows), ('cols', cols)):
-    if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
-        or value < 1):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
       raise ValueError(f'the {field} multiplier is {value!r}; it must be an integer >= 1')
 
 
-def expand(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, num_users: int,
-           num_items: int, rows: int, cols: int, seed: int,
-           probabilities: Optional[np.ndarray] = None,
-           dense_entries: int = DENSE_SVD_ENTRIES) -> Expansion:
+def expand(
+  users: np.ndarray,
+  items: np.ndarray,
+  timestamps: np.ndarray,
+  num_users: int,
+  num_items: int,
+  rows: int,
+  cols: int,
+  seed: int,
+  probabilities: np.ndarray | None = None,
+  dense_entries: int = DENSE_SVD_ENTRIES,
+) -> Expansion:
   """Expands base interactions (dense ids) by rows x cols; see the module docstring.
 
   Args:
@@ -182,11 +195,9 @@ def expand(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, num_use
     reduced = np.asarray(probabilities, np.float64)
   probabilities = np.asarray(probabilities, np.float64)
   if probabilities.shape != (rows, cols):
-    raise ValueError(f'probabilities have shape {probabilities.shape}, expected '
-                     f'{(rows, cols)}')
+    raise ValueError(f'probabilities have shape {probabilities.shape}, expected {(rows, cols)}')
   if (rows * num_users >= 2**31) or (cols * num_items >= 2**31):
-    raise ValueError(f'{rows} x {num_users} users or {cols} x {num_items} items exceed '
-                     'int32 ids')
+    raise ValueError(f'{rows} x {num_users} users or {cols} x {num_items} items exceed int32 ids')
   rng = np.random.Generator(np.random.PCG64(seed))
   thresholds = probabilities.astype(np.float32)
   step = max(1, _CHUNK // cols)
@@ -198,12 +209,17 @@ def expand(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, num_use
     for lo in range(0, n, step):
       hi = min(n, lo + step)
       keep = rng.random((hi - lo, cols), dtype=np.float32) < thresholds[a]
-      row, block = np.nonzero(keep)     # row-major: base row, then item block
+      row, block = np.nonzero(keep)  # row-major: base row, then item block
       src = lo + row
       out_u.append((a * num_users + base_u[src]).astype(np.int32))
       out_i.append((col_offset[block] + base_i[src]).astype(np.int32))
       out_t.append(timestamps[src].astype(np.int64, copy=False))
-  return Expansion(users=np.concatenate(out_u), items=np.concatenate(out_i),
-                   timestamps=np.concatenate(out_t), num_users=rows * num_users,
-                   num_items=cols * num_items, reduced=reduced,
-                   probabilities=probabilities)
+  return Expansion(
+    users=np.concatenate(out_u),
+    items=np.concatenate(out_i),
+    timestamps=np.concatenate(out_t),
+    num_users=rows * num_users,
+    num_items=cols * num_items,
+    reduced=reduced,
+    probabilities=probabilities,
+  )

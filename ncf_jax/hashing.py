@@ -7,7 +7,6 @@ and a `psum` over the data axis completes the digest. Digests are chained in ste
 (`chain`), so the chain covers every batch of an epoch in order. Nothing leaves the device
 until a digest is logged.
 """
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ def _element_hash(position, a, b) -> jax.Array:
   return jnp.stack(sampling.random_words(_KEY2, h0 ^ b, h1))
 
 
-def batch_digest(batch, position: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
+def batch_digest(batch, position: jax.Array, axis_name: str | None = None) -> jax.Array:
   """uint32[2] digest of a training batch (user, item, label, valid) or its shard.
 
   Args:
@@ -53,8 +52,9 @@ def batch_digest(batch, position: jax.Array, axis_name: Optional[str] = None) ->
   return digest
 
 
-def array_digest(values: jax.Array, position: jax.Array, mask=None,
-                 axis_name: Optional[str] = None) -> jax.Array:
+def array_digest(
+  values: jax.Array, position: jax.Array, mask=None, axis_name: str | None = None
+) -> jax.Array:
   """uint32[2] digest of an int array (e.g. eval candidates) at global positions.
 
   Elements where `mask` is False (padding) are left out, so the digest does not depend on

@@ -1,4 +1,5 @@
 """Process setup before the backends start: XLA flags and multi-host `jax.distributed`."""
+
 import os
 
 from absl import logging
@@ -7,25 +8,30 @@ import jax
 from ncf_jax import config_checks
 
 
-def maybe_initialize_distributed(coordinator_address=None, num_processes=None,
-                                 process_id=None) -> None:
+def maybe_initialize_distributed(
+  coordinator_address=None, num_processes=None, process_id=None
+) -> None:
   """jax.distributed from flags, or from the environment where JAX can detect it."""
   explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
   env = os.environ
-  detectable = (env.get('JAX_COORDINATOR_ADDRESS') or int(env.get('SLURM_NTASKS', '1')) > 1
-                or ',' in env.get('TPU_WORKER_HOSTNAMES', ''))
+  detectable = (
+    env.get('JAX_COORDINATOR_ADDRESS')
+    or int(env.get('SLURM_NTASKS', '1')) > 1
+    or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+  )
   if not (explicit or detectable):
     # A Cloud TPU VM (pod slice workers included) announces itself only through the GCE
     # metadata server, which jax.distributed.initialize() queries: try it there.
     if os.path.exists('/dev/accel0') or os.path.exists('/dev/vfio/0'):
       try:
         jax.distributed.initialize()
-      except (ValueError, RuntimeError) as e:   # not a detectable cluster: one process
+      except (ValueError, RuntimeError) as e:  # not a detectable cluster: one process
         logging.info('No multi-host cluster detected on this TPU VM (%s).', e)
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
 
 
 def _add_xla_flag(name: str, value) -> None:
@@ -44,5 +50,6 @@ def xla_flags(config) -> None:
   if config_checks.fixed_seed(config) is not None:
     _add_xla_flag('xla_gpu_deterministic_ops', 'true')
   if float(config.stall_timeout_s) > 0:
-    _add_xla_flag('xla_cpu_collective_call_terminate_timeout_seconds',
-                  int(float(config.stall_timeout_s)) + 60)
+    _add_xla_flag(
+      'xla_cpu_collective_call_terminate_timeout_seconds', int(float(config.stall_timeout_s)) + 60
+    )

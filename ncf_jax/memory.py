@@ -5,8 +5,8 @@ replicated array counts its full size on every device, an array split over n dev
 about 1/n. Abstract arrays (`jax.ShapeDtypeStruct` with a sharding) count the shards they
 would have, so a figure can be given for something not built yet (an epoch's items).
 """
+
 import collections
-from typing import Dict, Optional, Tuple
 
 import jax
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 from ncf_jax.errors import UserError
 
 
-def device_bytes(tree) -> Dict[jax.Device, int]:
+def device_bytes(tree) -> dict[jax.Device, int]:
   """{local device: bytes of `tree`'s shards on it}; leaves that are not arrays count 0."""
   out = collections.Counter()
   for leaf in jax.tree.leaves(tree):
@@ -28,23 +28,26 @@ def device_bytes(tree) -> Dict[jax.Device, int]:
   return dict(out)
 
 
-def bytes_per_device(**trees) -> Dict[str, int]:
+def bytes_per_device(**trees) -> dict[str, int]:
   """{name: the largest bytes any device holds of that tree}, over every process.
 
   Each process measures its own devices; with several processes one small all-gather
   (collective: every process must call it) gives each the global maximum.
   """
   names = sorted(trees)
-  local = np.array([max(device_bytes(trees[n]).values(), default=0) for n in names],
-                   np.int64)
+  local = np.array([max(device_bytes(trees[n]).values(), default=0) for n in names], np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    local = np.asarray(multihost_utils.process_allgather(local)).reshape(
-        jax.process_count(), len(names)).max(axis=0)
+
+    local = (
+      np.asarray(multihost_utils.process_allgather(local))
+      .reshape(jax.process_count(), len(names))
+      .max(axis=0)
+    )
   return {n: int(v) for n, v in zip(names, local)}
 
 
-def available(devices) -> Tuple[Optional[int], int]:
+def available(devices) -> tuple[int | None, int]:
   """(bytes available to `devices` together, how many of them share it), or (None, 0).
 
   CPU devices of one process share the host's memory (MemAvailable); an accelerator's
@@ -64,7 +67,7 @@ def available(devices) -> Tuple[Optional[int], int]:
   return min(limits), 1
 
 
-def check_fits(need: Dict[str, int], devices, alternative: str = '') -> None:
+def check_fits(need: dict[str, int], devices, alternative: str = '') -> None:
   """Raises UserError when `need` (bytes per device, before any step) cannot fit.
 
   `need` leaves out a step's temporaries, so a run that passes may still run out; one
@@ -75,9 +78,13 @@ def check_fits(need: Dict[str, int], devices, alternative: str = '') -> None:
   if limit is None or total * sharing <= limit:
     return
   parts = ', '.join(f'{k} {v / 1e9:.2f}' for k, v in need.items())
-  where = (f'{sharing} devices share this host\'s {limit / 1e9:.1f} GB of available memory'
-           if sharing > 1 else f'a device holds {limit / 1e9:.1f} GB')
+  where = (
+    f'{sharing} devices share this host\'s {limit / 1e9:.1f} GB of available memory'
+    if sharing > 1
+    else f'a device holds {limit / 1e9:.1f} GB'
+  )
   hint = alternative or 'Use more devices or hosts, or a smaller model or dataset.'
   raise UserError(
-      f'out of memory before the first step: this run needs at least {total / 1e9:.2f} GB '
-      f'per device ({parts} GB), and {where}. {hint}')
+    f'out of memory before the first step: this run needs at least {total / 1e9:.2f} GB '
+    f'per device ({parts} GB), and {where}. {hint}'
+  )

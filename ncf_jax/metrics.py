@@ -1,4 +1,5 @@
 """Loss and ranking metrics as plain functions (sums and counts; divide once on host)."""
+
 import jax
 import jax.numpy as jnp
 
@@ -32,12 +33,15 @@ def ranking_sums(rank: jax.Array, weight: jax.Array, top_k: int) -> dict:
   ndcg = jnp.where(hit, 1.0 / jnp.log2(r + 2.0), 0.0)
   mrr = jnp.where(hit, 1.0 / (r + 1.0), 0.0)
   w = weight.astype(jnp.float32)
-  return {'hr_sum': jnp.sum(hit * w), 'ndcg_sum': jnp.sum(ndcg * w),
-          'mrr_sum': jnp.sum(mrr * w), 'count': jnp.sum(w)}
+  return {
+    'hr_sum': jnp.sum(hit * w),
+    'ndcg_sum': jnp.sum(ndcg * w),
+    'mrr_sum': jnp.sum(mrr * w),
+    'count': jnp.sum(w),
+  }
 
 
-def recall_sum(ranks: jax.Array, relevant: jax.Array, weight: jax.Array,
-               top_k: int) -> jax.Array:
+def recall_sum(ranks: jax.Array, relevant: jax.Array, weight: jax.Array, top_k: int) -> jax.Array:
   """Sum over rows with weight 1 of Recall@K: the share of a row's relevant items in its top K.
 
   ranks: int [B, R], the 0-based rank of each of a row's R relevant items among all its

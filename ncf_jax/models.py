@@ -1,12 +1,14 @@
 """NCF models in Flax: NeuMF, GMF, MLP (He et al. 2017) and dot-product MF (Rendle et al. 2020).
 
 Each maps (users, items) int32 [B] to logits [B]. Initialisation follows the MLPerf
-reference (../shared/MLPERF.md 4.2): embeddings N(0, 0.01) (`embed_init_std`; the MLP's
+reference (docs/mlperf.md 4.2): embeddings N(0, 0.01) (`embed_init_std`; the MLP's
 default is 0.1, see DEFAULTS); MLP kernels Glorot uniform;
 the final kernel LeCun uniform; biases uniform(+-1/sqrt(fan_in)) (PyTorch's Linear
 default). Parameters are float32; `dtype` is the compute dtype. No loss, no data here.
 """
-from typing import Any, Sequence, Tuple
+
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,23 +31,31 @@ EMBED_INIT_STD = 0.01
 # MLP's 0.01 embeddings are small against its first layer's biases, so until they grow it
 # is additive in user and item (popularity), and it needs both a larger rate and init.
 DEFAULTS = {
-    'neumf': {'learning_rate': 0.002, 'model.embed_init_std': EMBED_INIT_STD},
-    'gmf': {'learning_rate': 0.016, 'model.embed_init_std': EMBED_INIT_STD},
-    'mlp': {'learning_rate': 0.032, 'model.embed_init_std': 0.1},
-    'mf': {'learning_rate': 0.008, 'model.embed_init_std': EMBED_INIT_STD},
+  'neumf': {'learning_rate': 0.002, 'model.embed_init_std': EMBED_INIT_STD},
+  'gmf': {'learning_rate': 0.016, 'model.embed_init_std': EMBED_INIT_STD},
+  'mlp': {'learning_rate': 0.032, 'model.embed_init_std': 0.1},
+  'mf': {'learning_rate': 0.008, 'model.embed_init_std': EMBED_INIT_STD},
 }
 
 
 def _torch_bias_init(fan_in: int):
   bound = 1.0 / np.sqrt(fan_in)
+
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
 def _dense(features: int, fan_in: int, kernel_init, dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
-                  bias_init=_torch_bias_init(fan_in), name=name)
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=kernel_init,
+    bias_init=_torch_bias_init(fan_in),
+    name=name,
+  )
 
 
 class _Embedding(nn.Module):
@@ -53,6 +63,7 @@ class _Embedding(nn.Module):
 
   With `tables=True` it returns the two whole float32 tables instead (same parameters).
   """
+
   num_users: int
   num_items: int
   features: int
@@ -63,17 +74,28 @@ class _Embedding(nn.Module):
   @nn.compact
   def __call__(self, users, items, tables: bool = False):
     init = nn.initializers.normal(stddev=self.init_std)
-    u = nn.Embed(self.num_users, self.features, embedding_init=init,
-                 param_dtype=jnp.float32, name=f'{self.prefix}_user')
-    i = nn.Embed(self.num_items, self.features, embedding_init=init,
-                 param_dtype=jnp.float32, name=f'{self.prefix}_item')
+    u = nn.Embed(
+      self.num_users,
+      self.features,
+      embedding_init=init,
+      param_dtype=jnp.float32,
+      name=f'{self.prefix}_user',
+    )
+    i = nn.Embed(
+      self.num_items,
+      self.features,
+      embedding_init=init,
+      param_dtype=jnp.float32,
+      name=f'{self.prefix}_item',
+    )
     if tables:
       return u.embedding, i.embedding
     return u(users).astype(self.dtype), i(items).astype(self.dtype)
 
 
-def projected_tables(first_layer: str, num_users: int, num_items: int,
-                     samples: int) -> Tuple[bool, bool]:
+def projected_tables(
+  first_layer: str, num_users: int, num_items: int, samples: int
+) -> tuple[bool, bool]:
   """(project the user table, project the item table) for the MLP's first layer.
 
   `samples` is how many (user, item) pairs one compiled call scores per device. The layer
@@ -101,14 +123,16 @@ class _FirstLayer(nn.Module):
   q_i @ W[d:]: a projected half is (table @ W_half)[ids], the other table_[ids] @ W_half.
   Same values up to float summation order.
   """
+
   features: int
   fan_in: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, user_table, item_table, users, items, project: Tuple[bool, bool]):
-    kernel = self.param('kernel', nn.initializers.glorot_uniform(),
-                        (self.fan_in, self.features), jnp.float32).astype(self.dtype)
+  def __call__(self, user_table, item_table, users, items, project: tuple[bool, bool]):
+    kernel = self.param(
+      'kernel', nn.initializers.glorot_uniform(), (self.fan_in, self.features), jnp.float32
+    ).astype(self.dtype)
     bias = self.param('bias', _torch_bias_init(self.fan_in), (self.features,), jnp.float32)
     d = user_table.shape[1]
 
@@ -116,8 +140,12 @@ class _FirstLayer(nn.Module):
       if projected:
         return (table.astype(self.dtype) @ w)[ids]
       return table[ids].astype(self.dtype) @ w
-    return (half(user_table, users, kernel[:d], project[0]) +
-            half(item_table, items, kernel[d:], project[1]) + bias.astype(self.dtype))
+
+    return (
+      half(user_table, users, kernel[:d], project[0])
+      + half(item_table, items, kernel[d:], project[1])
+      + bias.astype(self.dtype)
+    )
 
 
 class NeuMF(nn.Module):
@@ -128,6 +156,7 @@ class NeuMF(nn.Module):
   pairs it scores, whether the first MLP layer reads projected tables
   (`projected_tables`); the parameters are the same either way.
   """
+
   num_users: int
   num_items: int
   mf_dim: int = 64
@@ -143,24 +172,39 @@ class NeuMF(nn.Module):
   def __call__(self, users, items, deterministic: bool = True):
     towers = []
     if self.use_gmf:
-      gu, gi = _Embedding(self.num_users, self.num_items, self.mf_dim, 'gmf', self.dtype,
-                          self.embed_init_std, name='gmf')(users, items)
+      gu, gi = _Embedding(
+        self.num_users,
+        self.num_items,
+        self.mf_dim,
+        'gmf',
+        self.dtype,
+        self.embed_init_std,
+        name='gmf',
+      )(users, items)
       towers.append(gu * gi)
     if self.use_mlp:
-      embed = _Embedding(self.num_users, self.num_items, self.mlp_layers[0] // 2, 'mlp',
-                         self.dtype, self.embed_init_std, name='mlp')
-      project = projected_tables(self.first_layer, self.num_users, self.num_items,
-                                 int(np.prod(jnp.shape(users))))
+      embed = _Embedding(
+        self.num_users,
+        self.num_items,
+        self.mlp_layers[0] // 2,
+        'mlp',
+        self.dtype,
+        self.embed_init_std,
+        name='mlp',
+      )
+      project = projected_tables(
+        self.first_layer, self.num_users, self.num_items, int(np.prod(jnp.shape(users)))
+      )
       if any(project):
         x = _FirstLayer(self.mlp_layers[1], self.mlp_layers[0], self.dtype, name='mlp_0')(
-            *embed(users, items, tables=True), users, items, tuple(project))
+          *embed(users, items, tables=True), users, items, tuple(project)
+        )
       else:
         mu, mi = embed(users, items)
         x = jnp.concatenate([mu, mi], axis=-1)
       for n, (fan_in, width) in enumerate(zip(self.mlp_layers[:-1], self.mlp_layers[1:])):
         if n or not any(project):
-          x = _dense(width, fan_in, nn.initializers.glorot_uniform(), self.dtype,
-                     f'mlp_{n}')(x)
+          x = _dense(width, fan_in, nn.initializers.glorot_uniform(), self.dtype, f'mlp_{n}')(x)
         x = nn.relu(x)
         if self.dropout > 0:
           x = nn.Dropout(self.dropout, deterministic=deterministic)(x)
@@ -172,6 +216,7 @@ class NeuMF(nn.Module):
 
 class MF(nn.Module):
   """Dot-product matrix factorisation with user, item and global biases."""
+
   num_users: int
   num_items: int
   mf_dim: int = 64
@@ -181,12 +226,15 @@ class MF(nn.Module):
   @nn.compact
   def __call__(self, users, items, deterministic: bool = True):
     del deterministic
-    pu, qi = _Embedding(self.num_users, self.num_items, self.mf_dim, 'mf', self.dtype,
-                        self.embed_init_std, name='mf')(users, items)
-    bu = nn.Embed(self.num_users, 1, embedding_init=nn.initializers.zeros,
-                  name='user_bias')(users)[..., 0]
-    bi = nn.Embed(self.num_items, 1, embedding_init=nn.initializers.zeros,
-                  name='item_bias')(items)[..., 0]
+    pu, qi = _Embedding(
+      self.num_users, self.num_items, self.mf_dim, 'mf', self.dtype, self.embed_init_std, name='mf'
+    )(users, items)
+    bu = nn.Embed(self.num_users, 1, embedding_init=nn.initializers.zeros, name='user_bias')(users)[
+      ..., 0
+    ]
+    bi = nn.Embed(self.num_items, 1, embedding_init=nn.initializers.zeros, name='item_bias')(items)[
+      ..., 0
+    ]
     g = self.param('global_bias', nn.initializers.zeros, ())
     dot = jnp.sum(pu * qi, axis=-1).astype(jnp.float32)
     return dot + bu + bi + g
@@ -198,17 +246,25 @@ def create_model(model_config, num_users: int, num_items: int, dtype: str) -> nn
   layers = tuple(int(w) for w in model_config.mlp_layers)
   jdtype = jnp.dtype(dtype)
   init_std = float(model_config.embed_init_std)
-  first_layer = str(model_config.get('first_layer', 'concat'))   # absent: the reference's
+  first_layer = str(model_config.get('first_layer', 'concat'))  # absent: the reference's
   if first_layer not in FIRST_LAYERS:
     raise ValueError(f'unknown model.first_layer {first_layer!r}')
   if name == 'mf':
     return MF(num_users, num_items, int(model_config.mf_dim), jdtype, init_std)
   if name not in MODEL_NAMES:
     raise ValueError(f'unknown model {name!r}')
-  return NeuMF(num_users, num_items, mf_dim=int(model_config.mf_dim), mlp_layers=layers,
-               dropout=float(model_config.dropout), use_gmf=name in ('neumf', 'gmf'),
-               use_mlp=name in ('neumf', 'mlp'), dtype=jdtype, embed_init_std=init_std,
-               first_layer=first_layer)
+  return NeuMF(
+    num_users,
+    num_items,
+    mf_dim=int(model_config.mf_dim),
+    mlp_layers=layers,
+    dropout=float(model_config.dropout),
+    use_gmf=name in ('neumf', 'gmf'),
+    use_mlp=name in ('neumf', 'mlp'),
+    dtype=jdtype,
+    embed_init_std=init_std,
+    first_layer=first_layer,
+  )
 
 
 def num_params(params) -> int:
@@ -251,8 +307,9 @@ def neumf_from_pretrained(neumf_params, gmf_params, mlp_params, alpha: float = 0
       if k.startswith('mlp_'):
         params[k] = v
   if gmf_params is not None and mlp_params is not None:
-    kernel = jnp.concatenate([alpha * gmf_params['final']['kernel'],
-                              (1 - alpha) * mlp_params['final']['kernel']], axis=0)
+    kernel = jnp.concatenate(
+      [alpha * gmf_params['final']['kernel'], (1 - alpha) * mlp_params['final']['kernel']], axis=0
+    )
     bias = alpha * gmf_params['final']['bias'] + (1 - alpha) * mlp_params['final']['bias']
     params['final'] = {'kernel': kernel, 'bias': bias}
   return params

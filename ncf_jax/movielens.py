@@ -5,6 +5,7 @@ ncf_jax.data. Parsing is vectorized: pyarrow's multi-threaded CSV reader, with `
 files first rewritten in memory to a one-byte separator. Only the error path scans the
 bytes again (numpy, block by block) to name the bad line.
 """
+
 import contextlib
 import dataclasses
 import hashlib
@@ -16,7 +17,6 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from typing import Dict, Optional
 
 from absl import logging
 import numpy as np
@@ -33,44 +33,46 @@ URL_ENV = 'NCF_JAX_MOVIELENS_URL'
 
 # MD5 of the official zips (MLPerf reference verify_dataset.sh). Other zips get a zip test.
 MD5 = {
-    'ml-20m': 'cd245b17a1ae2cc31bb14903e1204af3',
-    'ml-1m': 'c4d9eecfca2ab87c1945afe126590906',
+  'ml-20m': 'cd245b17a1ae2cc31bb14903e1204af3',
+  'ml-1m': 'c4d9eecfca2ab87c1945afe126590906',
 }
 
 # (ratings, users, items) of the official files (MLPERF.md 1.1); checked after parsing.
 KNOWN_SIZES = {
-    'ml-20m': (20_000_263, 138_493, 26_744),
-    'ml-1m': (1_000_209, 6_040, 3_706),
+  'ml-20m': (20_000_263, 138_493, 26_744),
+  'ml-1m': (1_000_209, 6_040, 3_706),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class RawFormat:
   """Where a GroupLens ratings file lives and how it is written."""
-  folder: str                # folder inside the zip, also the extracted folder in data_dir
-  filename: str              # ratings file inside that folder
-  sep: str                   # field separator
-  header: Optional[str]      # expected first line, or None when there is no header
+
+  folder: str  # folder inside the zip, also the extracted folder in data_dir
+  filename: str  # ratings file inside that folder
+  sep: str  # field separator
+  header: str | None  # expected first line, or None when there is no header
 
 
-FORMATS: Dict[str, RawFormat] = {
-    'ml-100k': RawFormat('ml-100k', 'u.data', '\t', None),
-    'ml-1m': RawFormat('ml-1m', 'ratings.dat', '::', None),
-    'ml-10m': RawFormat('ml-10M100K', 'ratings.dat', '::', None),
-    'ml-20m': RawFormat('ml-20m', 'ratings.csv', ',', 'userId,movieId,rating,timestamp'),
-    'ml-25m': RawFormat('ml-25m', 'ratings.csv', ',', 'userId,movieId,rating,timestamp'),
-    'ml-latest-small': RawFormat('ml-latest-small', 'ratings.csv', ',',
-                                 'userId,movieId,rating,timestamp'),
+FORMATS: dict[str, RawFormat] = {
+  'ml-100k': RawFormat('ml-100k', 'u.data', '\t', None),
+  'ml-1m': RawFormat('ml-1m', 'ratings.dat', '::', None),
+  'ml-10m': RawFormat('ml-10M100K', 'ratings.dat', '::', None),
+  'ml-20m': RawFormat('ml-20m', 'ratings.csv', ',', 'userId,movieId,rating,timestamp'),
+  'ml-25m': RawFormat('ml-25m', 'ratings.csv', ',', 'userId,movieId,rating,timestamp'),
+  'ml-latest-small': RawFormat(
+    'ml-latest-small', 'ratings.csv', ',', 'userId,movieId,rating,timestamp'
+  ),
 }
 NAMES = tuple(FORMATS)
 
 # TFDS has no ml-10m.
 TFDS_NAMES = {
-    'ml-100k': 'movielens/100k-ratings',
-    'ml-1m': 'movielens/1m-ratings',
-    'ml-20m': 'movielens/20m-ratings',
-    'ml-25m': 'movielens/25m-ratings',
-    'ml-latest-small': 'movielens/latest-small-ratings',
+  'ml-100k': 'movielens/100k-ratings',
+  'ml-1m': 'movielens/1m-ratings',
+  'ml-20m': 'movielens/20m-ratings',
+  'ml-25m': 'movielens/25m-ratings',
+  'ml-latest-small': 'movielens/latest-small-ratings',
 }
 
 _SEP_NAMES = {'\t': 'tabs', '::': "'::'", ',': "','", ';': "';'", '|': "'|'", ' ': 'spaces'}
@@ -82,9 +84,10 @@ _DIAGNOSE_BLOCK = 1 << 23
 @dataclasses.dataclass(frozen=True)
 class Source:
   """A located GroupLens ratings file: a plain file, or a member of the original zip."""
+
   name: str
-  path: str                  # the ratings file, or the zip
-  member: Optional[str]      # member inside the zip, None for a plain file
+  path: str  # the ratings file, or the zip
+  member: str | None  # member inside the zip, None for a plain file
   fmt: RawFormat
 
   @property
@@ -95,16 +98,17 @@ class Source:
 @dataclasses.dataclass(frozen=True)
 class Ratings:
   """Raw ratings in file order (order decides timestamp ties: last in file wins)."""
-  users: np.ndarray          # int32 [n] raw user ids
-  items: np.ndarray          # int32 [n] raw movie ids
-  timestamps: np.ndarray     # int64 [n] seconds
-  where: str                 # file (or TFDS name) for messages
+
+  users: np.ndarray  # int32 [n] raw user ids
+  items: np.ndarray  # int32 [n] raw movie ids
+  timestamps: np.ndarray  # int64 [n] seconds
+  where: str  # file (or TFDS name) for messages
 
   def __len__(self) -> int:
     return int(self.users.shape[0])
 
 
-def url(name: str, base_url: Optional[str] = None) -> str:
+def url(name: str, base_url: str | None = None) -> str:
   base = base_url or os.environ.get(URL_ENV) or BASE_URL
   return f'{base.rstrip("/")}/{name}.zip'
 
@@ -112,12 +116,17 @@ def url(name: str, base_url: Optional[str] = None) -> str:
 def expected_paths(name: str, data_dir: str):
   """(extracted ratings file, zip) paths searched in data_dir, in that order."""
   fmt = FORMATS[name]
-  return (os.path.join(data_dir, fmt.folder, fmt.filename),
-          os.path.join(data_dir, f'{name}.zip'))
+  return (os.path.join(data_dir, fmt.folder, fmt.filename), os.path.join(data_dir, f'{name}.zip'))
 
 
-def locate(name: str, data_dir: str, *, download: bool = False,
-           base_url: Optional[str] = None, md5: Optional[Dict[str, str]] = None) -> Source:
+def locate(
+  name: str,
+  data_dir: str,
+  *,
+  download: bool = False,
+  base_url: str | None = None,
+  md5: dict[str, str] | None = None,
+) -> Source:
   """Finds the ratings of `name` in data_dir (extracted folder first, then the zip).
 
   Args:
@@ -136,29 +145,42 @@ def locate(name: str, data_dir: str, *, download: bool = False,
     return Source(name, plain, None, fmt)
   if not os.path.isfile(zpath):
     if not download:
-      where = (f'data_dir {data_dir} does not exist' if not os.path.isdir(data_dir)
-               else f'neither {plain} nor {zpath} exists')
+      where = (
+        f'data_dir {data_dir} does not exist'
+        if not os.path.isdir(data_dir)
+        else f'neither {plain} nor {zpath} exists'
+      )
       raise UserError(
-          f'MovieLens {name} not found: {where}. Get it with `python -m ncf_jax.prepare '
-          f'--config=... --download` (or --config.dataset.download=True), use '
-          f'--config.dataset.source=tfds, or download {url(name, base_url)} and put the zip '
-          f'(or its extracted {fmt.folder}/ folder) in {data_dir}.')
+        f'MovieLens {name} not found: {where}. Get it with `python -m ncf_jax.prepare '
+        f'--config=... --download` (or --config.dataset.download=True), use '
+        f'--config.dataset.source=tfds, or download {url(name, base_url)} and put the zip '
+        f'(or its extracted {fmt.folder}/ folder) in {data_dir}.'
+      )
     zpath = download_zip(name, data_dir, base_url=base_url, md5=md5)
   member = f'{fmt.folder}/{fmt.filename}'
   try:
     with zipfile.ZipFile(zpath) as z:
       z.getinfo(member)
   except KeyError:
-    raise UserError(f'{zpath} has no member {member}: it is not the GroupLens {name} zip; '
-                    'delete it and re-download (--download).') from None
+    raise UserError(
+      f'{zpath} has no member {member}: it is not the GroupLens {name} zip; '
+      'delete it and re-download (--download).'
+    ) from None
   except (zipfile.BadZipFile, OSError) as e:
-    raise UserError(f'{zpath} is not a readable zip ({e}); delete it and re-download '
-                    '(--download).') from None
+    raise UserError(
+      f'{zpath} is not a readable zip ({e}); delete it and re-download (--download).'
+    ) from None
   return Source(name, zpath, member, fmt)
 
 
-def download_zip(name: str, data_dir: str, *, base_url: Optional[str] = None,
-             md5: Optional[Dict[str, str]] = None, timeout: float = 60.0) -> str:
+def download_zip(
+  name: str,
+  data_dir: str,
+  *,
+  base_url: str | None = None,
+  md5: dict[str, str] | None = None,
+  timeout: float = 60.0,
+) -> str:
   """Downloads `<name>.zip` into data_dir atomically and returns its path.
 
   The bytes go to a hidden `.<name>.zip.*.part` file in data_dir; only after the length,
@@ -183,22 +205,31 @@ def download_zip(name: str, data_dir: str, *, base_url: Optional[str] = None,
         digest.update(block)
         total += len(block)
     if length is not None and total != int(length):
-      raise UserError(f'download of {src} is truncated ({total} of {length} bytes); '
-                      'run it again.')
+      raise UserError(f'download of {src} is truncated ({total} of {length} bytes); run it again.')
     if name in md5:
       if digest.hexdigest() != md5[name]:
-        raise UserError(f'download of {src} has MD5 {digest.hexdigest()}, expected '
-                        f'{md5[name]} (corrupt or not the official file); run it again.')
+        raise UserError(
+          f'download of {src} has MD5 {digest.hexdigest()}, expected '
+          f'{md5[name]} (corrupt or not the official file); run it again.'
+        )
     else:
       with zipfile.ZipFile(tmp) as z:
         bad = z.testzip()
       if bad is not None:
         raise UserError(f'download of {src} is corrupt (bad CRC in {bad}); run it again.')
     os.replace(tmp, dest)
-  except (urllib.error.URLError, http.client.HTTPException, zipfile.BadZipFile, zlib.error,
-          OSError, EOFError) as e:
-    raise UserError(f'download of {src} failed: {e}. Check the network (or '
-                    f'${URL_ENV}), or download it by hand into {dest}.') from None
+  except (
+    urllib.error.URLError,
+    http.client.HTTPException,
+    zipfile.BadZipFile,
+    zlib.error,
+    OSError,
+    EOFError,
+  ) as e:
+    raise UserError(
+      f'download of {src} failed: {e}. Check the network (or '
+      f'${URL_ENV}), or download it by hand into {dest}.'
+    ) from None
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
@@ -226,25 +257,36 @@ def _check_first_line(first: bytes, source: Source) -> None:
   """Empty file, header and separator checks on the first line (cheap, before parsing)."""
   fmt, where = source.fmt, source.where
   if not first:
-    raise UserError(f'{where} is empty: expected MovieLens {source.name} ratings. Delete it '
-                    'and re-download (--download) or restore the original file.')
+    raise UserError(
+      f'{where} is empty: expected MovieLens {source.name} ratings. Delete it '
+      'and re-download (--download) or restore the original file.'
+    )
   if not first.strip():
-    raise UserError(f'{where} line 1 is blank: a GroupLens {source.name} file starts with '
-                    f'{"its header" if fmt.header else "a rating"}. Restore the original file.')
+    raise UserError(
+      f'{where} line 1 is blank: a GroupLens {source.name} file starts with '
+      f'{"its header" if fmt.header else "a rating"}. Restore the original file.'
+    )
   line = first.decode('utf-8', 'replace').lstrip('\ufeff').rstrip('\r\n')
   if fmt.header is not None:
     if line != fmt.header:
       found = _seps_in(line)
-      hint = (f' (it looks separated by {_SEP_NAMES[found[0]]}, not commas)'
-              if found and found[0] != fmt.sep else '')
-      raise UserError(f'{where} line 1: expected the header {fmt.header!r}, found '
-                      f'{line[:80]!r}{hint}. Is this the GroupLens {source.name} ratings.csv?')
+      hint = (
+        f' (it looks separated by {_SEP_NAMES[found[0]]}, not commas)'
+        if found and found[0] != fmt.sep
+        else ''
+      )
+      raise UserError(
+        f'{where} line 1: expected the header {fmt.header!r}, found '
+        f'{line[:80]!r}{hint}. Is this the GroupLens {source.name} ratings.csv?'
+      )
   elif fmt.sep not in line:
     found = _seps_in(line)
     hint = f'; it uses {_SEP_NAMES[found[0]]}' if found else ''
-    raise UserError(f'{where} line 1: expected fields separated by {_SEP_NAMES[fmt.sep]} '
-                    f'({"::".join(_FIELDS) if fmt.sep == "::" else fmt.sep.join(_FIELDS)}), '
-                    f'found {line[:80]!r}{hint}. Is this the GroupLens {source.name} file?')
+    raise UserError(
+      f'{where} line 1: expected fields separated by {_SEP_NAMES[fmt.sep]} '
+      f'({"::".join(_FIELDS) if fmt.sep == "::" else fmt.sep.join(_FIELDS)}), '
+      f'found {line[:80]!r}{hint}. Is this the GroupLens {source.name} file?'
+    )
 
 
 def read_ratings(source: Source) -> Ratings:
@@ -257,8 +299,10 @@ def read_ratings(source: Source) -> Ratings:
   try:
     return _read_ratings(source)
   except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-    raise UserError(f'{source.where} cannot be read from the zip ({e}); the zip is corrupt: '
-                    'delete it and re-download (--download).') from None
+    raise UserError(
+      f'{source.where} cannot be read from the zip ({e}); the zip is corrupt: '
+      'delete it and re-download (--download).'
+    ) from None
 
 
 def _read_ratings(source: Source) -> Ratings:
@@ -273,25 +317,36 @@ def _read_ratings(source: Source) -> Ratings:
     tab = data.find(b'\t')
     if tab >= 0:
       line = data.count(b'\n', 0, tab) + 1
-      raise UserError(f'{where} line {line} contains a tab; a '
-                      f"GroupLens {source.name} ratings.dat separates fields with '::' only.")
+      raise UserError(
+        f'{where} line {line} contains a tab; a '
+        f"GroupLens {source.name} ratings.dat separates fields with '::' only."
+      )
     data = data.replace(b'::', b'\t')
     sep = '\t'
     stream = pa.BufferReader(data)
   else:
     data = None
     stream = source.path if source.member is None else _open(source)
-  read_options = pacsv.ReadOptions(column_names=_COLUMNS,
-                                   skip_rows=1 if fmt.header else 0, block_size=1 << 24)
-  parse_options = pacsv.ParseOptions(delimiter=sep, quote_char=False, double_quote=False,
-                                     escape_char=False, newlines_in_values=False)
+  read_options = pacsv.ReadOptions(
+    column_names=_COLUMNS, skip_rows=1 if fmt.header else 0, block_size=1 << 24
+  )
+  parse_options = pacsv.ParseOptions(
+    delimiter=sep, quote_char=False, double_quote=False, escape_char=False, newlines_in_values=False
+  )
   convert_options = pacsv.ConvertOptions(
-      column_types={'user': pa.int32(), 'item': pa.int32(), 'timestamp': pa.int64()},
-      include_columns=['user', 'item', 'timestamp'], null_values=[],
-      strings_can_be_null=False, quoted_strings_can_be_null=False)
+    column_types={'user': pa.int32(), 'item': pa.int32(), 'timestamp': pa.int64()},
+    include_columns=['user', 'item', 'timestamp'],
+    null_values=[],
+    strings_can_be_null=False,
+    quoted_strings_can_be_null=False,
+  )
   try:
-    table = pacsv.read_csv(stream, read_options=read_options, parse_options=parse_options,
-                           convert_options=convert_options)
+    table = pacsv.read_csv(
+      stream,
+      read_options=read_options,
+      parse_options=parse_options,
+      convert_options=convert_options,
+    )
   except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
     if data is None:
       data = _read_bytes(source)
@@ -301,22 +356,26 @@ def _read_ratings(source: Source) -> Ratings:
     if not isinstance(stream, str):
       stream.close()
   if table.num_rows == 0:
-    raise UserError(f'{where} has no ratings (only a header). Delete it and re-download '
-                    '(--download) or restore the original file.')
+    raise UserError(
+      f'{where} has no ratings (only a header). Delete it and re-download '
+      '(--download) or restore the original file.'
+    )
   users = table.column('user').to_numpy()
   items = table.column('item').to_numpy()
   timestamps = table.column('timestamp').to_numpy()
   del table
   if (users < 0).any() or (items < 0).any() or (timestamps < 0).any():
     # pyarrow accepts a sign; the diagnosis names the line.
-    message = _diagnose(data if data is not None else _read_bytes(source), sep,
-                        2 if fmt.header else 1, where, fmt.sep)
+    message = _diagnose(
+      data if data is not None else _read_bytes(source), sep, 2 if fmt.header else 1, where, fmt.sep
+    )
     raise UserError(message or f'{where}: negative id or timestamp.')
   return Ratings(users, items, timestamps, where)
 
 
-def _diagnose(data: bytes, sep: str, first_data_line: int, where: str,
-              shown_sep: str) -> Optional[str]:
+def _diagnose(
+  data: bytes, sep: str, first_data_line: int, where: str, shown_sep: str
+) -> str | None:
   """Finds the first bad data line in `data` (error path; numpy, block by block).
 
   Args:
@@ -363,15 +422,20 @@ def _diagnose_block(buf, sep_byte, first_data_line, line_base, where, shown_sep)
   nsep = np.bincount(line_of, minlength=starts.size)
 
   def text(k):
-    s = bytes(buf[starts[k]:ends[k]]).decode('utf-8', 'replace')
+    s = bytes(buf[starts[k] : ends[k]]).decode('utf-8', 'replace')
     return (s.replace(chr(sep_byte), shown_sep) if shown_sep != chr(sep_byte) else s)[:80]
 
   problems = []  # (line index, message)
   bad = np.flatnonzero(data_line & (nsep != 3))
   if bad.size:
     k = bad[0]
-    problems.append((k, f'expected 4 fields ({", ".join(_FIELDS)}) separated by '
-                        f'{_SEP_NAMES[shown_sep]}, found {nsep[k] + 1}: {text(k)!r}'))
+    problems.append(
+      (
+        k,
+        f'expected 4 fields ({", ".join(_FIELDS)}) separated by '
+        f'{_SEP_NAMES[shown_sep]}, found {nsep[k] + 1}: {text(k)!r}',
+      )
+    )
   good = np.flatnonzero(data_line & (nsep == 3))
   if good.size:
     s = seps[data_line[line_of] & (nsep[line_of] == 3)].reshape(-1, 3)
@@ -391,31 +455,47 @@ def _diagnose_block(buf, sep_byte, first_data_line, line_base, where, shown_sep)
       w = np.flatnonzero(wrong)
       if w.size:
         k = good[w[0]]
-        value = bytes(buf[fs[w[0]]:fe[w[0]]]).decode('utf-8', 'replace')
-        problems.append((k, f'{_FIELDS[j]} {value!r} is not a non-negative integer'
-                            f'{" below 2**31" if j < 2 else ""}: {text(k)!r}'))
+        value = bytes(buf[fs[w[0]] : fe[w[0]]]).decode('utf-8', 'replace')
+        problems.append(
+          (
+            k,
+            f'{_FIELDS[j]} {value!r} is not a non-negative integer'
+            f'{" below 2**31" if j < 2 else ""}: {text(k)!r}',
+          )
+        )
   if not problems:
     return None
   k, what = min(problems, key=lambda p: p[0])
-  return (f'{where} line {int(lineno[k])}: {what}. Fix or restore the file (the GroupLens '
-          'original has no such line).')
+  return (
+    f'{where} line {int(lineno[k])}: {what}. Fix or restore the file (the GroupLens '
+    'original has no such line).'
+  )
 
 
-def check_known_sizes(name: str, where: str, num_ratings: Optional[int] = None,
-                      num_users: Optional[int] = None, num_items: Optional[int] = None,
-                      known: Optional[Dict[str, tuple]] = None) -> None:
+def check_known_sizes(
+  name: str,
+  where: str,
+  num_ratings: int | None = None,
+  num_users: int | None = None,
+  num_items: int | None = None,
+  known: dict[str, tuple] | None = None,
+) -> None:
   """Raises UserError when an official dataset's counts differ from the published ones."""
   known = KNOWN_SIZES if known is None else known
   if name not in known:
     return
   exp_ratings, exp_users, exp_items = known[name]
-  for what, got, exp in (('ratings', num_ratings, exp_ratings),
-                         ('users', num_users, exp_users), ('items', num_items, exp_items)):
+  for what, got, exp in (
+    ('ratings', num_ratings, exp_ratings),
+    ('users', num_users, exp_users),
+    ('items', num_items, exp_items),
+  ):
     if got is not None and got != exp:
       raise UserError(
-          f'{where} has {got:,} {what}; the official GroupLens {name} has {exp:,}. It is not '
-          'the official file (partial or modified?): delete it and re-download (--download), '
-          'or rename the dataset if it is your own data.')
+        f'{where} has {got:,} {what}; the official GroupLens {name} has {exp:,}. It is not '
+        'the official file (partial or modified?): delete it and re-download (--download), '
+        'or rename the dataset if it is your own data.'
+      )
 
 
 # --------------------------------------------------------------------------------------
@@ -428,12 +508,13 @@ _TFDS_READABLE = ('array_record', 'parquet')
 
 def tfds_build_command(name: str) -> str:
   """The command that builds TFDS `name` the way `open_tfds` reads it."""
-  return (f'python -m ncf_jax.prepare --config=configs/default.py --config.dataset.name={name} '
-          '--config.dataset.source=tfds --download')
+  return (
+    f'python -m ncf_jax.prepare --config=configs/default.py --config.dataset.name={name} '
+    '--config.dataset.source=tfds --download'
+  )
 
 
-def open_tfds(name: str, data_dir: str, download: bool,
-              zip_dir: Optional[str] = None):
+def open_tfds(name: str, data_dir: str, download: bool, zip_dir: str | None = None):
   """Returns the `tfds.data_source` of the ratings of `name`, building it first if asked.
 
   Reading an existing build needs no TensorFlow; building does (TFDS's movielens builder
@@ -454,44 +535,51 @@ def open_tfds(name: str, data_dir: str, download: bool,
       read, TensorFlow missing for a build, download or build failed.
   """
   if name not in TFDS_NAMES:
-    raise UserError(f'{name} is not in TensorFlow Datasets (TFDS has '
-                    f'{", ".join(sorted(TFDS_NAMES))}); use --config.dataset.source=grouplens.')
+    raise UserError(
+      f'{name} is not in TensorFlow Datasets (TFDS has '
+      f'{", ".join(sorted(TFDS_NAMES))}); use --config.dataset.source=grouplens.'
+    )
   tfds_name = TFDS_NAMES[name]
   zip_dir = os.path.dirname(os.path.abspath(data_dir)) if zip_dir is None else zip_dir
   # TFDS prints progress ("Downloading and preparing dataset...") to stdout, which belongs
   # to the commands' own output (prepare's one JSON line).
   with contextlib.redirect_stdout(sys.stderr):
     try:
-      # pylint: disable=g-import-not-at-top,unused-import
       import tensorflow_datasets as tfds
-      from tensorflow_datasets.structured import movielens  # registers the builder
-      # pylint: enable=g-import-not-at-top,unused-import
+      from tensorflow_datasets.structured import movielens  # noqa: F401 (registers the builder)
+
       builder = tfds.builder(tfds_name, data_dir=data_dir)
       prepared = builder.is_prepared()
     except ModuleNotFoundError as e:
-      raise UserError(f'TensorFlow Datasets needs the Python module {e.name!r}, which is not '
-                      'installed: pip install -r requirements.txt.') from None
+      raise UserError(
+        f'TensorFlow Datasets needs the Python module {e.name!r}, which is not '
+        'installed: pip install -r requirements.txt.'
+      ) from None
     where = str(builder.data_path)
     if not prepared:
       if not download:
         raise UserError(
-            f'TFDS {tfds_name} is not built in {data_dir}. Build it there (as array_record) '
-            f'with `{tfds_build_command(name)}` (or --config.dataset.download=True), or use '
-            '--config.dataset.source=grouplens.')
+          f'TFDS {tfds_name} is not built in {data_dir}. Build it there (as array_record) '
+          f'with `{tfds_build_command(name)}` (or --config.dataset.download=True), or use '
+          '--config.dataset.source=grouplens.'
+        )
       _build_tfds(tfds, builder, name, data_dir, zip_dir)
     else:
       formats = sorted(f.value for f in builder.info.available_file_formats())
       if not set(formats) & set(_TFDS_READABLE):
         raise UserError(
-            f'TFDS {tfds_name} in {where} is stored as {", ".join(formats) or "no known format"}'
-            f', which tfds.data_source cannot read (it needs {TFDS_FILE_FORMAT}). Delete '
-            f'{where} and rebuild it with `{tfds_build_command(name)}`, or use '
-            '--config.dataset.source=grouplens.')
+          f'TFDS {tfds_name} in {where} is stored as {", ".join(formats) or "no known format"}'
+          f', which tfds.data_source cannot read (it needs {TFDS_FILE_FORMAT}). Delete '
+          f'{where} and rebuild it with `{tfds_build_command(name)}`, or use '
+          '--config.dataset.source=grouplens.'
+        )
     try:
       return builder.as_data_source(split='train')
     except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f'cannot read TFDS {tfds_name} in {where} ({_first_line(e)}); delete '
-                      f'{where} and rebuild it with `{tfds_build_command(name)}`.') from None
+      raise UserError(
+        f'cannot read TFDS {tfds_name} in {where} ({_first_line(e)}); delete '
+        f'{where} and rebuild it with `{tfds_build_command(name)}`.'
+      ) from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -508,13 +596,15 @@ def _build_tfds(tfds, builder, name: str, data_dir: str, zip_dir: str) -> None:
   """Builds TFDS `name` as array_record from `zip_dir/<name>.zip`, downloading it first."""
   # pylint: disable-next=g-import-not-at-top
   from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
   tfds_name = TFDS_NAMES[name]
   if not has_tensorflow():  # checked before any download: fail in a second, not after one
     raise UserError(
-        f'building TFDS {tfds_name} needs TensorFlow (TFDS\'s movielens builder reads the zip '
-        'with tf.io.gfile), which is not installed: pip install -r requirements-tfds.txt and '
-        'run again, or use --config.dataset.source=grouplens (the same GroupLens files, no '
-        'TensorFlow).')
+      f'building TFDS {tfds_name} needs TensorFlow (TFDS\'s movielens builder reads the zip '
+      'with tf.io.gfile), which is not installed: pip install -r requirements-tfds.txt and '
+      'run again, or use --config.dataset.source=grouplens (the same GroupLens files, no '
+      'TensorFlow).'
+    )
   zpath = os.path.join(zip_dir, f'{name}.zip')
   if not os.path.isfile(zpath):
     download_zip(name, zip_dir)
@@ -524,16 +614,21 @@ def _build_tfds(tfds, builder, name: str, data_dir: str, zip_dir: str) -> None:
     builder.download_and_prepare(file_format=TFDS_FILE_FORMAT, download_config=config)
   except NonMatchingChecksumError:
     raise UserError(
-        f'{zpath} is not the official GroupLens {name} zip that TFDS {tfds_name} expects (its '
-        'SHA-256 differs). Delete it and run again with --download, or use '
-        '--config.dataset.source=grouplens to read it as it is.') from None
+      f'{zpath} is not the official GroupLens {name} zip that TFDS {tfds_name} expects (its '
+      'SHA-256 differs). Delete it and run again with --download, or use '
+      '--config.dataset.source=grouplens to read it as it is.'
+    ) from None
   except tfds.download.DownloadError as e:
-    raise UserError(f'TFDS could not download {tfds_name} ({_first_line(e)}). Check the '
-                    f'network, or put the official zip at {zpath} and run again.') from None
+    raise UserError(
+      f'TFDS could not download {tfds_name} ({_first_line(e)}). Check the '
+      f'network, or put the official zip at {zpath} and run again.'
+    ) from None
   except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'TFDS failed to build {tfds_name} in {data_dir} from {zpath} '
-                    f'({_first_line(e)}). Delete {zpath} and run again with --download, or '
-                    'use --config.dataset.source=grouplens.') from None
+    raise UserError(
+      f'TFDS failed to build {tfds_name} in {data_dir} from {zpath} '
+      f'({_first_line(e)}). Delete {zpath} and run again with --download, or '
+      'use --config.dataset.source=grouplens.'
+    ) from None
 
 
 def tfds_identity(ds, name: str) -> str:
@@ -568,8 +663,10 @@ def read_tfds(ds, name: str) -> Ratings:
       ok = np.char.isdigit(raw) & (np.char.str_len(raw) <= 9)
       if not ok.all():
         k = int(np.argmax(~ok))
-        raise UserError(f'{where} record {start + k}: {key} {raw[k]!r} is not a numeric id; '
-                        'is this the real TFDS movielens dataset?')
+        raise UserError(
+          f'{where} record {start + k}: {key} {raw[k]!r} is not a numeric id; '
+          'is this the real TFDS movielens dataset?'
+        )
       out[start:stop] = raw.astype(np.int64)
     timestamps[start:stop] = np.asarray([r['timestamp'] for r in records], np.int64)
   if (timestamps < 0).any():
@@ -590,15 +687,16 @@ EXPANDED_URL = f'{BASE_URL}/ml-20mx16x32.tar'
 # MovieLens1B state them. Their user counts disagree (2,197,225 and 2,210,078), so the
 # user count is not checked.
 EXPANDED_KNOWN_SIZES = {EXPANDED_NAME: (1_223_962_043, 855_776)}
-_NPZ_ARRAY = 'arr_0'   # np.savez's name for its one positional array
+_NPZ_ARRAY = 'arr_0'  # np.savez's name for its one positional array
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardSource:
   """The located shards of ml-20mx16x32: trainx16x32_<i>.npz and testx16x32_<i>.npz."""
+
   folder: str
-  train: tuple               # paths, shard 0 first
-  test: tuple                # paths, shard 0 first
+  train: tuple  # paths, shard 0 first
+  test: tuple  # paths, shard 0 first
 
   @property
   def paths(self) -> tuple:
@@ -608,25 +706,30 @@ class ShardSource:
 @dataclasses.dataclass(frozen=True)
 class ExpandedRatings:
   """ml-20mx16x32 as published: (user, item) train rows and one test row per user."""
-  train_users: np.ndarray    # int32 [n] raw user ids, shard order
-  train_items: np.ndarray    # int32 [n] item ids (already dense, 0-based)
-  test_users: np.ndarray     # int32 [num_test] raw user ids
-  test_items: np.ndarray     # int32 [num_test]
-  where: str                 # the folder, for messages
+
+  train_users: np.ndarray  # int32 [n] raw user ids, shard order
+  train_items: np.ndarray  # int32 [n] item ids (already dense, 0-based)
+  test_users: np.ndarray  # int32 [num_test] raw user ids
+  test_items: np.ndarray  # int32 [num_test]
+  where: str  # the folder, for messages
 
 
 def expanded_shard_paths(data_dir: str):
   """(folder, train paths, test paths) that `locate_shards` looks for."""
   folder = os.path.join(data_dir, EXPANDED_NAME)
-  return (folder,
-          tuple(os.path.join(folder, f'trainx16x32_{i}.npz') for i in range(EXPANDED_SHARDS)),
-          tuple(os.path.join(folder, f'testx16x32_{i}.npz') for i in range(EXPANDED_SHARDS)))
+  return (
+    folder,
+    tuple(os.path.join(folder, f'trainx16x32_{i}.npz') for i in range(EXPANDED_SHARDS)),
+    tuple(os.path.join(folder, f'testx16x32_{i}.npz') for i in range(EXPANDED_SHARDS)),
+  )
 
 
 def expanded_how_to_get(data_dir: str) -> str:
-  return (f'Download {EXPANDED_URL} (3.1 GB) and extract it into {data_dir} (`tar -xf '
-          f'ml-20mx16x32.tar -C {data_dir}`), or generate it from ml-20m with mlcommons/'
-          'training data_generation/fractal_graph_expansions/data_gen.sh.')
+  return (
+    f'Download {EXPANDED_URL} (3.1 GB) and extract it into {data_dir} (`tar -xf '
+    f'ml-20mx16x32.tar -C {data_dir}`), or generate it from ml-20m with mlcommons/'
+    'training data_generation/fractal_graph_expansions/data_gen.sh.'
+  )
 
 
 def locate_shards(data_dir: str, download: bool = False) -> ShardSource:
@@ -638,24 +741,33 @@ def locate_shards(data_dir: str, download: bool = False) -> ShardSource:
   folder, train, test = expanded_shard_paths(data_dir)
   missing = [p for p in train + test if not os.path.isfile(p)]
   if missing:
-    where = (f'data_dir {data_dir} does not exist' if not os.path.isdir(data_dir) else
-             f'{folder} does not exist' if not os.path.isdir(folder) else
-             f'{len(missing)} of {2 * EXPANDED_SHARDS} shards are missing, the first is '
-             f'{missing[0]}')
-    note = (' (--download does not fetch this tarball: it has no published checksum to '
-            'verify it against.)' if download else '')
+    where = (
+      f'data_dir {data_dir} does not exist'
+      if not os.path.isdir(data_dir)
+      else f'{folder} does not exist'
+      if not os.path.isdir(folder)
+      else f'{len(missing)} of {2 * EXPANDED_SHARDS} shards are missing, the first is {missing[0]}'
+    )
+    note = (
+      ' (--download does not fetch this tarball: it has no published checksum to '
+      'verify it against.)'
+      if download
+      else ''
+    )
     raise UserError(
-        f'{EXPANDED_NAME} not found: {where}. It is {EXPANDED_SHARDS} train and '
-        f'{EXPANDED_SHARDS} test shards, trainx16x32_<i>.npz and testx16x32_<i>.npz for i = '
-        f'0..{EXPANDED_SHARDS - 1}, in {folder}. {expanded_how_to_get(data_dir)}{note}')
+      f'{EXPANDED_NAME} not found: {where}. It is {EXPANDED_SHARDS} train and '
+      f'{EXPANDED_SHARDS} test shards, trainx16x32_<i>.npz and testx16x32_<i>.npz for i = '
+      f'0..{EXPANDED_SHARDS - 1}, in {folder}. {expanded_how_to_get(data_dir)}{note}'
+    )
   return ShardSource(folder, train, test)
 
 
 def _layout_error(path: str, found: str) -> UserError:
   return UserError(
-      f'{path}: {found}; a published {EXPANDED_NAME} shard holds one array {_NPZ_ARRAY!r} of '
-      f'integer (user, item) rows, shape [n, 2]. Re-extract it from ml-20mx16x32.tar, or '
-      f'regenerate it.')
+    f'{path}: {found}; a published {EXPANDED_NAME} shard holds one array {_NPZ_ARRAY!r} of '
+    f'integer (user, item) rows, shape [n, 2]. Re-extract it from ml-20mx16x32.tar, or '
+    f'regenerate it.'
+  )
 
 
 def shard_rows(path: str) -> int:
@@ -668,16 +780,22 @@ def shard_rows(path: str) -> int:
     with zipfile.ZipFile(path) as z:
       names = z.namelist()
       if f'{_NPZ_ARRAY}.npy' not in names:
-        raise _layout_error(path, f'it holds {", ".join(n[:-4] for n in names) or "nothing"}'
-                            f', no {_NPZ_ARRAY!r}')
+        raise _layout_error(
+          path, f'it holds {", ".join(n[:-4] for n in names) or "nothing"}, no {_NPZ_ARRAY!r}'
+        )
       with z.open(f'{_NPZ_ARRAY}.npy') as f:
         version = np.lib.format.read_magic(f)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
+        read_header = (
+          np.lib.format.read_array_header_1_0
+          if version == (1, 0)
+          else np.lib.format.read_array_header_2_0
+        )
         shape, _, dtype = read_header(f)
   except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
-    raise UserError(f'{path} is not a readable .npz file ({e}). Re-extract it from '
-                    f'ml-20mx16x32.tar, or regenerate it.') from None
+    raise UserError(
+      f'{path} is not a readable .npz file ({e}). Re-extract it from '
+      f'ml-20mx16x32.tar, or regenerate it.'
+    ) from None
   if len(shape) != 2 or shape[1] < 2 or dtype.kind not in 'iu':
     raise _layout_error(path, f'{_NPZ_ARRAY!r} is {dtype} with shape {tuple(shape)}')
   return int(shape[0])
@@ -689,15 +807,18 @@ def _read_shard(path: str, rows: int) -> np.ndarray:
     with np.load(path, allow_pickle=False) as z:
       array = z[_NPZ_ARRAY]
   except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as e:
-    raise UserError(f'{path} cannot be read ({e}). Re-extract it from ml-20mx16x32.tar, or '
-                    'regenerate it.') from None
+    raise UserError(
+      f'{path} cannot be read ({e}). Re-extract it from ml-20mx16x32.tar, or regenerate it.'
+    ) from None
   if array.shape[0] != rows:
     raise UserError(f'{path} changed while it was read; run again.')
   cols = array[:, :2]
   if cols.size and (int(cols.min()) < 0 or int(cols.max()) >= 2**31):
     k = int(np.argmax(((cols < 0) | (cols >= 2**31)).any(axis=1)))
-    raise UserError(f'{path} row {k}: (user, item) = {tuple(int(v) for v in cols[k])}; ids '
-                    'must be in [0, 2**31). Is this a published ml-20mx16x32 shard?')
+    raise UserError(
+      f'{path} row {k}: (user, item) = {tuple(int(v) for v in cols[k])}; ids '
+      'must be in [0, 2**31). Is this a published ml-20mx16x32 shard?'
+    )
   return array
 
 
@@ -714,8 +835,10 @@ def read_shards(source: ShardSource) -> ExpandedRatings:
   test_rows = [shard_rows(p) for p in source.test]
   total = sum(train_rows)
   if total == 0:
-    raise UserError(f'{source.folder}: the train shards have no rows. '
-                    f'{expanded_how_to_get(os.path.dirname(source.folder))}')
+    raise UserError(
+      f'{source.folder}: the train shards have no rows. '
+      f'{expanded_how_to_get(os.path.dirname(source.folder))}'
+    )
   columns = []
   for paths, counts in ((source.train, train_rows), (source.test, test_rows)):
     n = sum(counts)
@@ -723,8 +846,8 @@ def read_shards(source: ShardSource) -> ExpandedRatings:
     pos = 0
     for path, rows in zip(paths, counts):
       array = _read_shard(path, rows)
-      users[pos:pos + rows] = array[:, 0]
-      items[pos:pos + rows] = array[:, 1]
+      users[pos : pos + rows] = array[:, 0]
+      items[pos : pos + rows] = array[:, 1]
       del array
       pos += rows
       logging.info('Read %s (%d rows)', path, rows)
@@ -732,16 +855,22 @@ def read_shards(source: ShardSource) -> ExpandedRatings:
   return ExpandedRatings(*columns, where=source.folder)
 
 
-def check_expanded_sizes(where: str, num_rows: Optional[int] = None,
-                         num_items: Optional[int] = None,
-                         known: Optional[Dict[str, tuple]] = None) -> None:
+def check_expanded_sizes(
+  where: str,
+  num_rows: int | None = None,
+  num_items: int | None = None,
+  known: dict[str, tuple] | None = None,
+) -> None:
   """Raises UserError when ml-20mx16x32's train rows or items differ from the published."""
   known = EXPANDED_KNOWN_SIZES if known is None else known
   if EXPANDED_NAME not in known:
     return
-  for what, got, exp in (('train rows', num_rows, known[EXPANDED_NAME][0]),
-                         ('items', num_items, known[EXPANDED_NAME][1])):
+  for what, got, exp in (
+    ('train rows', num_rows, known[EXPANDED_NAME][0]),
+    ('items', num_items, known[EXPANDED_NAME][1]),
+  ):
     if got is not None and got != exp:
       raise UserError(
-          f'{where} has {got:,} {what}; the published {EXPANDED_NAME} has {exp:,}. These are '
-          f'not the published shards (partial or modified?). {expanded_how_to_get(os.path.dirname(where))}')
+        f'{where} has {got:,} {what}; the published {EXPANDED_NAME} has {exp:,}. These are '
+        f'not the published shards (partial or modified?). {expanded_how_to_get(os.path.dirname(where))}'
+      )

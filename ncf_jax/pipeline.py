@@ -18,7 +18,8 @@ Positions and slots are uint32 while an epoch's padded positions stay within
 `sampling.NARROW_SLOTS`; past that (a static choice from the sizes) they are
 `sampling.Wide` pairs, with the same values where both forms are exact (docs/scale.md).
 """
-from typing import Dict, Iterator, Optional, Tuple
+
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -48,11 +49,13 @@ def steps_per_epoch(num_train: int, num_neg: int, batch_size: int) -> int:
   return -(-epoch_size(num_train, num_neg) // int(batch_size))
 
 
-def epoch_keys(key: jax.Array, epoch) -> Tuple[jax.Array, jax.Array]:
+def epoch_keys(key: jax.Array, epoch) -> tuple[jax.Array, jax.Array]:
   """Raw keypairs for an epoch's order and its negatives, from the run's data key."""
   ek = jax.random.fold_in(key, epoch)
-  return (sampling.keypair(jax.random.fold_in(ek, STREAM_ORDER)),
-          sampling.keypair(jax.random.fold_in(ek, STREAM_TRAIN_NEG)))
+  return (
+    sampling.keypair(jax.random.fold_in(ek, STREAM_ORDER)),
+    sampling.keypair(jax.random.fold_in(ek, STREAM_TRAIN_NEG)),
+  )
 
 
 def wide_positions(num_train: int, num_neg: int, batch_size: int) -> bool:
@@ -61,7 +64,7 @@ def wide_positions(num_train: int, num_neg: int, batch_size: int) -> bool:
   return padded > sampling.NARROW_SLOTS
 
 
-def slot_parts(slot, num_neg: int) -> Tuple[jax.Array, jax.Array]:
+def slot_parts(slot, num_neg: int) -> tuple[jax.Array, jax.Array]:
   """(index of the slot's positive, the slot's number within it: 0 is the positive), int32.
 
   `slot` is uint32 or a `sampling.Wide` (exact for slot < (1 + num_neg) * 2**32).
@@ -69,11 +72,10 @@ def slot_parts(slot, num_neg: int) -> Tuple[jax.Array, jax.Array]:
   if isinstance(slot, sampling.Wide):
     k, j = sampling.wide_divmod_const(slot, 1 + num_neg)
     return k.astype(jnp.int32), j.astype(jnp.int32)
-  return ((slot // (1 + num_neg)).astype(jnp.int32),
-          (slot % (1 + num_neg)).astype(jnp.int32))
+  return ((slot // (1 + num_neg)).astype(jnp.int32), (slot % (1 + num_neg)).astype(jnp.int32))
 
 
-def _slot_parts(slot, num_neg: int) -> Tuple[jax.Array, jax.Array]:
+def _slot_parts(slot, num_neg: int) -> tuple[jax.Array, jax.Array]:
   """(index of the slot's positive, whether the slot is that positive itself)."""
   k, j = slot_parts(slot, num_neg)
   return k, j == 0
@@ -83,20 +85,24 @@ def batch_positions(step, batch_size: int, start, size: int, wide: bool):
   """Epoch positions step * batch_size + start + [0, size): uint32, or Wide when `wide`."""
   offsets = jnp.arange(size, dtype=jnp.uint32)
   if not wide:
-    return (jnp.asarray(step, jnp.uint32) * jnp.uint32(batch_size)
-            + jnp.asarray(start, jnp.uint32) + offsets)
-  base = sampling.wide_add(sampling.wide_mul(jnp.asarray(step, jnp.uint32), batch_size),
-                           jnp.asarray(start, jnp.uint32))
+    return (
+      jnp.asarray(step, jnp.uint32) * jnp.uint32(batch_size)
+      + jnp.asarray(start, jnp.uint32)
+      + offsets
+    )
+  base = sampling.wide_add(
+    sampling.wide_mul(jnp.asarray(step, jnp.uint32), batch_size), jnp.asarray(start, jnp.uint32)
+  )
   return sampling.wide_add(base, offsets)
 
 
-def _visited_slots(data, key, epoch, step, batch_size: int, num_neg: int, start,
-                   size: Optional[int]):
+def _visited_slots(data, key, epoch, step, batch_size: int, num_neg: int, start, size: int | None):
   return visited_slots(data.num_train, key, epoch, step, batch_size, num_neg, start, size)
 
 
-def visited_slots(num_train: int, key, epoch, step, batch_size: int, num_neg: int, start,
-                  size: Optional[int]):
+def visited_slots(
+  num_train: int, key, epoch, step, batch_size: int, num_neg: int, start, size: int | None
+):
   """(slots visited at batch positions [start, start + size) of `step`, valid mask).
 
   Depends on the dataset only through `num_train`. Slots are uint32, or `sampling.Wide`
@@ -125,8 +131,10 @@ def shard_start(shard, per: int, call, chunk: int, total: int):
   """
   if total <= sampling.NARROW_SLOTS and per <= sampling.INT32_MAX:
     return shard * per + call * chunk
-  return sampling.wide_add(sampling.wide_mul(jnp.asarray(shard, jnp.uint32), per),
-                           sampling.wide_mul(jnp.asarray(call, jnp.uint32), chunk))
+  return sampling.wide_add(
+    sampling.wide_mul(jnp.asarray(shard, jnp.uint32), per),
+    sampling.wide_mul(jnp.asarray(call, jnp.uint32), chunk),
+  )
 
 
 # Largest power of two that `read_slots` uses as the row length of a long items buffer.
@@ -144,21 +152,31 @@ def read_slots(items: jax.Array, slot) -> jax.Array:
   n = items.shape[0]
   if n <= sampling.INT32_MAX:
     if isinstance(slot, sampling.Wide):
-      slot = slot.lo        # a slot below n < 2**31 has hi == 0
+      slot = slot.lo  # a slot below n < 2**31 has hi == 0
     return items[slot]
   slot = sampling.to_wide(slot)
   shift = min((n & -n).bit_length() - 1, READ_ROW.bit_length() - 1)
   if (n >> shift) > sampling.INT32_MAX:
-    raise ValueError(f'an items buffer of {n} entries needs a length divisible by '
-                     f'2**{n.bit_length() - 31} to be read with int32 indices')
+    raise ValueError(
+      f'an items buffer of {n} entries needs a length divisible by '
+      f'2**{n.bit_length() - 31} to be read with int32 indices'
+    )
   row = ((slot.hi << (32 - shift)) | (slot.lo >> shift)) if shift else slot.lo
   col = slot.lo & jnp.uint32((1 << shift) - 1)
   return items.reshape(n >> shift, 1 << shift)[row.astype(jnp.int32), col.astype(jnp.int32)]
 
 
-def train_batch(data: sampling.DeviceData, key: jax.Array, epoch, step, *,
-                batch_size: int, num_neg: int, start=0,
-                size: Optional[int] = None) -> Dict[str, jax.Array]:
+def train_batch(
+  data: sampling.DeviceData,
+  key: jax.Array,
+  epoch,
+  step,
+  *,
+  batch_size: int,
+  num_neg: int,
+  start=0,
+  size: int | None = None,
+) -> dict[str, jax.Array]:
   """Training batch `step` of `epoch`, or its slice [start, start + size).
 
   Pure and jittable; `epoch`, `step` and `start` may be traced.
@@ -183,13 +201,25 @@ def train_batch(data: sampling.DeviceData, key: jax.Array, epoch, step, *,
   degrees = data.user_offsets[users + 1] - offsets
   pos_items = data.positive_items(k)
   neg_items = sampling.sample_negatives(data, neg_kp, users, slot, 0, offsets, degrees)
-  return dict(user=users, item=jnp.where(is_pos, pos_items, neg_items),
-              label=is_pos.astype(jnp.float32), valid=valid)
+  return dict(
+    user=users,
+    item=jnp.where(is_pos, pos_items, neg_items),
+    label=is_pos.astype(jnp.float32),
+    valid=valid,
+  )
 
 
-def epoch_items(data: sampling.DeviceData, key: jax.Array, epoch, *, num_neg: int,
-                start=0, size: Optional[int] = None, num_train: Optional[int] = None,
-                pos_base=0) -> jax.Array:
+def epoch_items(
+  data: sampling.DeviceData,
+  key: jax.Array,
+  epoch,
+  *,
+  num_neg: int,
+  start=0,
+  size: int | None = None,
+  num_train: int | None = None,
+  pos_base=0,
+) -> jax.Array:
   """Items of epoch slots [start, start + size) in slot order (not the visiting order).
 
   The same values `train_batch` computes for these slots, but generated in slot order:
@@ -221,9 +251,18 @@ def epoch_items(data: sampling.DeviceData, key: jax.Array, epoch, *, num_neg: in
   return items.astype(data.train_items.dtype)
 
 
-def batch_from_items(data: sampling.DeviceData, items: jax.Array, key: jax.Array, epoch,
-                     step, *, batch_size: int, num_neg: int, start=0,
-                     size: Optional[int] = None) -> Dict[str, jax.Array]:
+def batch_from_items(
+  data: sampling.DeviceData,
+  items: jax.Array,
+  key: jax.Array,
+  epoch,
+  step,
+  *,
+  batch_size: int,
+  num_neg: int,
+  start=0,
+  size: int | None = None,
+) -> dict[str, jax.Array]:
   """`train_batch`, reading the items from `epoch_items(data, key, epoch)` (all slots).
 
   Identical output to `train_batch(data, key, epoch, step, ...)`; only the work differs:
@@ -231,24 +270,29 @@ def batch_from_items(data: sampling.DeviceData, items: jax.Array, key: jax.Array
   """
   slot, valid = _visited_slots(data, key, epoch, step, batch_size, num_neg, start, size)
   k, is_pos = _slot_parts(slot, num_neg)
-  return dict(user=data.train_users[k], item=read_slots(items, slot).astype(jnp.int32),
-              label=is_pos.astype(jnp.float32), valid=valid)
+  return dict(
+    user=data.train_users[k],
+    item=read_slots(items, slot).astype(jnp.int32),
+    label=is_pos.astype(jnp.float32),
+    valid=valid,
+  )
 
 
-def iterate_train(dataset: data_lib.Dataset, key: jax.Array, epoch: int, *,
-                  batch_size: int, num_neg: int) -> Iterator[Dict[str, np.ndarray]]:
+def iterate_train(
+  dataset: data_lib.Dataset, key: jax.Array, epoch: int, *, batch_size: int, num_neg: int
+) -> Iterator[dict[str, np.ndarray]]:
   """Yields an epoch's global batches as NumPy dicts (for inspection and tests)."""
   data = sampling.to_device(dataset)
-  fn = jax.jit(lambda d, e, s: train_batch(d, key, e, s, batch_size=batch_size,
-                                           num_neg=num_neg))
+  fn = jax.jit(lambda d, e, s: train_batch(d, key, e, s, batch_size=batch_size, num_neg=num_neg))
   for step in range(steps_per_epoch(dataset.num_train, num_neg, batch_size)):
     yield jax.device_get(fn(data, epoch, step))
 
 
 def eval_key(key: jax.Array, split: str = 'test') -> jax.Array:
   """Keypair of a split's evaluation candidates: fixed for the whole run."""
-  return sampling.keypair(jax.random.fold_in(
-      key, STREAM_VALID if split == 'valid' else STREAM_EVAL))
+  return sampling.keypair(
+    jax.random.fold_in(key, STREAM_VALID if split == 'valid' else STREAM_EVAL)
+  )
 
 
 def held_out(data: sampling.DeviceData, users: jax.Array, split: str = 'test'):
@@ -273,9 +317,16 @@ def held_out(data: sampling.DeviceData, users: jax.Array, split: str = 'test'):
   return test, (test, data.valid_items[users])
 
 
-def eval_batch(data: sampling.DeviceData, key: jax.Array, users: jax.Array, *,
-               num_neg: int, match_mlperf: bool = False, split: str = 'test',
-               user_base=0) -> Tuple[jax.Array, jax.Array]:
+def eval_batch(
+  data: sampling.DeviceData,
+  key: jax.Array,
+  users: jax.Array,
+  *,
+  num_neg: int,
+  match_mlperf: bool = False,
+  split: str = 'test',
+  user_base=0,
+) -> tuple[jax.Array, jax.Array]:
   """Candidates of `users` in `split`: column 0 its held-out item, then `num_neg` negatives.
 
   Default: distinct negatives, never a training positive nor an excluded held-out item
@@ -294,16 +345,16 @@ def eval_batch(data: sampling.DeviceData, key: jax.Array, users: jax.Array, *,
   local = users - user_base
   positive, excluded = held_out(data, local, split)
   if not match_mlperf:
-    negs = sampling.sample_distinct_negatives(data, kp, local, num_neg, excluded,
-                                              key_users=users)
+    negs = sampling.sample_distinct_negatives(data, kp, local, num_neg, excluded, key_users=users)
     items = jnp.concatenate([positive[:, None], negs], axis=1)
     return items, jnp.ones(items.shape, bool)
   if len(excluded) > 1 or split != 'test':
-    raise ValueError('match_mlperf reproduces the MLPerf reference, which has no '
-                     'validation split')
+    raise ValueError('match_mlperf reproduces the MLPerf reference, which has no validation split')
   test = positive[:, None]
-  counters = (users[:, None].astype(jnp.uint32) * jnp.uint32(num_neg)
-              + jnp.arange(num_neg, dtype=jnp.uint32)[None, :])
+  counters = (
+    users[:, None].astype(jnp.uint32) * jnp.uint32(num_neg)
+    + jnp.arange(num_neg, dtype=jnp.uint32)[None, :]
+  )
   negs = sampling.sample_negatives(data, kp, local[:, None], counters, stream=1)
   items = jnp.concatenate([test, negs], axis=1)
   return items, first_occurrence(items)
@@ -314,29 +365,36 @@ def first_occurrence(items: jax.Array) -> jax.Array:
   order = jnp.argsort(items, axis=1, stable=True)
   sorted_items = jnp.take_along_axis(items, order, axis=1)
   first_sorted = jnp.concatenate(
-      [jnp.ones_like(sorted_items[:, :1], bool), sorted_items[:, 1:] != sorted_items[:, :-1]],
-      axis=1)
+    [jnp.ones_like(sorted_items[:, :1], bool), sorted_items[:, 1:] != sorted_items[:, :-1]], axis=1
+  )
   mask = jnp.zeros_like(first_sorted)
   rows = jnp.arange(items.shape[0])[:, None]
   return mask.at[rows, order].set(first_sorted)
 
 
-def eval_candidates(dataset: data_lib.Dataset, key: jax.Array, *, num_neg: int,
-                    match_mlperf: bool = False, batch_users: int = 4096,
-                    split: str = 'test') -> Tuple[np.ndarray, np.ndarray]:
+def eval_candidates(
+  dataset: data_lib.Dataset,
+  key: jax.Array,
+  *,
+  num_neg: int,
+  match_mlperf: bool = False,
+  batch_users: int = 4096,
+  split: str = 'test',
+) -> tuple[np.ndarray, np.ndarray]:
   """All users' candidates in `split` as NumPy arrays: (users [U], items [U, 1 + num_neg]).
 
   `items[:, 0]` is the split's held-out item. The same key gives the same candidates
   every time.
   """
   data = sampling.to_device(dataset)
-  fn = jax.jit(lambda d, u: eval_batch(d, key, u, num_neg=num_neg,
-                                       match_mlperf=match_mlperf, split=split)[0])
+  fn = jax.jit(
+    lambda d, u: eval_batch(d, key, u, num_neg=num_neg, match_mlperf=match_mlperf, split=split)[0]
+  )
   users = np.arange(dataset.num_users, dtype=np.int32)
   out = []
   for lo in range(0, dataset.num_users, batch_users):
-    chunk = users[lo:lo + batch_users]
+    chunk = users[lo : lo + batch_users]
     padded = np.pad(chunk, (0, batch_users - len(chunk)))
-    out.append(np.asarray(fn(data, padded))[:len(chunk)])
+    out.append(np.asarray(fn(data, padded))[: len(chunk)])
   items = np.concatenate(out) if out else np.zeros((0, 1 + num_neg), np.int32)
   return users, items

@@ -7,24 +7,27 @@ r"""Builds the processed dataset of a config once and caches it under its data_d
 Prints one JSON line: {"dataset", "num_users", "num_items", "num_train", "num_test",
 "cache"}. Training (`ncf_jax.data.load`) then loads the cache in about a second.
 """
+
 import json
 
-from absl import app
-from absl import flags
-from ncf_jax import errors
+from absl import app, flags
 
-from ncf_jax import data
-from ncf_jax.errors import exit_on_user_error
-from ncf_jax.errors import parse_flags
-from ncf_jax.errors import UserError
+from ncf_jax import data, errors
+from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
+
 
 def define_flags() -> None:
   """Defines the prepare command's flags (only when run as a command)."""
-  errors.define_config_file('configs/default.py', 'Config file (only config.dataset and '
-                            'config.validation are used).')
-  flags.DEFINE_bool('download', False, 'Download the GroupLens zip into data_dir when it is '
-                    'missing, and with --config.dataset.source=tfds build the TFDS dataset '
-                    'from it (same as --config.dataset.download=True).')
+  errors.define_config_file(
+    'configs/default.py', 'Config file (only config.dataset and config.validation are used).'
+  )
+  flags.DEFINE_bool(
+    'download',
+    False,
+    'Download the GroupLens zip into data_dir when it is '
+    'missing, and with --config.dataset.source=tfds build the TFDS dataset '
+    'from it (same as --config.dataset.download=True).',
+  )
   flags.DEFINE_bool('force', False, 'Rebuild even if a valid cache exists.')
 
 
@@ -38,12 +41,20 @@ def run(config, *, download: bool = False, force: bool = False) -> dict:
     dataset_config.download = True
   prepared = data.prepare(dataset_config, force=force, validation=config.validation)
   if prepared.cache_path is None:
-    raise UserError(f'could not write the processed cache under {dataset_config.data_dir} '
-                    '(see the warning above); make it writable or pick another '
-                    '--config.dataset.data_dir.')
+    raise UserError(
+      f'could not write the processed cache under {dataset_config.data_dir} '
+      '(see the warning above); make it writable or pick another '
+      '--config.dataset.data_dir.'
+    )
   ds = prepared.dataset
-  summary = {'dataset': ds.name, 'num_users': ds.num_users, 'num_items': ds.num_items,
-             'num_train': ds.num_train, 'num_test': ds.num_test, 'cache': prepared.cache_path}
+  summary = {
+    'dataset': ds.name,
+    'num_users': ds.num_users,
+    'num_items': ds.num_items,
+    'num_train': ds.num_train,
+    'num_test': ds.num_test,
+    'cache': prepared.cache_path,
+  }
   print(json.dumps(summary), flush=True)
   return summary
 
@@ -51,8 +62,7 @@ def run(config, *, download: bool = False, force: bool = False) -> dict:
 @exit_on_user_error
 def main(argv):
   if len(argv) > 1:
-    raise UserError(f'unexpected arguments {" ".join(argv[1:])!r}; use --config.dataset.* '
-                    'flags.')
+    raise UserError(f'unexpected arguments {" ".join(argv[1:])!r}; use --config.dataset.* flags.')
   run(flags.FLAGS.config, download=flags.FLAGS.download, force=flags.FLAGS.force)
 
 

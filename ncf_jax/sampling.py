@@ -23,8 +23,9 @@ Indices past 32 bits (epochs of more than NARROW_SLOTS slots) are `Wide` (hi, lo
 of uint32 words, so nothing needs jax_enable_x64; every function that takes one gives the
 same values as its 32-bit form wherever that form is exact (docs/scale.md).
 """
+
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import flax.struct
 import jax
@@ -34,11 +35,11 @@ import numpy as np
 
 from ncf_jax import data as data_lib
 
-CHUNK = 16         # items per bitmap word
-GROUP = 16         # chunks per occupancy mask
-NARROW_ITEMS = 1 << 16   # up to this many items, ids, counts and masks pack into 16 bits
+CHUNK = 16  # items per bitmap word
+GROUP = 16  # chunks per occupancy mask
+NARROW_ITEMS = 1 << 16  # up to this many items, ids, counts and masks pack into 16 bits
 FEISTEL_ROUNDS = 6  # even, so the mixed-radix state returns to (Z_a, Z_b)
-INT32_MAX = (1 << 31) - 1      # largest index an int32 gather (x64 off) can address
+INT32_MAX = (1 << 31) - 1  # largest index an int32 gather (x64 off) can address
 # `permute` and `_divmod` are exact on [0, n) for n <= NARROW_SLOTS: ceil(sqrt(n)) <= 65535,
 # so a * a and a * b stay below 2**32. Larger domains go through `permute_wide`.
 NARROW_SLOTS = (1 << 32) - (1 << 17)
@@ -56,16 +57,17 @@ class DeviceData:
   entry per level. With more items the counts live in the int32 `group_base` and
   `word_before` and the masks in uint32 `groups`/`words`.
   """
-  train_users: jax.Array     # int32 [num_train]
-  train_items: jax.Array     # uint16 or int32 [num_train]
-  user_offsets: jax.Array    # int32 [num_users + 1]
-  test_items: jax.Array      # int32 [num_users]
-  groups: jax.Array          # uint32 [num_users * groups_per_user]
-  words: jax.Array           # uint32 [num_train + num_users]; user u's start at off_u + u
-  remap: jax.Array           # uint16 or int32 [num_train]; f_u's targets at off_u + j
-  group_base: Optional[jax.Array] = None   # int32, only when not narrow
-  word_before: Optional[jax.Array] = None  # int32, only when not narrow
-  valid_items: Optional[jax.Array] = None  # int32 [num_users], only with a validation split
+
+  train_users: jax.Array  # int32 [num_train]
+  train_items: jax.Array  # uint16 or int32 [num_train]
+  user_offsets: jax.Array  # int32 [num_users + 1]
+  test_items: jax.Array  # int32 [num_users]
+  groups: jax.Array  # uint32 [num_users * groups_per_user]
+  words: jax.Array  # uint32 [num_train + num_users]; user u's start at off_u + u
+  remap: jax.Array  # uint16 or int32 [num_train]; f_u's targets at off_u + j
+  group_base: jax.Array | None = None  # int32, only when not narrow
+  word_before: jax.Array | None = None  # int32, only when not narrow
+  valid_items: jax.Array | None = None  # int32 [num_users], only with a validation split
   num_users: int = flax.struct.field(pytree_node=False, default=0)
   num_items: int = flax.struct.field(pytree_node=False, default=0)
   max_degree: int = flax.struct.field(pytree_node=False, default=0)
@@ -83,22 +85,24 @@ class DeviceData:
     index = jnp.minimum(index, max(self.num_train - 1, 0))
     return self.train_items[index].astype(jnp.int32)
 
-  def group(self, users: jax.Array, g: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  def group(self, users: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(occupancy mask uint32, non-empty chunks before the group int32) of users' group g.
 
     The flat index users * groups_per_user + g while it fits int32 (the 32-bit gather of
     before); past INT32_MAX entries the tables are read as [num_users, groups_per_user].
     """
+
     def read(table):
       if table.shape[0] <= INT32_MAX:
         return table[users * self.groups_per_user + g]
       return table.reshape(self.num_users, self.groups_per_user)[users, g]
+
     v = read(self.groups)
     if self.group_base is None:
       return v & 0xFFFF, (v >> 16).astype(jnp.int32)
     return v, read(self.group_base)
 
-  def word(self, index: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  def word(self, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(chunk bitmap uint32, positives in earlier chunks int32) at word indices."""
     w = self.words[index]
     if self.word_before is None:
@@ -120,20 +124,26 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
   degrees = np.diff(offsets)
   users = dataset.train_users.astype(np.int64)
   items = dataset.train_items.astype(np.int64)
-  start_each = np.repeat(offsets[:-1], degrees)       # each positive's user's first index
+  start_each = np.repeat(offsets[:-1], degrees)  # each positive's user's first index
   local = np.arange(n_train, dtype=np.int64) - start_each
   gpu = groups_per_user(n_items)
 
   # Non-empty chunks, in (user, chunk) order since positives are sorted by (user, item).
   chunk = items // CHUNK
-  first = np.flatnonzero(np.r_[True, (users[1:] != users[:-1]) | (chunk[1:] != chunk[:-1])]
-                         ) if n_train else np.zeros(0, np.int64)
-  bits = (np.bitwise_or.reduceat(np.left_shift(1, items % CHUNK), first)
-          if n_train else np.zeros(0, np.int64))
+  first = (
+    np.flatnonzero(np.r_[True, (users[1:] != users[:-1]) | (chunk[1:] != chunk[:-1])])
+    if n_train
+    else np.zeros(0, np.int64)
+  )
+  bits = (
+    np.bitwise_or.reduceat(np.left_shift(1, items % CHUNK), first)
+    if n_train
+    else np.zeros(0, np.int64)
+  )
   c_user, c_chunk, c_before = users[first], chunk[first], local[first]
   nnz = np.bincount(c_user, minlength=n_users)
   c_start = np.concatenate([[0], np.cumsum(nnz)])[:-1]
-  c_rank = np.arange(first.size) - np.repeat(c_start, nnz)    # index among u's chunks
+  c_rank = np.arange(first.size) - np.repeat(c_start, nnz)  # index among u's chunks
   word_at = offsets[:-1][c_user] + c_user + c_rank
   sentinel_at = offsets[:-1] + np.arange(n_users) + nnz
   words = np.zeros(n_train + n_users, np.int64)
@@ -143,11 +153,11 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
 
   g_index = c_user * gpu + c_chunk // GROUP
   occ = np.zeros(n_users * gpu, np.int64)
-  if first.size:   # g_index is non-decreasing: OR each run of equal groups
+  if first.size:  # g_index is non-decreasing: OR each run of equal groups
     g_first = np.flatnonzero(np.r_[True, g_index[1:] != g_index[:-1]])
     occ[g_index[g_first]] = np.bitwise_or.reduceat(np.left_shift(1, c_chunk % GROUP), g_first)
   counts = np.bincount(g_index, minlength=n_users * gpu)
-  g_base = np.cumsum(counts) - counts          # exclusive, over all users
+  g_base = np.cumsum(counts) - counts  # exclusive, over all users
   g_base -= np.repeat(g_base[::gpu], gpu) if n_users else 0
 
   # f_u's targets: the non-positives in [m, num_items), listed ascending. Candidates are
@@ -155,43 +165,54 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
   m = n_items - degrees
   m_each = np.repeat(m, degrees)
   cand = m_each + local
-  is_hit = items >= m_each                     # positives at or above m ...
+  is_hit = items >= m_each  # positives at or above m ...
   strike = np.zeros(n_train, bool)
   strike[(items - m_each + start_each)[is_hit]] = True
-  kept = np.flatnonzero(~strike)               # ... occupy exactly these candidates
-  q = degrees - np.bincount(users[is_hit], minlength=n_users)   # positives below m
+  kept = np.flatnonzero(~strike)  # ... occupy exactly these candidates
+  q = degrees - np.bincount(users[is_hit], minlength=n_users)  # positives below m
   q_start = np.concatenate([[0], np.cumsum(q)])[:-1]
   dest = np.repeat(offsets[:-1], q) + np.arange(kept.size) - np.repeat(q_start, q)
   remap = np.zeros(n_train, np.int64)
   remap[dest] = cand[kept]
 
   item_dtype = np.uint16 if narrow else np.int32
-  out = dict(train_users=dataset.train_users.astype(np.int32),
-             train_items=items.astype(item_dtype),
-             user_offsets=dataset.user_offsets.astype(np.int32),
-             test_items=dataset.test_items.astype(np.int32),
-             remap=remap.astype(item_dtype))
+  out = dict(
+    train_users=dataset.train_users.astype(np.int32),
+    train_items=items.astype(item_dtype),
+    user_offsets=dataset.user_offsets.astype(np.int32),
+    test_items=dataset.test_items.astype(np.int32),
+    remap=remap.astype(item_dtype),
+  )
   if dataset.valid_items is not None:
     out['valid_items'] = dataset.valid_items.astype(np.int32)
   if narrow:
     out['groups'] = (occ | (g_base << 16)).astype(np.uint32)
     out['words'] = (words | (before << 16)).astype(np.uint32)
   else:
-    out.update(groups=occ.astype(np.uint32), group_base=g_base.astype(np.int32),
-               words=words.astype(np.uint32), word_before=before.astype(np.int32))
+    out.update(
+      groups=occ.astype(np.uint32),
+      group_base=g_base.astype(np.int32),
+      words=words.astype(np.uint32),
+      word_before=before.astype(np.int32),
+    )
   return out
 
 
-def host_shapes(num_users: int, num_items: int, num_train: int,
-                has_valid: bool) -> dict:
+def host_shapes(num_users: int, num_items: int, num_train: int, has_valid: bool) -> dict:
   """{key: (length, dtype)} of `host_arrays` for these sizes, without building them."""
   narrow = num_items <= NARROW_ITEMS
   item = np.dtype(np.uint16 if narrow else np.int32)
   i32, u32 = np.dtype(np.int32), np.dtype(np.uint32)
   groups = num_users * groups_per_user(num_items)
-  out = dict(train_users=(num_train, i32), train_items=(num_train, item),
-             user_offsets=(num_users + 1, i32), test_items=(num_users, i32),
-             remap=(num_train, item), groups=(groups, u32), words=(num_train + num_users, u32))
+  out = dict(
+    train_users=(num_train, i32),
+    train_items=(num_train, item),
+    user_offsets=(num_users + 1, i32),
+    test_items=(num_users, i32),
+    remap=(num_train, item),
+    groups=(groups, u32),
+    words=(num_train + num_users, u32),
+  )
   if has_valid:
     out['valid_items'] = (num_users, i32)
   if not narrow:
@@ -201,10 +222,14 @@ def host_shapes(num_users: int, num_items: int, num_train: int,
 
 def abstract_device_data(dataset: data_lib.Dataset, sharding) -> DeviceData:
   """`to_device(dataset, sharding)` as shapes with that sharding (nothing is built)."""
-  shapes = host_shapes(dataset.num_users, dataset.num_items, dataset.num_train,
-                       dataset.valid_items is not None)
-  return DeviceData(num_users=dataset.num_users, num_items=dataset.num_items, **{
-      k: jax.ShapeDtypeStruct((n,), dt, sharding=sharding) for k, (n, dt) in shapes.items()})
+  shapes = host_shapes(
+    dataset.num_users, dataset.num_items, dataset.num_train, dataset.valid_items is not None
+  )
+  return DeviceData(
+    num_users=dataset.num_users,
+    num_items=dataset.num_items,
+    **{k: jax.ShapeDtypeStruct((n,), dt, sharding=sharding) for k, (n, dt) in shapes.items()},
+  )
 
 
 def to_device(dataset: data_lib.Dataset, sharding=None) -> DeviceData:
@@ -213,15 +238,19 @@ def to_device(dataset: data_lib.Dataset, sharding=None) -> DeviceData:
   if sharding is None:
     arrays = jax.tree.map(jnp.asarray, arrays)
   else:
-    arrays = {k: jax.make_array_from_process_local_data(sharding, v)
-              for k, v in arrays.items()}
+    arrays = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in arrays.items()}
   degrees = np.diff(dataset.user_offsets)
-  return DeviceData(num_users=dataset.num_users, num_items=dataset.num_items,
-                    max_degree=int(degrees.max()) if degrees.size else 0, **arrays)
+  return DeviceData(
+    num_users=dataset.num_users,
+    num_items=dataset.num_items,
+    max_degree=int(degrees.max()) if degrees.size else 0,
+    **arrays,
+  )
 
 
 # ----------------------------------------------------------------------------------------
 # Counter-based random numbers.
+
 
 def keypair(key: jax.Array) -> jax.Array:
   """Raw uint32[2] threefry key of a typed key (made with impl='threefry2x32')."""
@@ -231,7 +260,7 @@ def keypair(key: jax.Array) -> jax.Array:
   return data
 
 
-def random_words(kp: jax.Array, x0: jax.Array, x1) -> Tuple[jax.Array, jax.Array]:
+def random_words(kp: jax.Array, x0: jax.Array, x1) -> tuple[jax.Array, jax.Array]:
   """Two uint32 pseudo-random words per counter pair (x0, x1): threefry2x32."""
   x0 = jnp.asarray(x0, jnp.uint32)
   x1 = jnp.broadcast_to(jnp.asarray(x1, jnp.uint32), x0.shape)
@@ -245,7 +274,7 @@ def random_words(kp: jax.Array, x0: jax.Array, x1) -> Tuple[jax.Array, jax.Array
 def _varying_axes(value) -> frozenset:
   """Manual mesh axes a traced value varies over (empty outside shard_map)."""
   aval = jax.typeof(value)
-  mat = getattr(aval, 'mat', None)          # JAX >= 0.9: ShapedArray.mat.varying
+  mat = getattr(aval, 'mat', None)  # JAX >= 0.9: ShapedArray.mat.varying
   if mat is not None and hasattr(mat, 'varying'):
     return frozenset(mat.varying)
   return frozenset(getattr(aval, 'vma', ()))  # JAX 0.7-0.8: ShapedArray.vma
@@ -255,8 +284,10 @@ def _same_variance(values):
   """pcasts each value to vary over the union of the values' manual mesh axes."""
   vmas = [_varying_axes(v) for v in values]
   union = frozenset().union(*vmas)
-  return [jax.lax.pcast(v, tuple(sorted(union - vma)), to='varying') if union - vma else v
-          for v, vma in zip(values, vmas)]
+  return [
+    jax.lax.pcast(v, tuple(sorted(union - vma)), to='varying') if union - vma else v
+    for v, vma in zip(values, vmas)
+  ]
 
 
 def mulhi_u32(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -278,8 +309,10 @@ def uniform_below(bits: jax.Array, span: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------
 # Wide indices: exact 64-bit unsigned arithmetic on (hi, lo) uint32 pairs, x64 off.
 
+
 class Wide(NamedTuple):
   """An unsigned index hi * 2**32 + lo as two uint32 arrays (a pytree; shapes broadcast)."""
+
   hi: jax.Array
   lo: jax.Array
 
@@ -320,7 +353,7 @@ def wide_where(cond: jax.Array, x: Wide, y: Wide) -> Wide:
   return Wide(jnp.where(cond, x.hi, y.hi), jnp.where(cond, x.lo, y.lo))
 
 
-def wide_divmod_const(x: Wide, d: int) -> Tuple[jax.Array, jax.Array]:
+def wide_divmod_const(x: Wide, d: int) -> tuple[jax.Array, jax.Array]:
   """Exact (x // d, x % d) as uint32 for a Python int 1 <= d <= 2**16 and x < d * 2**32.
 
   Long division in 16-bit digits: each partial dividend stays below 2**32, and a constant
@@ -330,13 +363,13 @@ def wide_divmod_const(x: Wide, d: int) -> Tuple[jax.Array, jax.Array]:
     raise ValueError(f'wide_divmod_const needs 1 <= d <= 65536, got {d}')
   x = to_wide(x)
   d32 = jnp.uint32(d)
-  t1 = (x.hi << 16) | (x.lo >> 16)          # x.hi < d <= 2**16
+  t1 = (x.hi << 16) | (x.lo >> 16)  # x.hi < d <= 2**16
   q1, r1 = t1 // d32, t1 % d32
-  t2 = (r1 << 16) | (x.lo & 0xFFFF)         # r1 < d <= 2**16
+  t2 = (r1 << 16) | (x.lo & 0xFFFF)  # r1 < d <= 2**16
   return (q1 << 16) + t2 // d32, t2 % d32
 
 
-def _divmod_wide(x: Wide, b: int) -> Tuple[jax.Array, jax.Array]:
+def _divmod_wide(x: Wide, b: int) -> tuple[jax.Array, jax.Array]:
   """Exact (x // b, x % b) as uint32 for x < 2**40 and quotients below 2**20 + 1.
 
   `_divmod` on a 64-bit dividend: the float32 quotient (relative error below 2**-22, so
@@ -357,6 +390,7 @@ def _divmod_wide(x: Wide, b: int) -> Tuple[jax.Array, jax.Array]:
 # ----------------------------------------------------------------------------------------
 # A keyed bijection on [0, n) for any n: mixed-radix Feistel network + cycle walking.
 
+
 def _mix32(x: jax.Array) -> jax.Array:
   """murmur3's 32-bit finaliser: a cheap, well-avalanched round function."""
   x = x ^ (x >> 16)
@@ -366,11 +400,11 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def _radices(n: jax.Array) -> Tuple[jax.Array, jax.Array]:
+def _radices(n: jax.Array) -> tuple[jax.Array, jax.Array]:
   """a = ceil(sqrt(n)), b = ceil(n / a): a * b >= n and a * b - n < a."""
   n = jnp.maximum(n.astype(jnp.uint32), 1)
   a = jnp.ceil(jnp.sqrt(n.astype(jnp.float32))).astype(jnp.uint32)
-  a = jnp.where((a - 1) * (a - 1) >= n, a - 1, a)   # fix float rounding either way
+  a = jnp.where((a - 1) * (a - 1) >= n, a - 1, a)  # fix float rounding either way
   a = jnp.where(a * a < n, a + 1, a)
   b = (n + a - 1) // a
   return a, b
@@ -396,7 +430,7 @@ def _rounds(left: jax.Array, right: jax.Array, a, b, round_keys):
   mods = (a, b)
   for i, rk in enumerate(round_keys):
     m = mods[i % 2]
-    f = mulhi_u32(_mix32(right ^ rk), m)   # a round function into Z_m (no division)
+    f = mulhi_u32(_mix32(right ^ rk), m)  # a round function into Z_m (no division)
     new_right = left + f
     new_right = jnp.where(new_right >= m, new_right - m, new_right)
     left, right = right, new_right
@@ -405,14 +439,14 @@ def _rounds(left: jax.Array, right: jax.Array, a, b, round_keys):
 
 def _feistel(x: jax.Array, a: jax.Array, b: jax.Array, round_keys) -> jax.Array:
   """One pass of the mixed-radix Feistel network: a bijection of [0, a * b)."""
-  left, right = _rounds(*_divmod(x, b), a, b, round_keys)   # left in Z_a, right in Z_b
+  left, right = _rounds(*_divmod(x, b), a, b, round_keys)  # left in Z_a, right in Z_b
   return left * b + right
 
 
-def radices(n: int) -> Tuple[int, int]:
+def radices(n: int) -> tuple[int, int]:
   """`_radices` in exact Python integers, for a static domain size of any width."""
   n = max(int(n), 1)
-  a = math.isqrt(n - 1) + 1              # ceil(sqrt(n))
+  a = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
   return a, -(-n // a)
 
 
@@ -474,8 +508,9 @@ def permute(x: jax.Array, n: jax.Array, round_keys) -> jax.Array:
   # [0, n)) keeps the map a bijection. One walk step is applied unconditionally (in a
   # large batch some lane nearly always needs it); the loop after it rarely iterates.
   y = jnp.where(inside & (y >= n), step(y), y)
-  return jax.lax.while_loop(lambda y: jnp.any(inside & (y >= n)),
-                            lambda y: jnp.where(inside & (y >= n), step(y), y), y)
+  return jax.lax.while_loop(
+    lambda y: jnp.any(inside & (y >= n)), lambda y: jnp.where(inside & (y >= n), step(y), y), y
+  )
 
 
 def round_keys(kp: jax.Array, index=0) -> list:
@@ -491,8 +526,10 @@ def round_keys(kp: jax.Array, index=0) -> list:
 # ----------------------------------------------------------------------------------------
 # Rank queries and the bijection f_u.
 
-def rank_positives(data: DeviceData, users: jax.Array, x: jax.Array,
-                   offsets=None) -> Tuple[jax.Array, jax.Array]:
+
+def rank_positives(
+  data: DeviceData, users: jax.Array, x: jax.Array, offsets=None
+) -> tuple[jax.Array, jax.Array]:
   """(#training positives of the user below x, whether x is one), for 0 <= x <= num_items.
 
   Two reads, whatever the degree: the group's occupancy mask gives the chunk's word by a
@@ -507,8 +544,12 @@ def rank_positives(data: DeviceData, users: jax.Array, x: jax.Array,
   j = (chunk % GROUP).astype(jnp.uint32)
   one = jnp.uint32(1)
   present = ((occ >> j) & one) == one
-  w_index = (offsets + users + g_before
-             + jax.lax.population_count(occ & ((one << j) - one)).astype(jnp.int32))
+  w_index = (
+    offsets
+    + users
+    + g_before
+    + jax.lax.population_count(occ & ((one << j) - one)).astype(jnp.int32)
+  )
   bits, before = data.word(w_index)
   s = (x % CHUNK).astype(jnp.uint32)
   bits = jnp.where(present, bits, 0)
@@ -516,8 +557,7 @@ def rank_positives(data: DeviceData, users: jax.Array, x: jax.Array,
   return rank, ((bits >> s) & one) == one
 
 
-def nonpositive_at(data: DeviceData, users: jax.Array, r: jax.Array,
-                   offsets=None) -> jax.Array:
+def nonpositive_at(data: DeviceData, users: jax.Array, r: jax.Array, offsets=None) -> jax.Array:
   """f_u(r): a bijection of [0, num_items - degree) onto the user's non-positives.
 
   r itself when r is not a training positive; the j-th positive below m is sent to the
@@ -531,8 +571,9 @@ def nonpositive_at(data: DeviceData, users: jax.Array, r: jax.Array,
   return jnp.where(is_pos, data.remap[index].astype(jnp.int32), r)
 
 
-def nonpositive_index(data: DeviceData, users: jax.Array, items: jax.Array,
-                      offsets=None, degrees=None) -> jax.Array:
+def nonpositive_index(
+  data: DeviceData, users: jax.Array, items: jax.Array, offsets=None, degrees=None
+) -> jax.Array:
   """f_u^{-1}: the r in [0, m) with f_u(r) = item, for items that are not positives."""
   if offsets is None:
     offsets = data.user_offsets[users]
@@ -541,14 +582,21 @@ def nonpositive_index(data: DeviceData, users: jax.Array, items: jax.Array,
   items = items.astype(jnp.int32)
   m = data.num_items - degrees
   # An item at or above m is the j-th non-positive there: j = (item - m) - #P in [m, item).
-  j = ((items - m) - (rank_positives(data, users, items, offsets)[0]
-                      - rank_positives(data, users, m, offsets)[0]))
+  j = (items - m) - (
+    rank_positives(data, users, items, offsets)[0] - rank_positives(data, users, m, offsets)[0]
+  )
   return jnp.where(items < m, items, data.positive_items(offsets + jnp.maximum(j, 0)))
 
 
-def sample_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
-                     counters: jax.Array, stream: int = 0,
-                     offsets=None, degrees=None) -> jax.Array:
+def sample_negatives(
+  data: DeviceData,
+  kp: jax.Array,
+  users: jax.Array,
+  counters: jax.Array,
+  stream: int = 0,
+  offsets=None,
+  degrees=None,
+) -> jax.Array:
   """One uniform negative per (user, counter), with replacement, excluding train positives.
 
   The draw for a counter is a pure function of (kp, counter, stream), whatever the shape:
@@ -566,9 +614,14 @@ def sample_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
   return nonpositive_at(data, users, r, offsets)
 
 
-def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
-                              num_neg: int, held_out=None,
-                              key_users: Optional[jax.Array] = None) -> jax.Array:
+def sample_distinct_negatives(
+  data: DeviceData,
+  kp: jax.Array,
+  users: jax.Array,
+  num_neg: int,
+  held_out=None,
+  key_users: jax.Array | None = None,
+) -> jax.Array:
   """`num_neg` distinct negatives per user, never a training positive nor a held-out item.
 
   Draws are without replacement: the first num_neg images of a per-user keyed bijection
@@ -589,10 +642,9 @@ def sample_distinct_negatives(data: DeviceData, kp: jax.Array, users: jax.Array,
   degrees = data.user_offsets[users + 1] - offsets
   if held_out is None:
     held_out = (data.test_items[users],)
-  m = (data.num_items - degrees - len(held_out)).astype(jnp.uint32)   # candidate count
+  m = (data.num_items - degrees - len(held_out)).astype(jnp.uint32)  # candidate count
   keys = [k[:, None] for k in round_keys(kp, users if key_users is None else key_users)]
-  j = jnp.broadcast_to(jnp.arange(num_neg, dtype=jnp.uint32)[None, :],
-                       (users.shape[0], num_neg))
+  j = jnp.broadcast_to(jnp.arange(num_neg, dtype=jnp.uint32)[None, :], (users.shape[0], num_neg))
   ranks = permute(j, m[:, None], keys).astype(jnp.int32)
   index = [nonpositive_index(data, users, item, offsets, degrees) for item in held_out]
   if len(index) > 1:

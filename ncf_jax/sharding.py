@@ -15,15 +15,18 @@ psum_scatter is an all-gather), so the tables need no gradient all-reduce.
 The model code is unchanged: `apply` runs `model.apply` with the `nn.Embed` modules
 intercepted (`flax.linen.intercept_methods`) so that they read the sharded tables.
 """
+
+from collections.abc import Callable
 import contextlib
 import dataclasses
-from typing import Any, Callable, Dict, Tuple
+from typing import Any
 
-import flax.linen as nn
 from flax import traverse_util
+import flax.linen as nn
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 # Values of config.sharding.
@@ -53,11 +56,13 @@ def padded_rows(rows: int, ndev: int) -> int:
 
 def pad_tables(tree, ndev: int):
   """`tree` with each table's rows zero-padded to a multiple of `ndev` (others as is)."""
+
   def pad(path, x):
     if not is_table_path(path):
       return x
     extra = padded_rows(x.shape[0], ndev) - x.shape[0]
     return jnp.pad(x, ((0, extra),) + ((0, 0),) * (x.ndim - 1)) if extra else x
+
   return jax.tree_util.tree_map_with_path(pad, tree)
 
 
@@ -69,15 +74,14 @@ def fit_rows(x, like):
   if x.ndim < 1 or x.shape[1:] != like.shape[1:] or x.shape[0] == like.shape[0]:
     return x
   if x.shape[0] > like.shape[0]:
-    return x[:like.shape[0]]
+    return x[: like.shape[0]]
   return jnp.pad(x, ((0, like.shape[0] - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
 
 def model_shapes(model):
   """Abstract params of `model` (the unpadded rows of its tables)."""
   dummy = jnp.zeros((2,), jnp.int32)
-  return jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, dummy, dummy))[
-      'params']
+  return jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, dummy, dummy))['params']
 
 
 def gathered(tree, mesh: Mesh):
@@ -88,14 +92,16 @@ def gathered(tree, mesh: Mesh):
 
 def unpadded(tree, like):
   """`tree`'s tables cut to `like`'s rows (host arrays; the padding of a sharded layout)."""
-  return jax.tree.map(lambda x, y: x[:y.shape[0]] if np.ndim(x) and x.shape[1:] == y.shape[1:]
-                      else x, tree, like)
+  return jax.tree.map(
+    lambda x, y: x[: y.shape[0]] if np.ndim(x) and x.shape[1:] == y.shape[1:] else x, tree, like
+  )
 
 
 def specs(tree):
   """PartitionSpecs of a params tree or a TrainState: tables by rows, the rest whole."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: P('data') if is_table_path(path) else P(), tree)
+    lambda path, _: P('data') if is_table_path(path) else P(), tree
+  )
 
 
 def shardings(tree, mesh: Mesh):
@@ -103,7 +109,7 @@ def shardings(tree, mesh: Mesh):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs(tree))
 
 
-def split_tables(params) -> Tuple[Dict[Tuple[str, ...], Any], Any]:
+def split_tables(params) -> tuple[dict[tuple[str, ...], Any], Any]:
   """({module path: table}, the other parameters) of a Flax params dict."""
   flat = traverse_util.flatten_dict(params)
   tables = {k[:-1]: v for k, v in flat.items() if k[-1] == TABLE}
@@ -111,7 +117,7 @@ def split_tables(params) -> Tuple[Dict[Tuple[str, ...], Any], Any]:
   return tables, dense
 
 
-def merge_tables(tables: Dict[Tuple[str, ...], Any], dense):
+def merge_tables(tables: dict[tuple[str, ...], Any], dense):
   """The params dict that `split_tables` split into `tables` and `dense`."""
   flat = traverse_util.flatten_dict(dense)
   flat.update({k + (TABLE,): v for k, v in tables.items()})
@@ -125,7 +131,7 @@ def lookup(shard: jax.Array, ids: jax.Array, axis: str = 'data') -> jax.Array:
   """
   rows = shard.shape[0]
   flat = ids.reshape(-1).astype(jnp.int32)
-  if axis not in _varying(flat):   # e.g. an item grid that is the same on every device
+  if axis not in _varying(flat):  # e.g. an item grid that is the same on every device
     flat = jax.lax.pcast(flat, axis, to='varying')
   every = jax.lax.all_gather(flat, axis, tiled=True)
   local = every - jax.lax.axis_index(axis) * rows
@@ -144,18 +150,22 @@ def _varying(value) -> frozenset:
 
 
 @contextlib.contextmanager
-def sharded_lookups(tables: Dict[Tuple[str, ...], jax.Array], axis: str = 'data'):
+def sharded_lookups(tables: dict[tuple[str, ...], jax.Array], axis: str = 'data'):
   """Within: every `nn.Embed` reads its rows from `tables` (module path -> shard)."""
+
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if not isinstance(module, nn.Embed):
       return next_fun(*args, **kwargs)
-    if context.method_name == 'setup':   # its table is a shard in `tables`, not a param
+    if context.method_name == 'setup':  # its table is a shard in `tables`, not a param
       return None
-    if context.method_name != '__call__':   # an invariant of ncf_jax.models, not user input
-      raise RuntimeError(f'sharded tables are read through Embed.__call__ only; '
-                         f'{module.path} called {context.method_name}')
+    if context.method_name != '__call__':  # an invariant of ncf_jax.models, not user input
+      raise RuntimeError(
+        f'sharded tables are read through Embed.__call__ only; '
+        f'{module.path} called {context.method_name}'
+      )
     return lookup(tables[tuple(module.path)], args[0], axis)
+
   with nn.intercept_methods(interceptor):
     yield
 
@@ -168,6 +178,7 @@ class ShardedApply:
   frozen dataclass, so that two of one model compare equal (a TrainState's `apply_fn` is
   part of its tree structure: jit caches and shard_map specs match on it).
   """
+
   apply_fn: Callable
 
   def __call__(self, variables, *args, **kwargs):

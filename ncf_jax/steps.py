@@ -8,25 +8,18 @@ the embedding tables (`ncf_jax.sharding`), the sampler's data and the epoch
 (`ncf_jax.data_shards`) are split over `data` instead, the same batches either way. Everything here is a pure function
 of its arguments; the loop that calls them is `ncf_jax.train`.
 """
-from typing import Optional
 
 from flax.training import train_state
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
-from ncf_jax import data_shards
-from ncf_jax import dispatch
-from ncf_jax import hashing
+from ncf_jax import data_shards, dispatch, hashing, models, pipeline, sampling, sharding
 from ncf_jax import metrics as metrics_lib
-from ncf_jax import models
-from ncf_jax import pipeline
-from ncf_jax import sampling
-from ncf_jax import sharding
 from ncf_jax.errors import UserError
-
 
 # The mesh axis that the batch is split over.
 AXIS = 'data'
@@ -40,23 +33,29 @@ class TrainState(train_state.TrainState):
   The accumulators live in the state so that a run stopped mid-epoch and resumed logs the
   same epoch loss and pipeline hashes as an uninterrupted one.
   """
-  loss_sum: jax.Array     # float32: sum of per-sample BCE this epoch
-  loss_count: jax.Array   # float32: valid samples this epoch
-  hash_chain: jax.Array   # uint32[2]: chained batch digests this epoch
-  hash_first: jax.Array   # uint32[2]: digest chain after the epoch's first batch
-  bad_step: jax.Array     # int32: first global step with a non-finite loss, or -1
+
+  loss_sum: jax.Array  # float32: sum of per-sample BCE this epoch
+  loss_count: jax.Array  # float32: valid samples this epoch
+  hash_chain: jax.Array  # uint32[2]: chained batch digests this epoch
+  hash_first: jax.Array  # uint32[2]: digest chain after the epoch's first batch
+  bad_step: jax.Array  # int32: first global step with a non-finite loss, or -1
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """Adam (the MLPerf rules' optimizer) or plain SGD, at `config.learning_rate`."""
   if config.optimizer == 'sgd':
     return optax.sgd(float(config.learning_rate))
-  return optax.adam(float(config.learning_rate), b1=float(config.beta1),
-                    b2=float(config.beta2), eps=float(config.eps))
+  return optax.adam(
+    float(config.learning_rate),
+    b1=float(config.beta1),
+    b2=float(config.beta2),
+    eps=float(config.eps),
+  )
 
 
-def create_train_state(config, model, key: jax.Array, mesh: Mesh,
-                       abstract: bool = False) -> TrainState:
+def create_train_state(
+  config, model, key: jax.Array, mesh: Mesh, abstract: bool = False
+) -> TrainState:
   """Initialised TrainState on the mesh (init runs under jit).
 
   Replicated; or with `config.sharding='sharded'` its embedding tables and their Adam
@@ -73,17 +72,26 @@ def create_train_state(config, model, key: jax.Array, mesh: Mesh,
     if sharded:
       params = sharding.pad_tables(params, mesh.size)
     return TrainState.create(
-        apply_fn=sharding.ShardedApply(model.apply) if sharded else model.apply,
-        params=params, tx=tx,
-        loss_sum=jnp.zeros((), jnp.float32), loss_count=jnp.zeros((), jnp.float32),
-        hash_chain=hashing.init(), hash_first=hashing.init(),
-        bad_step=jnp.full((), -1, jnp.int32))
+      apply_fn=sharding.ShardedApply(model.apply) if sharded else model.apply,
+      params=params,
+      tx=tx,
+      loss_sum=jnp.zeros((), jnp.float32),
+      loss_count=jnp.zeros((), jnp.float32),
+      hash_chain=hashing.init(),
+      hash_first=hashing.init(),
+      bad_step=jnp.full((), -1, jnp.int32),
+    )
+
   shapes = jax.eval_shape(init, key)
-  out = (sharding.shardings(shapes, mesh) if sharded
-         else jax.tree.map(lambda _: NamedSharding(mesh, P()), shapes))
+  out = (
+    sharding.shardings(shapes, mesh)
+    if sharded
+    else jax.tree.map(lambda _: NamedSharding(mesh, P()), shapes)
+  )
   if abstract:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        shapes, out)
+    return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, out
+    )
   return jax.jit(init, out_shardings=out)(key)
 
 
@@ -104,8 +112,10 @@ def _l2_params_term(params, l2_params: float):
 
 def make_keys(seed: int, mesh: Mesh):
   """(init_key, data_key, dropout_key) from the seed, replicated over the mesh."""
+
   def keys():
     return tuple(jax.random.split(jax.random.key(seed, impl='threefry2x32'), 3))
+
   return jax.jit(keys, out_shardings=NamedSharding(mesh, P()))()
 
 
@@ -119,11 +129,12 @@ def make_mesh(num_devices: int = 0) -> Mesh:
   devices = jax.devices()
   if num_devices:
     if jax.process_count() > 1 or not 0 < num_devices <= len(devices):
-      raise UserError(f'config.num_devices={num_devices} is invalid: use 0 (all) or 1..'
-                      f'{len(devices)} in a single-process run.')
+      raise UserError(
+        f'config.num_devices={num_devices} is invalid: use 0 (all) or 1..'
+        f'{len(devices)} in a single-process run.'
+      )
     devices = devices[:num_devices]
-  return jax.make_mesh((len(devices),), (AXIS,), (jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  return jax.make_mesh((len(devices),), (AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def device_data(config, dataset, mesh: Mesh):
@@ -165,14 +176,14 @@ def make_epoch_items(config, mesh: Mesh, data):
 
   def fill(buf, data, data_key, epoch, call):
     index = jax.lax.axis_index(AXIS)
-    if split:   # this device's owned slots, from its first: d * owned
+    if split:  # this device's owned slots, from its first: d * owned
       start = pipeline.shard_start(index, owned, call, chunk, mesh.size * owned + chunk)
-      part = data_shards.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start,
-                                     size=chunk)
+      part = data_shards.epoch_items(
+        data, data_key, epoch, num_neg=num_neg, start=start, size=chunk
+      )
     else:
       start = pipeline.shard_start(index, per, call, chunk, mesh.size * per)
-      part = pipeline.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start,
-                                  size=chunk)
+      part = pipeline.epoch_items(data, data_key, epoch, num_neg=num_neg, start=start, size=chunk)
     # part[:1] is a small output that is not donated: what `in_flight` waits on.
     if per <= sampling.INT32_MAX:
       return jax.lax.dynamic_update_slice(buf, part, (call * chunk,)), part[:1]
@@ -180,14 +191,21 @@ def make_epoch_items(config, mesh: Mesh, data):
     rows = jax.lax.dynamic_update_slice(buf.reshape(calls, chunk), part[None], (call, 0))
     return rows.reshape(-1), part[:1]
 
-  fill = jax.jit(jax.shard_map(fill, mesh=mesh,
-                               in_specs=(P(AXIS), P(AXIS) if split else P(), P(), P(), P()),
-                               out_specs=(P(AXIS), P(AXIS))), donate_argnums=0)
+  fill = jax.jit(
+    jax.shard_map(
+      fill,
+      mesh=mesh,
+      in_specs=(P(AXIS), P(AXIS) if split else P(), P(), P(), P()),
+      out_specs=(P(AXIS), P(AXIS)),
+    ),
+    donate_argnums=0,
+  )
   replicate = jax.jit(lambda buf: buf, out_shardings=replicated)
-  zeros = jax.jit(lambda dtype: jnp.zeros((mesh.size * per,), dtype), static_argnums=0,
-                  out_shardings=sharded)
+  zeros = jax.jit(
+    lambda dtype: jnp.zeros((mesh.size * per,), dtype), static_argnums=0, out_shardings=sharded
+  )
 
-  def build(data, data_key, epoch, in_flight: Optional[dispatch.InFlight] = None):
+  def build(data, data_key, epoch, in_flight: dispatch.InFlight | None = None):
     in_flight = in_flight or dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
     buf = zeros(np.dtype(_local(data).train_items.dtype))
     for call in range(calls):
@@ -196,7 +214,10 @@ def make_epoch_items(config, mesh: Mesh, data):
     items = buf if split else replicate(buf)
     in_flight.add(items)
     return items
-  build.programs = (zeros, fill) if split else (zeros, fill, replicate)   # its compiled programs (compile-count tests)
+
+  build.programs = (
+    (zeros, fill) if split else (zeros, fill, replicate)
+  )  # its compiled programs (compile-count tests)
   # What `build` returns, unbuilt (`memory.bytes_per_device` of an epoch before it runs).
   build.abstract = lambda data: epoch_items_shape(config, mesh, data)
   return build
@@ -218,8 +239,10 @@ def epoch_items_shape(config, mesh: Mesh, data) -> jax.ShapeDtypeStruct:
   """What `make_epoch_items(config, mesh, data)` builds, as a shape with its sharding."""
   split, _, chunk, calls = _epoch_layout(config, mesh, data)
   return jax.ShapeDtypeStruct(
-      (mesh.size * calls * chunk,), np.dtype(_local(data).train_items.dtype),
-      sharding=NamedSharding(mesh, P(AXIS) if split else P()))
+    (mesh.size * calls * chunk,),
+    np.dtype(_local(data).train_items.dtype),
+    sharding=NamedSharding(mesh, P(AXIS) if split else P()),
+  )
 
 
 def _local(data) -> sampling.DeviceData:
@@ -227,19 +250,47 @@ def _local(data) -> sampling.DeviceData:
   return data.local if isinstance(data, data_shards.Split) else data
 
 
-def _device_batch(sharded: bool, data, items, data_key, epoch, step, batch_size: int,
-                  num_neg: int, start, local: int):
+def _device_batch(
+  sharded: bool,
+  data,
+  items,
+  data_key,
+  epoch,
+  step,
+  batch_size: int,
+  num_neg: int,
+  start,
+  local: int,
+):
   """This device's `local` samples of global batch `step`, from `start`.
 
   Read from the whole epoch's `items` (replicated), or with split data from the owners of
   its slots (`data_shards.device_batch`): the same batch either way.
   """
   if sharded:
-    return data_shards.device_batch(data, items, data_key, epoch, step,
-                                    batch_size=batch_size, num_neg=num_neg, start=start,
-                                    size=local, axis=AXIS)
-  return pipeline.batch_from_items(data, items, data_key, epoch, step, batch_size=batch_size,
-                                   num_neg=num_neg, start=start, size=local)
+    return data_shards.device_batch(
+      data,
+      items,
+      data_key,
+      epoch,
+      step,
+      batch_size=batch_size,
+      num_neg=num_neg,
+      start=start,
+      size=local,
+      axis=AXIS,
+    )
+  return pipeline.batch_from_items(
+    data,
+    items,
+    data_key,
+    epoch,
+    step,
+    batch_size=batch_size,
+    num_neg=num_neg,
+    start=start,
+    size=local,
+  )
 
 
 def _make_per_device_grads(config, ndev: int):
@@ -272,9 +323,10 @@ def _make_per_device_grads(config, ndev: int):
   def grads_fn(params, apply_fn, data, items, keys, epoch, step, global_step):
     data_key, dropout_key = keys
     start = jax.lax.axis_index(AXIS) * local
-    batch = _device_batch(sharded, data, items, data_key, epoch, step, batch_size, num_neg,
-                          start, local)
-    position = start + jnp.arange(local, dtype=jnp.uint32)   # global, within the batch
+    batch = _device_batch(
+      sharded, data, items, data_key, epoch, step, batch_size, num_neg, start, local
+    )
+    position = start + jnp.arange(local, dtype=jnp.uint32)  # global, within the batch
     n_valid = jax.lax.psum(jnp.sum(batch['valid'], dtype=jnp.float32), AXIS)
 
     def logits_fn(p):
@@ -286,21 +338,22 @@ def _make_per_device_grads(config, ndev: int):
       sample_keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, position)
 
       def one(u, i, k):
-        return apply_fn({'params': p}, u[None], i[None], deterministic=False,
-                        rngs={'dropout': k})[0]
+        return apply_fn({'params': p}, u[None], i[None], deterministic=False, rngs={'dropout': k})[
+          0
+        ]
+
       return jax.vmap(one)(batch['user'], batch['item'], sample_keys)
 
     def loss_fn(p):
       local_sum = metrics_lib.bce_sum(logits_fn(p), batch['label'], batch['valid'])
       objective = local_sum
-      if l2:   # per sample, so scaled like the loss: the mean over the global batch
+      if l2:  # per sample, so scaled like the loss: the mean over the global batch
         rows_sq = sharding.embedding_rows_sq if sharded else models.embedding_rows_sq
         rows = rows_sq(p, batch['user'], batch['item'])
         objective = objective + l2 * jnp.sum(jnp.where(batch['valid'], rows, 0.0))
       if sharded:
         tables, dense = sharding.split_tables(p)
-        reg = (_l2_params_term(dense, l2_params)
-               + ndev * _l2_params_term(tables, l2_params))
+        reg = _l2_params_term(dense, l2_params) + ndev * _l2_params_term(tables, l2_params)
       else:
         reg = _l2_params_term(p, l2_params)
       # Scaled so that the pmean of the gradients is that of the global batch mean, even
@@ -312,14 +365,17 @@ def _make_per_device_grads(config, ndev: int):
       (_, local_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
       grads = jax.lax.pmean(grads, AXIS)
       return grads, local_sum, n_valid, batch, position
-    tables, dense = sharding.split_tables(params)   # the tables' rows vary already
+    tables, dense = sharding.split_tables(params)  # the tables' rows vary already
     varying = sharding.merge_tables(
-        tables, jax.tree.map(lambda x: jax.lax.pcast(x, AXIS, to='varying'), dense))
+      tables, jax.tree.map(lambda x: jax.lax.pcast(x, AXIS, to='varying'), dense)
+    )
     (_, local_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(varying)
     table_grads, dense_grads = sharding.split_tables(grads)
-    grads = sharding.merge_tables({k: g / ndev for k, g in table_grads.items()},
-                                  jax.lax.pmean(dense_grads, AXIS))
+    grads = sharding.merge_tables(
+      {k: g / ndev for k, g in table_grads.items()}, jax.lax.pmean(dense_grads, AXIS)
+    )
     return grads, local_sum, n_valid, batch, position
+
   return grads_fn
 
 
@@ -341,16 +397,19 @@ def make_grad_step(config, mesh: Mesh, apply_fn, like=None):
   def per_device(params, data, items, keys, epoch, step, global_step):
     return grads_fn(params, apply_fn, data, items, keys, epoch, step, global_step)[0]
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh,
-                               in_specs=(specs, *_data_specs(config)) + (P(),) * 4,
-                               out_specs=specs))
+  return jax.jit(
+    jax.shard_map(
+      per_device, mesh=mesh, in_specs=(specs, *_data_specs(config)) + (P(),) * 4, out_specs=specs
+    )
+  )
 
 
 def _hash_update(state_chain, state_first, batch, position, step):
   """(chain, first) after folding in this batch's digest; the chain restarts at step 0."""
   first = step == 0
-  chain = hashing.chain(jnp.where(first, hashing.init(), state_chain),
-                        hashing.batch_digest(batch, position, AXIS))
+  chain = hashing.chain(
+    jnp.where(first, hashing.init(), state_chain), hashing.batch_digest(batch, position, AXIS)
+  )
   return chain, jnp.where(first, chain, state_first)
 
 
@@ -373,35 +432,42 @@ def make_train_step(config, mesh: Mesh, num_steps: int = 1, like=None):
 
   def one_step(state: TrainState, data, items, keys, epoch, step):
     grads, local_sum, n_valid, batch, position = grads_fn(
-        state.params, state.apply_fn, data, items, keys, epoch, step, state.step)
+      state.params, state.apply_fn, data, items, keys, epoch, step, state.step
+    )
     loss_sum = jax.lax.psum(local_sum, AXIS)
     new = state.apply_gradients(grads=grads)
     first = step == 0
     finite = jnp.isfinite(loss_sum)
     updates = dict(
-        loss_sum=jnp.where(first, 0.0, state.loss_sum) + loss_sum,
-        loss_count=jnp.where(first, 0.0, state.loss_count) + n_valid,
-        bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step))
+      loss_sum=jnp.where(first, 0.0, state.loss_sum) + loss_sum,
+      loss_count=jnp.where(first, 0.0, state.loss_count) + n_valid,
+      bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step, state.bad_step),
+    )
     if use_hash:
       updates['hash_chain'], updates['hash_first'] = _hash_update(
-          state.hash_chain, state.hash_first, batch, position, step)
+        state.hash_chain, state.hash_first, batch, position, step
+      )
     loss = loss_sum / jnp.maximum(n_valid, 1.0)
-    return new.replace(**updates), loss.astype(jnp.float32)   # the fori_loop carry's dtype
+    return new.replace(**updates), loss.astype(jnp.float32)  # the fori_loop carry's dtype
 
   def per_device(state: TrainState, data, items, keys, epoch, step):
     if num_steps == 1:
       state, loss = one_step(state, data, items, keys, epoch, step)
     else:
+
       def body(i, carry):
         return one_step(carry[0], data, items, keys, epoch, step + i)
-      state, loss = jax.lax.fori_loop(0, num_steps, body,
-                                      (state, jnp.zeros((), jnp.float32)))
+
+      state, loss = jax.lax.fori_loop(0, num_steps, body, (state, jnp.zeros((), jnp.float32)))
     return state, {'train_loss': loss}
 
   specs = state_specs(config, like)
-  step = jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(specs, *_data_specs(config), P(), P(), P()),
-                       out_specs=(specs, P()))
+  step = jax.shard_map(
+    per_device,
+    mesh=mesh,
+    in_specs=(specs, *_data_specs(config), P(), P(), P()),
+    out_specs=(specs, P()),
+  )
   return jax.jit(step, donate_argnums=(0,))
 
 
@@ -419,18 +485,22 @@ def make_hash_replay(config, mesh: Mesh):
 
   def per_device(chain, first, data, items, data_key, epoch, step):
     start = jax.lax.axis_index(AXIS) * local
-    batch = _device_batch(sharded, data, items, data_key, epoch, step, batch_size, num_neg,
-                          start, local)
-    return _hash_update(chain, first, batch, start + jnp.arange(local, dtype=jnp.uint32),
-                        step)
+    batch = _device_batch(
+      sharded, data, items, data_key, epoch, step, batch_size, num_neg, start, local
+    )
+    return _hash_update(chain, first, batch, start + jnp.arange(local, dtype=jnp.uint32), step)
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh,
-                               in_specs=(P(), P(), *_data_specs(config), P(), P(), P()),
-                               out_specs=(P(), P())))
+  return jax.jit(
+    jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(P(), P(), *_data_specs(config), P(), P(), P()),
+      out_specs=(P(), P()),
+    )
+  )
 
 
-def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int,
-                   split: str = 'test'):
+def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int, split: str = 'test'):
   """Compiled eval of `split` for users [first, first + eval_batch_size): sums, counts, digest.
 
   `split` is 'test' or 'valid' (`pipeline.SPLITS`); each has its own candidates
@@ -452,20 +522,22 @@ def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int,
   chunk = int(config.full_ranking_chunk)
 
   def per_device(params, data, data_key, first):
-    if sharded:   # this device's own users, on its part of the data
+    if sharded:  # this device's own users, on its part of the data
       users, valid, base = data_shards.eval_users(data, first, local)
       data = data.local
     else:
       users = first + jax.lax.axis_index(AXIS) * local + jnp.arange(local, dtype=jnp.int32)
       valid = users < num_users
       users, base = jnp.where(valid, users, 0), 0
-    items, mask = pipeline.eval_batch(data, data_key, users, num_neg=num_neg,
-                                      match_mlperf=match_mlperf, split=split, user_base=base)
+    items, mask = pipeline.eval_batch(
+      data, data_key, users, num_neg=num_neg, match_mlperf=match_mlperf, split=split, user_base=base
+    )
     scores = apply({'params': params}, jnp.broadcast_to(users[:, None], items.shape), items)
     out = metrics_lib.ranking_sums(metrics_lib.positive_rank(scores, mask), valid, top_k)
     cols = 1 + num_neg
     position = users[:, None].astype(jnp.uint32) * jnp.uint32(cols) + jnp.arange(
-        cols, dtype=jnp.uint32)
+      cols, dtype=jnp.uint32
+    )
     out['digest'] = hashing.array_digest(items, position, mask=valid[:, None])
     if full:
       positive, excluded = pipeline.held_out(data, users - base, split)
@@ -473,16 +545,27 @@ def make_eval_step(config, mesh: Mesh, model, num_users: int, num_items: int,
       fsums = metrics_lib.ranking_sums(rank, valid, top_k)
       out.update({f'full_{k}': v for k, v in fsums.items() if k != 'count'})
       out['full_recall_sum'] = metrics_lib.recall_sum(
-          rank[:, None], jnp.ones((local, 1), bool), valid, top_k)
+        rank[:, None], jnp.ones((local, 1), bool), valid, top_k
+      )
     return jax.tree.map(lambda x: jax.lax.psum(x, AXIS), out)
 
-  step = jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(specs, _data_specs(config)[0], P(), P()), out_specs=P())
+  step = jax.shard_map(
+    per_device, mesh=mesh, in_specs=(specs, _data_specs(config)[0], P(), P()), out_specs=P()
+  )
   return jax.jit(step)
 
 
-def full_rank(model, params, data: sampling.DeviceData, users, positive, excluded,
-              chunk: int, apply_fn=None, user_base=0):
+def full_rank(
+  model,
+  params,
+  data: sampling.DeviceData,
+  users,
+  positive,
+  excluded,
+  chunk: int,
+  apply_fn=None,
+  user_base=0,
+):
   """Rank of each user's `positive` item among all items that are candidates for it.
 
   Candidates are every item but the user's training positives and the `excluded`
@@ -515,8 +598,15 @@ def full_rank(model, params, data: sampling.DeviceData, users, positive, exclude
   return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros_like(users, jnp.int32))
 
 
-def evaluate(eval_step, params, data, data_key, num_users: int, eval_batch_size: int,
-             in_flight: Optional[dispatch.InFlight] = None):
+def evaluate(
+  eval_step,
+  params,
+  data,
+  data_key,
+  num_users: int,
+  eval_batch_size: int,
+  in_flight: dispatch.InFlight | None = None,
+):
   """Runs all eval batches; returns host floats: hr, ndcg, mrr (+ full_*) and the digest.
 
   Launches are reported to `in_flight` (default: the bound for `params`' devices).
@@ -525,7 +615,7 @@ def evaluate(eval_step, params, data, data_key, num_users: int, eval_batch_size:
     devices = jax.tree.leaves(params)[0].sharding.device_set
     in_flight = dispatch.InFlight(dispatch.in_flight_limit(list(devices)))
   totals = None
-  if isinstance(data, data_shards.Split):   # each device's own users, padded to the most
+  if isinstance(data, data_shards.Split):  # each device's own users, padded to the most
     num_users = data.eval_span
   for first in range(0, num_users, eval_batch_size):
     out = eval_step(params, data, data_key, np.int32(first))
@@ -536,7 +626,7 @@ def evaluate(eval_step, params, data, data_key, num_users: int, eval_batch_size:
   chain = hashing.chain(hashing.init(), totals.pop('digest'))
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
   count = totals.pop('count')
-  result = {k[:-len('_sum')]: v / count for k, v in totals.items()}
+  result = {k[: -len('_sum')]: v / count for k, v in totals.items()}
   return result, hashing.hexdigest(chain)
 
 
@@ -546,9 +636,11 @@ def params_hash(params, mesh: Mesh, model) -> str:
   Tables are cut to `model`'s rows, so a sharded run's padding does not count.
   """
   import hashlib
+
   h = hashlib.sha256()
-  host = sharding.unpadded(jax.device_get(sharding.gathered(params, mesh)),
-                           sharding.model_shapes(model))
+  host = sharding.unpadded(
+    jax.device_get(sharding.gathered(params, mesh)), sharding.model_shapes(model)
+  )
   for leaf in jax.tree.leaves(host):
     h.update(np.ascontiguousarray(leaf).tobytes())
   return h.hexdigest()[:16]

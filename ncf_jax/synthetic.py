@@ -28,6 +28,7 @@ Everything comes from numpy Generator(PCG64(seed)) in a fixed order, vectorized 
 processed in chunks of users (fixed by the targets, not by memory), so the same parameters
 always give the same bytes.
 """
+
 import dataclasses
 import os
 
@@ -44,8 +45,8 @@ ZIPF_EXPONENT = 1.1
 ACTIVITY_SIGMA = 1.2
 MIN_INTERACTIONS = 20
 MAX_ROUNDS = 16
-_CHUNK_DRAWS = 1 << 21          # target interactions per chunk of users
-_T0, _SPAN = 883_612_800, 473_385_600   # 1998-01-01 .. 2013-01-01
+_CHUNK_DRAWS = 1 << 21  # target interactions per chunk of users
+_T0, _SPAN = 883_612_800, 473_385_600  # 1998-01-01 .. 2013-01-01
 _SESSION_GAP, _SESSION_LEN = 7 * 86_400, 60
 
 
@@ -56,8 +57,9 @@ class SyntheticOracle:
   P(item | user) = theta[user, topic[item]] * within_topic[item]; the oracle score of a
   (user, item) pair is its log, so ranking by it is the best any model can do.
   """
-  theta: np.ndarray         # float32 [num_users, num_topics], rows sum to 1
-  item_topic: np.ndarray    # int32 [num_items]
+
+  theta: np.ndarray  # float32 [num_users, num_topics], rows sum to 1
+  item_topic: np.ndarray  # int32 [num_items]
   within_topic: np.ndarray  # float32 [num_items], sums to 1 within each topic
 
   def score(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -69,36 +71,44 @@ class SyntheticOracle:
 @dataclasses.dataclass(frozen=True)
 class SyntheticData:
   """Generated interactions (dense ids, sorted by (user, item)) and the planted model."""
+
   num_users: int
   num_items: int
-  users: np.ndarray        # int32 [n]
-  items: np.ndarray        # int32 [n]
-  timestamps: np.ndarray   # int64 [n]
+  users: np.ndarray  # int32 [n]
+  items: np.ndarray  # int32 [n]
+  timestamps: np.ndarray  # int64 [n]
   oracle: SyntheticOracle  # over all num_users x num_items
 
   def __len__(self) -> int:
     return int(self.users.shape[0])
 
 
-def check_params(num_users: int, num_items: int, mean_interactions: float,
-                 num_topics: int, noise: float = 0.0) -> None:
+def check_params(
+  num_users: int, num_items: int, mean_interactions: float, num_topics: int, noise: float = 0.0
+) -> None:
   """Raises UserError on generator parameters that cannot give MovieLens-like data."""
   where = 'config.dataset.synthetic_'
   if not 0 <= noise < 1:
-    raise UserError(f'{where}noise is {noise}; it must be in [0, 1) (the share of '
-                    'interactions drawn uniformly instead of from the planted model).')
+    raise UserError(
+      f'{where}noise is {noise}; it must be in [0, 1) (the share of '
+      'interactions drawn uniformly instead of from the planted model).'
+    )
   if num_users < 1:
     raise UserError(f'{where}num_users is {num_users}; it must be >= 1.')
   if num_topics < 1:
     raise UserError(f'{where}num_topics is {num_topics}; it must be >= 1.')
   if num_items < max(2 * MIN_INTERACTIONS, 2 * num_topics):
-    raise UserError(f'{where}num_items is {num_items}; it must be >= '
-                    f'{max(2 * MIN_INTERACTIONS, 2 * num_topics)} (every user has >= '
-                    f'{MIN_INTERACTIONS} distinct items and a topic >= 2 items).')
+    raise UserError(
+      f'{where}num_items is {num_items}; it must be >= '
+      f'{max(2 * MIN_INTERACTIONS, 2 * num_topics)} (every user has >= '
+      f'{MIN_INTERACTIONS} distinct items and a topic >= 2 items).'
+    )
   if not MIN_INTERACTIONS < mean_interactions <= num_items / 2:
-    raise UserError(f'{where}mean_interactions is {mean_interactions}; it must be above '
-                    f'{MIN_INTERACTIONS} (every user has >= {MIN_INTERACTIONS}) and at most '
-                    f'num_items / 2 = {num_items / 2}.')
+    raise UserError(
+      f'{where}mean_interactions is {mean_interactions}; it must be above '
+      f'{MIN_INTERACTIONS} (every user has >= {MIN_INTERACTIONS}) and at most '
+      f'num_items / 2 = {num_items / 2}.'
+    )
 
 
 def _power_cdf(x, size):
@@ -106,8 +116,14 @@ def _power_cdf(x, size):
   return ((x + 1.0) ** a - 1.0) / ((size + 1.0) ** a - 1.0)
 
 
-def generate(num_users: int, num_items: int, mean_interactions: float, num_topics: int,
-             seed: int, noise: float = 0.0) -> SyntheticData:
+def generate(
+  num_users: int,
+  num_items: int,
+  mean_interactions: float,
+  num_topics: int,
+  seed: int,
+  noise: float = 0.0,
+) -> SyntheticData:
   """Generates the interactions and the oracle (see the module docstring).
 
   Args:
@@ -141,12 +157,15 @@ def generate(num_users: int, num_items: int, mean_interactions: float, num_topic
   theta = (1.0 - TOPIC_FLOOR) * theta + TOPIC_FLOOR / k
   theta /= theta.sum(axis=1, keepdims=True)
   extra = (mean_interactions - MIN_INTERACTIONS) * rng.lognormal(
-      -ACTIVITY_SIGMA**2 / 2, ACTIVITY_SIGMA, num_users)
+    -(ACTIVITY_SIGMA**2) / 2, ACTIVITY_SIGMA, num_users
+  )
   target = np.minimum(MIN_INTERACTIONS + np.rint(extra).astype(np.int64), num_items // 2)
   start = _T0 + rng.integers(0, _SPAN, num_users)
 
-  bounds = np.searchsorted(np.cumsum(target),
-                           np.arange(_CHUNK_DRAWS, target.sum(), _CHUNK_DRAWS), 'left') + 1
+  bounds = (
+    np.searchsorted(np.cumsum(target), np.arange(_CHUNK_DRAWS, target.sum(), _CHUNK_DRAWS), 'left')
+    + 1
+  )
   bounds = np.unique(np.concatenate([[0], bounds, [num_users]]))
   total = int(target.sum())
   users = np.empty(total, np.int32)
@@ -154,22 +173,24 @@ def generate(num_users: int, num_items: int, mean_interactions: float, num_topic
   timestamps = np.empty(total, np.int64)
   pos = 0
   for lo, hi in zip(bounds[:-1], bounds[1:]):
-    keys = _draw_chunk(rng, theta[lo:hi], target[lo:hi], topic_size, topic_start, by_topic,
-                       num_items, noise)
+    keys = _draw_chunk(
+      rng, theta[lo:hi], target[lo:hi], topic_size, topic_start, by_topic, num_items, noise
+    )
     u = (keys // num_items).astype(np.int32)
     n = keys.size
-    users[pos:pos + n] = u + lo
-    items[pos:pos + n] = keys - u.astype(np.int64) * num_items
+    users[pos : pos + n] = u + lo
+    items[pos : pos + n] = keys - u.astype(np.int64) * num_items
     have = np.bincount(u, minlength=hi - lo)
     sessions = 1 + have // 10
     session = (rng.random(n) * np.repeat(sessions, have)).astype(np.int64)
-    timestamps[pos:pos + n] = (np.repeat(start[lo:hi], have) + session * _SESSION_GAP
-                               + rng.integers(0, _SESSION_LEN, n))
+    timestamps[pos : pos + n] = (
+      np.repeat(start[lo:hi], have) + session * _SESSION_GAP + rng.integers(0, _SESSION_LEN, n)
+    )
     pos += n
-  oracle = SyntheticOracle(theta=theta.astype(np.float32), item_topic=item_topic,
-                           within_topic=within.astype(np.float32))
-  return SyntheticData(num_users, num_items, users[:pos], items[:pos], timestamps[:pos],
-                       oracle)
+  oracle = SyntheticOracle(
+    theta=theta.astype(np.float32), item_topic=item_topic, within_topic=within.astype(np.float32)
+  )
+  return SyntheticData(num_users, num_items, users[:pos], items[:pos], timestamps[:pos], oracle)
 
 
 def _draw(rng, theta, counts, topic_size, topic_start, by_topic, num_items, noise):
@@ -183,7 +204,7 @@ def _draw(rng, theta, counts, topic_size, topic_start, by_topic, num_items, nois
   x = (rng.random(topic.size) * ((size + 1.0) ** a - 1.0) + 1.0) ** (1.0 / a) - 1.0
   r = np.minimum(x.astype(np.int64), topic_size[topic] - 1)
   item = by_topic[topic_start[topic] + r]
-  if noise > 0:   # only then: noise 0 consumes the generator exactly as before
+  if noise > 0:  # only then: noise 0 consumes the generator exactly as before
     flip = rng.random(item.size) < noise
     item[flip] = rng.integers(0, num_items, int(flip.sum()))
   keys = user * num_items + item
@@ -209,8 +230,7 @@ def _draw_chunk(rng, theta, target, topic_size, topic_start, by_topic, num_items
     if need.size == 0:
       break
     # Drawing exactly the deficit never overshoots the target.
-    new = _draw(rng, theta[need], want[need], topic_size, topic_start, by_topic, num_items,
-                noise)
+    new = _draw(rng, theta[need], want[need], topic_size, topic_start, by_topic, num_items, noise)
     local = new // num_items
     new = need[local] * num_items + (new - local * num_items)
     fresh = keys[np.minimum(np.searchsorted(keys, new), keys.size - 1)] != new
@@ -242,14 +262,19 @@ def write_grouplens_csv(data: SyntheticData, path: str, seed: int) -> None:
   rng = np.random.Generator(np.random.PCG64([seed, 2]))
   movie = raw_movie_ids(data.num_items, seed)
   stars = pa.array(HALF_STARS).take(pa.array(rng.integers(0, 10, len(data), dtype=np.int8)))
-  table = pa.table({'userId': data.users + 1, 'movieId': movie[data.items],
-                    'rating': stars, 'timestamp': data.timestamps})
+  table = pa.table(
+    {
+      'userId': data.users + 1,
+      'movieId': movie[data.items],
+      'rating': stars,
+      'timestamp': data.timestamps,
+    }
+  )
   tmp = f'{path}.{os.getpid()}.tmp'
   try:
     with open(tmp, 'wb') as f:
       f.write(b'userId,movieId,rating,timestamp\n')
-      pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False,
-                                                   quoting_style='none'))
+      pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False, quoting_style='none'))
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

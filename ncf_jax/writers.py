@@ -2,7 +2,9 @@
 
 Only process 0 writes (`enabled=False` elsewhere). Files are replaced atomically.
 """
+
 import collections
+from collections.abc import Callable
 import contextlib
 import importlib.util
 import json
@@ -11,7 +13,6 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Optional
 
 from absl import logging
 import jax
@@ -36,8 +37,9 @@ class _QuietLibraries:
       return False
     if self._no_libtpu and message.startswith("Unable to initialize backend 'tpu'"):
       return False
-    return record.levelno > 20 or ('/orbax/' not in record.pathname
-                                   and '/etils/' not in record.pathname)
+    return record.levelno > 20 or (
+      '/orbax/' not in record.pathname and '/etils/' not in record.pathname
+    )
 
 
 _QUIET = _QuietLibraries()
@@ -74,8 +76,9 @@ def _caller_set_up_logging() -> bool:
     return True
   if root.level <= std_logging.INFO:
     return True
-  return any(type(h) is not std_logging.StreamHandler or h.stream is not sys.stderr
-             for h in root.handlers)
+  return any(
+    type(h) is not std_logging.StreamHandler or h.stream is not sys.stderr for h in root.handlers
+  )
 
 
 @contextlib.contextmanager
@@ -128,6 +131,7 @@ class MetricWriter:
     if enabled:
       try:
         from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
       except Exception as e:  # pylint: disable=broad-except
         # Optional (metrics.jsonl has everything); tensorboardX can fail inside its own
@@ -140,17 +144,20 @@ class MetricWriter:
 
   def write_config(self, config: dict) -> None:
     if self.enabled:
-      _atomic_write(os.path.join(self.workdir, 'config.json'),
-                    json.dumps(config, indent=2, sort_keys=True) + '\n')
+      _atomic_write(
+        os.path.join(self.workdir, 'config.json'),
+        json.dumps(config, indent=2, sort_keys=True) + '\n',
+      )
       if self._tb is not None:
         self._tb.add_text('config', '```\n' + json.dumps(config, indent=2) + '\n```', 0)
 
   def rewrite_history(self, history: list) -> None:
     """metrics.jsonl holds exactly the epochs of the restored run (none after a kill)."""
     if self.enabled:
-      _atomic_write(self.metrics_path,
-                    ''.join(json.dumps({k: _clean(v) for k, v in r.items()}) + '\n'
-                            for r in history))
+      _atomic_write(
+        self.metrics_path,
+        ''.join(json.dumps({k: _clean(v) for k, v in r.items()}) + '\n' for r in history),
+      )
 
   def write_epoch(self, record: dict) -> None:
     if not self.enabled:
@@ -166,13 +173,16 @@ class MetricWriter:
 
   def log_step(self, epoch: int, step: int, steps: int, state) -> None:
     loss_sum, count = jax.device_get((state.loss_sum, state.loss_count))
-    logging.info('epoch %d step %d/%d: train_loss %.5f', epoch, step, steps,
-                 loss_sum / max(count, 1.0))
+    logging.info(
+      'epoch %d step %d/%d: train_loss %.5f', epoch, step, steps, loss_sum / max(count, 1.0)
+    )
 
   def write_summary(self, summary: dict) -> None:
     if self.enabled:
-      _atomic_write(os.path.join(self.workdir, 'summary.json'),
-                    json.dumps(summary, indent=2, sort_keys=True) + '\n')
+      _atomic_write(
+        os.path.join(self.workdir, 'summary.json'),
+        json.dumps(summary, indent=2, sort_keys=True) + '\n',
+      )
 
   def close(self) -> None:
     if self._tb is not None:
@@ -193,8 +203,14 @@ class _PlainProgress:
     if now - self._last >= self.every_s:
       self._last = now
       rate = (self.n - self._initial) / max(now - self._start, 1e-9)
-      logging.info('%s: %d/%d steps (%.0f%%), %.1f steps/s', self.desc, self.n,
-                   self.total, 100.0 * self.n / max(self.total, 1), rate)
+      logging.info(
+        '%s: %d/%d steps (%.0f%%), %.1f steps/s',
+        self.desc,
+        self.n,
+        self.total,
+        100.0 * self.n / max(self.total, 1),
+        rate,
+      )
 
   def close(self) -> None:
     pass
@@ -210,7 +226,7 @@ class DeviceProgress:
   order, so the bar keeps moving with the device until the epoch's last step.
   """
 
-  def __init__(self, bar, on_wait: Optional[Callable[[], None]] = None):
+  def __init__(self, bar, on_wait: Callable[[], None] | None = None):
     self.bar = bar
     self._pending = collections.deque()
     self._on_wait = on_wait
@@ -240,9 +256,14 @@ def _bar(total: int, initial: int, desc: str, enabled: bool, every_s: float):
   return _PlainProgress(total, initial, desc, every_s)
 
 
-def progress(total: int, initial: int, desc: str, enabled: bool,
-             on_wait: Optional[Callable[[], None]] = None,
-             every_s: float = 30.0) -> DeviceProgress:
+def progress(
+  total: int,
+  initial: int,
+  desc: str,
+  enabled: bool,
+  on_wait: Callable[[], None] | None = None,
+  every_s: float = 30.0,
+) -> DeviceProgress:
   """A tqdm bar on a terminal, a log line every `every_s` s otherwise; see DeviceProgress.
 
   `on_wait` is called after each wait for a step in `close` (the stall watchdog's beat).

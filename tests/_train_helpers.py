@@ -1,5 +1,7 @@
 """Shared by resume_test, multihost_test and failures_test: tiny runs in and out of process."""
+
 import atexit
+from collections.abc import Sequence
 import hashlib
 import json
 import os
@@ -10,22 +12,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, 'tests', '_train_worker.py')
 
 # Tiny synthetic run: 300 users, 200 items, ~8k positives -> 40 steps of 1024 per epoch.
 TINY = {
-    'dataset.synthetic_num_users': 300,
-    'dataset.synthetic_num_items': 200,
-    'dataset.synthetic_mean_interactions': 30,
-    'batch_size': 1024,
-    'eval_batch_size': 128,
-    'eval_num_neg': 50,
-    'num_epochs': 3,
-    'hash_pipeline': True,
-    'seed': 0,
+  'dataset.synthetic_num_users': 300,
+  'dataset.synthetic_num_items': 200,
+  'dataset.synthetic_mean_interactions': 30,
+  'batch_size': 1024,
+  'eval_batch_size': 128,
+  'eval_num_neg': 50,
+  'num_epochs': 3,
+  'hash_pipeline': True,
+  'seed': 0,
 }
 STEPS_PER_EPOCH = 40
 # What a resumed run must reproduce exactly, per epoch.
@@ -65,17 +66,19 @@ def tiny_config(data_dir: str, base=None, **overrides):
   `base`: the config to shrink (default: configs/default.py's).
   """
   from configs import default
+
   config = default.get_config() if base is None else base
   return set_fields(config, _values(data_dir, overrides))
 
 
-def config_flags(data_dir: str, **overrides) -> List[str]:
+def config_flags(data_dir: str, **overrides) -> list[str]:
   """The TINY config as train command-line flags."""
   return [f'--config={os.path.join(REPO, "configs", "default.py")}'] + [
-      f'--config.{k}={v}' for k, v in _values(data_dir, overrides).items()]
+    f'--config.{k}={v}' for k, v in _values(data_dir, overrides).items()
+  ]
 
 
-def env(devices: int, **extra) -> Dict[str, str]:
+def env(devices: int, **extra) -> dict[str, str]:
   e = dict(os.environ)
   e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   e['JAX_PLATFORMS'] = 'cpu'
@@ -87,30 +90,40 @@ def env(devices: int, **extra) -> Dict[str, str]:
   return e
 
 
-def train_cmd(workdir: str, data_dir: str, *, worker: bool = False,
-              extra: Sequence[str] = (), **overrides) -> List[str]:
+def train_cmd(
+  workdir: str, data_dir: str, *, worker: bool = False, extra: Sequence[str] = (), **overrides
+) -> list[str]:
   """`python -m ncf_jax.train` (or the slowed-down tests/_train_worker.py) on TINY."""
   head = [sys.executable, WORKER] if worker else [sys.executable, '-m', 'ncf_jax.train']
   return head + [f'--workdir={workdir}'] + config_flags(data_dir, **overrides) + list(extra)
 
 
-def run(cmd: Sequence[str], devices: int = 2, timeout: float = 240,
-        log: Optional[str] = None, **env_extra) -> subprocess.CompletedProcess:
+def run(
+  cmd: Sequence[str], devices: int = 2, timeout: float = 240, log: str | None = None, **env_extra
+) -> subprocess.CompletedProcess:
   """Runs a command to completion; with `log`, output goes there (and to .stdout)."""
   if log is None:
-    return subprocess.run(cmd, cwd=REPO, env=env(devices, **env_extra), timeout=timeout,
-                          capture_output=True, text=True)
+    return subprocess.run(
+      cmd, cwd=REPO, env=env(devices, **env_extra), timeout=timeout, capture_output=True, text=True
+    )
   with open(log, 'w') as f:
-    rc = subprocess.run(cmd, cwd=REPO, env=env(devices, **env_extra), timeout=timeout,
-                        stdout=f, stderr=subprocess.STDOUT).returncode
+    rc = subprocess.run(
+      cmd,
+      cwd=REPO,
+      env=env(devices, **env_extra),
+      timeout=timeout,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+    ).returncode
   return subprocess.CompletedProcess(cmd, rc, stdout=read(log), stderr='')
 
 
 def start(cmd: Sequence[str], log: str, devices: int = 2, **env_extra) -> subprocess.Popen:
   """Starts a command in the background, output to `log`."""
   with open(log, 'w') as f:
-    return subprocess.Popen(cmd, cwd=REPO, env=env(devices, **env_extra), stdout=f,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      cmd, cwd=REPO, env=env(devices, **env_extra), stdout=f, stderr=subprocess.STDOUT
+    )
 
 
 def read(path: str) -> str:
@@ -125,8 +138,9 @@ def wait_for_line(proc: subprocess.Popen, log: str, text: str, timeout: float = 
     if text in read(log):
       return
     if proc.poll() is not None:
-      raise AssertionError(f'process ended (rc {proc.returncode}) before {text!r}:\n'
-                           + read(log)[-3000:])
+      raise AssertionError(
+        f'process ended (rc {proc.returncode}) before {text!r}:\n' + read(log)[-3000:]
+      )
     time.sleep(0.02)
   stop(proc)
   raise AssertionError(f'timed out waiting for {text!r}:\n' + read(log)[-3000:])
@@ -139,7 +153,7 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
-def metrics(workdir: str) -> List[dict]:
+def metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
@@ -150,7 +164,7 @@ def summary(workdir: str) -> dict:
   return json.loads(read(os.path.join(workdir, 'summary.json')))
 
 
-def checkpoint_steps(workdir: str) -> List[int]:
+def checkpoint_steps(workdir: str) -> list[int]:
   """Committed checkpoint steps (orbax renames a finished save to its bare step number)."""
   d = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(d):
@@ -158,7 +172,7 @@ def checkpoint_steps(workdir: str) -> List[int]:
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
-def tree_digest(path: str) -> Dict[str, str]:
+def tree_digest(path: str) -> dict[str, str]:
   """{relative path: sha256} of every file below `path` (to prove nothing changed)."""
   out = {}
   for root, _, files in os.walk(path):
@@ -175,7 +189,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def assert_same_epochs(got: List[dict], want: List[dict], keys=EXACT_KEYS) -> None:
+def assert_same_epochs(got: list[dict], want: list[dict], keys=EXACT_KEYS) -> None:
   assert [r['epoch'] for r in got] == [r['epoch'] for r in want]
   for g, w in zip(got, want):
     for k in keys:

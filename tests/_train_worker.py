@@ -10,6 +10,7 @@ The sleep changes no value: batches depend only on (seed, epoch, step). With
 NCF_TEST_STALL_AT_CALL=k the k-th step call of the process (0-based) never returns, as
 if a collective had stalled.
 """
+
 import os
 import sys
 import time
@@ -18,9 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 
-from ncf_jax import errors  # noqa: E402
-from ncf_jax import steps  # noqa: E402
-from ncf_jax import train  # noqa: E402
+from ncf_jax import (
+  errors,  # noqa: E402
+  steps,  # noqa: E402
+  train,  # noqa: E402
+)
 
 _DELAY = float(os.environ.get('NCF_TEST_STEP_DELAY', '0'))
 _STALL_AT = int(os.environ.get('NCF_TEST_STALL_AT_CALL', '-1'))
@@ -38,6 +41,7 @@ def _slow_make_train_step(config, mesh, **kwargs):
     calls[0] += 1
     time.sleep(_DELAY)
     return step_fn(*args)
+
   return slow
 
 

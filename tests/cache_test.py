@@ -1,4 +1,5 @@
 """Tests of the binary cache format (ncf_jax.cache)."""
+
 import json
 import os
 import struct
@@ -11,8 +12,12 @@ from ncf_jax import cache
 
 
 def _arrays():
-  return {'a': np.arange(10, dtype=np.int32), 'b': np.linspace(0, 1, 7, dtype=np.float32),
-          'empty': np.zeros((0,), np.int64), 'm': np.arange(6, dtype=np.int16).reshape(2, 3)}
+  return {
+    'a': np.arange(10, dtype=np.int32),
+    'b': np.linspace(0, 1, 7, dtype=np.float32),
+    'empty': np.zeros((0,), np.int64),
+    'm': np.arange(6, dtype=np.int16).reshape(2, 3),
+  }
 
 
 def test_round_trip_keeps_arrays_dtypes_shapes_and_meta(tmp_path):

@@ -4,10 +4,10 @@ A recompile (a weakly typed scalar, an argument whose shape, dtype or sharding c
 between calls, a restored state laid out unlike a fresh one) costs seconds per program
 on a CPU and minutes on large models, and shows in no result: only in the jit caches.
 """
+
 import pytest
 
-from ncf_jax import steps
-from ncf_jax import train
+from ncf_jax import steps, train
 from tests import _train_helpers as h
 
 
@@ -49,16 +49,15 @@ def _assert_once(got):
 # 1 device is slow (CI time): the 2-device run compiles the same programs.
 @pytest.mark.parametrize('devices', [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_train_step_and_epoch_builder_compile_once_across_epochs_and_a_resume(
-    tmp_path, captured, devices):
+  tmp_path, captured, devices
+):
   data_dir, workdir = str(tmp_path / 'data'), str(tmp_path / 'run')
   config = h.tiny_config(data_dir, num_devices=devices, num_epochs=2, eval_every_epochs=2)
   train.train_and_evaluate(config, workdir)
   _assert_once(captured)
   # Stopped after epoch 1 (num_epochs=1), then resumed in the same process for epoch 2.
   workdir = str(tmp_path / 'resumed')
-  train.train_and_evaluate(h.tiny_config(data_dir, num_devices=devices, num_epochs=1),
-                           workdir)
+  train.train_and_evaluate(h.tiny_config(data_dir, num_devices=devices, num_epochs=1), workdir)
   _assert_once(captured)
-  train.train_and_evaluate(h.tiny_config(data_dir, num_devices=devices, num_epochs=2),
-                           workdir)
+  train.train_and_evaluate(h.tiny_config(data_dir, num_devices=devices, num_epochs=2), workdir)
   _assert_once(captured)

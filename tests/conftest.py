@@ -1,4 +1,5 @@
 """Shared fixtures: tiny hand-made datasets (no files, no jax import here)."""
+
 import os
 
 # Tests that need several devices set this before jax is imported (see multidevice tests).
@@ -42,9 +43,14 @@ def make_dataset(positives, test_items, num_items, name='handmade'):
   degrees = np.bincount(np.asarray(users, np.int64), minlength=num_users)
   offsets = np.concatenate([[0], np.cumsum(degrees)]).astype(np.int32)
   return data_lib.Dataset(
-      name=name, num_users=num_users, num_items=num_items,
-      train_users=np.asarray(users, np.int32), train_items=np.asarray(items, np.int32),
-      user_offsets=offsets, test_items=np.asarray(test_items, np.int32))
+    name=name,
+    num_users=num_users,
+    num_items=num_items,
+    train_users=np.asarray(users, np.int32),
+    train_items=np.asarray(items, np.int32),
+    user_offsets=offsets,
+    test_items=np.asarray(test_items, np.int32),
+  )
 
 
 def random_dataset(num_users=40, num_items=60, seed=0, max_degree=30):
@@ -66,7 +72,7 @@ def with_validation(dataset, seed=0, test_items=None):
   test = dataset.test_items if test_items is None else np.asarray(test_items, np.int32)
   valid = []
   for u in range(dataset.num_users):
-    taken = set(dataset.train_items[dataset.user_offsets[u]:dataset.user_offsets[u + 1]])
+    taken = set(dataset.train_items[dataset.user_offsets[u] : dataset.user_offsets[u + 1]])
     free = sorted(set(range(dataset.num_items)) - taken - {int(test[u])})
     valid.append(free[int(rng.integers(len(free)))])
   return dataclasses.replace(dataset, test_items=test, valid_items=np.asarray(valid, np.int32))
@@ -88,7 +94,6 @@ def serve_http(files, prefix=''):
   """
 
   class Handler(http.server.BaseHTTPRequestHandler):
-
     def do_GET(self):  # pylint: disable=invalid-name
       if self.path not in files:
         self.send_error(404)
@@ -121,12 +126,14 @@ def ml100k_zip(rows):
   """
   users = sorted({u for u, _, _ in rows})
   movies = sorted({i for _, i, _ in rows})
-  genres = '|'.join(['0'] * 18 + ['1'])   # 19 genre flags, as in the real u.item
+  genres = '|'.join(['0'] * 18 + ['1'])  # 19 genre flags, as in the real u.item
   buf = io.BytesIO()
   with zipfile.ZipFile(buf, 'w', zipfile.ZIP_DEFLATED) as z:
     z.writestr('ml-100k/u.data', ''.join(f'{u}\t{i}\t4\t{t}\n' for u, i, t in rows))
-    z.writestr('ml-100k/u.item', ''.join(
-        f'{i}|Movie {i} (1995)|01-Jan-1995||http://example.com|{genres}\n' for i in movies))
+    z.writestr(
+      'ml-100k/u.item',
+      ''.join(f'{i}|Movie {i} (1995)|01-Jan-1995||http://example.com|{genres}\n' for i in movies),
+    )
     z.writestr('ml-100k/u.user', ''.join(f'{u}|24|M|technician|85711\n' for u in users))
   return buf.getvalue()
 
@@ -134,8 +141,9 @@ def ml100k_zip(rows):
 def write_tfds_metadata(tfds_dir, file_format, name='ml-20m'):
   """Writes the metadata of a built TFDS dataset (no records, no TensorFlow needed)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.structured import movielens  # pylint: disable=g-import-not-at-top,unused-import
+
   from ncf_jax import movielens as ncf_movielens  # pylint: disable=g-import-not-at-top
+
   builder = tfds.builder(ncf_movielens.TFDS_NAMES[name], data_dir=str(tfds_dir))
   builder.info.set_file_format(file_format, override=True)
   builder.data_path.mkdir(parents=True)

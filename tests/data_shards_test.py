@@ -4,41 +4,38 @@ Each device holds a contiguous user range and owns a contiguous range of positiv
 batches it assembles from the owners of their slots, and its evaluation of its own users,
 must be exactly those of the whole dataset on one device.
 """
-import jax
-import numpy as np
-import pytest
-from jax.sharding import PartitionSpec as P
 
 import _train_helpers as h
-from ncf_jax import config_checks
+import jax
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+
+from ncf_jax import config_checks, data_shards, models, pipeline, sampling, steps
 from ncf_jax import data as data_lib
-from ncf_jax import data_shards
-from ncf_jax import models
-from ncf_jax import pipeline
-from ncf_jax import sampling
-from ncf_jax import steps
 
 NUM_NEG = 4
 
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
-  config = h.tiny_config(str(tmp_path_factory.mktemp('data')),
-                         dataset__synthetic_num_users=150, dataset__synthetic_num_items=200)
+  config = h.tiny_config(
+    str(tmp_path_factory.mktemp('data')),
+    dataset__synthetic_num_users=150,
+    dataset__synthetic_num_items=200,
+  )
   return data_lib.load(config.dataset)
 
 
 @pytest.mark.parametrize('degrees', [[3, 0, 5, 1, 0, 0, 7, 2], [0, 0, 4], [9], [1, 1, 1]])
 @pytest.mark.parametrize('ndev', [1, 2, 3, 8])
-def test_positives_and_eval_users_are_each_owned_once_and_held_with_their_users(degrees,
-                                                                               ndev):
+def test_positives_and_eval_users_are_each_owned_once_and_held_with_their_users(degrees, ndev):
   offsets = np.r_[0, np.cumsum(degrees)]
   num_train, num_users = int(offsets[-1]), len(degrees)
   parts = data_shards.partition(offsets, num_train, ndev)
   owned = np.concatenate([np.arange(a, b) for a, b in zip(parts['pos_lo'], parts['pos_hi'])])
   assert np.array_equal(owned, np.arange(num_train))
-  evaluated = np.concatenate([np.arange(a, b)
-                              for a, b in zip(parts['eval_lo'], parts['eval_hi'])])
+  evaluated = np.concatenate([np.arange(a, b) for a, b in zip(parts['eval_lo'], parts['eval_hi'])])
   assert np.array_equal(evaluated, np.arange(num_users))
   user_of = np.repeat(np.arange(num_users), degrees)
   for d in range(ndev):
@@ -60,13 +57,23 @@ def test_split_batches_are_the_whole_datasets_on_any_device_count(dataset, ndev)
   batch = ndev * local
 
   def per_device(d, it, s):
-    return data_shards.device_batch(d, it, key, 1, s, batch_size=batch, num_neg=NUM_NEG,
-                                    start=jax.lax.axis_index('data') * local, size=local)
-  fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P('data'), P('data'), P()),
-                             out_specs=P('data')))
+    return data_shards.device_batch(
+      d,
+      it,
+      key,
+      1,
+      s,
+      batch_size=batch,
+      num_neg=NUM_NEG,
+      start=jax.lax.axis_index('data') * local,
+      size=local,
+    )
+
+  fn = jax.jit(
+    jax.shard_map(per_device, mesh=mesh, in_specs=(P('data'), P('data'), P()), out_specs=P('data'))
+  )
   whole = sampling.to_device(dataset)
-  ref = jax.jit(lambda s: pipeline.train_batch(whole, key, 1, s, batch_size=batch,
-                                               num_neg=NUM_NEG))
+  ref = jax.jit(lambda s: pipeline.train_batch(whole, key, 1, s, batch_size=batch, num_neg=NUM_NEG))
   for step in range(pipeline.steps_per_epoch(dataset.num_train, NUM_NEG, batch)):
     got, want = jax.device_get((fn(split, items, np.int32(step)), ref(np.int32(step))))
     valid = want['valid']
@@ -90,20 +97,19 @@ def test_split_evaluation_gives_the_replicated_metrics_and_candidates(dataset):
   # 8 devices: users split unevenly (ranges balance positives, not users).
   digests, results = {}, {}
   for mode, ndev in (('replicated', 2), ('sharded', 8)):
-    config = config_checks.resolve_model_defaults(h.tiny_config(
-        '', sharding=mode, eval_batch_size=ndev * 16, eval_num_neg=30))
+    config = config_checks.resolve_model_defaults(
+      h.tiny_config('', sharding=mode, eval_batch_size=ndev * 16, eval_num_neg=30)
+    )
     config.model.first_layer = 'concat'
     mesh = steps.make_mesh(ndev)
-    model = models.create_model(config.model, dataset.num_users, dataset.num_items,
-                                'float32')
+    model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
     init_key, data_key, _ = steps.make_keys(0, mesh)
     state = steps.create_train_state(config, model, init_key, mesh)
     data = steps.device_data(config, dataset, mesh)
-    eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users,
-                                     dataset.num_items)
+    eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
     results[mode, ndev], digests[mode, ndev] = steps.evaluate(
-        eval_step, state.params, data, data_key, dataset.num_users,
-        int(config.eval_batch_size))
+      eval_step, state.params, data, data_key, dataset.num_users, int(config.eval_batch_size)
+    )
   assert len(set(digests.values())) == 1, digests
   want = results['replicated', 2]
   for got in results.values():

@@ -1,31 +1,36 @@
 """Tests of MLPerf preprocessing, the processed cache and `data.load` (ncf_jax.data)."""
+
 import logging
 import os
 import struct
 import zipfile
 
+from conftest import ml100k_zip, serve_http, write_tfds_metadata
 import numpy as np
 import pytest
 
 from configs import default
-from ncf_jax import cache
-from ncf_jax import data
-from ncf_jax import movielens
+from ncf_jax import cache, data, movielens
 from ncf_jax.errors import UserError
-
-from conftest import ml100k_zip
-from conftest import write_tfds_metadata
-from conftest import serve_http
 
 # (raw user, raw movie, timestamp) in file order: 5 users, 12 movies.
 ROWS = [
-    (3, 500, 10), (3, 100, 20), (3, 900, 20),    # user 3: tie at its latest ts, 900 is last
-    (10, 200, 5), (10, 300, 6), (10, 200, 7),    # user 10: duplicate training pair (10, 200)
-    (10, 1200, 9),
-    (7, 100, 1), (7, 400, 2), (7, 100, 3),       # user 7: the test pair also appears earlier
-    (42, 600, 100), (42, 700, 50), (42, 800, 60),  # user 42: latest row comes first
-    (5, 1000, 1), (5, 1100, 2),                  # user 5: 2 ratings, dropped at min_ratings 3
-    (3, 400, 15),
+  (3, 500, 10),
+  (3, 100, 20),
+  (3, 900, 20),  # user 3: tie at its latest ts, 900 is last
+  (10, 200, 5),
+  (10, 300, 6),
+  (10, 200, 7),  # user 10: duplicate training pair (10, 200)
+  (10, 1200, 9),
+  (7, 100, 1),
+  (7, 400, 2),
+  (7, 100, 3),  # user 7: the test pair also appears earlier
+  (42, 600, 100),
+  (42, 700, 50),
+  (42, 800, 60),  # user 42: latest row comes first
+  (5, 1000, 1),
+  (5, 1100, 2),  # user 5: 2 ratings, dropped at min_ratings 3
+  (3, 400, 15),
 ]
 # Expected at min_ratings=3: users 3, 7, 10, 42 -> 0..3; movies 100..900, 1200 -> 0..9.
 EXPECTED_OFFSETS = [0, 3, 4, 6, 8]
@@ -37,8 +42,9 @@ EXPECTED_TEST = [8, 0, 9, 5]
 def write_ratings(data_dir, name, rows=ROWS, as_zip=False):
   fmt = movielens.FORMATS[name]
   lines = [fmt.header] if fmt.header else []
-  lines += [fmt.sep.join([str(u), str(i), '4' if fmt.sep != ',' else '3.5', str(t)])
-            for u, i, t in rows]
+  lines += [
+    fmt.sep.join([str(u), str(i), '4' if fmt.sep != ',' else '3.5', str(t)]) for u, i, t in rows
+  ]
   text = '\n'.join(lines) + '\n'
   member = f'{fmt.folder}/{fmt.filename}'
   os.makedirs(data_dir, exist_ok=True)
@@ -63,8 +69,15 @@ def config(data_dir, name='ml-latest-small', **kwargs):
 
 
 def synthetic_config(data_dir, **kwargs):
-  c = config(data_dir, 'synthetic', min_ratings=20, synthetic_num_users=200,
-             synthetic_num_items=300, synthetic_mean_interactions=30.0, synthetic_num_topics=4)
+  c = config(
+    data_dir,
+    'synthetic',
+    min_ratings=20,
+    synthetic_num_users=200,
+    synthetic_num_items=300,
+    synthetic_mean_interactions=30.0,
+    synthetic_num_topics=4,
+  )
   for k, v in kwargs.items():
     setattr(c, k, v)
   return c
@@ -106,8 +119,9 @@ def test_every_format_folder_or_zip_gives_the_same_dataset(tmp_path, name, as_zi
 def test_ids_are_dense_in_ascending_raw_order():
   users = np.array([42, 7, 42, 7, 3, 3], np.int32)
   items = np.array([9, 1000, 5, 9, 5, 1000], np.int32)
-  ds, raw_users = data.preprocess(users, items, np.arange(6, dtype=np.int64), name='x',
-                                  min_ratings=1, where='w')
+  ds, raw_users = data.preprocess(
+    users, items, np.arange(6, dtype=np.int64), name='x', min_ratings=1, where='w'
+  )
   np.testing.assert_array_equal(raw_users, [3, 7, 42])
   # Test items (latest row per user): 42 -> 5, 7 -> 9, 3 -> 1000; ascending items 5, 9, 1000.
   np.testing.assert_array_equal(ds.test_items, [2, 1, 0])
@@ -119,7 +133,7 @@ def test_min_ratings_drops_users_and_their_only_items(tmp_path):
   ds2 = data.load(config(tmp_path, min_ratings=2))
   assert (ds2.num_users, ds2.num_items) == (5, 12)  # user 5 and movies 1000, 1100 stay
   ds4 = data.load(config(tmp_path, min_ratings=4))
-  assert (ds4.num_users, ds4.num_items) == (2, 7)   # users 3 and 10 only
+  assert (ds4.num_users, ds4.num_items) == (2, 7)  # users 3 and 10 only
   np.testing.assert_array_equal(ds4.test_items, [5, 6])  # 900, 1200 among 7 movies
 
 
@@ -129,8 +143,9 @@ def test_latest_timestamp_is_the_test_item_and_the_last_tied_row_in_the_file_win
   ts = np.array([7, 9, 3, 9, 8], np.int64)
   ds, _ = data.preprocess(users, items, ts, name='x', min_ratings=1, where='w')
   assert ds.test_items[0] == 3  # movie 4: second of the two rows at ts 9
-  ds, _ = data.preprocess(users, items[::-1].copy(), ts[::-1].copy(), name='x', min_ratings=1,
-                          where='w')
+  ds, _ = data.preprocess(
+    users, items[::-1].copy(), ts[::-1].copy(), name='x', min_ratings=1, where='w'
+  )
   assert ds.test_items[0] == 1  # reversed file: movie 2 is now last among the tie
 
 
@@ -146,13 +161,14 @@ def test_training_positives_are_deduplicated_and_exclude_the_test_pair():
 def test_csr_offsets_slice_each_users_sorted_positives(tmp_path):
   ds = data.load(synthetic_config(tmp_path))
   assert ds.user_offsets[0] == 0 and ds.user_offsets[-1] == ds.num_train
-  np.testing.assert_array_equal(ds.user_degrees(), np.bincount(ds.train_users,
-                                                               minlength=ds.num_users))
+  np.testing.assert_array_equal(
+    ds.user_degrees(), np.bincount(ds.train_users, minlength=ds.num_users)
+  )
   keys = ds.train_users.astype(np.int64) * ds.num_items + ds.train_items
   assert np.all(np.diff(keys) > 0)
   for u in (0, 17, ds.num_users - 1):
-    row = ds.train_items[ds.user_offsets[u]:ds.user_offsets[u + 1]]
-    assert np.all(ds.train_users[ds.user_offsets[u]:ds.user_offsets[u + 1]] == u)
+    row = ds.train_items[ds.user_offsets[u] : ds.user_offsets[u + 1]]
+    assert np.all(ds.train_users[ds.user_offsets[u] : ds.user_offsets[u + 1]] == u)
     assert ds.test_items[u] not in row
 
 
@@ -164,8 +180,9 @@ def _reference(users, items, ts, min_ratings, validation=False):
   counts = {}
   for u in users:
     counts[u] = counts.get(u, 0) + 1
-  rows = [(u, i, t, k) for k, (u, i, t) in enumerate(zip(users, items, ts))
-          if counts[u] >= min_ratings]
+  rows = [
+    (u, i, t, k) for k, (u, i, t) in enumerate(zip(users, items, ts)) if counts[u] >= min_ratings
+  ]
   umap = {u: d for d, u in enumerate(sorted({r[0] for r in rows}))}
   imap = {i: d for d, i in enumerate(sorted({r[1] for r in rows}))}
   test, valid = {}, {}
@@ -173,16 +190,19 @@ def _reference(users, items, ts, min_ratings, validation=False):
     if u not in test or (t, k) > test[u][0]:
       test[u] = ((t, k), i)
   held = {u: {test[u][1]} for u in test}
-  if validation:   # the latest row of another item than the test one, same tie rule
+  if validation:  # the latest row of another item than the test one, same tie rule
     for u, i, t, k in rows:
       if i != test[u][1] and (u not in valid or (t, k) > valid[u][0]):
         valid[u] = ((t, k), i)
     for u in valid:
       held[u].add(valid[u][1])
   train = sorted({(umap[u], imap[i]) for u, i, t, k in rows if i not in held[u]})
-  return ([imap[test[u][1]] for u in sorted(umap)], [p[0] for p in train],
-          [p[1] for p in train],
-          [imap[valid[u][1]] for u in sorted(umap)] if validation else None)
+  return (
+    [imap[test[u][1]] for u in sorted(umap)],
+    [p[0] for p in train],
+    [p[1] for p in train],
+    [imap[valid[u][1]] for u in sorted(umap)] if validation else None,
+  )
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -193,10 +213,12 @@ def test_vectorized_preprocessing_matches_a_per_row_reference(seed):
   items = (rng.integers(1, 80, n) * 7).astype(np.int32)
   ts = rng.integers(0, 40, n).astype(np.int64)  # many ties and duplicates
   for validation in ('none', 'leave_one_out'):
-    ds, _ = data.preprocess(users, items, ts, name='x', min_ratings=25, where='w',
-                            validation=validation)
-    test, tu, ti, valid = _reference(users.tolist(), items.tolist(), ts.tolist(), 25,
-                                     validation == 'leave_one_out')
+    ds, _ = data.preprocess(
+      users, items, ts, name='x', min_ratings=25, where='w', validation=validation
+    )
+    test, tu, ti, valid = _reference(
+      users.tolist(), items.tolist(), ts.tolist(), 25, validation == 'leave_one_out'
+    )
     np.testing.assert_array_equal(ds.test_items, test)
     np.testing.assert_array_equal(ds.train_users, tu)
     np.testing.assert_array_equal(ds.train_items, ti)
@@ -209,8 +231,9 @@ def test_vectorized_preprocessing_matches_a_per_row_reference(seed):
 def test_huge_raw_ids_take_the_sorting_path_with_the_same_result():
   users = np.array([2_000_000_000, 5, 5, 2_000_000_000, 5], np.int32)
   items = np.array([1_900_000_000, 3, 1_900_000_000, 3, 4], np.int32)
-  ds, raw = data.preprocess(users, items, np.arange(5, dtype=np.int64), name='x',
-                            min_ratings=1, where='w')
+  ds, raw = data.preprocess(
+    users, items, np.arange(5, dtype=np.int64), name='x', min_ratings=1, where='w'
+  )
   np.testing.assert_array_equal(raw, [5, 2_000_000_000])
   np.testing.assert_array_equal(ds.test_items, [1, 0])
   np.testing.assert_array_equal(ds.train_items, [0, 2, 2])
@@ -246,10 +269,11 @@ def test_the_validation_item_follows_the_test_items_tie_rule_and_skips_its_repea
   users = np.zeros(6, np.int32)
   items = np.array([1, 2, 3, 4, 5, 5], np.int32)
   ts = np.array([7, 8, 8, 6, 9, 2], np.int64)
-  ds, _ = data.preprocess(users, items, ts, name='x', min_ratings=1, where='w',
-                          validation='leave_one_out')
-  assert ds.test_items[0] == 4 and ds.valid_items[0] == 2   # movie 5; movie 3 wins the tie
-  np.testing.assert_array_equal(ds.train_items, [0, 1, 3])   # no repeat of movie 5
+  ds, _ = data.preprocess(
+    users, items, ts, name='x', min_ratings=1, where='w', validation='leave_one_out'
+  )
+  assert ds.test_items[0] == 4 and ds.valid_items[0] == 2  # movie 5; movie 3 wins the tie
+  np.testing.assert_array_equal(ds.train_items, [0, 1, 3])  # no repeat of movie 5
 
 
 def test_validation_is_part_of_the_cache_key_and_none_keeps_the_old_key(tmp_path):
@@ -265,15 +289,25 @@ def test_validation_is_part_of_the_cache_key_and_none_keeps_the_old_key(tmp_path
 
 
 def test_a_user_with_too_few_items_for_a_validation_split_is_named(tmp_path):
-  write_ratings(tmp_path, 'ml-latest-small')   # user 7: items 100, 400 only
-  with pytest.raises(UserError, match=r'user 7 has no training positive left after holding '
-                                      r'out its two latest items.*min_ratings=3'):
+  write_ratings(tmp_path, 'ml-latest-small')  # user 7: items 100, 400 only
+  with pytest.raises(
+    UserError,
+    match=r'user 7 has no training positive left after holding '
+    r'out its two latest items.*min_ratings=3',
+  ):
     data.load(config(tmp_path), validation='leave_one_out')
   users = np.array([0, 0, 1, 1, 1], np.int32)
   items = np.array([4, 4, 1, 2, 3], np.int32)
   with pytest.raises(UserError, match=r'user 0 has no rating left for validation'):
-    data.preprocess(users, items, np.arange(5, dtype=np.int64), name='x', min_ratings=1,
-                    where='w', validation='leave_one_out')
+    data.preprocess(
+      users,
+      items,
+      np.arange(5, dtype=np.int64),
+      name='x',
+      min_ratings=1,
+      where='w',
+      validation='leave_one_out',
+    )
   with pytest.raises(UserError, match=r"config.validation='kfold' is invalid"):
     data.load(config(tmp_path), validation='kfold')
 
@@ -286,7 +320,8 @@ def test_user_without_training_positive_names_the_raw_user_and_min_ratings(tmp_p
   with pytest.raises(UserError, match=r'user 77 has no training positive.*min_ratings=2'):
     data.load(config(tmp_path, min_ratings=1))
   assert not os.path.exists(data.cache_dir(str(tmp_path))) or not any(
-      f.endswith('.ncfcache') for f in os.listdir(data.cache_dir(str(tmp_path))))
+    f.endswith('.ncfcache') for f in os.listdir(data.cache_dir(str(tmp_path)))
+  )
 
 
 def test_no_user_left_after_the_filter_is_reported(tmp_path):
@@ -296,16 +331,22 @@ def test_no_user_left_after_the_filter_is_reported(tmp_path):
 
 
 def test_unknown_dataset_name_lists_the_valid_ones(tmp_path):
-  with pytest.raises(UserError, match="unknown dataset name 'ml-2m'.*synthetic, ml-100k, "
-                                      'ml-1m, ml-10m, ml-20m, ml-25m, ml-latest-small'):
+  with pytest.raises(
+    UserError,
+    match="unknown dataset name 'ml-2m'.*synthetic, ml-100k, "
+    'ml-1m, ml-10m, ml-20m, ml-25m, ml-latest-small',
+  ):
     data.load(config(tmp_path, 'ml-2m'))
 
 
-@pytest.mark.parametrize('field,value,match', [
+@pytest.mark.parametrize(
+  'field,value,match',
+  [
     ('source', 'kaggle', "unknown config.dataset.source 'kaggle'"),
     ('min_ratings', 0, 'min_ratings is 0'),
     ('data_dir', '', 'data_dir is empty'),
-])
+  ],
+)
 def test_bad_dataset_config_values_are_user_errors(tmp_path, field, value, match):
   c = config(tmp_path)
   setattr(c, field, value)
@@ -314,16 +355,22 @@ def test_bad_dataset_config_values_are_user_errors(tmp_path, field, value, match
 
 
 def test_missing_file_names_the_expected_paths(tmp_path):
-  with pytest.raises(UserError, match=rf'{tmp_path}/ml-1m/ratings.dat nor '
-                                      rf'{tmp_path}/ml-1m.zip.*--download'):
+  with pytest.raises(
+    UserError,
+    match=rf'{tmp_path}/ml-1m/ratings.dat nor '
+    rf'{tmp_path}/ml-1m.zip.*--download',
+  ):
     data.load(config(tmp_path, 'ml-1m'))
 
 
 def test_published_sizes_are_checked_for_official_names(tmp_path, monkeypatch):
   monkeypatch.setattr(movielens, 'KNOWN_SIZES', {'ml-1m': (1_000_209, 6_040, 3_706)})
   write_ratings(tmp_path, 'ml-1m')
-  with pytest.raises(UserError, match=r'has 16 ratings; the official GroupLens ml-1m has '
-                                      r'1,000,209.*not the official file'):
+  with pytest.raises(
+    UserError,
+    match=r'has 16 ratings; the official GroupLens ml-1m has '
+    r'1,000,209.*not the official file',
+  ):
     data.load(config(tmp_path, 'ml-1m'))
   monkeypatch.setattr(movielens, 'KNOWN_SIZES', {'ml-1m': (16, 6_040, 3_706)})
   with pytest.raises(UserError, match=r'has 4 users; the official GroupLens ml-1m has 6,040'):
@@ -342,7 +389,9 @@ def test_failed_build_never_touches_an_existing_good_cache(tmp_path):
   assert open(prepared.cache_path, 'rb').read() == before
   assert os.stat(prepared.cache_path).st_mtime_ns == stat.st_mtime_ns
   assert sorted(os.listdir(data.cache_dir(str(tmp_path)))) == [
-      os.path.basename(prepared.cache_path), 'source_hashes.json']
+    os.path.basename(prepared.cache_path),
+    'source_hashes.json',
+  ]
 
 
 # --- the cache --------------------------------------------------------------------------------
@@ -376,7 +425,7 @@ def test_cache_lives_under_data_dir_keyed_by_name_and_parameters(tmp_path):
 def _corrupt(path, how):
   raw = bytearray(open(path, 'rb').read())
   if how == 'truncate':
-    raw = raw[:len(raw) - 7]
+    raw = raw[: len(raw) - 7]
   elif how == 'flip':
     raw[-5] ^= 0x55
   elif how == 'version':
@@ -413,11 +462,13 @@ def test_synthetic_cache_keeps_the_oracle_and_is_keyed_by_generator_parameters(t
   first = data.prepare(synthetic_config(tmp_path))
   again = data.prepare(synthetic_config(tmp_path))
   assert first.built and not again.built
-  for a, b in ((first.dataset.train_items, again.dataset.train_items),
-               (first.dataset.train_users, again.dataset.train_users),
-               (first.dataset.oracle.theta, again.dataset.oracle.theta),
-               (first.dataset.oracle.item_topic, again.dataset.oracle.item_topic),
-               (first.dataset.oracle.within_topic, again.dataset.oracle.within_topic)):
+  for a, b in (
+    (first.dataset.train_items, again.dataset.train_items),
+    (first.dataset.train_users, again.dataset.train_users),
+    (first.dataset.oracle.theta, again.dataset.oracle.theta),
+    (first.dataset.oracle.item_topic, again.dataset.oracle.item_topic),
+    (first.dataset.oracle.within_topic, again.dataset.oracle.within_topic),
+  ):
     np.testing.assert_array_equal(a, b)
   other = data.prepare(synthetic_config(tmp_path, synthetic_seed=1))
   assert other.built and other.cache_path != first.cache_path
@@ -444,19 +495,25 @@ def test_unwritable_cache_dir_warns_and_still_returns_the_dataset(tmp_path, capl
 
 def test_tfds_source_gives_the_same_dataset_and_is_converted_once(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   reads = []
 
   class Records(list):
-
     def __getitem__(self, k):
       reads.append(k)
       return list.__getitem__(self, k)
 
-  records = Records({'user_id': str(u).encode(), 'movie_id': str(i).encode(),
-                     'user_rating': np.float32(4), 'timestamp': np.int64(t)}
-                    for u, i, t in ROWS)
+  records = Records(
+    {
+      'user_id': str(u).encode(),
+      'movie_id': str(i).encode(),
+      'user_rating': np.float32(4),
+      'timestamp': np.int64(t),
+    }
+    for u, i, t in ROWS
+  )
   tfds_dir = tmp_path / 'tfds'
-  write_tfds_metadata(tfds_dir, 'array_record')   # built, as `open_tfds` builds it
+  write_tfds_metadata(tfds_dir, 'array_record')  # built, as `open_tfds` builds it
   c = config(tmp_path, 'ml-20m', source='tfds')
   with tfds.testing.mock_data(data_dir=str(tfds_dir), as_data_source_fn=lambda *a, **k: records):
     first = data.prepare(c)
@@ -472,8 +529,10 @@ def test_tfds_not_built_without_download_names_the_command_that_builds_it(tmp_pa
     data.prepare(config(tmp_path, 'ml-100k', source='tfds'))
   message = str(e.value)
   assert f'TFDS movielens/100k-ratings is not built in {tmp_path}/tfds' in message
-  assert ('`python -m ncf_jax.prepare --config=configs/default.py --config.dataset.name=ml-100k '
-          '--config.dataset.source=tfds --download`') in message
+  assert (
+    '`python -m ncf_jax.prepare --config=configs/default.py --config.dataset.name=ml-100k '
+    '--config.dataset.source=tfds --download`'
+  ) in message
   assert 'source=grouplens' in message and 'tfds build' not in message
   assert os.listdir(tmp_path) == []
 
@@ -481,41 +540,56 @@ def test_tfds_not_built_without_download_names_the_command_that_builds_it(tmp_pa
 @pytest.mark.parametrize('download', [False, True])
 def test_tfds_built_as_tfrecord_says_delete_and_rebuild_as_array_record(tmp_path, download):
   where = write_tfds_metadata(tmp_path / 'tfds', 'tfrecord', name='ml-100k')
-  with pytest.raises(UserError, match=(
+  with pytest.raises(
+    UserError,
+    match=(
       rf'TFDS movielens/100k-ratings in {where} is stored as tfrecord, which tfds.data_source '
       rf'cannot read \(it needs array_record\). Delete {where} and rebuild it with '
-      r'`python -m ncf_jax.prepare .*--download`')):
+      r'`python -m ncf_jax.prepare .*--download`'
+    ),
+  ):
     data.prepare(config(tmp_path, 'ml-100k', source='tfds', download=download))
 
 
-def test_tfds_build_without_tensorflow_says_install_it_before_downloading(tmp_path,
-                                                                          monkeypatch):
+def test_tfds_build_without_tensorflow_says_install_it_before_downloading(tmp_path, monkeypatch):
   monkeypatch.setattr(movielens, 'has_tensorflow', lambda: False)
-  monkeypatch.setenv(movielens.URL_ENV, 'http://127.0.0.1:9')   # would fail if reached
-  with pytest.raises(UserError, match=r'building TFDS movielens/100k-ratings needs TensorFlow '
-                     r'.*pip install -r requirements-tfds.txt.*source=grouplens'):
+  monkeypatch.setenv(movielens.URL_ENV, 'http://127.0.0.1:9')  # would fail if reached
+  with pytest.raises(
+    UserError,
+    match=r'building TFDS movielens/100k-ratings needs TensorFlow '
+    r'.*pip install -r requirements-tfds.txt.*source=grouplens',
+  ):
     data.prepare(config(tmp_path, 'ml-100k', source='tfds', download=True))
   assert os.listdir(tmp_path) == []
 
 
 def test_tfds_download_failure_names_the_url_and_what_to_do(tmp_path, monkeypatch):
   monkeypatch.setattr(movielens, 'has_tensorflow', lambda: True)  # fails before TF is used
-  with serve_http({}) as url:   # every path is a 404
+  with serve_http({}) as url:  # every path is a 404
     monkeypatch.setenv(movielens.URL_ENV, url)
-    with pytest.raises(UserError, match=(
+    with pytest.raises(
+      UserError,
+      match=(
         rf'download of {url}/ml-100k.zip failed: HTTP Error 404.*Check the network.*by hand '
-        rf'into {tmp_path}/ml-100k.zip')):
+        rf'into {tmp_path}/ml-100k.zip'
+      ),
+    ):
       data.prepare(config(tmp_path, 'ml-100k', source='tfds', download=True))
   assert not (tmp_path / 'ml-100k.zip').exists()
 
 
 def test_tfds_unofficial_zip_in_data_dir_fails_the_checksum_with_one_clear_error(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   monkeypatch.setattr(movielens, 'has_tensorflow', lambda: True)  # fails before TF is used
   (tmp_path / 'ml-100k.zip').write_bytes(ml100k_zip(ROWS))
-  with pytest.raises(UserError, match=(
+  with pytest.raises(
+    UserError,
+    match=(
       rf'{tmp_path}/ml-100k.zip is not the official GroupLens ml-100k zip that TFDS '
-      r'movielens/100k-ratings expects \(its SHA-256 differs\)')):
+      r'movielens/100k-ratings expects \(its SHA-256 differs\)'
+    ),
+  ):
     data.prepare(config(tmp_path, 'ml-100k', source='tfds', download=True))
 
 
@@ -532,18 +606,23 @@ def _snapshot(folder):
 CSV_HEADER = 'userId,movieId,rating,timestamp\n'
 
 
-@pytest.mark.parametrize('name,text,match', [
+@pytest.mark.parametrize(
+  'name,text,match',
+  [
     ('ml-latest-small', None, r'neither .*ml-latest-small/ratings.csv nor .*--download'),
     ('ml-latest-small', CSV_HEADER + '1,2,3.5,4\n1,2\n', r'ratings.csv line 3: expected 4'),
     ('ml-latest-small', '', r'ratings.csv is empty'),
     ('ml-latest-small', CSV_HEADER + '1,2,3.5,4\nu1,2,3.5,5\n', r"line 3: user id 'u1'"),
     ('ml-1m', '1,2,3,4\n', r"ratings.dat line 1: expected fields separated by '::'"),
-    ('ml-latest-small', CSV_HEADER + ''.join(f'{u},{u},3,{u}\n' for u in (1, 2, 2)),
-     r'user 1 has no training positive'),
+    (
+      'ml-latest-small',
+      CSV_HEADER + ''.join(f'{u},{u},3,{u}\n' for u in (1, 2, 2)),
+      r'user 1 has no training positive',
+    ),
     ('ml-5m', None, r"unknown dataset name 'ml-5m'"),
-])
-def test_bad_input_fails_with_one_message_and_loses_nothing_on_disk(tmp_path, name, text,
-                                                                     match):
+  ],
+)
+def test_bad_input_fails_with_one_message_and_loses_nothing_on_disk(tmp_path, name, text, match):
   good = data.prepare(synthetic_config(tmp_path))  # an unrelated good cache in data_dir
   if text is not None:
     write_ratings(tmp_path, name, rows=())  # create the folder layout, then the content

@@ -1,14 +1,15 @@
 """The in-flight bound that keeps multi-device CPU runs from deadlocking, and the watchdog."""
+
 import os
 import subprocess
 import sys
 import textwrap
 
+import _train_helpers as h
 import jax
 import jax.numpy as jnp
 import pytest
 
-import _train_helpers as h
 from ncf_jax import dispatch
 
 CHAIN = os.path.join(h.REPO, 'tests', '_collective_chain.py')
@@ -36,12 +37,18 @@ def test_the_limit_applies_to_several_cpu_devices_only_and_stays_below_xla_s_que
   assert len(devices) >= 2 and devices[0].platform == 'cpu'
   assert dispatch.in_flight_limit(devices[:1]) is None
   assert dispatch.in_flight_limit(devices) == dispatch.CPU_MAX_IN_FLIGHT
-  assert 1 <= dispatch.CPU_MAX_IN_FLIGHT < 32   # XLA:CPU queues 32 programs per device
+  assert 1 <= dispatch.CPU_MAX_IN_FLIGHT < 32  # XLA:CPU queues 32 programs per device
 
 
 def _chain(limit, devices=4, timeout=120):
-  return subprocess.run([sys.executable, CHAIN, str(limit)], cwd=h.REPO,
-                        env=h.env(devices), capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, CHAIN, str(limit)],
+    cwd=h.REPO,
+    env=h.env(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @pytest.mark.parametrize('devices', [2, 4, 8])
@@ -59,8 +66,14 @@ def test_without_the_bound_xla_cpu_aborts_in_a_rendezvous():
 
 
 def _watchdog_script(body):
-  return subprocess.run([sys.executable, '-c', textwrap.dedent(body)], cwd=h.REPO,
-                        env=h.env(1), capture_output=True, text=True, timeout=60)
+  return subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(body)],
+    cwd=h.REPO,
+    env=h.env(1),
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
 
 
 def test_watchdog_ends_a_stalled_run_with_one_line_and_exit_3():

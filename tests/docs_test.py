@@ -6,6 +6,7 @@ every repo path (`configs/...`, `ncf_jax/...`, `experiments/...`, `tests/...`, `
 field of configs/default.py; every `python -m <module>` must import and have a `main`;
 every name of the package (`ncf_jax.data.load`, or short, `pipeline.train_batch`) exists.
 """
+
 import collections
 import glob
 import importlib
@@ -15,13 +16,16 @@ import re
 from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ['README.md'] + sorted(os.path.relpath(p, REPO)
-                              for p in glob.glob(os.path.join(REPO, 'docs', '*.md')))
+DOCS = ['README.md'] + sorted(
+  os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, 'docs', '*.md'))
+)
 
 # A repo path starts at a top-level folder, not inside a URL, ~/ or another path.
-_PATH = re.compile(r'(?<![\w./~-])((?:configs|ncf_jax|experiments|tests|docs|\.ci)/[\w./-]*)'
-                   r'(?:::(\w+))?')
-_PLACEHOLDER_NEXT = ('<', '{', '*')      # configs/<name>.py, sweeps/*.py: not a file name
+_PATH = re.compile(
+  r'(?<![\w./~-])((?:configs|ncf_jax|experiments|tests|docs|\.ci)/[\w./-]*)'
+  r'(?:::(\w+))?'
+)
+_PLACEHOLDER_NEXT = ('<', '{', '*')  # configs/<name>.py, sweeps/*.py: not a file name
 _LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)')
 _FLAG = re.compile(r'--config\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)')
 _COMMAND = re.compile(r'python -m ((?:ncf_jax|experiments)(?:\.\w+)+)')
@@ -37,9 +41,12 @@ def _read(rel):
 def _package_modules():
   """Names of ncf_jax's modules and sub-packages (`data`, `benchmark`, ...)."""
   folder = os.path.join(REPO, 'ncf_jax')
-  return sorted(n[:-len('.py')] if n.endswith('.py') else n for n in os.listdir(folder)
-                if n != '__init__.py' and (n.endswith('.py') or os.path.isfile(
-                    os.path.join(folder, n, '__init__.py'))))
+  return sorted(
+    n[: -len('.py')] if n.endswith('.py') else n
+    for n in os.listdir(folder)
+    if n != '__init__.py'
+    and (n.endswith('.py') or os.path.isfile(os.path.join(folder, n, '__init__.py')))
+  )
 
 
 # `pipeline.train_batch`: an ncf_jax module, then a name (not a file suffix: metrics.jsonl).
@@ -63,14 +70,13 @@ def link_problems(text, where):
   """Relative links of `text` (a file at repo-relative `where`) that do not resolve."""
   problems = []
   for target in _LINK.findall(text):
-    if re.match(r'[a-z]+:', target):       # https:, mailto:
+    if re.match(r'[a-z]+:', target):  # https:, mailto:
       continue
     path, _, anchor = target.partition('#')
     rel = os.path.normpath(os.path.join(os.path.dirname(where), path)) if path else where
     if not os.path.exists(os.path.join(REPO, rel)):
       problems.append(f'{where}: link {target} -> no such file')
-    elif anchor and rel.endswith('.md') and anchor not in anchors(
-        _read(rel) if path else text):
+    elif anchor and rel.endswith('.md') and anchor not in anchors(_read(rel) if path else text):
       problems.append(f'{where}: link {target} -> no heading #{anchor}')
   return problems
 
@@ -79,7 +85,7 @@ def path_problems(text, where):
   """Repo paths (and pytest node ids) named in `text` that do not exist."""
   problems = []
   for m in _PATH.finditer(text):
-    if text[m.end(1):m.end(1) + 1] in _PLACEHOLDER_NEXT:
+    if text[m.end(1) : m.end(1) + 1] in _PLACEHOLDER_NEXT:
       continue
     path, test = m.group(1).rstrip('.'), m.group(2)
     if not os.path.exists(os.path.join(REPO, path)):
@@ -95,7 +101,7 @@ def flag_problems(text, where):
   for field in _FLAG.findall(text):
     node = config
     for part in field.split('.'):
-      if not hasattr(node, 'keys') or part not in node.keys():
+      if not hasattr(node, 'keys') or part not in node:
         problems.append(f'{where}: --config.{field} is not a field of configs/default.py')
         break
       node = node[part]
@@ -157,7 +163,8 @@ def test_the_readme_links_every_docs_page():
 
 
 def test_the_checkers_flag_a_broken_example():
-  broken = '\n'.join([
+  broken = '\n'.join(
+    [
       '# Title',
       'See [the guide](docs/no_such_page.md), [a section](#no-such-heading),',
       '[another](docs/data.md#no-such-heading), [one](docs/data.md#the-cache) and',
@@ -167,20 +174,26 @@ def test_the_checkers_flag_a_broken_example():
       '`configs/no_such_config.py`, `tests/layout_test.py::test_no_such_test` and',
       '`ncf_jax.data.no_such_function`, `pipeline.no_such_function`; `configs/<name>.py`,',
       '`ncf_jax/`, `metrics.jsonl` and `pipeline.train_batch` are fine.',
-  ])
+    ]
+  )
   assert link_problems(broken, 'README.md') == [
-      'README.md: link docs/no_such_page.md -> no such file',
-      'README.md: link #no-such-heading -> no heading #no-such-heading',
-      'README.md: link docs/data.md#no-such-heading -> no heading #no-such-heading']
+    'README.md: link docs/no_such_page.md -> no such file',
+    'README.md: link #no-such-heading -> no heading #no-such-heading',
+    'README.md: link docs/data.md#no-such-heading -> no heading #no-such-heading',
+  ]
   assert path_problems(broken, 'README.md') == [
-      'README.md: docs/no_such_page.md does not exist',
-      'README.md: configs/no_such_config.py does not exist',
-      'README.md: tests/layout_test.py has no test test_no_such_test']
+    'README.md: docs/no_such_page.md does not exist',
+    'README.md: configs/no_such_config.py does not exist',
+    'README.md: tests/layout_test.py has no test test_no_such_test',
+  ]
   assert flag_problems(broken, 'README.md') == [
-      f'README.md: --config.{f} is not a field of configs/default.py'
-      for f in ('no_such_field', 'dataset.no_such_field', 'num_epochs.deeper')]
+    f'README.md: --config.{f} is not a field of configs/default.py'
+    for f in ('no_such_field', 'dataset.no_such_field', 'num_epochs.deeper')
+  ]
   problems = module_problems(broken, 'README.md')
   assert problems[0] == 'README.md: python -m ncf_jax.errors: the module has no main'
   assert problems[1].startswith('README.md: python -m ncf_jax.no_such_command: ')
-  assert problems[2:] == ['README.md: ncf_jax.data.no_such_function does not exist',
-                          'README.md: ncf_jax.pipeline.no_such_function does not exist']
+  assert problems[2:] == [
+    'README.md: ncf_jax.data.no_such_function does not exist',
+    'README.md: ncf_jax.pipeline.no_such_function does not exist',
+  ]

@@ -6,21 +6,19 @@ scale-sensitive Adam (eps=100, where the update is proportional to the gradient)
 compares parameters after one real train step. With model dropout, the masks come from
 each sample's global position, so the gradients agree across device counts too.
 """
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import _train_helpers as h
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+
 from configs import default
-from ncf_jax import config_checks
+from ncf_jax import config_checks, models, pipeline, sampling, steps
 from ncf_jax import data as data_lib
 from ncf_jax import metrics as metrics_lib
-from ncf_jax import models
-from ncf_jax import pipeline
-from ncf_jax import sampling
-from ncf_jax import steps
 
 # 2 devices: the all-reduce test here, multihost_test (2 x 2) and resume_test run them.
 DEVICE_COUNTS = (1, 8)
@@ -55,8 +53,7 @@ def _setup(config, dataset, ndev):
     mesh = steps.make_mesh(ndev)
     init_key, data_key, dropout_key = steps.make_keys(0, mesh)
     data = sampling.to_device(dataset, NamedSharding(mesh, P()))
-    items = steps.make_epoch_items(config, mesh, data)(data, data_key,
-                                                                    np.int32(0))
+    items = steps.make_epoch_items(config, mesh, data)(data, data_key, np.int32(0))
     _SETUPS[ndev] = mesh, init_key, data, items, (data_key, dropout_key)
   mesh, init_key, data, items, keys = _SETUPS[ndev]
   model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
@@ -79,8 +76,9 @@ def _grads(config, dataset, ndev, step=1, global_step=None):
   mesh, model, state, data, items, keys = _setup(config, dataset, ndev)
   grad_step = _grad_step(config, mesh, model, ndev)
   global_step = step if global_step is None else global_step
-  grads = grad_step(state.params, data, items, keys, np.int32(0), np.int32(step),
-                    np.int32(global_step))
+  grads = grad_step(
+    state.params, data, items, keys, np.int32(0), np.int32(step), np.int32(global_step)
+  )
   return jax.device_get(grads), jax.device_get(state.params), model, keys
 
 
@@ -96,12 +94,14 @@ def test_raw_gradients_equal_the_global_batch_mean_gradient_on_1_and_8_devices(d
 
   # The reference: the whole global batch on one device, plain jax.grad of its mean.
   data = sampling.to_device(dataset)
-  batch = pipeline.train_batch(data, data_key, 0, 1, batch_size=config.batch_size,
-                               num_neg=config.num_neg)
+  batch = pipeline.train_batch(
+    data, data_key, 0, 1, batch_size=config.batch_size, num_neg=config.num_neg
+  )
 
   def mean_loss(p):
     logits = model.apply({'params': p}, batch['user'], batch['item'])
     return metrics_lib.bce_sum(logits, batch['label'], batch['valid']) / jnp.sum(batch['valid'])
+
   want = jax.device_get(jax.grad(mean_loss)(params))
   for n in DEVICE_COUNTS:
     _assert_trees_close(got[n][0], want)
@@ -122,16 +122,20 @@ def _touched_rows_gradient(params, batch, l2):
   """d/dp of l2 * mean over valid samples of the squared norms of the rows each reads."""
   valid = batch['valid']
   n = valid.sum()
-  users = np.bincount(batch['user'][valid], minlength=params['gmf']['gmf_user']['embedding']
-                      .shape[0])
-  items = np.bincount(batch['item'][valid], minlength=params['gmf']['gmf_item']['embedding']
-                      .shape[0])
+  users = np.bincount(
+    batch['user'][valid], minlength=params['gmf']['gmf_user']['embedding'].shape[0]
+  )
+  items = np.bincount(
+    batch['item'][valid], minlength=params['gmf']['gmf_item']['embedding'].shape[0]
+  )
+
   def rows(path, p):
     name = jax.tree_util.keystr(path)
     if 'embedding' not in name:
       return np.zeros_like(p)
     counts = users if 'user' in name else items
     return 2 * l2 * p * counts[:, None] / n
+
   return jax.tree_util.tree_map_with_path(rows, params)
 
 
@@ -145,9 +149,16 @@ def test_l2_penalty_is_counted_once_whatever_the_device_count(dataset):
   g8 = _grads(config, dataset, 8)[0]
   base = _grads(plain, dataset, 1)[0]
   _assert_trees_close(g8, g1)
-  batch = jax.device_get(pipeline.train_batch(sampling.to_device(dataset), data_key, 0, 1,
-                                              batch_size=config.batch_size,
-                                              num_neg=config.num_neg))
+  batch = jax.device_get(
+    pipeline.train_batch(
+      sampling.to_device(dataset),
+      data_key,
+      0,
+      1,
+      batch_size=config.batch_size,
+      num_neg=config.num_neg,
+    )
+  )
   want = _touched_rows_gradient(params, batch, 1e-2)
   assert sum(float(np.abs(x).sum()) for x in jax.tree.leaves(want)) > 0
   _assert_trees_close(jax.tree.map(lambda a, b: a - b, g1, base), want, rtol=1e-4, atol=1e-8)
@@ -160,8 +171,12 @@ def test_whole_parameter_l2_is_counted_once_whatever_the_device_count(dataset):
   base = _grads(small_config('unused'), dataset, 1)[0]
   _assert_trees_close(g8, g1)
   # d/dp of l2_params * sum(p^2) is 2 * l2_params * p, once per step.
-  _assert_trees_close(jax.tree.map(lambda a, b: a - b, g1, base),
-                      jax.tree.map(lambda p: 2 * 1e-2 * p, params), rtol=1e-4, atol=1e-6)
+  _assert_trees_close(
+    jax.tree.map(lambda a, b: a - b, g1, base),
+    jax.tree.map(lambda p: 2 * 1e-2 * p, params),
+    rtol=1e-4,
+    atol=1e-6,
+  )
 
 
 def test_a_scale_sensitive_update_gives_the_same_parameters_on_1_and_8_devices(dataset):
@@ -205,10 +220,15 @@ def test_the_gradients_cross_devices_in_one_all_reduce(dataset):
   mesh, _, state, data, items, keys = _setup(config, dataset, 2)
   step = steps.make_train_step(config, mesh)
   hlo = step.lower(state, data, items, keys, np.int32(0), np.int32(0)).compile().as_text()
-  reduces = [line.split(' all-reduce')[0] for line in hlo.splitlines()
-             if ' all-reduce(' in line or ' all-reduce-start(' in line]
+  reduces = [
+    line.split(' all-reduce')[0]
+    for line in hlo.splitlines()
+    if ' all-reduce(' in line or ' all-reduce-start(' in line
+  ]
   # Each parameter's shape names an output of an all-reduce exactly once (the embedding
   # shapes are unique to their tables).
-  for shape in (f'f32[{dataset.num_users},{config.model.mf_dim}]',
-                f'f32[{dataset.num_items},{config.model.mf_dim}]'):
+  for shape in (
+    f'f32[{dataset.num_users},{config.model.mf_dim}]',
+    f'f32[{dataset.num_items},{config.model.mf_dim}]',
+  ):
     assert sum(r.count(shape) for r in reduces) == 1, (shape, reduces)

@@ -1,14 +1,14 @@
 """The hash-of-batches diagnostic: same seed -> same digests on 1, 2 or 8 devices."""
+
+from conftest import random_dataset
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from conftest import random_dataset
-from ncf_jax import hashing
-from ncf_jax import pipeline
-from ncf_jax import sampling
+from ncf_jax import hashing, pipeline, sampling
 
 BATCH, NUM_NEG = 96, 4
 
@@ -22,14 +22,13 @@ def _epoch_hashes(ds, seed, num_devices):
 
   def per_device(data, key, chain, step):
     start = jax.lax.axis_index('data') * local
-    batch = pipeline.train_batch(data, key, 0, step, batch_size=BATCH, num_neg=NUM_NEG,
-                                 start=start, size=local)
-    digest = hashing.batch_digest(batch, start + jnp.arange(local, dtype=jnp.uint32),
-                                  'data')
+    batch = pipeline.train_batch(
+      data, key, 0, step, batch_size=BATCH, num_neg=NUM_NEG, start=start, size=local
+    )
+    digest = hashing.batch_digest(batch, start + jnp.arange(local, dtype=jnp.uint32), 'data')
     return hashing.chain(chain, digest)
 
-  fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P()),
-                             out_specs=P()))
+  fn = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P()), out_specs=P()))
   chain, first = hashing.init(), None
   for step in range(pipeline.steps_per_epoch(ds.num_train, NUM_NEG, BATCH)):
     chain = fn(data, key, chain, np.int32(step))
@@ -54,21 +53,29 @@ def test_hashes_change_with_the_seed(ds):
 
 
 def test_digest_sees_every_field_and_the_order():
-  batch = {'user': jnp.arange(8), 'item': jnp.arange(8) * 3,
-           'label': (jnp.arange(8) % 2).astype(jnp.float32), 'valid': jnp.ones(8, bool)}
+  batch = {
+    'user': jnp.arange(8),
+    'item': jnp.arange(8) * 3,
+    'label': (jnp.arange(8) % 2).astype(jnp.float32),
+    'valid': jnp.ones(8, bool),
+  }
   pos = jnp.arange(8, dtype=jnp.uint32)
   base = hashing.hexdigest(hashing.batch_digest(batch, pos))
-  for field, value in [('user', batch['user'].at[3].set(9)),
-                       ('item', batch['item'].at[3].set(1)),
-                       ('label', batch['label'].at[0].set(1.0)),
-                       ('valid', batch['valid'].at[7].set(False)),
-                       ('user', batch['user'][::-1])]:
+  for field, value in [
+    ('user', batch['user'].at[3].set(9)),
+    ('item', batch['item'].at[3].set(1)),
+    ('label', batch['label'].at[0].set(1.0)),
+    ('valid', batch['valid'].at[7].set(False)),
+    ('user', batch['user'][::-1]),
+  ]:
     changed = dict(batch, **{field: value})
     assert hashing.hexdigest(hashing.batch_digest(changed, pos)) != base, field
-  chain_ab = hashing.chain(hashing.chain(hashing.init(), jnp.array([1, 2], jnp.uint32)),
-                           jnp.array([3, 4], jnp.uint32))
-  chain_ba = hashing.chain(hashing.chain(hashing.init(), jnp.array([3, 4], jnp.uint32)),
-                           jnp.array([1, 2], jnp.uint32))
+  chain_ab = hashing.chain(
+    hashing.chain(hashing.init(), jnp.array([1, 2], jnp.uint32)), jnp.array([3, 4], jnp.uint32)
+  )
+  chain_ba = hashing.chain(
+    hashing.chain(hashing.init(), jnp.array([3, 4], jnp.uint32)), jnp.array([1, 2], jnp.uint32)
+  )
   assert hashing.hexdigest(chain_ab) != hashing.hexdigest(chain_ba)
 
 

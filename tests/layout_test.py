@@ -3,6 +3,7 @@
 Reads the sources with `ast` (no import, no jax), function-level imports included, since a
 deferred import is still a dependency.
 """
+
 import ast
 import os
 
@@ -17,7 +18,7 @@ def module_sources(root=REPO, package=PACKAGE):
     for f in files:
       if not f.endswith('.py'):
         continue
-      rel = os.path.relpath(os.path.join(folder, f), root)[:-len('.py')].split(os.sep)
+      rel = os.path.relpath(os.path.join(folder, f), root)[: -len('.py')].split(os.sep)
       if rel[-1] == '__init__':
         rel = rel[:-1]
       found['.'.join(rel)] = os.path.join(folder, f)
@@ -42,7 +43,7 @@ def find_cycle(graph):
 
   def visit(m):
     if m in path:
-      return path[path.index(m):] + [m]
+      return path[path.index(m) :] + [m]
     if m in done:
       return None
     path.append(m)
@@ -86,7 +87,9 @@ def test_the_synthetic_generator_sits_below_the_dataset_layer():
 
 def test_cycle_finder_flags_a_function_level_import_back():
   modules = {'p.a': '', 'p.b': ''}
-  graph = {'p.a': imports_of('from p import b\n', modules),
-           'p.b': imports_of('def f():\n  from p import a\n', modules)}
+  graph = {
+    'p.a': imports_of('from p import b\n', modules),
+    'p.b': imports_of('def f():\n  from p import a\n', modules),
+  }
   assert find_cycle(graph) == ['p.a', 'p.b', 'p.a']
   assert find_cycle({'p.a': {'p.b'}, 'p.b': set()}) is None

@@ -1,10 +1,11 @@
 """Per-device byte accounting: replicated arrays count whole, split ones 1/n per device."""
-import jax
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ncf_jax import memory
-from ncf_jax import steps
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from ncf_jax import memory, steps
 
 
 def test_replicated_arrays_count_their_full_size_on_every_device():
@@ -40,51 +41,71 @@ def test_abstract_arrays_count_the_shards_they_would_have():
 
 def _tiny(data_dir, **fields):
   import _train_helpers as h
+
   from ncf_jax import config_checks
+
   return config_checks.resolve_model_defaults(h.tiny_config(data_dir, **fields))
 
 
 def test_host_shapes_are_those_of_the_host_arrays_narrow_and_wide():
-  from ncf_jax import data as data_lib, sampling
+  from ncf_jax import data as data_lib
+  from ncf_jax import sampling
+
   rng = np.random.default_rng(0)
   for num_items in (300, sampling.NARROW_ITEMS + 5):
     degrees = rng.integers(2, 6, size=40)
     offsets = np.r_[0, np.cumsum(degrees)].astype(np.int32)
-    items = np.concatenate([np.sort(rng.choice(num_items, d, replace=False))
-                            for d in degrees]).astype(np.int32)
-    ds = data_lib.Dataset('t', 40, num_items, np.repeat(np.arange(40), degrees).astype(
-        np.int32), items, offsets, np.zeros(40, np.int32), np.zeros(40, np.int32))
+    items = np.concatenate(
+      [np.sort(rng.choice(num_items, d, replace=False)) for d in degrees]
+    ).astype(np.int32)
+    ds = data_lib.Dataset(
+      't',
+      40,
+      num_items,
+      np.repeat(np.arange(40), degrees).astype(np.int32),
+      items,
+      offsets,
+      np.zeros(40, np.int32),
+      np.zeros(40, np.int32),
+    )
     arrays = sampling.host_arrays(ds)
     shapes = sampling.host_shapes(40, num_items, ds.num_train, True)
     assert {k: (v.shape[0], v.dtype) for k, v in arrays.items()} == shapes
 
 
 def test_the_estimate_before_building_is_what_the_built_run_holds(tmp_path):
-  from ncf_jax import data as data_lib, models, train
+  from ncf_jax import data as data_lib
+  from ncf_jax import models, train
+
   for mode, ndev in (('replicated', 2), ('sharded', 8)):
     config = _tiny(str(tmp_path / 'data'), sharding=mode)
     dataset = data_lib.load(config.dataset)
     mesh = steps.make_mesh(ndev)
-    model = models.create_model(config.model, dataset.num_users, dataset.num_items,
-                                'float32')
+    model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
     key = steps.make_keys(0, mesh)[0]
     state = steps.create_train_state(config, model, key, mesh)
     data = steps.device_data(config, dataset, mesh)
     items = steps.make_epoch_items(config, mesh, data)(data, key, np.int32(0))
-    built = memory.bytes_per_device(params=state.params, opt_state=state.opt_state,
-                                    data=data, epoch=items)
+    built = memory.bytes_per_device(
+      params=state.params, opt_state=state.opt_state, data=data, epoch=items
+    )
     assert train.memory_need(config, model, dataset, mesh, key) == built, mode
 
 
 def test_a_run_that_cannot_fit_is_refused_before_it_allocates(tmp_path, monkeypatch):
   import pytest
+
   from ncf_jax import train
   from ncf_jax.errors import UserError
+
   # 8 CPU devices sharing 1 MB: the tiny run's replicated state alone is larger.
   monkeypatch.setattr(memory, 'available', lambda devices: (1_000_000, 8))
   workdir = tmp_path / 'run'
-  with pytest.raises(UserError, match=r'out of memory before the first step: this run needs '
-                     r'at least \d+\.\d\d GB per device \(data .*\), and 8 devices share this '
-                     r"host's 0\.0 GB of available memory\. --config\.sharding=sharded splits"):
+  with pytest.raises(
+    UserError,
+    match=r'out of memory before the first step: this run needs '
+    r'at least \d+\.\d\d GB per device \(data .*\), and 8 devices share this '
+    r"host's 0\.0 GB of available memory\. --config\.sharding=sharded splits",
+  ):
     train.train_and_evaluate(_tiny(str(tmp_path / 'data')), str(workdir))
-  assert not workdir.exists()   # nothing written
+  assert not workdir.exists()  # nothing written

@@ -7,21 +7,15 @@ the default config is train_test.py's
 test_default_config_learns_close_to_the_oracle_and_far_above_popularity (all 8 epochs, the
 same bound), so it is not trained again here.
 """
+
 import json
 import os
 
 import pytest
 
-from configs import default
-from configs import mf_baseline
-from configs import mlperf
-from configs import ncf_paper
-from ncf_jax import baselines
-from ncf_jax import config_checks
+from configs import default, mf_baseline, mlperf, ncf_paper
+from ncf_jax import baselines, config_checks, models, steps, train
 from ncf_jax import data as data_lib
-from ncf_jax import models
-from ncf_jax import steps
-from ncf_jax import train
 from ncf_jax.errors import UserError
 
 
@@ -44,7 +38,7 @@ def test_none_fields_take_the_models_defaults_and_the_input_is_unchanged(name):
   assert resolved.learning_rate == models.DEFAULTS[name]['learning_rate']
   assert resolved.model.embed_init_std == models.DEFAULTS[name]['model.embed_init_std']
   assert config.learning_rate is None and config.model.embed_init_std is None
-  assert config_checks.resolve_model_defaults(resolved) == resolved   # idempotent
+  assert config_checks.resolve_model_defaults(resolved) == resolved  # idempotent
 
 
 def test_a_value_the_config_sets_wins_over_the_models_default():
@@ -56,8 +50,11 @@ def test_a_value_the_config_sets_wins_over_the_models_default():
 
 
 def test_an_unknown_model_is_one_user_error_naming_the_field():
-  with pytest.raises(UserError, match=r"config.model.name='nope' is invalid: use one of "
-                                      r'neumf, gmf, mlp, mf'):
+  with pytest.raises(
+    UserError,
+    match=r"config.model.name='nope' is invalid: use one of "
+    r'neumf, gmf, mlp, mf',
+  ):
     config_checks.resolve_model_defaults(_default('nope'))
 
 
@@ -69,11 +66,15 @@ def test_a_config_field_left_none_is_checked_at_its_resolved_value():
     config_checks.validate_config(config, 1)
 
 
-@pytest.mark.parametrize('get_config, lr, init_std', [
+@pytest.mark.parametrize(
+  'get_config, lr, init_std',
+  [
     (mlperf.get_config, 0.0045, 0.01),
     (lambda: mlperf.get_config('reference'), 0.0005, 0.01),
     (ncf_paper.get_config, 0.001, 0.01),
-    (mf_baseline.get_config, 0.002 * 1024, 0.1)])
+    (mf_baseline.get_config, 0.002 * 1024, 0.1),
+  ],
+)
 def test_the_named_configs_resolve_to_the_values_they_always_had(get_config, lr, init_std):
   resolved = config_checks.resolve_model_defaults(get_config())
   assert resolved.learning_rate == pytest.approx(lr)
@@ -91,21 +92,26 @@ def default_runs(tmp_path_factory):
   dataset = data_lib.load(config.dataset)
   _, data_key, _ = steps.make_keys(int(config.seed), steps.make_mesh(1))
   popularity = baselines.evaluate_scorer(
-      dataset, data_key, baselines.popularity_scorer(dataset), num_neg=config.eval_num_neg,
-      top_k=config.top_k)['hr']
+    dataset,
+    data_key,
+    baselines.popularity_scorer(dataset),
+    num_neg=config.eval_num_neg,
+    top_k=config.top_k,
+  )['hr']
   done = {}
 
   def train_model(name):
     if name not in done:
       config = _default(name)
       config.dataset.data_dir = data_dir
-      config.num_devices = 1   # the 8 forced host devices only slow a 2-core machine down
+      config.num_devices = 1  # the 8 forced host devices only slow a 2-core machine down
       config.hr_threshold = popularity + 0.1
       workdir = str(tmp_path_factory.mktemp(name))
       train.train_and_evaluate(config, workdir)
       with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         done[name] = workdir, config, [json.loads(line) for line in f]
     return done[name]
+
   train_model.popularity = popularity
   return train_model
 
@@ -117,7 +123,7 @@ def test_each_model_at_the_default_config_beats_popularity_by_0_1(name, default_
   assert max(r['hr'] for r in history) >= popularity + 0.1, (history, popularity)
   assert len(history) <= default.get_config().num_epochs
   with open(os.path.join(workdir, 'config.json')) as f:
-    saved = json.load(f)   # the run records the values it resolved
+    saved = json.load(f)  # the run records the values it resolved
   assert saved['learning_rate'] == models.DEFAULTS[name]['learning_rate']
   assert saved['model']['embed_init_std'] == models.DEFAULTS[name]['model.embed_init_std']
 
@@ -125,12 +131,13 @@ def test_each_model_at_the_default_config_beats_popularity_by_0_1(name, default_
 def test_resume_and_evaluate_read_the_resolved_values_the_run_recorded(default_runs):
   """None and the value it resolved to are the same run; another value is not."""
   from ncf_jax import evaluate as evaluate_lib
+
   workdir, config, history = default_runs('gmf')
   result = evaluate_lib.evaluate_checkpoint(workdir)
   assert result['hr'] == history[-1]['hr']
   config = config.copy_and_resolve_references()
   config.learning_rate = models.DEFAULTS['gmf']['learning_rate']
-  train.train_and_evaluate(config, workdir)   # resumes: the target is already reached
+  train.train_and_evaluate(config, workdir)  # resumes: the target is already reached
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     assert [json.loads(line) for line in f] == history
   config.learning_rate = 0.5

@@ -1,19 +1,24 @@
 """Tests of raw MovieLens reading, download and TFDS conversion (ncf_jax.movielens)."""
+
 import hashlib
 import io
 import os
 import zipfile
 
+from conftest import serve_http, write_tfds_metadata
 import numpy as np
 import pytest
 
-from conftest import serve_http
-from conftest import write_tfds_metadata
 from ncf_jax import movielens
 from ncf_jax.errors import UserError
 
-ROWS = [(1, 31, 2.5, 1260759144), (1, 1029, 3.0, 1260759179), (7, 31, 4.5, 851866703),
-        (2, 10, 4.0, 835355493), (2, 17, 5.0, 835355681)]
+ROWS = [
+  (1, 31, 2.5, 1260759144),
+  (1, 1029, 3.0, 1260759179),
+  (7, 31, 4.5, 851866703),
+  (2, 10, 4.0, 835355493),
+  (2, 17, 5.0, 835355681),
+]
 
 
 def ratings_text(name, rows=ROWS):
@@ -67,8 +72,7 @@ def test_each_format_parses_from_the_extracted_folder(tmp_path, name):
 def test_zip_gives_the_same_ratings_as_the_folder(tmp_path, name):
   (tmp_path / f'{name}.zip').write_bytes(zip_bytes(name, ratings_text(name)))
   source = movielens.locate(name, str(tmp_path))
-  assert source.member == (f'{movielens.FORMATS[name].folder}/'
-                           f'{movielens.FORMATS[name].filename}')
+  assert source.member == (f'{movielens.FORMATS[name].folder}/{movielens.FORMATS[name].filename}')
   assert_rows(movielens.read_ratings(source))
 
 
@@ -122,13 +126,16 @@ def test_corrupt_zip_is_reported(tmp_path):
 # --- bad input: each message names the file and the 1-based line -----------------------
 
 
-@pytest.mark.parametrize('name,text,line', [
+@pytest.mark.parametrize(
+  'name,text,line',
+  [
     ('ml-20m', 'userId,movieId,rating,timestamp\n1,2,3.5,10\n1,3,4.0\n', 3),
     ('ml-20m', 'userId,movieId,rating,timestamp\n1,2,3.5,10\n\n1,3,4,5,6\n', 4),
     ('ml-1m', '1::2::3::10\n2::3::4::11\n3::4::5\n', 3),
     ('ml-1m', '1::2::3::10\n2::3::4::11::9\n', 2),
     ('ml-100k', '1\t2\t3\t10\n1\t2\t3\n', 2),
-])
+  ],
+)
 def test_malformed_line_names_file_and_line_number(tmp_path, name, text, line):
   path = write_folder(tmp_path, name, text)
   with pytest.raises(UserError, match=rf'{path} line {line}: expected 4 fields'):
@@ -146,19 +153,25 @@ def test_malformed_line_far_into_a_big_file_gets_the_right_number(tmp_path, monk
   monkeypatch.setattr(movielens, '_DIAGNOSE_BLOCK', 1000)  # many diagnosis blocks
   rows = ''.join(f'{u}::{u % 97}::3::{1000 + u}\n' for u in range(1, 3001))
   path = write_folder(tmp_path, 'ml-1m', rows + '5::6::oops::7::8\n' + rows)
-  with pytest.raises(UserError, match=rf'{path} line 3001: expected 4 fields .* found 5: '
-                                      r"'5::6::oops::7::8'"):
+  with pytest.raises(
+    UserError,
+    match=rf'{path} line 3001: expected 4 fields .* found 5: '
+    r"'5::6::oops::7::8'",
+  ):
     read(tmp_path, 'ml-1m')
 
 
-@pytest.mark.parametrize('text,line,what', [
+@pytest.mark.parametrize(
+  'text,line,what',
+  [
     ('userId,movieId,rating,timestamp\n1,2,3.5,10\nabc,3,4.0,11\n', 3, "user id 'abc'"),
     ('userId,movieId,rating,timestamp\n1,2,3.5,10\n1,3.0,4.0,11\n', 3, "movie id '3.0'"),
     ('userId,movieId,rating,timestamp\n1,2,3.5,10\n1,,4.0,11\n', 3, "movie id ''"),
     ('userId,movieId,rating,timestamp\n1,2,3.5,2020-01-01\n', 2, "timestamp '2020-01-01'"),
     ('userId,movieId,rating,timestamp\n1,2,3.5,1\n1,2,3.5,1\n-4,2,3.5,1\n', 4, "user id '-4'"),
     ('userId,movieId,rating,timestamp\n1,3000000000,3.5,1\n', 2, "movie id '3000000000'"),
-])
+  ],
+)
 def test_non_numeric_id_or_timestamp_names_line_and_value(tmp_path, text, line, what):
   path = write_folder(tmp_path, 'ml-20m', text)
   with pytest.raises(UserError, match=rf'{path} line {line}: {what} is not a non-negative'):
@@ -183,15 +196,22 @@ def test_header_only_file_has_no_ratings(tmp_path):
     read(tmp_path, 'ml-20m')
 
 
-@pytest.mark.parametrize('name,text,match', [
-    ('ml-20m', 'userId;movieId;rating;timestamp\n1;2;3;4\n', r"line 1: expected the header "
-     r"'userId,movieId,rating,timestamp'.*separated by ';'"),
+@pytest.mark.parametrize(
+  'name,text,match',
+  [
+    (
+      'ml-20m',
+      'userId;movieId;rating;timestamp\n1;2;3;4\n',
+      r"line 1: expected the header "
+      r"'userId,movieId,rating,timestamp'.*separated by ';'",
+    ),
     ('ml-20m', '1,2,3.5,4\n', r"line 1: expected the header"),
     ('ml-1m', '1,2,3,4\n', r"line 1: expected fields separated by '::'.*it uses ','"),
     ('ml-100k', '1,2,3,4\n', r"line 1: expected fields separated by tabs.*it uses ','"),
     ('ml-1m', '1::2::3::4\n1\t2\t3\t4\n', r'line 2 contains a tab'),
     ('ml-1m', '\n1::2::3::4\n', r'line 1 is blank'),
-])
+  ],
+)
 def test_wrong_separator_or_header_is_reported(tmp_path, name, text, match):
   path = write_folder(tmp_path, name, text)
   with pytest.raises(UserError, match=match) as e:
@@ -200,8 +220,11 @@ def test_wrong_separator_or_header_is_reported(tmp_path, name, text, match):
 
 
 def test_known_sizes_mismatch_says_not_the_official_file():
-  with pytest.raises(UserError, match=r"has 5 ratings; the official GroupLens ml-20m has "
-                                      r"20,000,263.*not the official file"):
+  with pytest.raises(
+    UserError,
+    match=r"has 5 ratings; the official GroupLens ml-20m has "
+    r"20,000,263.*not the official file",
+  ):
     movielens.check_known_sizes('ml-20m', 'f.csv', num_ratings=5)
   movielens.check_known_sizes('ml-20m', 'f.csv', 20_000_263, 138_493, 26_744)
   movielens.check_known_sizes('ml-100k', 'f', num_ratings=5)  # no published sizes: no check
@@ -226,8 +249,7 @@ def corrupt_zip(body: bytes) -> bytes:
 def test_download_places_a_checked_zip_that_then_parses(tmp_path):
   body = zip_bytes('ml-latest-small', ratings_text('ml-latest-small'))
   with serve({'/movielens/ml-latest-small.zip': (body, None)}) as base:
-    source = movielens.locate('ml-latest-small', str(tmp_path / 'd'), download=True,
-                              base_url=base)
+    source = movielens.locate('ml-latest-small', str(tmp_path / 'd'), download=True, base_url=base)
   assert os.listdir(tmp_path / 'd') == ['ml-latest-small.zip']
   assert (tmp_path / 'd' / 'ml-latest-small.zip').read_bytes() == body
   assert_rows(movielens.read_ratings(source))
@@ -236,8 +258,9 @@ def test_download_places_a_checked_zip_that_then_parses(tmp_path):
 def test_download_checks_md5_of_names_that_have_one(tmp_path):
   body = zip_bytes('ml-1m', ratings_text('ml-1m', [(1, 2, 3, 4)]))
   with serve({'/movielens/ml-1m.zip': (body, None)}) as base:
-    path = movielens.download_zip('ml-1m', str(tmp_path), base_url=base,
-                                  md5={'ml-1m': hashlib.md5(body).hexdigest()})
+    path = movielens.download_zip(
+      'ml-1m', str(tmp_path), base_url=base, md5={'ml-1m': hashlib.md5(body).hexdigest()}
+    )
   assert path == str(tmp_path / 'ml-1m.zip')
 
 
@@ -251,7 +274,7 @@ def test_download_with_wrong_md5_leaves_no_file(tmp_path):
 
 def test_truncated_download_leaves_no_file(tmp_path):
   body = zip_bytes('ml-100k', ratings_text('ml-100k'))
-  with serve({'/movielens/ml-100k.zip': (body[:len(body) // 2], len(body))}) as base:
+  with serve({'/movielens/ml-100k.zip': (body[: len(body) // 2], len(body))}) as base:
     with pytest.raises(UserError, match='download of .*ml-100k.zip (is truncated|failed)'):
       movielens.download_zip('ml-100k', str(tmp_path), base_url=base)
   assert os.listdir(tmp_path) == []
@@ -281,9 +304,8 @@ def test_cut_zip_served_whole_fails_and_leaves_no_file(tmp_path):
 
 
 def test_http_error_is_a_user_error_and_leaves_no_file(tmp_path):
-  with serve({}) as base:
-    with pytest.raises(UserError, match='404'):
-      movielens.locate('ml-25m', str(tmp_path), download=True, base_url=base)
+  with serve({}) as base, pytest.raises(UserError, match='404'):
+    movielens.locate('ml-25m', str(tmp_path), download=True, base_url=base)
   assert os.listdir(tmp_path) == []
 
 
@@ -306,31 +328,46 @@ def test_default_url_is_the_official_grouplens_one(monkeypatch):
 
 def test_tfds_random_mock_records_have_non_numeric_ids_and_say_so(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   # What tfds.testing.mock_data's random records look like: ids are random strings.
-  records = [{'user_id': b'kq3Zx', 'movie_id': b'7', 'user_rating': np.float32(4),
-              'timestamp': np.int64(k)} for k in range(5)]
-  write_tfds_metadata(tmp_path, 'array_record', name='ml-100k')   # built: records are mocked
+  records = [
+    {'user_id': b'kq3Zx', 'movie_id': b'7', 'user_rating': np.float32(4), 'timestamp': np.int64(k)}
+    for k in range(5)
+  ]
+  write_tfds_metadata(tmp_path, 'array_record', name='ml-100k')  # built: records are mocked
   with tfds.testing.mock_data(data_dir=str(tmp_path), as_data_source_fn=lambda *a, **k: records):
     ds = movielens.open_tfds('ml-100k', str(tmp_path), download=False)
     assert len(ds) == 5
     assert set(ds[0]) >= {'user_id', 'movie_id', 'timestamp', 'user_rating'}
-    with pytest.raises(UserError, match=r'TFDS movielens/100k-ratings record 0: user_id .* is '
-                                        'not a numeric id'):
+    with pytest.raises(
+      UserError,
+      match=r'TFDS movielens/100k-ratings record 0: user_id .* is '
+      'not a numeric id',
+    ):
       movielens.read_tfds(ds, 'ml-100k')
 
 
 def tfds_records(rows=ROWS, as_bytes=True):
   enc = (lambda v: str(v).encode()) if as_bytes else str
-  return [{'user_id': enc(u), 'movie_id': enc(i), 'user_rating': np.float32(r),
-           'timestamp': np.int64(t), 'movie_title': b'x', 'movie_genres': np.array([1])}
-          for u, i, r, t in rows]
+  return [
+    {
+      'user_id': enc(u),
+      'movie_id': enc(i),
+      'user_rating': np.float32(r),
+      'timestamp': np.int64(t),
+      'movie_title': b'x',
+      'movie_genres': np.array([1]),
+    }
+    for u, i, r, t in rows
+  ]
 
 
 @pytest.mark.parametrize('as_bytes', [True, False])
 def test_tfds_records_convert_to_raw_ratings_in_order(tmp_path, as_bytes):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   records = tfds_records(as_bytes=as_bytes)
-  write_tfds_metadata(tmp_path, 'array_record')   # built: records are mocked
+  write_tfds_metadata(tmp_path, 'array_record')  # built: records are mocked
   with tfds.testing.mock_data(data_dir=str(tmp_path), as_data_source_fn=lambda *a, **k: records):
     ds = movielens.open_tfds('ml-20m', str(tmp_path), download=False)
     ratings = movielens.read_tfds(ds, 'ml-20m')

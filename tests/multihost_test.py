@@ -8,36 +8,48 @@ draws its seed (seed=-1): process 0 draws it and sends it, and the one-process r
 it, so a seed that differed on process 1 would change its half of every batch. The
 SIGTERM run shards tables and data over the two processes (`config.sharding='sharded'`).
 """
+
 import os
 import re
 import signal
 import subprocess
 import time
 
+import _train_helpers as h
 import pytest
 
-import _train_helpers as h
 from ncf_jax import evaluate as evaluate_lib
 from ncf_jax import train
 
 SPE = h.STEPS_PER_EPOCH
 EPOCHS = 2
-TIMEOUT = 300   # per launch; a run takes ~20-40 s on 2 busy cores
+TIMEOUT = 300  # per launch; a run takes ~20-40 s on 2 busy cores
 
 
-def launch(workdir, data_dir, log_prefix, *, worker=False, seed=0, fields=None,
-           **env_extra):
+def launch(workdir, data_dir, log_prefix, *, worker=False, seed=0, fields=None, **env_extra):
   """Starts process 0 and 1 of a 2-process run; returns the Popen objects and log paths."""
   port = h.free_port()
   procs, logs = [], []
   for i in range(2):
     log = f'{log_prefix}.{i}.log'
-    flags = [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-             f'--process_id={i}']
-    procs.append(h.start(h.train_cmd(workdir, data_dir, worker=worker, extra=flags,
-                                     num_epochs=EPOCHS, log_every_steps=5, seed=seed,
-                                     **(fields or {})),
-                         log, devices=2, **env_extra))
+    flags = [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']
+    procs.append(
+      h.start(
+        h.train_cmd(
+          workdir,
+          data_dir,
+          worker=worker,
+          extra=flags,
+          num_epochs=EPOCHS,
+          log_every_steps=5,
+          seed=seed,
+          **(fields or {}),
+        ),
+        log,
+        devices=2,
+        **env_extra,
+      )
+    )
     logs.append(log)
   return procs, logs
 
@@ -48,8 +60,9 @@ def wait_all(procs, logs, timeout=TIMEOUT):
     for p in procs:
       p.wait(max(1, deadline - time.time()))
   except subprocess.TimeoutExpired:
-    raise AssertionError('multi-process run timed out:\n' + '\n----\n'.join(
-        h.read(log)[-2000:] for log in logs)) from None
+    raise AssertionError(
+      'multi-process run timed out:\n' + '\n----\n'.join(h.read(log)[-2000:] for log in logs)
+    ) from None
   finally:
     for p in procs:
       h.stop(p)
@@ -67,9 +80,12 @@ def runs(tmp_path_factory):
   wait_all(procs, logs)
   seeds = [re.findall(r'drew seed (\d+)', h.read(log)) for log in logs]
   assert len(seeds[0]) == 1, seeds
-  out = h.run(h.train_cmd(one, data_dir, num_epochs=EPOCHS, log_every_steps=5,
-                          seed=int(seeds[0][0])), devices=4, timeout=TIMEOUT,
-              log=str(root / 'one.log'))
+  out = h.run(
+    h.train_cmd(one, data_dir, num_epochs=EPOCHS, log_every_steps=5, seed=int(seeds[0][0])),
+    devices=4,
+    timeout=TIMEOUT,
+    log=str(root / 'one.log'),
+  )
   assert out.returncode == 0, out.stdout[-3000:]
   return two, one, data_dir, logs, seeds
 
@@ -83,7 +99,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
   for log in logs:
     assert 'JAX process' in h.read(log) and 'of 2, 2 local devices of 4' in h.read(log)
   m2, m1 = h.metrics(two), h.metrics(one)
-  h.assert_same_epochs(m2, m1, keys=h.HASH_KEYS)       # the same batches, bit for bit
+  h.assert_same_epochs(m2, m1, keys=h.HASH_KEYS)  # the same batches, bit for bit
   assert s2['eval_candidates_hash'] == s1['eval_candidates_hash']
   for a, b in zip(m2, m1):
     assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-5)
@@ -94,7 +110,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
 def test_only_process_zero_writes_and_the_checkpoints_restore(runs):
   two, one, _, _, _ = runs
   assert sorted(os.listdir(two)) == sorted(os.listdir(one))
-  assert len(os.listdir(os.path.join(two, 'tensorboard'))) == 1   # one writer
+  assert len(os.listdir(os.path.join(two, 'tensorboard'))) == 1  # one writer
   assert not [n for n in os.listdir(two) if '.tmp' in n or n.startswith('.write_test')]
   assert h.checkpoint_steps(two) == [SPE, EPOCHS * SPE]
   # The multi-process checkpoint restores in one process (8 devices here) and reproduces
@@ -114,10 +130,17 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
   resumes replicated in one process: the same batches as the replicated 2-process run.
   """
   two, _, data_dir, _, seeds = runs
-  seed = int(seeds[0][0])   # the uninterrupted run's
+  seed = int(seeds[0][0])  # the uninterrupted run's
   workdir = str(tmp_path / 'run')
-  procs, logs = launch(workdir, data_dir, str(tmp_path / 'term'), worker=True, seed=seed,
-                       fields={'sharding': 'sharded'}, NCF_TEST_STEP_DELAY=0.05)
+  procs, logs = launch(
+    workdir,
+    data_dir,
+    str(tmp_path / 'term'),
+    worker=True,
+    seed=seed,
+    fields={'sharding': 'sharded'},
+    NCF_TEST_STEP_DELAY=0.05,
+  )
   try:
     h.wait_for_line(procs[0], logs[0], f'epoch 1 step 5/{SPE}', timeout=TIMEOUT)
   except AssertionError:
@@ -125,7 +148,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
       h.stop(p)
     raise
   procs[0].send_signal(signal.SIGTERM)
-  wait_all(procs, logs, timeout=120)   # both exit 0
+  wait_all(procs, logs, timeout=120)  # both exit 0
   steps = h.checkpoint_steps(workdir)
   assert len(steps) == 2 and SPE + 5 <= steps[1] < 2 * SPE, steps
   for log in logs:
@@ -134,8 +157,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
 
   # Resume in this process on 4 of its devices (the device count may change on resume):
   # the same batches, so the same pipeline hashes as the uninterrupted 2-process run.
-  config = h.tiny_config(data_dir, num_epochs=EPOCHS, log_every_steps=5, num_devices=4,
-                         seed=seed)
+  config = h.tiny_config(data_dir, num_epochs=EPOCHS, log_every_steps=5, num_devices=4, seed=seed)
   train.train_and_evaluate(config, workdir)
   h.assert_same_epochs(h.metrics(workdir), h.metrics(two), keys=h.HASH_KEYS)
   for a, b in zip(h.metrics(workdir), h.metrics(two)):

@@ -6,6 +6,7 @@ sets tiny sizes and temporary folders. The kernel is this test's own interpreter
 virtualenv needs no `ipykernel install`. The cell tagged `helpers` (config names, Drive
 paths) is also run on its own, with no kernel and a fake Drive folder.
 """
+
 import json
 import os
 import re
@@ -17,9 +18,15 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'experiments', 'colab_tpu.ipynb')
-TINY = {'dataset.synthetic_num_users': 300, 'dataset.synthetic_num_items': 200,
-        'dataset.synthetic_mean_interactions': 30.0, 'num_epochs': 2, 'batch_size': 1024,
-        'eval_batch_size': 128, 'eval_num_neg': 50}
+TINY = {
+  'dataset.synthetic_num_users': 300,
+  'dataset.synthetic_num_items': 200,
+  'dataset.synthetic_mean_interactions': 30.0,
+  'num_epochs': 2,
+  'batch_size': 1024,
+  'eval_batch_size': 128,
+  'eval_num_neg': 50,
+}
 
 
 @pytest.fixture
@@ -28,14 +35,24 @@ def kernel_name(tmp_path, monkeypatch):
   name = 'ncf_jax_test'
   spec = tmp_path / 'jupyter' / 'kernels' / name
   spec.mkdir(parents=True)
-  (spec / 'kernel.json').write_text(json.dumps({
-      'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
-      'display_name': 'ncf_jax tests', 'language': 'python'}))
+  (spec / 'kernel.json').write_text(
+    json.dumps(
+      {
+        'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
+        'display_name': 'ncf_jax tests',
+        'language': 'python',
+      }
+    )
+  )
   monkeypatch.setenv('JUPYTER_PATH', str(tmp_path / 'jupyter'))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')  # compiling is most of the time
-  monkeypatch.setenv('XLA_FLAGS', re.sub(r'--xla_force_host_platform_device_count=\d+', '',
-                                         os.environ.get('XLA_FLAGS', '')).strip())
+  monkeypatch.setenv(
+    'XLA_FLAGS',
+    re.sub(
+      r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', '')
+    ).strip(),
+  )
   return name
 
 
@@ -51,16 +68,22 @@ def _text(cell) -> str:
 
 def test_notebook_trains_plots_hashes_and_resumes_on_cpu(tmp_path, kernel_name):
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  index = next(i for i, c in enumerate(notebook.cells)
-               if 'parameters' in c.metadata.get('tags', []))
+  index = next(
+    i for i, c in enumerate(notebook.cells) if 'parameters' in c.metadata.get('tags', [])
+  )
   workdir = str(tmp_path / 'run')
-  notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(
+  notebook.cells.insert(
+    index + 1,
+    nbformat.v4.new_code_cell(
       '# Injected by tests/notebook_test.py\n'
       f"CONFIG = 'default'\nDATA_DIR = {str(tmp_path / 'data')!r}\n"
       f'WORKDIR = {workdir!r}\nOVERRIDES = {TINY!r}',
-      metadata={'tags': ['injected-parameters']}))
-  client = nbclient.NotebookClient(notebook, kernel_name=kernel_name, timeout=600,
-                                   resources={'metadata': {'path': REPO}})
+      metadata={'tags': ['injected-parameters']},
+    ),
+  )
+  client = nbclient.NotebookClient(
+    notebook, kernel_name=kernel_name, timeout=600, resources={'metadata': {'path': REPO}}
+  )
   client.execute()
 
   text = '\n'.join(_text(c) for c in notebook.cells if c.cell_type == 'code')
@@ -71,8 +94,7 @@ def test_notebook_trains_plots_hashes_and_resumes_on_cpu(tmp_path, kernel_name):
   assert [r['epoch'] for r in history] == [0, 1, 2]  # 2 epochs, then 1 more on resume
   assert f'pipeline hash, all batches of the epoch: {history[1]["pipeline_hash_all"]}' in text
   assert 'Resuming from checkpoint' in text
-  assert any('image/png' in o.get('data', {})
-             for c in notebook.cells for o in c.get('outputs', []))
+  assert any('image/png' in o.get('data', {}) for c in notebook.cells for o in c.get('outputs', []))
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
   assert summary['epochs_done'] == 3 and f"params hash: {summary['params_hash']}" in text
@@ -89,12 +111,19 @@ def _helpers(monkeypatch):
   return namespace
 
 
-@pytest.mark.parametrize('name, dataset, batch_size', [
-    ('default', 'synthetic', 8192), ('mlperf', 'ml-20m', 1048576),
-    ('mlperf:runlocal', 'synthetic', 8192), ('mlperf:reference', 'ml-20m', 2048),
-    ('configs/mlperf.py:runlocal', 'synthetic', 8192)])
-def test_config_takes_a_file_and_variant_as_the_command_line_does(name, dataset, batch_size,
-                                                                 monkeypatch):
+@pytest.mark.parametrize(
+  'name, dataset, batch_size',
+  [
+    ('default', 'synthetic', 8192),
+    ('mlperf', 'ml-20m', 1048576),
+    ('mlperf:runlocal', 'synthetic', 8192),
+    ('mlperf:reference', 'ml-20m', 2048),
+    ('configs/mlperf.py:runlocal', 'synthetic', 8192),
+  ],
+)
+def test_config_takes_a_file_and_variant_as_the_command_line_does(
+  name, dataset, batch_size, monkeypatch
+):
   config = _helpers(monkeypatch)['load_config'](name)
   assert (config.dataset.name, config.batch_size) == (dataset, batch_size)
 
@@ -109,7 +138,9 @@ def test_with_drive_the_data_and_the_workdir_go_on_drive(tmp_path, monkeypatch):
   drive = str(tmp_path / 'MyDrive' / 'ncf_jax')  # stands in for the mounted folder
   assert resolve_paths(None, 'runs/colab') == ('~/.cache/ncf_jax', 'runs/colab')
   assert resolve_paths(None, 'runs/colab', drive) == (
-      os.path.join(drive, 'data'), os.path.join(drive, 'runs/colab'))
+    os.path.join(drive, 'data'),
+    os.path.join(drive, 'runs/colab'),
+  )
   assert resolve_paths('movielens', 'runs/colab', drive)[0] == os.path.join(drive, 'movielens')
   monkeypatch.setenv('HOME', str(tmp_path / 'home'))
   assert resolve_paths('~/data', 'runs/colab', drive)[0] == str(tmp_path / 'home' / 'data')

@@ -5,6 +5,7 @@ of this pure-Python project is built from) write the metadata and the installed 
 temporary folder, with no build isolation and no `wheel` package (the venv's setuptools 65
 has no `bdist_wheel`). Nothing is written into the checkout.
 """
+
 import os
 import subprocess
 import sys
@@ -18,14 +19,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def built(tmp_path_factory):
   """(lib, egg_info): the installed tree and the metadata folder, built from the checkout."""
   out = tmp_path_factory.mktemp('build')
-  subprocess.run([sys.executable, '-c', 'from setuptools import setup; setup()', '-q',
-                  'egg_info', '--egg-base', str(out), 'build', '--build-base', str(out),
-                  'build_py'], cwd=REPO, check=True, capture_output=True)
+  subprocess.run(
+    [
+      sys.executable,
+      '-c',
+      'from setuptools import setup; setup()',
+      '-q',
+      'egg_info',
+      '--egg-base',
+      str(out),
+      'build',
+      '--build-base',
+      str(out),
+      'build_py',
+    ],
+    cwd=REPO,
+    check=True,
+    capture_output=True,
+  )
   return out / 'lib', out / 'ncf_jax.egg-info'
 
 
 def _canonical(requirement: str) -> str:
   from packaging.requirements import Requirement  # pylint: disable=import-outside-toplevel
+
   r = Requirement(requirement)
   return f'{r.name.lower()}{r.specifier}' + (f'; {r.marker}' if r.marker else '')
 
@@ -43,9 +60,12 @@ def _requires(path) -> list:
 
 
 def _py_files(root, package):
-  return {os.path.relpath(os.path.join(d, n), root)
-          for d, _, names in os.walk(os.path.join(root, package))
-          for n in names if n.endswith('.py')}
+  return {
+    os.path.relpath(os.path.join(d, n), root)
+    for d, _, names in os.walk(os.path.join(root, package))
+    for n in names
+    if n.endswith('.py')
+  }
 
 
 def test_the_build_holds_every_module_of_ncf_jax_and_configs_and_nothing_else(built):
@@ -64,18 +84,27 @@ def test_the_metadata_has_requirements_txt_as_dependencies_and_python_3_11(built
   info = (egg_info / 'PKG-INFO').read_text()
   assert 'Requires-Python: >=3.11' in info.splitlines()
   import ncf_jax  # pylint: disable=import-outside-toplevel
+
   assert f'Version: {ncf_jax.__version__}' in info.splitlines()
 
 
 def test_the_installed_packages_import_from_another_directory(built, tmp_path):
   lib, _ = built
-  code = ('import configs, ncf_jax, ncf_jax.benchmark\n'
-          'from configs import default, mlperf\n'
-          "assert mlperf.get_config('runlocal').dataset.name == 'synthetic'\n"
-          "assert os.path.isfile(os.path.join(configs.DIR, 'mlperf.py'))\n"
-          'print(ncf_jax.__file__, configs.__file__)')
+  code = (
+    'import configs, ncf_jax, ncf_jax.benchmark\n'
+    'from configs import default, mlperf\n'
+    "assert mlperf.get_config('runlocal').dataset.name == 'synthetic'\n"
+    "assert os.path.isfile(os.path.join(configs.DIR, 'mlperf.py'))\n"
+    'print(ncf_jax.__file__, configs.__file__)'
+  )
   env = dict(os.environ, PYTHONPATH=str(lib))
-  run = subprocess.run([sys.executable, '-c', 'import os\n' + code], cwd=tmp_path, env=env,
-                       check=True, capture_output=True, text=True)
+  run = subprocess.run(
+    [sys.executable, '-c', 'import os\n' + code],
+    cwd=tmp_path,
+    env=env,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
   files = run.stdout.split()
   assert files == [str(lib / 'ncf_jax' / '__init__.py'), str(lib / 'configs' / '__init__.py')]

@@ -1,15 +1,15 @@
 """Epoch structure, padding, ordering and eval candidates of the on-device pipeline."""
+
 import collections
 import dataclasses
 
+from conftest import random_dataset, with_validation
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_dataset, with_validation
-from ncf_jax import pipeline
-from ncf_jax import sampling
+from ncf_jax import pipeline, sampling
 
 KEY = jax.random.key(0, impl='threefry2x32')
 
@@ -61,10 +61,9 @@ def test_a_device_slice_equals_the_slice_of_the_global_batch(ds):
   data = sampling.to_device(ds)
   whole = pipeline.train_batch(data, KEY, 2, 3, batch_size=64, num_neg=4)
   for start in (0, 16, 48):
-    part = pipeline.train_batch(data, KEY, 2, 3, batch_size=64, num_neg=4, start=start,
-                                size=16)
+    part = pipeline.train_batch(data, KEY, 2, 3, batch_size=64, num_neg=4, start=start, size=16)
     for k in whole:
-      np.testing.assert_array_equal(whole[k][start:start + 16], part[k])
+      np.testing.assert_array_equal(whole[k][start : start + 16], part[k])
 
 
 def test_batches_read_from_the_slot_order_epoch_equal_train_batch(ds):
@@ -73,19 +72,21 @@ def test_batches_read_from_the_slot_order_epoch_equal_train_batch(ds):
   data = sampling.to_device(ds)
   n = pipeline.epoch_size(ds.num_train, 4)
   per = -(-n // 3)
-  items = jnp.concatenate([pipeline.epoch_items(data, KEY, 5, num_neg=4, start=d * per,
-                                                size=per) for d in range(3)])
+  items = jnp.concatenate(
+    [pipeline.epoch_items(data, KEY, 5, num_neg=4, start=d * per, size=per) for d in range(3)]
+  )
   assert items.dtype == data.train_items.dtype
   # Compiled once each, the step traced (as in the train step), not dispatched op by op.
   want_fn = jax.jit(lambda s: pipeline.train_batch(data, KEY, 5, s, batch_size=64, num_neg=4))
-  got_fn = jax.jit(lambda s: pipeline.batch_from_items(data, items, KEY, 5, s, batch_size=64,
-                                                       num_neg=4))
+  got_fn = jax.jit(
+    lambda s: pipeline.batch_from_items(data, items, KEY, 5, s, batch_size=64, num_neg=4)
+  )
   for step in range(pipeline.steps_per_epoch(ds.num_train, 4, 64)):
     want, got = want_fn(jnp.int32(step)), got_fn(jnp.int32(step))
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=f'{k} of batch {step}')
   other = pipeline.epoch_items(data, KEY, 6, num_neg=4)
-  assert (np.asarray(other[:n]) != np.asarray(items[:n])).mean() > 0.3   # fresh negatives
+  assert (np.asarray(other[:n]) != np.asarray(items[:n])).mean() > 0.3  # fresh negatives
 
 
 def test_train_batch_is_jittable_with_traced_epoch_and_step(ds):
@@ -142,7 +143,7 @@ def test_validation_candidates_exclude_positives_and_the_validation_item_only(ds
   np.testing.assert_array_equal(test[:, 0], vds.test_items)
   saw_test_item = False
   for u in range(vds.num_users):
-    positives = set(vds.train_items[vds.user_offsets[u]:vds.user_offsets[u + 1]].tolist())
+    positives = set(vds.train_items[vds.user_offsets[u] : vds.user_offsets[u + 1]].tolist())
     v, t = valid[u, 1:].tolist(), test[u, 1:].tolist()
     assert len(set(v)) == 10 and len(set(t)) == 10
     assert not set(v) & positives and not set(t) & positives
@@ -158,14 +159,27 @@ def test_validation_candidates_exclude_positives_and_the_validation_item_only(ds
 
 def test_validation_candidates_do_not_depend_on_the_test_items(ds):
   a = with_validation(ds, seed=1)
-  moved = np.array([next(i for i in range(ds.num_items) if i not in set(
-      a.train_items[a.user_offsets[u]:a.user_offsets[u + 1]].tolist())
-      | {int(a.valid_items[u]), int(a.test_items[u])}) for u in range(ds.num_users)])
+  moved = np.array(
+    [
+      next(
+        i
+        for i in range(ds.num_items)
+        if i
+        not in set(a.train_items[a.user_offsets[u] : a.user_offsets[u + 1]].tolist())
+        | {int(a.valid_items[u]), int(a.test_items[u])}
+      )
+      for u in range(ds.num_users)
+    ]
+  )
   b = dataclasses.replace(a, test_items=moved.astype(np.int32))
-  np.testing.assert_array_equal(pipeline.eval_candidates(a, KEY, num_neg=10, split='valid')[1],
-                                pipeline.eval_candidates(b, KEY, num_neg=10, split='valid')[1])
-  assert (pipeline.eval_candidates(a, KEY, num_neg=10)[1]
-          != pipeline.eval_candidates(b, KEY, num_neg=10)[1]).any()
+  np.testing.assert_array_equal(
+    pipeline.eval_candidates(a, KEY, num_neg=10, split='valid')[1],
+    pipeline.eval_candidates(b, KEY, num_neg=10, split='valid')[1],
+  )
+  assert (
+    pipeline.eval_candidates(a, KEY, num_neg=10)[1]
+    != pipeline.eval_candidates(b, KEY, num_neg=10)[1]
+  ).any()
 
 
 def test_a_split_that_does_not_exist_or_mlperf_draws_with_validation_are_refused(ds):

@@ -4,6 +4,7 @@ Runs go through the real command (`python -m ncf_jax.train`, 2 CPU devices). A r
 must be interrupted mid-epoch uses tests/_train_worker.py: the same `main` with each step
 slowed down, so the signal reliably lands inside an epoch.
 """
+
 import json
 import os
 import shutil
@@ -11,9 +12,9 @@ import signal
 import sys
 import time
 
+import _train_helpers as h
 import pytest
 
-import _train_helpers as h
 from ncf_jax import checkpoint as ckpt_lib
 from ncf_jax import evaluate as evaluate_lib
 from ncf_jax import train
@@ -21,7 +22,7 @@ from ncf_jax.errors import UserError
 
 SPE = h.STEPS_PER_EPOCH
 FLAGS = dict(log_every_steps=5)
-DELAY = dict(NCF_TEST_STEP_DELAY=0.05)   # 40 steps -> ~2 s per epoch
+DELAY = dict(NCF_TEST_STEP_DELAY=0.05)  # 40 steps -> ~2 s per epoch
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +41,7 @@ def reference(tmp_path_factory, data_dir):
 
 def test_uninterrupted_run_keeps_the_last_checkpoints_with_everything(reference):
   workdir, summary, metrics = reference
-  assert h.checkpoint_steps(workdir) == [SPE, 2 * SPE, 3 * SPE]   # keep_checkpoints = 3
+  assert h.checkpoint_steps(workdir) == [SPE, 2 * SPE, 3 * SPE]  # keep_checkpoints = 3
   assert [r['epoch'] for r in metrics] == [0, 1, 2]
   assert summary['epochs_done'] == 3 and not summary['preempted']
   ck = ckpt_lib.Checkpoints(workdir, 3, read_only=True)
@@ -84,7 +85,7 @@ def _assert_same_run(workdir, ref_summary, ref_metrics):
   h.assert_same_epochs(h.metrics(workdir), ref_metrics)
 
 
-@pytest.mark.slow   # CI time: the sharded SIGKILL test below runs the same kill and resume
+@pytest.mark.slow  # CI time: the sharded SIGKILL test below runs the same kill and resume
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, data_dir, reference):
   _, ref_summary, ref_metrics = reference
   workdir = _kill_in_epoch_1_then_resume(tmp_path, data_dir, FLAGS)
@@ -96,7 +97,8 @@ SHARDED = dict(FLAGS, sharding='sharded', num_epochs=2)
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_exact_with_sharded_tables_and_data(
-    tmp_path, data_dir):
+  tmp_path, data_dir
+):
   # Tables, Adam moments, the sampler's data and the epoch split over 2 devices: the
   # resumed run's parameters are bit-identical to an uninterrupted sharded run's.
   ref = str(tmp_path / 'reference')
@@ -106,8 +108,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact_with_sharded_tables_and_data
   _assert_same_run(workdir, h.summary(ref), h.metrics(ref))
 
 
-def test_sigterm_saves_mid_epoch_exits_zero_and_resumes_exactly(tmp_path, data_dir,
-                                                                reference):
+def test_sigterm_saves_mid_epoch_exits_zero_and_resumes_exactly(tmp_path, data_dir, reference):
   _, ref_summary, ref_metrics = reference
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'terminated.log')
   proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **FLAGS), log, **DELAY)
@@ -136,15 +137,17 @@ def test_sigterm_saves_mid_epoch_exits_zero_and_resumes_exactly(tmp_path, data_d
   h.assert_same_epochs(h.metrics(workdir), ref_metrics)
 
 
-@pytest.mark.slow   # CI time; sharding_test (slow) runs the hash replay too
+@pytest.mark.slow  # CI time; sharding_test (slow) runs the hash replay too
 def test_turning_the_hash_on_at_a_mid_epoch_resume_still_hashes_the_whole_epoch(
-    tmp_path, data_dir, reference):
+  tmp_path, data_dir, reference
+):
   """The batches before the checkpoint are replayed through the digest, so the logged
   hashes equal an uninterrupted hashed run's instead of covering part of the epoch."""
   _, _, ref_metrics = reference
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'unhashed.log')
-  proc = h.start(h.train_cmd(workdir, data_dir, worker=True, hash_pipeline=False, **FLAGS),
-                 log, **DELAY)
+  proc = h.start(
+    h.train_cmd(workdir, data_dir, worker=True, hash_pipeline=False, **FLAGS), log, **DELAY
+  )
   try:
     h.wait_for_line(proc, log, f'epoch 1 step 10/{SPE}')
     proc.send_signal(signal.SIGTERM)
@@ -159,23 +162,25 @@ def test_turning_the_hash_on_at_a_mid_epoch_resume_still_hashes_the_whole_epoch(
   assert out.returncode == 0, out.stdout[-3000:]
   assert 'recomputing their digests' in out.stdout
   got = h.metrics(workdir)
-  h.assert_same_epochs(got[1:], ref_metrics[1:])   # epochs 1 and 2: every key, hashes too
+  h.assert_same_epochs(got[1:], ref_metrics[1:])  # epochs 1 and 2: every key, hashes too
 
 
 def test_resume_refuses_an_incompatible_config_and_allows_resumable_fields(
-    tmp_path, data_dir, reference):
+  tmp_path, data_dir, reference
+):
   workdir = str(tmp_path / 'copy')
   shutil.copytree(reference[0], workdir)
   before = h.tree_digest(os.path.join(workdir, 'checkpoints'))
-  for overrides, field in [(dict(model__mf_dim=8), 'model.mf_dim'),
-                           (dict(seed=1), 'seed'),
-                           (dict(dataset__synthetic_num_users=301),
-                            'dataset.synthetic_num_users'),
-                           (dict(batch_size=2048), 'batch_size')]:
+  for overrides, field in [
+    (dict(model__mf_dim=8), 'model.mf_dim'),
+    (dict(seed=1), 'seed'),
+    (dict(dataset__synthetic_num_users=301), 'dataset.synthetic_num_users'),
+    (dict(batch_size=2048), 'batch_size'),
+  ]:
     config = h.tiny_config(data_dir, num_devices=2, **FLAGS, **overrides)
     with pytest.raises(UserError, match='cannot resume') as e:
       train.train_and_evaluate(config, workdir)
-    assert field in str(e.value) and 'num_epochs' in str(e.value)   # names what may change
+    assert field in str(e.value) and 'num_epochs' in str(e.value)  # names what may change
   assert h.tree_digest(os.path.join(workdir, 'checkpoints')) == before
   # num_epochs (and eval/logging fields) may change: one more epoch.
   config = h.tiny_config(data_dir, num_devices=2, num_epochs=4, eval_batch_size=64, **FLAGS)
@@ -197,8 +202,7 @@ def test_evaluate_command_reproduces_the_training_eval(tmp_path, reference):
   assert result['ndcg'] == pytest.approx(metrics[-1]['ndcg'], rel=1e-6)
   assert result['eval_candidates_hash'] == summary['eval_candidates_hash']
 
-  out = h.run([sys.executable, '-m', 'ncf_jax.evaluate', f'--workdir={workdir}',
-               '--step=41'])
+  out = h.run([sys.executable, '-m', 'ncf_jax.evaluate', f'--workdir={workdir}', '--step=41'])
   assert out.returncode != 0
   assert 'no checkpoint at step 41' in out.stderr and '40, 80, 120' in out.stderr
   assert 'Traceback' not in out.stderr
@@ -207,12 +211,12 @@ def test_evaluate_command_reproduces_the_training_eval(tmp_path, reference):
 def test_evaluate_a_named_step_in_process(reference):
   workdir, summary, metrics = reference
   before = h.tree_digest(workdir)
-  result = evaluate_lib.evaluate_checkpoint(workdir, step=SPE)   # 8 devices here
+  result = evaluate_lib.evaluate_checkpoint(workdir, step=SPE)  # 8 devices here
   assert result['epoch'] == metrics[0]['epoch'] == 0 and result['batch'] is None
   assert result['hr'] == pytest.approx(metrics[0]['hr'], abs=1e-9)
   assert result['ndcg'] == pytest.approx(metrics[0]['ndcg'], rel=1e-6)
   assert result['eval_candidates_hash'] == summary['eval_candidates_hash']
-  assert h.tree_digest(workdir) == before   # read-only
+  assert h.tree_digest(workdir) == before  # read-only
 
 
 def test_evaluate_errors_are_clear(tmp_path, reference):

@@ -1,11 +1,10 @@
 """Tests of the seeded synthetic MovieLens-like generator (ncf_jax.synthetic)."""
+
 import numpy as np
 import pyarrow.csv as pacsv
 import pytest
 
-from ncf_jax import data
-from ncf_jax import movielens
-from ncf_jax import synthetic
+from ncf_jax import data, movielens, synthetic
 from ncf_jax.errors import UserError
 
 SMALL = dict(num_users=300, num_items=400, mean_interactions=40.0, num_topics=8)
@@ -17,8 +16,17 @@ def gen():
 
 
 def _all_bytes(g):
-  return b''.join(a.tobytes() for a in (g.users, g.items, g.timestamps, g.oracle.theta,
-                                        g.oracle.item_topic, g.oracle.within_topic))
+  return b''.join(
+    a.tobytes()
+    for a in (
+      g.users,
+      g.items,
+      g.timestamps,
+      g.oracle.theta,
+      g.oracle.item_topic,
+      g.oracle.within_topic,
+    )
+  )
 
 
 def test_same_seed_gives_identical_bytes(gen):
@@ -48,14 +56,13 @@ def test_user_activity_is_heavy_tailed(gen):
 
 def test_item_popularity_is_skewed(gen):
   pop = np.sort(np.bincount(gen.items, minlength=gen.num_items))[::-1]
-  assert pop[:gen.num_items // 10].sum() > 0.2 * pop.sum()  # uniform would give 0.1
+  assert pop[: gen.num_items // 10].sum() > 0.2 * pop.sum()  # uniform would give 0.1
 
 
 def test_some_users_have_ties_at_their_latest_timestamp(gen):
   latest = np.zeros(gen.num_users, np.int64)
   np.maximum.at(latest, gen.users, gen.timestamps)
-  at_latest = np.bincount(gen.users[gen.timestamps == latest[gen.users]],
-                          minlength=gen.num_users)
+  at_latest = np.bincount(gen.users[gen.timestamps == latest[gen.users]], minlength=gen.num_users)
   assert 0.02 < np.mean(at_latest >= 2) < 0.9
   assert gen.timestamps.min() > 800_000_000  # plausible Unix seconds
 
@@ -85,6 +92,7 @@ def test_planted_structure_makes_the_oracle_rank_held_out_items_well(tmp_path):
 
 def data_config(data_dir):
   from configs import default  # pylint: disable=g-import-not-at-top
+
   config = default.get_dataset_config()
   config.synthetic_num_users, config.synthetic_num_items = 500, 600
   config.synthetic_mean_interactions, config.synthetic_num_topics = 40.0, 8
@@ -100,12 +108,18 @@ def test_many_chunks_keep_all_properties(monkeypatch):
   assert np.all(np.diff(g.users.astype(np.int64) * g.num_items + g.items) > 0)
 
 
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(num_users=0), 'num_users'), (dict(num_items=30), 'num_items'),
+@pytest.mark.parametrize(
+  'kwargs,match',
+  [
+    (dict(num_users=0), 'num_users'),
+    (dict(num_items=30), 'num_items'),
     (dict(mean_interactions=15.0), 'mean_interactions'),
-    (dict(mean_interactions=300.0), 'mean_interactions'), (dict(num_topics=0), 'num_topics'),
-    (dict(noise=1.0), 'noise'), (dict(noise=-0.1), 'noise'),
-])
+    (dict(mean_interactions=300.0), 'mean_interactions'),
+    (dict(num_topics=0), 'num_topics'),
+    (dict(noise=1.0), 'noise'),
+    (dict(noise=-0.1), 'noise'),
+  ],
+)
 def test_impossible_parameters_are_user_errors(kwargs, match):
   with pytest.raises(UserError, match=f'config.dataset.synthetic_{match}'):
     synthetic.generate(seed=0, **{**SMALL, **kwargs})
@@ -134,8 +148,15 @@ def test_dataset_from_the_csv_equals_the_dataset_built_directly(gen, tmp_path):
   path.parent.mkdir()
   synthetic.write_grouplens_csv(gen, str(path), seed=0)
   from_csv = data.build_grouplens(movielens.locate('ml-25m', str(tmp_path)), 20)
-  direct, _ = data.preprocess(gen.users, gen.items, gen.timestamps, name='x',
-                              min_ratings=20, where='w', num_items=gen.num_items)
+  direct, _ = data.preprocess(
+    gen.users,
+    gen.items,
+    gen.timestamps,
+    name='x',
+    min_ratings=20,
+    where='w',
+    num_items=gen.num_items,
+  )
   used = np.flatnonzero(np.bincount(gen.items, minlength=gen.num_items))
   relabel = np.full(gen.num_items, -1)
   relabel[used] = np.arange(used.size)  # the csv only knows items with ratings
@@ -155,8 +176,11 @@ def test_label_noise_replaces_planted_draws_by_uniform_items(gen, tmp_path):
   # uniform item, far below the planted draws'.
   planted = float(gen.oracle.score(gen.users, gen.items).mean())
   mixed = float(noisy.oracle.score(noisy.users, noisy.items).mean())
-  uniform = float(gen.oracle.score(gen.users, np.random.default_rng(0).integers(
-      0, gen.num_items, gen.users.size)).mean())
+  uniform = float(
+    gen.oracle.score(
+      gen.users, np.random.default_rng(0).integers(0, gen.num_items, gen.users.size)
+    ).mean()
+  )
   assert uniform < mixed < planted
   assert mixed == pytest.approx((planted + uniform) / 2, abs=0.35 * (planted - uniform))
   # The noise level is part of the cache key; 0 keeps the key of caches made before it.

@@ -5,19 +5,18 @@ noise; a progress bar that follows the device; flag errors in one clean line; an
 evaluation that numbers epochs as metrics.jsonl does; no empty workdir left by a failed
 start; and the one `Done:` line at the end.
 """
+
 import json
 import logging as std_logging
 import subprocess
 import sys
 import textwrap
 
+import _train_helpers as h
 import pytest
 
-import _train_helpers as h
 from ncf_jax import evaluate as evaluate_lib
-from ncf_jax import steps
-from ncf_jax import train
-from ncf_jax import writers
+from ncf_jax import steps, train, writers
 from ncf_jax.errors import UserError
 
 SPE = h.STEPS_PER_EPOCH
@@ -36,9 +35,14 @@ def _env_without_platforms():
 
 
 def _python(script: str, *args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-c', textwrap.dedent(script), *args], cwd=h.REPO,
-                        env=_env_without_platforms(), capture_output=True, text=True,
-                        timeout=300)
+  return subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(script), *args],
+    cwd=h.REPO,
+    env=_env_without_platforms(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def _tpu_probe_lines(text: str):
@@ -48,12 +52,13 @@ def _tpu_probe_lines(text: str):
 # ----------------------------------------------------------------------------------------
 # Log lines from plain Python and from the command.
 
-@pytest.mark.slow   # CI time: the command's log lines are checked by the next test
-def test_a_python_caller_sees_every_run_line_once_unless_it_set_up_logging(tmp_path,
-                                                                          data_dir):
+
+@pytest.mark.slow  # CI time: the command's log lines are checked by the next test
+def test_a_python_caller_sees_every_run_line_once_unless_it_set_up_logging(tmp_path, data_dir):
   # Two runs in one process: first as the README's snippet (no logging set up), then
   # resumed for one more epoch after the caller asked the root logger for INFO lines.
-  out = _python('''
+  out = _python(
+    '''
       import logging, sys
       sys.path.insert(0, 'tests')
       import _train_helpers as h
@@ -63,18 +68,26 @@ def test_a_python_caller_sees_every_run_line_once_unless_it_set_up_logging(tmp_p
       print('-- caller sets up logging --', file=sys.stderr, flush=True)
       logging.getLogger().setLevel(logging.INFO)
       train.train_and_evaluate(h.tiny_config(data_dir, num_epochs=2), workdir)
-      ''', str(tmp_path / 'run'), data_dir)
+      ''',
+    str(tmp_path / 'run'),
+    data_dir,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   first, second = out.stderr.split('-- caller sets up logging --')
   assert first.count('Iteration 0: HR = ') == 1, first[-3000:]
   assert first.count('[params_hash] ') == 1
   assert first.count('[pipeline_hash] All batches hash: ') == 1
-  epoch0 = h.metrics(str(tmp_path / 'run'))[0]   # the first run's result
+  epoch0 = h.metrics(str(tmp_path / 'run'))[0]  # the first run's result
   done = [line for line in first.splitlines() if 'Done: ' in line]
   assert len(done) == 1, first[-3000:]
-  assert done[0].split('] ', 1)[1].startswith(
+  assert (
+    done[0]
+    .split('] ', 1)[1]
+    .startswith(
       f'Done: {tmp_path / "run"} - HR@10 {epoch0["hr"]:.4f}, NDCG@10 '
-      f'{epoch0["ndcg"]:.4f} (epoch 0), ')
+      f'{epoch0["ndcg"]:.4f} (epoch 0), '
+    )
+  )
   assert done[0].endswith(' s; summary.json')
   assert not _tpu_probe_lines(out.stderr)
   # The caller's own handler (absl's basicConfig one) shows the lines, once, in its format.
@@ -86,8 +99,9 @@ def test_a_python_caller_sees_every_run_line_once_unless_it_set_up_logging(tmp_p
 def test_the_commands_log_each_line_once_without_library_noise(tmp_path, data_dir):
   workdir = str(tmp_path / 'run')
   cmd = h.train_cmd(workdir, data_dir, num_epochs=1, hash_pipeline=False)
-  out = subprocess.run(cmd, cwd=h.REPO, env=_env_without_platforms(), capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(
+    cmd, cwd=h.REPO, env=_env_without_platforms(), capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stderr.count('Iteration 0: HR = ') == 1, out.stderr[-3000:]
   assert out.stderr.count('[params_hash] ') == 1
@@ -95,9 +109,14 @@ def test_the_commands_log_each_line_once_without_library_noise(tmp_path, data_di
   assert not _tpu_probe_lines(out.stderr), out.stderr[-3000:]
 
   # evaluate: no orbax "read only" warning, and the epoch of metrics.jsonl.
-  out = subprocess.run([sys.executable, '-m', 'ncf_jax.evaluate', f'--workdir={workdir}'],
-                       cwd=h.REPO, env=_env_without_platforms(), capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, '-m', 'ncf_jax.evaluate', f'--workdir={workdir}'],
+    cwd=h.REPO,
+    env=_env_without_platforms(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'read only' not in out.stderr and not _tpu_probe_lines(out.stderr), out.stderr
   epoch = h.metrics(workdir)[-1]['epoch']
@@ -107,9 +126,9 @@ def test_the_commands_log_each_line_once_without_library_noise(tmp_path, data_di
 
 
 def test_checkpoint_epochs_are_numbered_as_in_metrics_jsonl():
-  assert evaluate_lib.checkpoint_epoch(40, 40) == (0, None)    # end of epoch 0
+  assert evaluate_lib.checkpoint_epoch(40, 40) == (0, None)  # end of epoch 0
   assert evaluate_lib.checkpoint_epoch(120, 40) == (2, None)
-  assert evaluate_lib.checkpoint_epoch(57, 40) == (1, 17)      # SIGTERM in epoch 1
+  assert evaluate_lib.checkpoint_epoch(57, 40) == (1, 17)  # SIGTERM in epoch 1
   assert evaluate_lib.checkpoint_epoch(0, 40) == (None, 0)
 
 
@@ -132,6 +151,7 @@ def test_visible_logs_leaves_a_caller_s_own_logging_alone(monkeypatch):
 # ----------------------------------------------------------------------------------------
 # The progress bar follows the device.
 
+
 class _FakeDevice:
   """Step results that become ready `lag` dispatches later, or when waited for."""
 
@@ -150,6 +170,7 @@ class _FakeDevice:
       def block_until_ready(self):
         device.waited = max(device.waited, index + 1)
         return self
+
     return Token()
 
   def finished(self):
@@ -187,9 +208,11 @@ def test_the_train_loop_advances_the_bar_with_the_device(tmp_path, data_dir, mon
 
   def make_slow_step(config, mesh, **kwargs):
     step = real_make_train_step(config, mesh, **kwargs)
+
     def slow_step(*args):
       state, out = step(*args)
       return state, dict(out, train_loss=device.token())
+
     return slow_step
 
   def recording_bar(total, initial, desc, enabled, every_s):
@@ -198,11 +221,12 @@ def test_the_train_loop_advances_the_bar_with_the_device(tmp_path, data_dir, mon
 
   monkeypatch.setattr(steps, 'make_train_step', make_slow_step)
   monkeypatch.setattr(writers, '_bar', recording_bar)
-  train.train_and_evaluate(h.tiny_config(data_dir, num_epochs=1, hash_pipeline=False,
-                                         num_devices=1), str(tmp_path / 'run'))
+  train.train_and_evaluate(
+    h.tiny_config(data_dir, num_epochs=1, hash_pipeline=False, num_devices=1), str(tmp_path / 'run')
+  )
   (bar,) = bars
   assert bar.total == SPE and bar.n == SPE and bar.closed
-  assert any(n < dispatched for dispatched, n in bar.seen)   # it lagged the dispatch
+  assert any(n < dispatched for dispatched, n in bar.seen)  # it lagged the dispatch
 
 
 def test_without_a_terminal_progress_is_periodic_log_lines(caplog):
@@ -219,29 +243,48 @@ def test_without_a_terminal_progress_is_periodic_log_lines(caplog):
 # ----------------------------------------------------------------------------------------
 # Flag errors: one line, the field, and what to do.
 
+
 def _train_flags(*args):
-  return subprocess.run([sys.executable, '-m', 'ncf_jax.train', *args], cwd=h.REPO,
-                        env=h.env(1), capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, '-m', 'ncf_jax.train', *args],
+    cwd=h.REPO,
+    env=h.env(1),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
-@pytest.mark.parametrize('args, expected', [
-    (['--config=configs/default.py', '--config.num_epoch=3'],
-     'error: unknown config field config.num_epoch (from --config.num_epoch=3): did you '
-     'mean config.num_epochs?'),
-    (['--config.num_epoch=3'],   # no --config: ml_collections applies it at definition
-     'error: unknown config field config.num_epoch (from --config.num_epoch=3): did you '
-     'mean config.num_epochs?'),
-    (['--config=configs/mlperf.py', '--config.model.mf_dm=8'],
-     'error: unknown config field config.model.mf_dm (from --config.model.mf_dm=8): did '
-     'you mean config.model.mf_dim?'),
-    (['--config=configs/default.py', '--config.batch_size=abc'],
-     "error: config.batch_size takes an integer (8192 in configs/default.py), not 'abc' "
-     '(from --config.batch_size=abc).'),
-    (['--config=configs/default.py', '--config.hash_pipeline=maybe'],
-     "error: config.hash_pipeline takes true or false (False in configs/default.py), not "
-     "'maybe'"),
+@pytest.mark.parametrize(
+  'args, expected',
+  [
+    (
+      ['--config=configs/default.py', '--config.num_epoch=3'],
+      'error: unknown config field config.num_epoch (from --config.num_epoch=3): did you '
+      'mean config.num_epochs?',
+    ),
+    (
+      ['--config.num_epoch=3'],  # no --config: ml_collections applies it at definition
+      'error: unknown config field config.num_epoch (from --config.num_epoch=3): did you '
+      'mean config.num_epochs?',
+    ),
+    (
+      ['--config=configs/mlperf.py', '--config.model.mf_dm=8'],
+      'error: unknown config field config.model.mf_dm (from --config.model.mf_dm=8): did '
+      'you mean config.model.mf_dim?',
+    ),
+    (
+      ['--config=configs/default.py', '--config.batch_size=abc'],
+      "error: config.batch_size takes an integer (8192 in configs/default.py), not 'abc' "
+      '(from --config.batch_size=abc).',
+    ),
+    (
+      ['--config=configs/default.py', '--config.hash_pipeline=maybe'],
+      "error: config.hash_pipeline takes true or false (False in configs/default.py), not 'maybe'",
+    ),
     (['--workdri=runs/x'], 'error: unknown flag --workdri; did you mean --workdir?'),
-])
+  ],
+)
 def test_a_bad_flag_is_one_clean_line_naming_the_field(args, expected):
   out = _train_flags(*args)
   assert out.returncode == 2
@@ -252,17 +295,25 @@ def test_a_bad_flag_is_one_clean_line_naming_the_field(args, expected):
 
 @pytest.mark.parametrize('module', ['ncf_jax.prepare', 'ncf_jax.benchmark'])
 def test_the_other_commands_give_the_same_line_for_a_typo_without_config(module):
-  out = subprocess.run([sys.executable, '-m', module, '--config.num_epoch=3'], cwd=h.REPO,
-                       env=h.env(1), capture_output=True, text=True, timeout=120)
+  out = subprocess.run(
+    [sys.executable, '-m', module, '--config.num_epoch=3'],
+    cwd=h.REPO,
+    env=h.env(1),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert out.returncode == 2
   assert out.stderr.strip().splitlines() == [
-      'error: unknown config field config.num_epoch (from --config.num_epoch=3): did you '
-      'mean config.num_epochs? Every field is defined, with a comment, in '
-      'configs/default.py.'], out.stderr
+    'error: unknown config field config.num_epoch (from --config.num_epoch=3): did you '
+    'mean config.num_epochs? Every field is defined, with a comment, in '
+    'configs/default.py.'
+  ], out.stderr
 
 
 # ----------------------------------------------------------------------------------------
 # A failed start leaves no empty workdir; it never removes what was there.
+
 
 def test_a_run_that_fails_before_training_leaves_no_empty_workdir(tmp_path, monkeypatch):
   missing = h.tiny_config(str(tmp_path / 'no_data'), dataset__name='ml-1m')
@@ -278,11 +329,11 @@ def test_a_run_that_fails_before_training_leaves_no_empty_workdir(tmp_path, monk
   for workdir in (existing, tmp_path / 'parent' / 'run'):
     with pytest.raises(UserError):
       train.train_and_evaluate(missing, str(workdir))
-  assert existing.is_dir()   # it was there before the run
+  assert existing.is_dir()  # it was there before the run
   assert (tmp_path / 'parent' / 'notes.txt').read_text() == 'mine'
   assert not (tmp_path / 'parent' / 'run').exists()
 
-  monkeypatch.chdir(tmp_path)   # no --workdir: runs/<date>-... and runs/ itself
+  monkeypatch.chdir(tmp_path)  # no --workdir: runs/<date>-... and runs/ itself
   with pytest.raises(UserError):
     train.train_and_evaluate(missing, None)
   assert not (tmp_path / 'runs').exists()
@@ -291,25 +342,35 @@ def test_a_run_that_fails_before_training_leaves_no_empty_workdir(tmp_path, monk
 # ----------------------------------------------------------------------------------------
 # The last line.
 
+
 def _summary(**overrides):
-  base = {'workdir': '/abs/runs/demo', 'validation': 'none', 'preempted': False,
-          'test_hr': 0.68771, 'test_ndcg': 0.46552, 'valid_hr': None, 'valid_ndcg': None,
-          'best_epoch': None}
+  base = {
+    'workdir': '/abs/runs/demo',
+    'validation': 'none',
+    'preempted': False,
+    'test_hr': 0.68771,
+    'test_ndcg': 0.46552,
+    'valid_hr': None,
+    'valid_ndcg': None,
+    'best_epoch': None,
+  }
   return dict(base, **overrides)
 
 
 def test_the_done_line_names_the_workdir_and_the_headline_metrics():
   history = [{'epoch': 6, 'hr': 0.6}, {'epoch': 7, 'hr': 0.68771}]
   assert train.done_line('runs/demo', _summary(), history, 10, 8.06) == (
-      'Done: runs/demo - HR@10 0.6877, NDCG@10 0.4655 (epoch 7), 8.1 s; summary.json')
-  validated = _summary(validation='leave_one_out', best_epoch=4, valid_hr=0.7,
-                       valid_ndcg=0.5)
+    'Done: runs/demo - HR@10 0.6877, NDCG@10 0.4655 (epoch 7), 8.1 s; summary.json'
+  )
+  validated = _summary(validation='leave_one_out', best_epoch=4, valid_hr=0.7, valid_ndcg=0.5)
   assert train.done_line('runs/v', validated, [], 10, 20.0) == (
-      'Done: runs/v - test HR@10 0.6877, NDCG@10 0.4655 (selected epoch 4), 20.0 s; '
-      'summary.json')
+    'Done: runs/v - test HR@10 0.6877, NDCG@10 0.4655 (selected epoch 4), 20.0 s; summary.json'
+  )
   stopped = dict(validated, preempted=True, test_hr=None, test_ndcg=None)
   assert train.done_line('runs/v', stopped, [], 10, 3.0) == (
-      'Stopped (SIGTERM): runs/v - valid HR@10 0.7000, NDCG@10 0.5000 (best epoch so '
-      'far: 4), 3.0 s; summary.json; rerun the same command to resume.')
+    'Stopped (SIGTERM): runs/v - valid HR@10 0.7000, NDCG@10 0.5000 (best epoch so '
+    'far: 4), 3.0 s; summary.json; rerun the same command to resume.'
+  )
   assert 'no epoch evaluated yet' in train.done_line(
-      'runs/x', _summary(test_hr=None, test_ndcg=None, preempted=True), [], 10, 1.0)
+    'runs/x', _summary(test_hr=None, test_ndcg=None, preempted=True), [], 10, 1.0
+  )

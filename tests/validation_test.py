@@ -6,34 +6,36 @@ user), written as a GroupLens ratings.csv so that a second copy can differ in th
 items alone. At lr 0.01 the default NeuMF peaks on validation within two epochs and then
 declines, so the early stop (patience 3) comes a few epochs after the peak.
 """
+
 import dataclasses
 import json
 import os
 import shutil
 import signal
 
+import _train_helpers as h
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-import _train_helpers as h
 from configs import default
 from ncf_jax import checkpoint as ckpt_lib
-from ncf_jax import config_checks
+from ncf_jax import config_checks, models, pipeline, sampling, steps, synthetic, train
 from ncf_jax import data as data_lib
 from ncf_jax import evaluate as evaluate_lib
-from ncf_jax import models
-from ncf_jax import pipeline
-from ncf_jax import sampling
-from ncf_jax import steps
-from ncf_jax import synthetic
-from ncf_jax import train
 
-GEN = dict(num_users=500, num_items=300, mean_interactions=25.0, num_topics=16, seed=0,
-           noise=0.5)
-OVERFIT = dict(validation='leave_one_out', early_stop_patience=3, num_epochs=12,
-               learning_rate=0.01, batch_size=1024, eval_batch_size=128, eval_num_neg=50,
-               seed=0)
+GEN = dict(num_users=500, num_items=300, mean_interactions=25.0, num_topics=16, seed=0, noise=0.5)
+OVERFIT = dict(
+  validation='leave_one_out',
+  early_stop_patience=3,
+  num_epochs=12,
+  learning_rate=0.01,
+  batch_size=1024,
+  eval_batch_size=128,
+  eval_num_neg=50,
+  seed=0,
+)
 
 
 def _write(gen, data_dir):
@@ -100,8 +102,9 @@ def _test_hr(config, state):
   data = sampling.to_device(dataset, NamedSharding(mesh, P()))
   step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
   data_key = steps.make_keys(int(config.seed), mesh)[1]
-  return steps.evaluate(step, state.params, data, data_key, dataset.num_users,
-                        int(config.eval_batch_size))[0]['hr']
+  return steps.evaluate(
+    step, state.params, data, data_key, dataset.num_users, int(config.eval_batch_size)
+  )[0]['hr']
 
 
 @pytest.fixture(scope='module')
@@ -132,7 +135,7 @@ def test_a_validated_run_logs_validation_metrics_stops_early_and_reports_the_sel
   summary, history = runs['a']['summary'], runs['a']['history']
   for r in history:
     assert {'valid_hr', 'valid_ndcg', 'valid_mrr'} <= set(r)
-    assert 'hr' not in r and 'ndcg' not in r   # no test metric before the end
+    assert 'hr' not in r and 'ndcg' not in r  # no test metric before the end
   best = max(history, key=lambda r: (r['valid_hr'], -r['epoch']))
   last = history[-1]['epoch']
   assert summary['early_stopped'] and last == best['epoch'] + 3 < OVERFIT['num_epochs'] - 1
@@ -146,8 +149,8 @@ def test_a_validated_run_logs_validation_metrics_stops_early_and_reports_the_sel
 
 def test_the_selected_epoch_tests_at_least_as_well_as_the_last(runs):
   run = runs['a']
-  assert run['summary']['best_epoch'] < run['history'][-1]['epoch']   # it did overfit
-  last_hr = _test_hr(run['config'], run['state'])                     # the final params
+  assert run['summary']['best_epoch'] < run['history'][-1]['epoch']  # it did overfit
+  last_hr = _test_hr(run['config'], run['state'])  # the final params
   assert run['summary']['test_hr'] >= last_hr, (run['summary']['test_hr'], last_hr)
 
 
@@ -155,8 +158,9 @@ def test_changing_the_test_items_changes_neither_training_nor_selection(runs):
   a, b = runs['a'], runs['b']
   assert b['summary']['best_epoch'] == a['summary']['best_epoch']
   assert b['summary']['params_hash'] == a['summary']['params_hash']
-  drop = lambda hist: [{k: v for k, v in r.items() if 'wall' not in k and 'per_sec' not in k}
-                       for r in hist]
+  drop = lambda hist: [
+    {k: v for k, v in r.items() if 'wall' not in k and 'per_sec' not in k} for r in hist
+  ]
   assert drop(b['history']) == drop(a['history'])
   assert b['summary']['valid_candidates_hash'] == a['summary']['valid_candidates_hash']
   # The test split itself did change.
@@ -171,7 +175,7 @@ def test_the_best_checkpoint_is_the_selected_epoch_next_to_the_latest_ones(runs)
   best = sorted(int(n) for n in os.listdir(best_dir) if n.isdigit())
   assert len(best) == 1 and len(latest) == 3 and best[0] < latest[0]
   result = evaluate_lib.evaluate_checkpoint(workdir, best=True)
-  assert result['epoch'] == summary['best_epoch']   # numbered as in metrics.jsonl
+  assert result['epoch'] == summary['best_epoch']  # numbered as in metrics.jsonl
   assert result['hr'] == pytest.approx(summary['test_hr'], abs=1e-9)
   assert result['eval_candidates_hash'] == summary['eval_candidates_hash']
   valid = evaluate_lib.evaluate_checkpoint(workdir, best=True, split='valid')
@@ -193,13 +197,21 @@ def test_rerunning_a_finished_validated_run_trains_nothing_and_reports_the_same(
 # ----------------------------------------------------------------------------------------
 # Preemption: the command line, killed mid-epoch after the best epoch.
 
-CLI = dict(validation='leave_one_out', early_stop_patience=3, num_epochs=12,
-           learning_rate=0.01, dataset__synthetic_num_users=500,
-           dataset__synthetic_num_items=300, dataset__synthetic_mean_interactions=25,
-           dataset__synthetic_noise=0.5, log_every_steps=5, hash_pipeline=False)
+CLI = dict(
+  validation='leave_one_out',
+  early_stop_patience=3,
+  num_epochs=12,
+  learning_rate=0.01,
+  dataset__synthetic_num_users=500,
+  dataset__synthetic_num_items=300,
+  dataset__synthetic_mean_interactions=25,
+  dataset__synthetic_noise=0.5,
+  log_every_steps=5,
+  hash_pipeline=False,
+)
 
 
-@pytest.mark.slow   # SIGKILL and resume are pinned exactly by resume_test; this adds best_epoch
+@pytest.mark.slow  # SIGKILL and resume are pinned exactly by resume_test; this adds best_epoch
 def test_a_kill_mid_run_then_resume_keeps_the_same_best_epoch(tmp_path):
   data_dir = str(tmp_path / 'data')
   reference = str(tmp_path / 'reference')
@@ -211,9 +223,8 @@ def test_a_kill_mid_run_then_resume_keeps_the_same_best_epoch(tmp_path):
   spe = pipeline_steps(data_dir)
 
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'killed.log')
-  proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **CLI), log,
-                 NCF_TEST_STEP_DELAY=0.03)
-  try:   # the best epoch is behind it, the stop not yet reached
+  proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **CLI), log, NCF_TEST_STEP_DELAY=0.03)
+  try:  # the best epoch is behind it, the stop not yet reached
     h.wait_for_line(proc, log, f'epoch {best + 1} step 5/{spe}')
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
@@ -224,11 +235,19 @@ def test_a_kill_mid_run_then_resume_keeps_the_same_best_epoch(tmp_path):
   assert out.returncode == 0, out.stdout[-3000:]
   assert 'Resuming from checkpoint' in out.stdout
   summary = h.summary(workdir)
-  for k in ('best_epoch', 'valid_hr', 'valid_ndcg', 'test_hr', 'test_ndcg', 'params_hash',
-            'epochs_done'):
+  for k in (
+    'best_epoch',
+    'valid_hr',
+    'valid_ndcg',
+    'test_hr',
+    'test_ndcg',
+    'params_hash',
+    'epochs_done',
+  ):
     assert summary[k] == ref_summary[k], k
-  h.assert_same_epochs(h.metrics(workdir), ref_history,
-                       keys=('valid_hr', 'valid_ndcg', 'train_loss'))
+  h.assert_same_epochs(
+    h.metrics(workdir), ref_history, keys=('valid_hr', 'valid_ndcg', 'train_loss')
+  )
 
 
 def pipeline_steps(data_dir):

@@ -13,14 +13,17 @@ overfitting of the larger models.
 
 Result: not run here (no ml-1m on the machine this was written on).
 """
+
 from experiments import hyper
 
 FACTORS = (8, 16, 32, 64)
 
 
 def get_sweep():
-  size = hyper.zipit([
+  size = hyper.zipit(
+    [
       hyper.sweep('config.model.mf_dim', FACTORS),
       hyper.sweep('config.model.mlp_layers', [(8 * f, 4 * f, 2 * f, f) for f in FACTORS]),
-  ])
+    ]
+  )
   return hyper.product([size, hyper.sweep('config.seed', [0, 1])])

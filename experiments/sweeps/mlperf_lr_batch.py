@@ -1,7 +1,7 @@
 r"""MLPerf (ml-20m): how do the epochs and time to HR@10 >= 0.635 depend on the batch size,
 and does each published batch size need its own learning rate and Adam betas?
 
-The four published recipes of ../shared/MLPERF.md §5, from the 2,048 reference batch to
+The four published recipes of docs/mlperf.md §5, from the 2,048 reference batch to
 NVIDIA's 1,048,576, each at its published learning rate and at half and twice that, with
 two seeds (4 x 3 x 2 = 24 runs of at most 20 epochs; the mlperf config stops each at 0.635):
 
@@ -15,20 +15,29 @@ shows '—'. For a claim about one recipe, follow up with a seed study (experime
 
 Result: not run here (no ml-20m and no accelerator on the machine this was written on).
 """
-# (batch_size, learning_rate, beta1, beta2, eps, source in ../shared/MLPERF.md §5)
+
+# (batch_size, learning_rate, beta1, beta2, eps, source in docs/mlperf.md §5)
 RECIPES = [
-    (2048, 0.0005, 0.9, 0.999, 1e-8, 'REF-0.5 reference'),
-    (65536, 0.00281936, 0.0490852, 0.965095, 1.23757e-08, 'tensorflow/models#5572'),
-    (99000, 0.00382059, 0.783529, 0.909003, 1.45439e-07, 'TF-2019 run.sh (keras)'),
-    (1048576, 0.0045, 0.25, 0.5, 1e-8, 'NV-0.5'),
+  (2048, 0.0005, 0.9, 0.999, 1e-8, 'REF-0.5 reference'),
+  (65536, 0.00281936, 0.0490852, 0.965095, 1.23757e-08, 'tensorflow/models#5572'),
+  (99000, 0.00382059, 0.783529, 0.909003, 1.45439e-07, 'TF-2019 run.sh (keras)'),
+  (1048576, 0.0045, 0.25, 0.5, 1e-8, 'NV-0.5'),
 ]
 LR_SCALES = (0.5, 1.0, 2.0)
 SEEDS = (0, 1)
 
 
 def get_sweep():
-  return [{'config.batch_size': batch, 'config.learning_rate': round(lr * scale, 12),
-           'config.beta1': beta1, 'config.beta2': beta2, 'config.eps': eps,
-           'config.seed': seed}
-          for batch, lr, beta1, beta2, eps, _ in RECIPES
-          for scale in LR_SCALES for seed in SEEDS]
+  return [
+    {
+      'config.batch_size': batch,
+      'config.learning_rate': round(lr * scale, 12),
+      'config.beta1': beta1,
+      'config.beta2': beta2,
+      'config.eps': eps,
+      'config.seed': seed,
+    }
+    for batch, lr, beta1, beta2, eps, _ in RECIPES
+    for scale in LR_SCALES
+    for seed in SEEDS
+  ]

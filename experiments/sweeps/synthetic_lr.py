@@ -26,12 +26,14 @@ worse than 0.016 on both seeds (0.6617 / 0.6685 against 0.6717 / 0.6737), which 
 does not confirm: seed noise. Read the epochs, not the seconds: the first epoch
 (compiling) took 5.2-11.7 s against 0.8-1.8 s for later ones. The 14 runs took 231 s.
 """
+
 from experiments import hyper
 
 
 def get_sweep():
-  return hyper.product([
-      hyper.sweep('config.learning_rate',
-                  [0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032]),
+  return hyper.product(
+    [
+      hyper.sweep('config.learning_rate', [0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032]),
       hyper.sweep('config.seed', [0, 1]),
-  ])
+    ]
+  )

@@ -10,12 +10,12 @@ random draws and a NumPy peer) and `train` (the MLPerf NeuMF train step, its bre
 evaluation and a PyTorch peer). `--json` prints one JSON object with the chosen sections'
 figures (stable keys, in order). docs/benchmarks.md says how each figure is taken.
 """
-from absl import app
-from absl import flags
+
+from absl import app, flags
 
 from ncf_jax.benchmark import cli
 from ncf_jax.errors import parse_flags
 
 cli.define_flags()
-flags.adopt_module_key_flags(cli)   # so --help lists them
+flags.adopt_module_key_flags(cli)  # so --help lists them
 app.run(cli.main, flags_parser=parse_flags)

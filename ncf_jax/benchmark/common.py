@@ -2,6 +2,7 @@
 
 No JAX here: the data section's measurement processes import this module.
 """
+
 import dataclasses
 import os
 import resource
@@ -20,11 +21,12 @@ TORCH_VARIANTS = ('eager', 'fused_adam', 'compiled', 'sparse_adam')
 @dataclasses.dataclass(frozen=True)
 class Args:
   """What every section gets."""
-  scale: float    # problem size relative to ml-20m
-  workdir: str    # scratch folder the section may fill
-  config: Any = None        # train section: model, dtype and optimizer (mlperf.py default)
-  batch_sizes: tuple = (65536, 1048576)   # train section: global batch sizes to time
-  torch_variants: tuple = TORCH_VARIANTS   # train section: the PyTorch peer's variants
+
+  scale: float  # problem size relative to ml-20m
+  workdir: str  # scratch folder the section may fill
+  config: Any = None  # train section: model, dtype and optimizer (mlperf.py default)
+  batch_sizes: tuple = (65536, 1048576)  # train section: global batch sizes to time
+  torch_variants: tuple = TORCH_VARIANTS  # train section: the PyTorch peer's variants
 
 
 def peak_rss_gb() -> float:

@@ -25,7 +25,9 @@ next's. On an accelerator the counts run in this process on the first N real dev
 (`steps.make_mesh(N)`); counts above the device count are skipped (`modes_skipped`).
 Each run builds the first mode, times it and frees it before the second (no peak of both).
 """
+
 import argparse
+from collections.abc import Sequence
 import gc
 import json
 import os
@@ -34,7 +36,7 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any
 
 # Device counts the section measures (the worker takes any via --counts / --devices).
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -50,46 +52,42 @@ _COUNT_FLAG = '--xla_force_host_platform_device_count'
 def _mlperf_config(config=None):
   from configs import mlperf
   from ncf_jax import config_checks
-  return config_checks.resolve_model_defaults(mlperf.get_config() if config is None
-                                              else config)
+
+  return config_checks.resolve_model_defaults(mlperf.get_config() if config is None else config)
 
 
-def _measure_mode(config, dataset, mode: str, num_devices: int, batch: int,
-                  num_steps: int) -> Dict[str, Any]:
+def _measure_mode(
+  config, dataset, mode: str, num_devices: int, batch: int, num_steps: int
+) -> dict[str, Any]:
   """{samples_per_sec, bytes_per_device, first_layer} of `mode` on the first N devices."""
   import jax
   import numpy as np
-  from ncf_jax import config_checks
-  from ncf_jax import dispatch
-  from ncf_jax import memory
-  from ncf_jax import models
-  from ncf_jax import pipeline
-  from ncf_jax import steps
+
+  from ncf_jax import config_checks, dispatch, memory, models, pipeline, steps
 
   config = config.copy_and_resolve_references()
-  config.update(dict(batch_size=batch, sharding=mode, num_devices=num_devices,
-                     hash_pipeline=False))
+  config.update(dict(batch_size=batch, sharding=mode, num_devices=num_devices, hash_pipeline=False))
   mesh = steps.make_mesh(num_devices)
   config_checks.validate_config(config, mesh.size)
   model_config = config.model
-  if mode == 'sharded':   # as ncf_jax.train: a projection would read whole tables
+  if mode == 'sharded':  # as ncf_jax.train: a projection would read whole tables
     model_config = model_config.copy_and_resolve_references()
     model_config.first_layer = 'concat'
-  model = models.create_model(model_config, dataset.num_users, dataset.num_items,
-                              config.dtype)
+  model = models.create_model(model_config, dataset.num_users, dataset.num_items, config.dtype)
   init_key, data_key, dropout_key = steps.make_keys(0, mesh)
   in_flight = dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
   data = steps.device_data(config, dataset, mesh)
   build = steps.make_epoch_items(config, mesh, data)
-  items = build(data, data_key, np.int32(0), in_flight)   # not timed
+  items = build(data, data_key, np.int32(0), in_flight)  # not timed
   state = steps.create_train_state(config, model, init_key, mesh)
   abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
   step = steps.make_train_step(config, mesh, like=abstract)
   per_epoch = pipeline.steps_per_epoch(dataset.num_train, config.num_neg, batch)
   keys = (data_key, dropout_key)
 
-  state, out = step(state, data, items, keys, np.int32(0), np.int32(0))   # compiles
+  state, out = step(state, data, items, keys, np.int32(0), np.int32(0))  # compiles
   jax.block_until_ready((state, out))
   t = time.perf_counter()
   for s in range(1, num_steps + 1):
@@ -98,19 +96,19 @@ def _measure_mode(config, dataset, mode: str, num_devices: int, batch: int,
   jax.block_until_ready((state, out))
   sec = time.perf_counter() - t
   result = {
-      'samples_per_sec': num_steps * batch / sec,
-      'bytes_per_device': memory.bytes_per_device(
-          params=state.params, opt_state=state.opt_state, data=data, epoch=items),
-      'first_layer': str(model_config.first_layer),
-      'train_loss': float(out['train_loss']),
+    'samples_per_sec': num_steps * batch / sec,
+    'bytes_per_device': memory.bytes_per_device(
+      params=state.params, opt_state=state.opt_state, data=data, epoch=items
+    ),
+    'first_layer': str(model_config.first_layer),
+    'train_loss': float(out['train_loss']),
   }
   del state, out, items, data, step, build, abstract, in_flight
   gc.collect()
   return result
 
 
-def measure(config, dataset, num_devices: int, batch: int,
-            num_steps: int) -> Dict[str, Any]:
+def measure(config, dataset, num_devices: int, batch: int, num_steps: int) -> dict[str, Any]:
   """Both modes' figures on the first `num_devices` devices, one mode after the other."""
   n = num_devices
   out = {}
@@ -125,11 +123,12 @@ def measure(config, dataset, num_devices: int, batch: int,
   rep, sh = (f'modes_bytes_per_device_{m}_d{n}' for m in MODES)
   out[f'modes_sharded_memory_ratio_d{n}'] = out[sh] / out[rep]
   out[f'modes_sharded_throughput_ratio_d{n}'] = (
-      out[f'modes_samples_per_sec_sharded_d{n}'] / out[f'modes_samples_per_sec_replicated_d{n}'])
+    out[f'modes_samples_per_sec_sharded_d{n}'] / out[f'modes_samples_per_sec_replicated_d{n}']
+  )
   return out
 
 
-def worker_env(num_devices: int, base: Optional[dict] = None) -> dict:
+def worker_env(num_devices: int, base: dict | None = None) -> dict:
   """`base` (os.environ) on CPU with exactly `num_devices` host devices."""
   env = dict(os.environ if base is None else base)
   kept = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(_COUNT_FLAG)]
@@ -138,43 +137,71 @@ def worker_env(num_devices: int, base: Optional[dict] = None) -> dict:
   return env
 
 
-def worker_figures(num_devices: int, returncode: int, stdout: str,
-                   stderr: str) -> Dict[str, Any]:
+def worker_figures(num_devices: int, returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
   """The figures a worker printed (its last stdout line), or `modes_error_d{N}`."""
-  lines = [l for l in (stdout or '').splitlines() if l.strip()]
+  lines = [line for line in (stdout or '').splitlines() if line.strip()]
   if returncode == 0 and lines:
     try:
       return json.loads(lines[-1])
     except ValueError:
       pass
-  err = [l.strip() for l in (stderr or '').splitlines() if l.strip()]
-  status = (f'killed by signal {-returncode}' if returncode < 0   # 9: the OOM killer?
-            else f'exit status {returncode}')
+  err = [line.strip() for line in (stderr or '').splitlines() if line.strip()]
+  status = (
+    f'killed by signal {-returncode}'
+    if returncode < 0  # 9: the OOM killer?
+    else f'exit status {returncode}'
+  )
   return {f'modes_error_d{num_devices}': f'{status}: {err[-1] if err else "no output"}'}
 
 
-def _run_worker(num_devices: int, scale: float, workdir: str, batch: int, num_steps: int,
-                config_path: Optional[str], timeout_s: float) -> Dict[str, Any]:
-  cmd = [sys.executable, '-m', 'ncf_jax.benchmark.modes_section', '--worker',
-         f'--devices={num_devices}', f'--scale={scale!r}', f'--workdir={workdir}',
-         f'--batch={batch}', f'--steps={num_steps}']
+def _run_worker(
+  num_devices: int,
+  scale: float,
+  workdir: str,
+  batch: int,
+  num_steps: int,
+  config_path: str | None,
+  timeout_s: float,
+) -> dict[str, Any]:
+  cmd = [
+    sys.executable,
+    '-m',
+    'ncf_jax.benchmark.modes_section',
+    '--worker',
+    f'--devices={num_devices}',
+    f'--scale={scale!r}',
+    f'--workdir={workdir}',
+    f'--batch={batch}',
+    f'--steps={num_steps}',
+  ]
   if config_path:
     cmd.append(f'--config_pickle={config_path}')
   try:
-    proc = subprocess.run(cmd, cwd=_REPO, env=worker_env(num_devices), capture_output=True,
-                          text=True, timeout=timeout_s, check=False)
+    proc = subprocess.run(
+      cmd,
+      cwd=_REPO,
+      env=worker_env(num_devices),
+      capture_output=True,
+      text=True,
+      timeout=timeout_s,
+      check=False,
+    )
   except subprocess.TimeoutExpired:
     return {f'modes_error_d{num_devices}': f'no figures after {timeout_s:.0f} s (killed)'}
   return worker_figures(num_devices, proc.returncode, proc.stdout, proc.stderr)
 
 
-def run(args, counts: Sequence[int] = DEVICE_COUNTS, batch: Optional[int] = None,
-        num_steps: Optional[int] = None,
-        timeout_s: float = WORKER_TIMEOUT_S) -> Dict[str, Any]:
+def run(
+  args,
+  counts: Sequence[int] = DEVICE_COUNTS,
+  batch: int | None = None,
+  num_steps: int | None = None,
+  timeout_s: float = WORKER_TIMEOUT_S,
+) -> dict[str, Any]:
   """Both modes' samples/s and bytes per device at each of `counts` devices."""
   import jax
-  from ncf_jax.benchmark import common
-  from ncf_jax.benchmark import timing
+
+  from ncf_jax.benchmark import common, timing
 
   on_cpu = jax.devices()[0].platform == 'cpu'
   if batch is None:
@@ -182,11 +209,16 @@ def run(args, counts: Sequence[int] = DEVICE_COUNTS, batch: Optional[int] = None
   if num_steps is None:
     num_steps = CPU_STEPS if on_cpu else ACCELERATOR_STEPS
   config = _mlperf_config(args.config)
-  dataset = common.scaled_dataset(args)   # built (cached in args.workdir) before the workers
-  out = {**timing.backend(), 'modes_device_counts': ','.join(map(str, counts)),
-         'modes_batch': batch, 'modes_timed_steps': num_steps,
-         'modes_num_users': dataset.num_users, 'modes_num_items': dataset.num_items,
-         'modes_num_train': dataset.num_train}
+  dataset = common.scaled_dataset(args)  # built (cached in args.workdir) before the workers
+  out = {
+    **timing.backend(),
+    'modes_device_counts': ','.join(map(str, counts)),
+    'modes_batch': batch,
+    'modes_timed_steps': num_steps,
+    'modes_num_users': dataset.num_users,
+    'modes_num_items': dataset.num_items,
+    'modes_num_train': dataset.num_train,
+  }
   if on_cpu:
     del dataset
     gc.collect()
@@ -194,8 +226,7 @@ def run(args, counts: Sequence[int] = DEVICE_COUNTS, batch: Optional[int] = None
     with open(config_path, 'wb') as f:
       pickle.dump(config, f)
     for n in counts:
-      out.update(_run_worker(n, args.scale, args.workdir, batch, num_steps, config_path,
-                             timeout_s))
+      out.update(_run_worker(n, args.scale, args.workdir, batch, num_steps, config_path, timeout_s))
   else:
     skipped = [n for n in counts if n > jax.device_count()]
     if skipped:
@@ -213,8 +244,10 @@ def run(args, counts: Sequence[int] = DEVICE_COUNTS, batch: Optional[int] = None
 def _worker(ns) -> None:
   """One device count, in a process whose JAX has exactly that many devices."""
   import jax
+
   from ncf_jax import writers
   from ncf_jax.benchmark import common
+
   writers.quiet_library_logs()
   if jax.device_count() != ns.devices:
     raise RuntimeError(f'worker for {ns.devices} devices sees {jax.device_count()}')
@@ -228,12 +261,13 @@ def _worker(ns) -> None:
   print(json.dumps(out), flush=True)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--worker', action='store_true', help='measure one device count (internal)')
   p.add_argument('--devices', type=int, help='--worker: the device count')
-  p.add_argument('--counts', default=','.join(map(str, DEVICE_COUNTS)),
-                 help='device counts (comma-separated)')
+  p.add_argument(
+    '--counts', default=','.join(map(str, DEVICE_COUNTS)), help='device counts (comma-separated)'
+  )
   p.add_argument('--scale', type=float, default=1.0)
   p.add_argument('--workdir', required=True)
   p.add_argument('--batch', type=int, default=None, help='global batch (default 65536)')
@@ -245,11 +279,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     _worker(ns)
     return
   from ncf_jax.benchmark import common
+
   os.makedirs(ns.workdir, exist_ok=True)
-  args = common.Args(scale=ns.scale, workdir=ns.workdir,
-                     batch_sizes=(ns.batch or 65536,))
-  figures = run(args, counts=[int(c) for c in re.split(r'[,\s]+', ns.counts.strip()) if c],
-                num_steps=ns.steps)
+  args = common.Args(scale=ns.scale, workdir=ns.workdir, batch_sizes=(ns.batch or 65536,))
+  figures = run(
+    args, counts=[int(c) for c in re.split(r'[,\s]+', ns.counts.strip()) if c], num_steps=ns.steps
+  )
   if ns.json:
     print(json.dumps(figures))
   else:

@@ -1,7 +1,9 @@
 """The implementations ours are compared against: a NumPy sampler and a PyTorch NeuMF."""
+
+from collections.abc import Callable
 import os
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +37,7 @@ def numpy_bisection_negatives(dataset, seed=0):
       lo = np.where(active & le, mid + 1, lo)
       hi = np.where(active & ~le, mid, hi)
     return r + lo
+
   return draw
 
 
@@ -42,9 +45,9 @@ def numpy_bisection_negatives(dataset, seed=0):
 # other optimizer semantics (lazy: only the rows a batch touches move).
 
 
-def torch_neumf(num_users: int, num_items: int, batch: int,
-                variants=common.TORCH_VARIANTS) -> Tuple[Dict[str, Callable[[int], float]],
-                                                  Dict[str, Any]]:
+def torch_neumf(
+  num_users: int, num_items: int, batch: int, variants=common.TORCH_VARIANTS
+) -> tuple[dict[str, Callable[[int], float]], dict[str, Any]]:
   """NVIDIA's MLPerf NeuMF module (PyTorch, CPU) as the train-step peer.
 
   Returns ({variant: run(n) -> seconds for n Adam steps at `batch`}, info). Variants:
@@ -60,6 +63,7 @@ def torch_neumf(num_users: int, num_items: int, batch: int,
   except ImportError:
     return {}, {'torch_note': 'torch not installed: peer skipped'}
   from torch import nn  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
 
@@ -69,8 +73,14 @@ def torch_neumf(num_users: int, num_items: int, batch: int,
       emb = lambda n, d: nn.Embedding(n, d, sparse=sparse)
       self.mf_user, self.mf_item = emb(num_users, 64), emb(num_items, 64)
       self.mlp_user, self.mlp_item = emb(num_users, 128), emb(num_items, 128)
-      self.mlp = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                               nn.Linear(128, 64), nn.ReLU())
+      self.mlp = nn.Sequential(
+        nn.Linear(256, 256),
+        nn.ReLU(),
+        nn.Linear(256, 128),
+        nn.ReLU(),
+        nn.Linear(128, 64),
+        nn.ReLU(),
+      )
       self.final = nn.Linear(128, 1)
 
     def forward(self, u, i):
@@ -86,11 +96,14 @@ def torch_neumf(num_users: int, num_items: int, batch: int,
   def make(variant):
     model = NeuMF(sparse=variant == 'sparse_adam')
     if variant == 'sparse_adam':
-      tables = [p for n, p in model.named_parameters() if n.endswith('.weight') and
-                isinstance(model.get_submodule(n[:-len('.weight')]), nn.Embedding)]
+      tables = [
+        p
+        for n, p in model.named_parameters()
+        if n.endswith('.weight')
+        and isinstance(model.get_submodule(n[: -len('.weight')]), nn.Embedding)
+      ]
       dense = [p for p in model.parameters() if all(p is not t for t in tables)]
-      opts = [torch.optim.SparseAdam(tables, lr=1e-3),
-              torch.optim.Adam(dense, lr=1e-3, fused=True)]
+      opts = [torch.optim.SparseAdam(tables, lr=1e-3), torch.optim.Adam(dense, lr=1e-3, fused=True)]
     else:
       opts = [torch.optim.Adam(model.parameters(), lr=1e-3, fused=variant == 'fused_adam')]
 
@@ -109,7 +122,8 @@ def torch_neumf(num_users: int, num_items: int, batch: int,
       for _ in range(n):
         step()
       return time.perf_counter() - t
-    run(1)   # builds the optimizer state (and compiles): fails here if unsupported
+
+    run(1)  # builds the optimizer state (and compiles): fails here if unsupported
     return run
 
   runners, skipped = {}, []

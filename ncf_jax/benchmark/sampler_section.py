@@ -10,38 +10,35 @@ in the visiting order (users at random, `train_batch`'s path); a whole epoch's b
 int32 dataset (target <= 2); and a breakdown at 2**20 lanes (randint, our draw, one random
 read, the permutation, the sampler in either order) in ms.
 """
+
+from collections.abc import Callable
 import dataclasses
-from typing import Any, Callable, Dict, Tuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ncf_jax import data
-from ncf_jax import hashing
-from ncf_jax import pipeline
-from ncf_jax import sampling
-from ncf_jax import steps
-from ncf_jax.benchmark import common
-from ncf_jax.benchmark import peers
-from ncf_jax.benchmark import timing
+from ncf_jax import data, hashing, pipeline, sampling, steps
+from ncf_jax.benchmark import common, peers, timing
 
 NUM_NEG = 4
-CHUNK = 1 << 22           # lanes per call in the visiting order, and of the NumPy peer
-RANDOM_ORDER_CALLS = 4    # calls of CHUNK lanes timed in the visiting order
-EPOCH_BATCH = 1 << 20     # global batch of the whole-epoch measurement
-EVAL_USERS = 4096         # users per eval-candidates call
+CHUNK = 1 << 22  # lanes per call in the visiting order, and of the NumPy peer
+RANDOM_ORDER_CALLS = 4  # calls of CHUNK lanes timed in the visiting order
+EPOCH_BATCH = 1 << 20  # global batch of the whole-epoch measurement
+EVAL_USERS = 4096  # users per eval-candidates call
 BREAKDOWN_LANES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class _Setup:
   """What every measurement of the section shares."""
+
   ds: data.Dataset
   dev: sampling.DeviceData
-  key: jax.Array            # the data key of every measurement
-  build: Callable           # the train loop's epoch builder, (dev, key, epoch) -> items
+  key: jax.Array  # the data key of every measurement
+  build: Callable  # the train loop's epoch builder, (dev, key, epoch) -> items
 
   @property
   def n_slots(self) -> int:
@@ -65,7 +62,7 @@ def _setup(args: common.Args) -> _Setup:
   return _Setup(ds=ds, dev=dev, key=jax.random.key(0, impl='threefry2x32'), build=build)
 
 
-def _slot_order(s: _Setup) -> Tuple[float, float]:
+def _slot_order(s: _Setup) -> tuple[float, float]:
   """(sampler s, raw draws s) for an epoch's negatives, as the train loop makes them.
 
   The sampler is the epoch builder (every slot, the positives' copies included, in slot
@@ -88,7 +85,7 @@ def _visiting_users(s: _Setup) -> jax.Array:
   return jax.jit(lambda d, k: d.train_users[k])(s.dev, positives)
 
 
-def _visiting_order(s: _Setup, users: jax.Array) -> Tuple[float, float]:
+def _visiting_order(s: _Setup, users: jax.Array) -> tuple[float, float]:
   """(sampler s, raw draws s) for RANDOM_ORDER_CALLS calls of CHUNK `users`."""
   kp = sampling.keypair(s.key)
 
@@ -96,6 +93,7 @@ def _visiting_order(s: _Setup, users: jax.Array) -> Tuple[float, float]:
   def negatives(d, u, i):
     counters = jnp.uint32(i) * jnp.uint32(CHUNK) + jnp.arange(CHUNK, dtype=jnp.uint32)
     return sampling.sample_negatives(d, kp, u, counters)
+
   draws = jax.jit(lambda i: s.randint(i, (CHUNK,)))
   calls = range(RANDOM_ORDER_CALLS)
   rand_sec = timing.timed(lambda: [negatives(s.dev, users, i) for i in calls], repeats=3)
@@ -103,18 +101,17 @@ def _visiting_order(s: _Setup, users: jax.Array) -> Tuple[float, float]:
   return rand_sec, draw_sec
 
 
-def _numpy_peer(s: _Setup, users: jax.Array) -> Tuple[float, float]:
+def _numpy_peer(s: _Setup, users: jax.Array) -> tuple[float, float]:
   """Seconds per negative of the NumPy bisection: (visiting order, slot order)."""
   host_users = np.asarray(users)
-  slot_users = s.ds.train_users[np.minimum(np.arange(CHUNK) // (1 + NUM_NEG),
-                                           s.ds.num_train - 1)]
+  slot_users = s.ds.train_users[np.minimum(np.arange(CHUNK) // (1 + NUM_NEG), s.ds.num_train - 1)]
   draw = peers.numpy_bisection_negatives(s.ds)
   visiting = timing.timed(lambda: [draw(host_users) for _ in range(2)]) / (2 * CHUNK)
   slot = timing.timed(lambda: [draw(slot_users) for _ in range(2)]) / (2 * CHUNK)
   return visiting, slot
 
 
-def _epoch_batches(s: _Setup) -> Dict[str, float]:
+def _epoch_batches(s: _Setup) -> dict[str, float]:
   """Seconds for a whole epoch's batches without the model, and for as many raw draws.
 
   As the train loop makes them (the epoch's items in slot order, then every batch reads
@@ -123,16 +120,20 @@ def _epoch_batches(s: _Setup) -> Dict[str, float]:
   steps = pipeline.steps_per_epoch(s.ds.num_train, NUM_NEG, EPOCH_BATCH)
 
   def read(d, items, step):
-    return pipeline.batch_from_items(d, items, s.key, 0, step, batch_size=EPOCH_BATCH,
-                                     num_neg=NUM_NEG)
+    return pipeline.batch_from_items(
+      d, items, s.key, 0, step, batch_size=EPOCH_BATCH, num_neg=NUM_NEG
+    )
+
   read_batch = jax.jit(read)
 
   @jax.jit
   def read_batch_hashed(d, items, step, chain):
     positions = jnp.arange(EPOCH_BATCH, dtype=jnp.uint32)
     return hashing.chain(chain, hashing.batch_digest(read(d, items, step), positions))
-  position_batch = jax.jit(lambda d, step: pipeline.train_batch(
-      d, s.key, 0, step, batch_size=EPOCH_BATCH, num_neg=NUM_NEG))
+
+  position_batch = jax.jit(
+    lambda d, step: pipeline.train_batch(d, s.key, 0, step, batch_size=EPOCH_BATCH, num_neg=NUM_NEG)
+  )
   draws = jax.jit(lambda i: s.randint(i, (EPOCH_BATCH,)))
 
   def run_epoch():
@@ -147,15 +148,16 @@ def _epoch_batches(s: _Setup) -> Dict[str, float]:
     return chain
 
   return {
-      'built': timing.timed(run_epoch, repeats=2),
-      'hashed': timing.timed(run_epoch_hashed, repeats=2),
-      'per_position': timing.timed(
-          lambda: [position_batch(s.dev, np.int32(step)) for step in range(steps)]),
-      'draws': timing.timed(lambda: [draws(i) for i in range(steps)], repeats=2),
+    'built': timing.timed(run_epoch, repeats=2),
+    'hashed': timing.timed(run_epoch_hashed, repeats=2),
+    'per_position': timing.timed(
+      lambda: [position_batch(s.dev, np.int32(step)) for step in range(steps)]
+    ),
+    'draws': timing.timed(lambda: [draws(i) for i in range(steps)], repeats=2),
   }
 
 
-def _eval_candidates(s: _Setup) -> Tuple[int, float, float]:
+def _eval_candidates(s: _Setup) -> tuple[int, float, float]:
   """(negatives per user, candidates s, raw draws s) for all users, EVAL_USERS a call.
 
   999 negatives each, fewer if a small --scale leaves fewer items.
@@ -168,13 +170,14 @@ def _eval_candidates(s: _Setup) -> Tuple[int, float, float]:
   def candidates(d, first):
     u = jnp.minimum(first + jnp.arange(EVAL_USERS, dtype=jnp.int32), ds.num_users - 1)
     return pipeline.eval_batch(d, s.key, u, num_neg=eval_neg)[0]
+
   draws = jax.jit(lambda i: s.randint(i, (EVAL_USERS, eval_neg)))
   sec = timing.timed(lambda: [candidates(s.dev, np.int32(i * EVAL_USERS)) for i in calls])
   draw_sec = timing.timed(lambda: [draws(i) for i in calls])
   return eval_neg, sec, draw_sec
 
 
-def _breakdown(s: _Setup, users: jax.Array) -> Dict[str, float]:
+def _breakdown(s: _Setup, users: jax.Array) -> dict[str, float]:
   """Where a negative's time goes: ms per BREAKDOWN_LANES lanes of primitives and parts."""
   lanes, kp, n_slots = BREAKDOWN_LANES, sampling.keypair(s.key), s.n_slots
   visiting = users[:lanes]
@@ -182,21 +185,23 @@ def _breakdown(s: _Setup, users: jax.Array) -> Dict[str, float]:
   read_idx = jax.random.randint(jax.random.key(2), (lanes,), 0, s.ds.num_train)
   # Every part takes its inputs as arguments, so XLA cannot fold it into a constant.
   parts = {
-      'randint': lambda d, i: s.randint(i[0], (lanes,)),
-      'draw': lambda d, i: sampling.uniform_below(sampling.random_words(kp, i, 0)[0],
-                                                  jnp.uint32(s.ds.num_items)),
-      'random_read': lambda d, i: d.positive_items(read_idx + i.astype(jnp.int32) * 0),
-      'permute': lambda d, i: sampling.permute(i, n_slots, sampling.round_keys(kp)),
-      'sampler_random_order': lambda d, i: sampling.sample_negatives(d, kp, visiting, i),
-      'sampler_slot_order': lambda d, i: sampling.sample_negatives(d, kp, slots, i),
+    'randint': lambda d, i: s.randint(i[0], (lanes,)),
+    'draw': lambda d, i: sampling.uniform_below(
+      sampling.random_words(kp, i, 0)[0], jnp.uint32(s.ds.num_items)
+    ),
+    'random_read': lambda d, i: d.positive_items(read_idx + i.astype(jnp.int32) * 0),
+    'permute': lambda d, i: sampling.permute(i, n_slots, sampling.round_keys(kp)),
+    'sampler_random_order': lambda d, i: sampling.sample_negatives(d, kp, visiting, i),
+    'sampler_slot_order': lambda d, i: sampling.sample_negatives(d, kp, slots, i),
   }
   lane_ids = jnp.arange(lanes, dtype=jnp.uint32)
-  return {f'breakdown_{name}_ms_per_2e20': 1e3 * timing.timed(jax.jit(fn), s.dev, lane_ids,
-                                                              repeats=3)
-          for name, fn in parts.items()}
+  return {
+    f'breakdown_{name}_ms_per_2e20': 1e3 * timing.timed(jax.jit(fn), s.dev, lane_ids, repeats=3)
+    for name, fn in parts.items()
+  }
 
 
-def run(args: common.Args) -> Dict[str, Any]:
+def run(args: common.Args) -> dict[str, Any]:
   """Negatives/s vs raw random draws and a NumPy bisection; epoch and eval generation."""
   s = _setup(args)
   ds = s.ds
@@ -211,31 +216,32 @@ def run(args: common.Args) -> Dict[str, Any]:
   int32_bytes = 4 * (2 * ds.num_train + 2 * ds.num_users + 1)
   rand_rate = RANDOM_ORDER_CALLS * CHUNK / rand_sec
   return {
-      **timing.backend(),
-      'sampler_num_users': ds.num_users, 'sampler_num_items': ds.num_items,
-      'sampler_num_train': ds.num_train,
-      'epoch_items_build_sec': neg_sec,
-      'sampler_negatives_per_sec': s.num_negatives / neg_sec,
-      'random_draws_per_sec': s.num_negatives / draw_sec,
-      'sampler_vs_random_ratio': draw_sec / neg_sec,
-      'numpy_bisection_negatives_per_sec': 1.0 / np_slot_sec,
-      'sampler_vs_numpy_ratio': (s.num_negatives / neg_sec) * np_slot_sec,
-      'sampler_random_order_negatives_per_sec': rand_rate,
-      'sampler_random_order_vs_random_ratio': rand_draw_sec / rand_sec,
-      'numpy_bisection_random_order_negatives_per_sec': 1.0 / np_sec,
-      'sampler_random_order_vs_numpy_ratio': rand_rate * np_sec,
-      'epoch_samples': s.n_slots,
-      'epoch_batches_sec': epoch['built'],
-      'epoch_random_draws_sec': epoch['draws'],
-      'epoch_vs_random_ratio': epoch['built'] / epoch['draws'],
-      'epoch_batches_per_position_sec': epoch['per_position'],
-      'epoch_batches_hashed_sec': epoch['hashed'],
-      'hash_overhead_fraction_of_batches': epoch['hashed'] / epoch['built'] - 1.0,
-      'eval_num_neg': eval_neg,
-      'eval_candidates_sec': eval_sec,
-      'eval_random_draws_sec': eval_draw_sec,
-      'eval_candidates_vs_random_ratio': eval_sec / eval_draw_sec,
-      **breakdown,
-      'device_data_bytes': device_bytes,
-      'device_data_vs_int32_ratio': device_bytes / int32_bytes,
+    **timing.backend(),
+    'sampler_num_users': ds.num_users,
+    'sampler_num_items': ds.num_items,
+    'sampler_num_train': ds.num_train,
+    'epoch_items_build_sec': neg_sec,
+    'sampler_negatives_per_sec': s.num_negatives / neg_sec,
+    'random_draws_per_sec': s.num_negatives / draw_sec,
+    'sampler_vs_random_ratio': draw_sec / neg_sec,
+    'numpy_bisection_negatives_per_sec': 1.0 / np_slot_sec,
+    'sampler_vs_numpy_ratio': (s.num_negatives / neg_sec) * np_slot_sec,
+    'sampler_random_order_negatives_per_sec': rand_rate,
+    'sampler_random_order_vs_random_ratio': rand_draw_sec / rand_sec,
+    'numpy_bisection_random_order_negatives_per_sec': 1.0 / np_sec,
+    'sampler_random_order_vs_numpy_ratio': rand_rate * np_sec,
+    'epoch_samples': s.n_slots,
+    'epoch_batches_sec': epoch['built'],
+    'epoch_random_draws_sec': epoch['draws'],
+    'epoch_vs_random_ratio': epoch['built'] / epoch['draws'],
+    'epoch_batches_per_position_sec': epoch['per_position'],
+    'epoch_batches_hashed_sec': epoch['hashed'],
+    'hash_overhead_fraction_of_batches': epoch['hashed'] / epoch['built'] - 1.0,
+    'eval_num_neg': eval_neg,
+    'eval_candidates_sec': eval_sec,
+    'eval_random_draws_sec': eval_draw_sec,
+    'eval_candidates_vs_random_ratio': eval_sec / eval_draw_sec,
+    **breakdown,
+    'device_data_bytes': device_bytes,
+    'device_data_vs_int32_ratio': device_bytes / int32_bytes,
   }

@@ -1,6 +1,7 @@
 """Timing on the JAX backend (whatever `jax.devices()` is: CPU here, GPU/TPU when lent)."""
+
 import time
-from typing import Any, Dict
+from typing import Any
 
 import jax
 
@@ -16,8 +17,12 @@ def timed(fn, *args, repeats: int = 1) -> float:
   return best
 
 
-def backend() -> Dict[str, Any]:
+def backend() -> dict[str, Any]:
   """What the figures were measured on: platform, device kind and count, JAX version."""
   dev = jax.devices()[0]
-  return {'backend': dev.platform, 'device': getattr(dev, 'device_kind', str(dev)),
-          'num_devices': jax.device_count(), 'jax_version': jax.__version__}
+  return {
+    'backend': dev.platform,
+    'device': getattr(dev, 'device_kind', str(dev)),
+    'num_devices': jax.device_count(),
+    'jax_version': jax.__version__,
+  }

@@ -12,30 +12,23 @@ Adam update), the hash's cost on a train step and the bytes one device holds
 (`bytes_per_device_{params,opt_state,data,epoch}`, as in summary.json); eval users/s with
 999 negatives.
 """
+
+from collections.abc import Sequence
 import time
-from typing import Any, Dict, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-import jax.numpy as jnp
 import numpy as np
 
 from configs import mlperf
-from ncf_jax import config_checks
-from ncf_jax import data
-from ncf_jax import dispatch
-from ncf_jax import memory
+from ncf_jax import config_checks, data, dispatch, memory, models, pipeline, sampling, steps
 from ncf_jax import metrics as metrics_lib
-from ncf_jax import models
-from ncf_jax import pipeline
-from ncf_jax import sampling
-from ncf_jax import steps
-from ncf_jax.benchmark import common
-from ncf_jax.benchmark import peers
-from ncf_jax.benchmark import timing
+from ncf_jax.benchmark import common, peers, timing
 
-FLOPS_PER_SAMPLE = 639_744   # MLPerf NeuMF dense layers, forward + backward (3 x 2 x MACs)
+FLOPS_PER_SAMPLE = 639_744  # MLPerf NeuMF dense layers, forward + backward (3 x 2 x MACs)
 
 
 def _on_cpu() -> bool:
@@ -54,7 +47,7 @@ def _matmul_flops_per_sec() -> float:
   n = 2048 if _on_cpu() else 8192
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   sec = timing.timed(jax.jit(lambda a: a @ a), a, repeats=3)
-  return 2 * n ** 3 / sec
+  return 2 * n**3 / sec
 
 
 def _ours(config, model, dev, items, mesh, keys, batch: int, hashed: bool = False):
@@ -79,13 +72,15 @@ def _ours(config, model, dev, items, mesh, keys, batch: int, hashed: bool = Fals
       in_flight.add(out['train_loss'])
     holder[0] = jax.block_until_ready(state)
     return time.perf_counter() - t
+
   # What one device holds for this contender, as summary.json's `bytes_per_device`.
   run.bytes_per_device = memory.bytes_per_device(
-      params=holder[0].params, opt_state=holder[0].opt_state, data=dev, epoch=items)
+    params=holder[0].params, opt_state=holder[0].opt_state, data=dev, epoch=items
+  )
   return run
 
 
-def _interleaved(contenders, rounds: int) -> Dict[str, list]:
+def _interleaved(contenders, rounds: int) -> dict[str, list]:
   """{name: samples/s of each round} for {name: (run, n, batch)}, timed in turn.
 
   One untimed round first (compiles, warms caches), then `rounds` rounds in which every
@@ -100,9 +95,18 @@ def _interleaved(contenders, rounds: int) -> Dict[str, list]:
   return rates
 
 
-def _step_rates(config, model, dev, mesh, keys, sizes: Sequence[int], flops: float,
-                num_users: int, num_items: int,
-                torch_variants: Sequence[str]) -> Dict[str, Any]:
+def _step_rates(
+  config,
+  model,
+  dev,
+  mesh,
+  keys,
+  sizes: Sequence[int],
+  flops: float,
+  num_users: int,
+  num_items: int,
+  torch_variants: Sequence[str],
+) -> dict[str, Any]:
   """Ours against the PyTorch peer at each batch size, interleaved in one process.
 
   Per batch: ours as configured (median of the rounds), ours with
@@ -121,15 +125,20 @@ def _step_rates(config, model, dev, mesh, keys, sizes: Sequence[int], flops: flo
     items = steps.make_epoch_items(config, mesh, dev)(dev, keys[1], np.int32(0))
     contenders = {'ours': (_ours(config, model, dev, items, mesh, keys, batch), n, batch)}
     if batch == sizes[0]:
-      out.update({f'bytes_per_device_{k}': v
-                  for k, v in contenders['ours'][0].bytes_per_device.items()})
+      out.update(
+        {f'bytes_per_device_{k}': v for k, v in contenders['ours'][0].bytes_per_device.items()}
+      )
     if config.model.first_layer != 'concat' and config.model.name in ('neumf', 'mlp'):
-      plain = models.create_model(_with(config.model, first_layer='concat'), num_users,
-                                  num_items, config.dtype)
+      plain = models.create_model(
+        _with(config.model, first_layer='concat'), num_users, num_items, config.dtype
+      )
       contenders['concat'] = (_ours(config, plain, dev, items, mesh, keys, batch), n, batch)
     if batch == sizes[0]:
-      contenders['hashed'] = (_ours(config, model, dev, items, mesh, keys, batch,
-                                    hashed=True), n, batch)
+      contenders['hashed'] = (
+        _ours(config, model, dev, items, mesh, keys, batch, hashed=True),
+        n,
+        batch,
+      )
     runners, info = peers.torch_neumf(num_users, num_items, batch, torch_variants)
     out.update(info)
     for name, run in runners.items():
@@ -141,7 +150,7 @@ def _step_rates(config, model, dev, mesh, keys, sizes: Sequence[int], flops: flo
     if 'concat' in rates:
       out[f'train_samples_per_sec_b{batch}_concat'] = float(np.median(rates.pop('concat')))
       out[f'first_layer_speedup_b{batch}'] = ours / out[f'train_samples_per_sec_b{batch}_concat']
-    if 'hashed' in rates:   # the hash-of-batches diagnostic's cost on a real train step
+    if 'hashed' in rates:  # the hash-of-batches diagnostic's cost on a real train step
       hashed = float(np.median(rates.pop('hashed')))
       out[f'train_samples_per_sec_b{batch}_hashed'] = hashed
       out['hash_overhead_fraction_of_train'] = ours / hashed - 1
@@ -169,71 +178,92 @@ def _breakdown(config, model, ds: data.Dataset, keys, batch: int):
   state = steps.create_train_state(config, model, init_key, steps.make_mesh(1))
   dev1 = sampling.to_device(ds)
   items1 = jax.jit(lambda d: pipeline.epoch_items(d, data_key, 0, num_neg=4))(dev1)
-  gen = jax.jit(lambda d, it: pipeline.batch_from_items(d, it, data_key, 0, 0,
-                                                        batch_size=batch, num_neg=4))
+  gen = jax.jit(
+    lambda d, it: pipeline.batch_from_items(d, it, data_key, 0, 0, batch_size=batch, num_neg=4)
+  )
   b = gen(dev1, items1)
 
   def loss(params, b):
     logits = model.apply({'params': params}, b['user'], b['item'])
     return metrics_lib.bce_sum(logits, b['label'], b['valid']) / batch
+
   fwd = jax.jit(loss)
   grad = jax.jit(jax.grad(loss))
   g = grad(state.params, b)
   upd = jax.jit(lambda s, g: s.apply_gradients(grads=g), donate_argnums=0)
-  gather = jax.jit(lambda p, b: [p['gmf']['gmf_user']['embedding'][b['user']],
-                                 p['gmf']['gmf_item']['embedding'][b['item']],
-                                 p['mlp']['mlp_user']['embedding'][b['user']],
-                                 p['mlp']['mlp_item']['embedding'][b['item']]])
+  gather = jax.jit(
+    lambda p, b: [
+      p['gmf']['gmf_user']['embedding'][b['user']],
+      p['gmf']['gmf_item']['embedding'][b['item']],
+      p['mlp']['mlp_user']['embedding'][b['user']],
+      p['mlp']['mlp_item']['embedding'][b['item']],
+    ]
+  )
   out = {'breakdown_batch': batch}
   out['breakdown_sampling_ms'] = 1e3 * timing.timed(gen, dev1, items1, repeats=3)
   out['breakdown_embedding_gather_ms'] = 1e3 * timing.timed(gather, state.params, b, repeats=3)
   out['breakdown_forward_ms'] = 1e3 * timing.timed(fwd, state.params, b, repeats=3)
   out['breakdown_forward_backward_ms'] = 1e3 * timing.timed(grad, state.params, b, repeats=3)
-  holder = [state]   # the update donates its state: each call takes the last one's
+  holder = [state]  # the update donates its state: each call takes the last one's
 
   def update():
     holder[0] = upd(holder[0], g)
     return holder[0].step
+
   out['breakdown_adam_update_ms'] = 1e3 * timing.timed(update, repeats=3)
   return out, holder[0].params
 
 
-def _eval_rate(config, model, ds: data.Dataset, dev, mesh, data_key,
-               params) -> Dict[str, Any]:
+def _eval_rate(config, model, ds: data.Dataset, dev, mesh, data_key, params) -> dict[str, Any]:
   """Evaluation users/s with 999 sampled negatives each (fewer if the items run out)."""
   config = _with(
-      config, eval_batch_size=(1024 if _on_cpu() else 8192) * mesh.size,
-      eval_num_neg=int(min(config.eval_num_neg, ds.num_items - ds.user_degrees().max() - 1)))
+    config,
+    eval_batch_size=(1024 if _on_cpu() else 8192) * mesh.size,
+    eval_num_neg=int(min(config.eval_num_neg, ds.num_items - ds.user_degrees().max() - 1)),
+  )
   eval_step = steps.make_eval_step(config, mesh, model, ds.num_users, ds.num_items)
   params = jax.device_put(params, NamedSharding(mesh, P()))
   nb = 4 if _on_cpu() else 16
-  sec = timing.timed(lambda: [eval_step(params, dev, data_key,
-                                        np.int32(i * config.eval_batch_size))
-                              for i in range(nb)])
-  return {'eval_users_per_sec': nb * config.eval_batch_size / sec,
-          'eval_num_neg': config.eval_num_neg}
+  sec = timing.timed(
+    lambda: [
+      eval_step(params, dev, data_key, np.int32(i * config.eval_batch_size)) for i in range(nb)
+    ]
+  )
+  return {
+    'eval_users_per_sec': nb * config.eval_batch_size / sec,
+    'eval_num_neg': config.eval_num_neg,
+  }
 
 
-def run(args: common.Args) -> Dict[str, Any]:
+def run(args: common.Args) -> dict[str, Any]:
   """Train-step samples/s (MLPerf NeuMF, sampling included), ceiling fraction, breakdown."""
   ds = common.scaled_dataset(args)
   # At --scale=1 the tables have ml-20m's sizes: they dominate the optimizer's cost.
   num_users, num_items = ds.num_users, ds.num_items
   config = config_checks.resolve_model_defaults(
-      mlperf.get_config() if args.config is None else args.config)
+    mlperf.get_config() if args.config is None else args.config
+  )
   mesh = steps.make_mesh()
   dev = sampling.to_device(ds, NamedSharding(mesh, P()))
   model = models.create_model(config.model, num_users, num_items, config.dtype)
   keys = steps.make_keys(0, mesh)
   flops = _matmul_flops_per_sec()
-  out = {**timing.backend(), 'model': config.model.name, 'dtype': config.dtype,
-         'train_num_users': num_users, 'train_num_items': num_items,
-         'matmul_flops_per_sec': flops,
-         'compute_ceiling_samples_per_sec': flops / FLOPS_PER_SAMPLE}
-  sizes = sorted(set(int(b) for b in args.batch_sizes))
+  out = {
+    **timing.backend(),
+    'model': config.model.name,
+    'dtype': config.dtype,
+    'train_num_users': num_users,
+    'train_num_items': num_items,
+    'matmul_flops_per_sec': flops,
+    'compute_ceiling_samples_per_sec': flops / FLOPS_PER_SAMPLE,
+  }
+  sizes = sorted({int(b) for b in args.batch_sizes})
   small, large = sizes[0], sizes[-1]
-  out.update(_step_rates(config, model, dev, mesh, keys, sizes, flops, num_users, num_items,
-                         args.torch_variants))
+  out.update(
+    _step_rates(
+      config, model, dev, mesh, keys, sizes, flops, num_users, num_items, args.torch_variants
+    )
+  )
   breakdown, params = _breakdown(config, model, ds, keys, small)
   out.update(breakdown)
   out.update(_eval_rate(config, model, ds, dev, mesh, keys[1], params))
