@@ -33,7 +33,7 @@ from typing import Any
 from absl import app, flags
 
 from experiments import plots, sweep
-from ncf_jax import train
+from ncf_jax import launch
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 FLAGS = flags.FLAGS
@@ -181,7 +181,7 @@ def write_report(
 
 
 def define_flags() -> None:
-  train.define_flags()  # --config and --workdir as for a train run
+  launch.define_run_flags()  # --config and --workdir as for a train run
   flags.DEFINE_integer('num_seeds', 10, 'Seeds 0..num_seeds-1 are trained.')
   flags.DEFINE_integer('parallel', 1, 'Runs at once, each on its share of the devices.')
 

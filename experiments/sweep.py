@@ -57,8 +57,8 @@ from ml_collections import config_flags
 from experiments import plots
 
 # Sweeps and seed studies reuse ncf_jax.train's --config (config_flags) and --workdir
-# flags (train.define_flags), so `--config.x=y` means exactly what it means for a run.
-from ncf_jax import config_checks, train
+# flags (launch.define_run_flags), so `--config.x=y` means exactly what it means for a run.
+from ncf_jax import config_checks, launch
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 FLAGS = flags.FLAGS
@@ -720,7 +720,7 @@ def base_config() -> tuple[ml_collections.ConfigDict, str, dict[str, Any], str]:
 
 
 def define_flags() -> None:
-  train.define_flags()  # --config and --workdir mean what they mean for a train run
+  launch.define_run_flags()  # --config and --workdir mean what they mean for a train run
   flags.DEFINE_string('sweep', None, 'Sweep file defining get_sweep().')
   flags.DEFINE_integer('parallel', 1, 'Points run at once, each on its share of the devices.')
 

@@ -53,3 +53,22 @@ def xla_flags(config) -> None:
     _add_xla_flag(
       'xla_cpu_collective_call_terminate_timeout_seconds', int(float(config.stall_timeout_s)) + 60
     )
+
+
+def define_run_flags() -> None:
+  """The flags of a training command: --config, --workdir and the multi-host ones.
+
+  `python -m ncf_jax.train`, `experiments.sweep` and `experiments.seeds` define the same
+  flags, so `--config.x=y` means the same to each.
+  """
+  from absl import flags
+
+  from ncf_jax import errors
+
+  errors.define_config_file('configs/default.py', 'Training config file.')
+  flags.DEFINE_string('workdir', None, 'Run directory (made if absent; resumed).')
+  flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-host: host:port of process 0 (jax.distributed).'
+  )
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')

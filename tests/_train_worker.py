@@ -19,11 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 
-from ncf_jax import (
-  errors,  # noqa: E402
-  steps,  # noqa: E402
-  train,  # noqa: E402
-)
+from ncf_jax import errors, launch, steps  # noqa: E402
+from ncf_jax.train import __main__ as train_main  # noqa: E402
 
 _DELAY = float(os.environ.get('NCF_TEST_STEP_DELAY', '0'))
 _STALL_AT = int(os.environ.get('NCF_TEST_STALL_AT_CALL', '-1'))
@@ -48,5 +45,5 @@ def _slow_make_train_step(config, mesh, **kwargs):
 steps.make_train_step = _slow_make_train_step
 
 if __name__ == '__main__':
-  train.define_flags()
-  app.run(train.main, flags_parser=errors.parse_flags)
+  launch.define_run_flags()
+  app.run(train_main.main, flags_parser=errors.parse_flags)

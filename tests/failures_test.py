@@ -347,10 +347,10 @@ OOM = 'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 by
 
 
 def test_oom_hint_names_the_fields_to_reduce():
-  hint = train._oom_hint(jax.errors.JaxRuntimeError(OOM + '\nBufferAssignment ...'))
+  hint = train.oom_hint(jax.errors.JaxRuntimeError(OOM + '\nBufferAssignment ...'))
   assert 'config.batch_size' in hint and 'config.eval_batch_size' in hint
   assert OOM in hint and 'BufferAssignment' not in hint
-  assert train._oom_hint(jax.errors.JaxRuntimeError('INTERNAL: something else')) is None
+  assert train.oom_hint(jax.errors.JaxRuntimeError('INTERNAL: something else')) is None
 
 
 @pytest.mark.parametrize('where', ['compile', 'run'])

@@ -15,6 +15,7 @@ import pytest
 from configs import default
 from ncf_jax import baselines, config_checks, models, pipeline, sampling, steps, train
 from ncf_jax import data as data_lib
+from ncf_jax.train import pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -216,7 +217,7 @@ def test_neumf_starts_from_pretrained_gmf_and_mlp_workdirs(data_dir, tmp_path):
   mesh = steps.make_mesh(1)
   model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
   state = steps.create_train_state(config, model, steps.make_keys(0, mesh)[0], mesh)
-  params = jax.device_get(train._load_pretrained(config, state, mesh))
+  params = jax.device_get(pretrained.load_pretrained(config, state, mesh))
   np.testing.assert_array_equal(
     params['gmf']['gmf_item']['embedding'], runs['gmf']['gmf']['gmf_item']['embedding']
   )

@@ -1,0 +1,34 @@
+"""`python -m ncf_jax.train --config=configs/<name>.py [--config.<field>=<value>] [--workdir=DIR]`.
+
+Parses the flags, sets up the process (XLA flags, multi-host `jax.distributed`) and calls
+`ncf_jax.train.train_and_evaluate`; a user error becomes one `error:` line and exit 2.
+"""
+
+from absl import app, flags, logging
+import jax
+
+from ncf_jax import launch, train, writers
+from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
+
+
+@exit_on_user_error
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  FLAGS = flags.FLAGS
+  config = FLAGS.config
+  writers.quiet_library_logs()  # before JAX starts its backends
+  launch.xla_flags(config)
+  launch.maybe_initialize_distributed(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  )
+  logging.info(
+    'JAX process %d of %d, %d local devices of %d.',
+    jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+  )  # fmt: skip
+  train.train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  launch.define_run_flags()
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,48 @@
+"""NeuMF initialised from trained GMF and MLP runs (the NCF paper's pre-training)."""
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ncf_jax import checkpoint as ckpt_lib
+from ncf_jax import models, sharding, steps
+from ncf_jax.errors import UserError
+
+
+def _final_params(path: str, name: str):
+  """The parameters of the latest checkpoint of a trained `name` ('gmf'/'mlp') workdir."""
+  ck = ckpt_lib.Checkpoints(path, 1)
+  step = ck.latest_step()
+  if step is None:
+    raise UserError(
+      f'config.model.pretrained_{name}={path!r} has no checkpoint; train '
+      f'a {name} model with --workdir={path} first.'
+    )
+  meta = ck.restore_meta(step)
+  saved = meta['config']['model']
+  if saved['name'] != name:
+    raise UserError(
+      f'config.model.pretrained_{name}={path!r} holds a {saved["name"]} model, not {name}.'
+    )
+  restored = ck.manager.restore(
+    step, args=ckpt_lib.ocp.args.Composite(state=ckpt_lib.ocp.args.StandardRestore())
+  )['state']
+  ck.close()
+  return restored['params']
+
+
+def load_pretrained(config, state: steps.TrainState, mesh: Mesh):
+  """NeuMF params from the final checkpoints of trained GMF / MLP workdirs, placed as
+  `state.params` are."""
+  gmf = _final_params(config.model.pretrained_gmf, 'gmf') if config.model.pretrained_gmf else None
+  mlp = _final_params(config.model.pretrained_mlp, 'mlp') if config.model.pretrained_mlp else None
+  current = jax.device_get(sharding.gathered(state.params, mesh))  # whole, on every host
+  params = models.neumf_from_pretrained(current, gmf, mlp)
+  try:
+    # The pretrained runs' tables as saved (either layout): this run's rows.
+    params = jax.tree.map(sharding.fit_rows, params, current)
+    if sharding.is_sharded(config):
+      return jax.device_put(params, sharding.shardings(params, mesh))
+    return jax.device_put(params, NamedSharding(mesh, P()))
+  except (ValueError, TypeError) as e:
+    raise UserError(f'pretrained GMF/MLP shapes do not match this NeuMF config: {e}') from None

@@ -1,0 +1,249 @@
+"""A training run's long-lived objects, built once by `setup(config, workdir)`.
+
+`Run` holds what every stage of the loop reads: the mesh, the dataset and its device
+form, the model, the keys, the compiled programs, the checkpoints and the writer. The
+replicated-or-sharded decision is made here, once, from the config.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import os
+from typing import Any
+
+from absl import logging
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+
+from ncf_jax import checkpoint as ckpt_lib
+from ncf_jax import config_checks, memory, models, pipeline, sharding, steps, writers
+from ncf_jax import data as data_lib
+from ncf_jax.train import pretrained
+from ncf_jax.train.workdir import make_workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The jitted programs a run calls (each compiles at its first call)."""
+
+  train_step: Callable[..., Any]  # one step a call
+  multi_step: Callable[..., Any] | None  # config.steps_per_call steps a call, when > 1
+  build_epoch: Any  # an epoch's negatives and order, on device
+  eval_step: Callable[..., Any]  # the per-epoch evaluation (validation split if any, else test)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run builds once; the loop's stages read it and never rebuild it."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Mesh
+  seed: int
+  dataset: data_lib.Dataset
+  model: nn.Module
+  data: Any  # the sampler's arrays on the devices
+  data_key: jax.Array
+  dropout_key: jax.Array
+  abstract: Any  # the TrainState's shapes and shardings
+  programs: Programs
+  ckpts: ckpt_lib.Checkpoints
+  best_ckpts: ckpt_lib.Checkpoints | None  # the selected epoch's, with a validation split
+  writer: writers.MetricWriter
+  resumed: dict | None  # the restored checkpoint's meta (None for a fresh start)
+  device_bytes: dict[str, int]
+  state: steps.TrainState | None  # the state to start from; `take_state` hands it over
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return pipeline.steps_per_epoch(
+      self.dataset.num_train, self.config.num_neg, self.config.batch_size
+    )
+
+  @property
+  def select_key(self) -> str | None:
+    """The validation metric that selects the best epoch; None without a validation split."""
+    if self.config.validation == 'none':
+      return None
+    return f'valid_{self.config.select_metric}'
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+  def take_state(self) -> steps.TrainState:
+    """The starting state, handed over once: the loop donates its buffers."""
+    state, self.state = self.state, None
+    assert state is not None, 'take_state() was already called'
+    return state
+
+  def close(self) -> None:
+    self.writer.close()
+    self.ckpts.close()
+    if self.best_ckpts is not None:
+      self.best_ckpts.close()
+
+
+def resolve_seed(config: ml_collections.ConfigDict) -> int:
+  """config.seed, or (None or negative) one drawn by process 0 and sent to every process.
+
+  Every process must use the same seed: the keys and the initial parameters are
+  "replicated", and nothing would notice if each process drew its own.
+  """
+  fixed = config_checks.fixed_seed(config)
+  if fixed is not None:
+    return fixed
+  seed = int.from_bytes(os.urandom(4), 'little') & 0x7FFFFFFF
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    seed = int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
+  logging.info(
+    'config.seed=%s: drew seed %d (rerun with --config.seed=%d).', config.seed, seed, seed
+  )
+  return seed
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | None, made: list | None = None) -> Run:
+  """Checks the config, makes the workdir, loads the data, builds (or restores) the state.
+
+  `made` receives the folders created here, so that a failed run can remove them.
+  """
+  writers.quiet_library_logs()
+  mesh = steps.make_mesh(int(config.num_devices))
+  config_checks.validate_config(config, mesh.size)
+  workdir = make_workdir(workdir, made)
+  ckpts, best_ckpts, seed = _open_checkpoints(config, workdir)
+  dataset = _load_dataset(config, mesh)
+  init_key, data_key, dropout_key = steps.make_keys(seed, mesh)
+  model = models.create_model(
+    _model_config(config), dataset.num_users, dataset.num_items, config.dtype
+  )
+  _check_memory(config, model, dataset, mesh, init_key)
+  data = steps.device_data(config, dataset, mesh)
+  state = steps.create_train_state(config, model, init_key, mesh)
+  logging.info('Model %s: %d parameters.', config.model.name, models.num_params(state.params))
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  state, resumed = _initial_state(config, ckpts, state, abstract, mesh)
+  writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.write_config(ckpt_lib.config_to_dict(config) | {'resolved_seed': seed})
+  writer.rewrite_history(resumed['history'] if resumed else [])
+  programs, device_bytes = _build_programs(config, mesh, model, dataset, data, state, abstract)
+  return Run(
+    config=config, workdir=workdir, mesh=mesh, seed=seed, dataset=dataset, model=model,
+    data=data, data_key=data_key, dropout_key=dropout_key, abstract=abstract,
+    programs=programs, ckpts=ckpts, best_ckpts=best_ckpts, writer=writer, resumed=resumed,
+    device_bytes=device_bytes, state=state,
+  )  # fmt: skip
+
+
+def _open_checkpoints(config, workdir: str):
+  """The workdir's checkpoints, and the run's seed (the saved one when resuming).
+
+  A resume must be compatible with the saved run's config (checked before any work).
+  """
+  ckpts = ckpt_lib.Checkpoints(workdir, int(config.keep_checkpoints))
+  latest = ckpts.latest_step()
+  saved_meta = ckpts.restore_meta(latest) if latest is not None else None
+  if saved_meta is not None:
+    ckpt_lib.check_compatible(saved_meta, config, saved_meta['seed'])
+    seed = int(saved_meta['seed'])
+  else:
+    seed = resolve_seed(config)
+  best_ckpts = None
+  if config.validation != 'none':
+    best_ckpts = ckpt_lib.Checkpoints(workdir, 1, best_metric=f'valid_{config.select_metric}')
+    best_ckpts.delete_after(latest)
+  return ckpts, best_ckpts, seed
+
+
+def _load_dataset(config, mesh: Mesh) -> data_lib.Dataset:
+  dataset = data_lib.load(config.dataset, config.validation)
+  config_checks.validate_against_data(config, dataset)
+  logging.info(
+    'Devices: %d (%d processes), platform %s. Dataset %s: %d users, %d items, '
+    '%d train positives; %d samples/epoch, %d steps/epoch of %d.',
+    mesh.size, jax.process_count(), jax.devices()[0].platform, dataset.name,
+    dataset.num_users, dataset.num_items, dataset.num_train,
+    pipeline.epoch_size(dataset.num_train, config.num_neg),
+    pipeline.steps_per_epoch(dataset.num_train, config.num_neg, config.batch_size),
+    config.batch_size,
+  )  # fmt: skip
+  return dataset
+
+
+def _model_config(config):
+  model_config = config.model
+  if sharding.is_sharded(config):  # a projection would read whole tables, not row shards
+    model_config = model_config.copy_and_resolve_references()
+    model_config.first_layer = 'concat'
+  return model_config
+
+
+def memory_need(config, model, dataset, mesh, key) -> dict:
+  """Bytes per device (the most any holds) of the state, data and epoch, before building.
+
+  Collective with several processes: every process calls it.
+  """
+  state = steps.create_train_state(config, model, key, mesh, abstract=True)
+  data = steps.abstract_device_data(config, dataset, mesh)
+  epoch = steps.epoch_items_shape(config, mesh, data)
+  return memory.bytes_per_device(
+    params=state.params, opt_state=state.opt_state, data=data, epoch=epoch
+  )
+
+
+def _check_memory(config, model, dataset, mesh, key) -> None:
+  """Refuses, before allocating, a run whose state, data and epoch cannot fit in memory."""
+  need = memory_need(config, model, dataset, mesh, key)
+  alternative = ''
+  if not sharding.is_sharded(config):
+    other = config.copy_and_resolve_references()
+    other.sharding = 'sharded'
+    split = sum(memory_need(other, model, dataset, mesh, key).values())
+    alternative = (
+      f'--config.sharding=sharded splits the tables, their optimizer state, '
+      f'the data and the epoch over the {mesh.size} devices: about '
+      f'{split / 1e9:.2f} GB per device (docs/scale.md).'
+    )
+  memory.check_fits(
+    need, [d for d in mesh.devices.flat if d.process_index == jax.process_index()], alternative
+  )
+
+
+def _initial_state(config, ckpts: ckpt_lib.Checkpoints, state, abstract, mesh: Mesh):
+  """(state, meta): the latest checkpoint's, else the initial state (pre-trained if asked)."""
+  latest = ckpts.latest_step()
+  if latest is not None:
+    state, meta = ckpts.restore(abstract, latest)
+    ckpt_lib.log_restored(latest, meta)
+    return state, meta
+  if config.model.pretrained_gmf or config.model.pretrained_mlp:
+    state = state.replace(params=pretrained.load_pretrained(config, state, mesh))
+  return state, None
+
+
+def _build_programs(config, mesh: Mesh, model, dataset, data, state, abstract):
+  """The run's jitted programs, and the bytes per device its arrays take."""
+  train_step = steps.make_train_step(config, mesh, like=abstract)
+  # k steps per call; an epoch's last (steps left < k) run one per call through train_step.
+  per_call = int(config.steps_per_call)
+  multi_step = (
+    steps.make_train_step(config, mesh, num_steps=per_call, like=abstract) if per_call > 1 else None
+  )
+  build_epoch = steps.make_epoch_items(config, mesh, data)
+  # The most any device holds of each (collective with several processes: all call it).
+  device_bytes = memory.bytes_per_device(
+    params=state.params, opt_state=state.opt_state, data=data, epoch=build_epoch.abstract(data)
+  )
+  logging.info('Bytes per device (max over devices): %s', device_bytes)
+  # Every epoch's evaluation reads the validation split when there is one, else the test.
+  eval_step = steps.make_eval_step(
+    config, mesh, model, dataset.num_users, dataset.num_items,
+    split='valid' if config.validation != 'none' else 'test',
+  )  # fmt: skip
+  return Programs(train_step, multi_step, build_epoch, eval_step), device_bytes
