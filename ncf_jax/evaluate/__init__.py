@@ -1,4 +1,4 @@
-"""Evaluates a saved checkpoint: `python -m ncf_jax.evaluate --workdir=DIR [--step=N]`.
+"""Evaluates a saved checkpoint (library; the command is `python -m ncf_jax.evaluate`).
 
 The run is rebuilt from the checkpoint's own meta (its config and resolved seed), never
 from flags, so the evaluation candidates are exactly those of training: the same seed
@@ -16,19 +16,17 @@ Read-only: safe to run while a train command is still writing to the same workdi
 """
 
 import functools
-import json
 import os
 
-from absl import app, flags
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import ml_collections
 
 from ncf_jax import checkpoint as ckpt_lib
-from ncf_jax import config_checks, models, pipeline, sampling, steps, writers
+from ncf_jax import config_checks, models, pipeline, sampling, steps
 from ncf_jax import data as data_lib
-from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
+from ncf_jax.errors import UserError
 
 
 def _find_step(ckpts: ckpt_lib.Checkpoints, workdir: str, step: int | None) -> int:
@@ -62,7 +60,7 @@ def checkpoint_epoch(step: int, steps_per_epoch: int):
   return (epoch - 1, None) if batch == 0 else (epoch, batch)
 
 
-def _describe_epoch(epoch, batch) -> str:
+def describe_epoch(epoch, batch) -> str:
   if epoch is None:
     return 'before training'
   return f'end of epoch {epoch}' if batch is None else f'epoch {epoch}, batch {batch}'
@@ -179,51 +177,3 @@ def evaluate_checkpoint(
     'eval_candidates_hash': digest,
     'seed': seed,
   }
-
-
-def define_flags() -> None:
-  """Defines the evaluate command's flags (only when run as a command)."""
-  flags.DEFINE_string('workdir', None, 'Run directory of the checkpoints to evaluate.')
-  flags.DEFINE_integer('step', None, 'Global step of the checkpoint (default: latest).')
-  flags.DEFINE_string(
-    'data_dir',
-    None,
-    'Dataset folder, if it moved since training (default: the saved config.dataset.data_dir).',
-  )
-  flags.DEFINE_enum(
-    'split',
-    'test',
-    list(pipeline.SPLITS),
-    'Split to evaluate: test, or valid for a run with a validation split.',
-  )
-  flags.DEFINE_bool(
-    'best',
-    False,
-    'Evaluate the best checkpoint (the selected epoch of a '
-    'run with a validation split) instead of the latest.',
-  )
-
-
-@exit_on_user_error
-def main(argv):
-  if len(argv) > 1:
-    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  writers.quiet_library_logs()
-  result = evaluate_checkpoint(
-    flags.FLAGS.workdir, flags.FLAGS.step, flags.FLAGS.data_dir, flags.FLAGS.split, flags.FLAGS.best
-  )
-  k = result['top_k']
-  split = '' if result['split'] == 'test' else f' ({result["split"]} split)'
-  when = _describe_epoch(result['epoch'], result['batch'])
-  print(
-    f'checkpoint step {result["step"]} ({when}) of {result["workdir"]}'
-    f'{split}: HR@{k} = {result["hr"]:.4f}, NDCG@{k} = {result["ndcg"]:.4f}, '
-    f'MRR@{k} = {result["mrr"]:.4f} over {result["num_users"]} users',
-    flush=True,
-  )
-  print(json.dumps(result, sort_keys=True), flush=True)
-
-
-if __name__ == '__main__':
-  define_flags()
-  app.run(main, flags_parser=parse_flags)
