@@ -142,7 +142,7 @@ def format_value(value: Any) -> str:
 def column_names(paths: Sequence[str], results: Sequence[dict[str, Any]]) -> list[str]:
   names = []
   for path, result in zip(paths, results):
-    parts = []
+    parts: list[str] = []
     for k in _HEADER_KEYS:
       text = str(result.get(k) or '')
       if text and text.lower() not in (p.lower() for p in parts):

@@ -32,7 +32,7 @@ def hr_curves(
   """
   styles = list(styles) if styles else [(i, 0) for i in range(len(curves))]
   num_colors = max([c for c, _ in styles], default=0) + 1
-  palette = matplotlib.colormaps['tab10' if num_colors <= 10 else 'tab20'].colors
+  palette = matplotlib.colormaps['tab10' if num_colors <= 10 else 'tab20'].colors  # type: ignore[attr-defined]  # a ListedColormap
   dashes = ['-', '--', ':', '-.']
   fig = Figure(figsize=(13, 4.5))
   FigureCanvasAgg(fig)

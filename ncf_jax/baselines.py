@@ -8,6 +8,7 @@ synthetic data the planted oracle (`Dataset.oracle`) is the ceiling.
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ncf_jax import data as data_lib
@@ -35,7 +36,7 @@ def evaluate_scorer(
   """HR/NDCG of `scorer(users [U, C], items [U, C]) -> scores` on the run's candidates."""
   users, items = pipeline.eval_candidates(dataset, key, num_neg=num_neg, match_mlperf=match_mlperf)
   if match_mlperf:
-    mask = np.asarray(pipeline.first_occurrence(items))
+    mask = np.asarray(pipeline.first_occurrence(jnp.asarray(items)))
   else:
     mask = np.ones(items.shape, bool)
   grid = np.broadcast_to(users[:, None], items.shape)

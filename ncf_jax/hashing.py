@@ -31,8 +31,8 @@ def _element_hash(position, a, b) -> jax.Array:
   b enters the second call's counter (not its key): per-lane keys made threefry ~4x
   slower on CPU.
   """
-  h0, h1 = sampling.random_words(_KEY, position, a)
-  return jnp.stack(sampling.random_words(_KEY2, h0 ^ b, h1))
+  h0, h1 = sampling.random_words(jnp.asarray(_KEY), position, a)
+  return jnp.stack(sampling.random_words(jnp.asarray(_KEY2), h0 ^ b, h1))
 
 
 def batch_digest(batch, position: jax.Array, axis_name: str | None = None) -> jax.Array:

@@ -196,8 +196,9 @@ class NeuMF(nn.Module):
         self.first_layer, self.num_users, self.num_items, int(np.prod(jnp.shape(users)))
       )
       if any(project):
+        user_table, item_table = embed(users, items, tables=True)
         x = _FirstLayer(self.mlp_layers[1], self.mlp_layers[0], self.dtype, name='mlp_0')(
-          *embed(users, items, tables=True), users, items, tuple(project)
+          user_table, item_table, users, items, project
         )
       else:
         mu, mi = embed(users, items)

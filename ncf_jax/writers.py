@@ -228,7 +228,7 @@ class DeviceProgress:
 
   def __init__(self, bar, on_wait: Callable[[], None] | None = None):
     self.bar = bar
-    self._pending = collections.deque()
+    self._pending: collections.deque = collections.deque()
     self._on_wait = on_wait
 
   def add(self, token, steps: int = 1) -> None:
