@@ -173,10 +173,15 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def tree_digest(path: str) -> dict[str, str]:
-  """{relative path: sha256} of every file below `path` (to prove nothing changed)."""
+  """{relative path: sha256} of every file below `path` (to prove nothing changed).
+
+  The workdir's lock file is left out: it records the last run that started there.
+  """
   out = {}
   for root, _, files in os.walk(path):
     for name in files:
+      if name == '.ncf_jax.lock':
+        continue
       full = os.path.join(root, name)
       with open(full, 'rb') as f:
         out[os.path.relpath(full, path)] = hashlib.sha256(f.read()).hexdigest()

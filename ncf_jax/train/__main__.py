@@ -2,13 +2,18 @@
 
 Parses the flags, sets up the process (XLA flags, multi-host `jax.distributed`) and calls
 `ncf_jax.train.train_and_evaluate`; a user error becomes one `error:` line and exit 2.
+Ctrl-C saves a checkpoint at the next step and exits with code 130 (a second Ctrl-C
+aborts at once, also 130); rerunning the same command resumes.
 """
+
+import sys
 
 from absl import app, flags, logging
 import jax
 
 from ncf_jax import launch, train, writers
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
+from ncf_jax.train.preemption import Interrupted
 
 
 @exit_on_user_error
@@ -26,7 +31,18 @@ def main(argv: list[str]) -> None:
     'JAX process %d of %d, %d local devices of %d.',
     jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
   )  # fmt: skip
-  train.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(config, FLAGS.workdir)
+  except Interrupted:
+    sys.exit(130)  # saved; the log's last lines say where and how to resume
+  except KeyboardInterrupt:
+    print(
+      'error: interrupted (Ctrl-C) before the run could save; checkpoints saved before '
+      'it are intact. Rerun the same command to resume.',
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(130)
 
 
 if __name__ == '__main__':

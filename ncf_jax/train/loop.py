@@ -18,7 +18,7 @@ from ncf_jax import checkpoint as ckpt_lib
 from ncf_jax import dispatch, hashing, steps, writers
 from ncf_jax.errors import UserError
 from ncf_jax.train import results
-from ncf_jax.train.preemption import Preemption
+from ncf_jax.train.preemption import Interrupted, Preemption
 from ncf_jax.train.run import Run, setup
 from ncf_jax.train.workdir import remove_if_empty
 
@@ -37,6 +37,7 @@ class Progress:
   reached: int | None = None  # the epoch that reached config.hr_threshold
   stop_early: bool = False
   preempted: bool = False
+  stop_reason: str | None = None  # what stopped it midway: 'SIGTERM' or 'Ctrl-C'
   calls: int = 0  # train calls in this process (the preemption check's counter)
   t_start: float = dataclasses.field(default_factory=time.time)
   t_epoch: float = 0.0
@@ -82,7 +83,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   made: list[str] = []  # folders this run created (deepest first)
   try:
     with writers.visible_logs():
-      return _stages(setup(config, workdir, made))
+      run = setup(config, workdir, made)
+      try:
+        return _stages(run)
+      finally:
+        run.lock.release()  # also when the loop fails: the workdir is free again
   except BaseException as e:
     if made and jax.process_count() == 1:  # else another process may write there now
       remove_if_empty(made)
@@ -117,6 +122,8 @@ def _stages(run: Run) -> steps.TrainState:
       test, test_hash = test_selected(run, best, in_flight)
       watchdog.beat()
   finish(run, state, progress, test, test_hash)
+  if progress.stop_reason == 'Ctrl-C':
+    raise Interrupted(f'Ctrl-C: the run saved its state in {run.workdir}; rerun to resume.')
   return state
 
 
@@ -177,7 +184,7 @@ def train_epoch(run: Run, state, progress: Progress, guards: Guards, epoch: int)
   state, stopped = _train_batches(run, state, progress, guards, items, epoch, first_step)
   _check_finite(state, run.ckpts)
   if stopped:
-    _save_preempted(run, state, progress, epoch)
+    _save_preempted(run, state, progress, epoch, guards.preemption.reason or 'SIGTERM')
     return state, None
   loss_sum, loss_count = jax.device_get((state.loss_sum, state.loss_count))
   guards.watchdog.beat()
@@ -228,17 +235,18 @@ def _train_batches(run: Run, state, progress: Progress, guards: Guards, items, e
   return state, stopped
 
 
-def _save_preempted(run: Run, state, progress: Progress, epoch: int) -> None:
-  """SIGTERM mid-epoch: a checkpoint at the current step, so a rerun resumes exactly."""
+def _save_preempted(run: Run, state, progress: Progress, epoch: int, reason: str) -> None:
+  """SIGTERM or Ctrl-C mid-epoch: a checkpoint at the current step, so a rerun resumes
+  exactly."""
   gstep = int(jax.device_get(state.step))
   if run.ckpts.latest_step() != gstep:  # else: stopped right after an epoch-end save
     save(run, state, progress, gstep, epoch)
   logging.info(
-    'SIGTERM: saved a checkpoint at step %d (epoch %d, batch %d of %d); '
+    '%s: saved a checkpoint at step %d (epoch %d, batch %d of %d); '
     'rerun the same command to resume.',
-    gstep, epoch, gstep - epoch * run.steps_per_epoch, run.steps_per_epoch,
+    reason, gstep, epoch, gstep - epoch * run.steps_per_epoch, run.steps_per_epoch,
   )  # fmt: skip
-  progress.preempted = True
+  progress.preempted, progress.stop_reason = True, reason
 
 
 def evaluate_epoch(run: Run, state, progress: Progress, guards: Guards, epoch: int, record) -> bool:

@@ -90,6 +90,7 @@ def summary(
     if reached is None
     else history[[h['epoch'] for h in history].index(reached)]['total_wall_s'],
     'preempted': progress.preempted,
+    'stop_reason': progress.stop_reason,
     'num_devices': run.mesh.size,
     'bytes_per_device': run.device_bytes,
     'num_processes': jax.process_count(),
@@ -129,7 +130,8 @@ def done_line(workdir: str, summary: dict, history: list, top_k: int, wall_s: fl
     what = 'no epoch evaluated yet'
   if summary['preempted']:
     return (
-      f'Stopped (SIGTERM): {workdir} - {what}, {wall_s:.1f} s; summary.json; rerun '
+      f'Stopped ({summary.get("stop_reason") or "SIGTERM"}): {workdir} - {what}, '
+      f'{wall_s:.1f} s; summary.json; rerun '
       'the same command to resume.'
     )
   return f'Done: {workdir} - {what}, {wall_s:.1f} s; summary.json'

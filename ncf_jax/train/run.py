@@ -21,7 +21,7 @@ from ncf_jax import checkpoint as ckpt_lib
 from ncf_jax import config_checks, memory, models, pipeline, sharding, steps, writers
 from ncf_jax import data as data_lib
 from ncf_jax.train import pretrained
-from ncf_jax.train.workdir import make_workdir
+from ncf_jax.train import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,7 @@ class Run:
   resumed: dict | None  # the restored checkpoint's meta (None for a fresh start)
   device_bytes: dict[str, int]
   state: steps.TrainState | None  # the state to start from; `take_state` hands it over
+  lock: workdir_lib.WorkdirLock  # held until `close`: one run per workdir
 
   @property
   def steps_per_epoch(self) -> int:
@@ -80,10 +81,12 @@ class Run:
     return state
 
   def close(self) -> None:
+    """Closes the writer and checkpoints and releases the workdir (idempotent)."""
     self.writer.close()
     self.ckpts.close()
     if self.best_ckpts is not None:
       self.best_ckpts.close()
+    self.lock.release()
 
 
 def resolve_seed(config: ml_collections.ConfigDict) -> int:
@@ -114,7 +117,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None, made: list | N
   writers.quiet_library_logs()
   mesh = steps.make_mesh(int(config.num_devices))
   config_checks.validate_config(config, mesh.size)
-  workdir = make_workdir(workdir, made)
+  workdir = workdir_lib.make_workdir(workdir, made)
+  lock = workdir_lib.lock_workdir(workdir)
+  try:
+    return _build(config, workdir, mesh, lock)
+  except BaseException:
+    lock.release()
+    raise
+
+
+def _build(config, workdir: str, mesh: Mesh, lock: workdir_lib.WorkdirLock) -> Run:
+  """`setup` once the workdir is this run's: checkpoints, data, model, state, programs."""
+  for name in (ckpt_lib.LATEST_DIR, ckpt_lib.BEST_DIR):
+    workdir_lib.check_writable(os.path.join(workdir, name))
   ckpts, best_ckpts, seed = _open_checkpoints(config, workdir)
   dataset = _load_dataset(config, mesh)
   init_key, data_key, dropout_key = steps.make_keys(seed, mesh)
@@ -137,7 +152,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None, made: list | N
     config=config, workdir=workdir, mesh=mesh, seed=seed, dataset=dataset, model=model,
     data=data, data_key=data_key, dropout_key=dropout_key, abstract=abstract,
     programs=programs, ckpts=ckpts, best_ckpts=best_ckpts, writer=writer, resumed=resumed,
-    device_bytes=device_bytes, state=state,
+    device_bytes=device_bytes, state=state, lock=lock,
   )  # fmt: skip
 
 
