@@ -18,8 +18,10 @@ from typing import Any
 import pyarrow.csv as pacsv
 
 from configs import default
-from ncf_jax import data, movielens, synthetic
+from ncf_jax import data
 from ncf_jax.benchmark import common
+from ncf_jax.data import synthetic
+from ncf_jax.data.sources import grouplens
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,7 +43,7 @@ def _bare_parse(path):
 
 def _preprocess(name, data_dir):
   t = time.perf_counter()
-  ratings = movielens.read_ratings(movielens.locate(name, data_dir))
+  ratings = grouplens.read_ratings(grouplens.locate(name, data_dir))
   parsed = time.perf_counter()
   ds, _ = data.preprocess(
     ratings.users, ratings.items, ratings.timestamps, name=name, min_ratings=20, where=ratings.where

@@ -17,8 +17,9 @@ truncated, corrupted or other-version file raises `CacheError` and is never misr
 `write` is atomic: a temp file in the same folder, fsync, then `os.replace`, so a reader
 (or a second writer) only ever sees a complete old file or a complete new one.
 
-Also here: `content_hash`, a source-file content hash memoised by (path, size, mtime_ns) in
-a small JSON, so a valid cache loads without re-hashing a 500 MB ratings file.
+Also here: where the caches live (`cache_dir`), and `content_hash`, a source-file content
+hash memoised by (path, size, mtime_ns) in a small JSON (`source_hash`: the one under
+data_dir), so a valid cache loads without re-hashing a 500 MB ratings file.
 """
 
 from collections.abc import Mapping
@@ -218,3 +219,13 @@ def content_hash(path: str, memo_path: str) -> str:
   except OSError:
     pass
   return digest
+
+
+def cache_dir(data_dir: str) -> str:
+  """Folder of the processed caches (and the source-hash memo) under data_dir."""
+  return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), 'processed')
+
+
+def source_hash(path: str, data_dir: str) -> str:
+  """`content_hash` of a source file, memoised in `<data_dir>/processed/source_hashes.json`."""
+  return content_hash(path, os.path.join(cache_dir(data_dir), 'source_hashes.json'))
