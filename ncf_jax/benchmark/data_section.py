@@ -8,6 +8,7 @@ preprocess <= 20 s and <= 4x the bare parse, cache load <= 2 s, peak RSS <= 3 GB
 generation <= 30 s.
 """
 
+from collections.abc import Callable
 import json
 import os
 import subprocess
@@ -73,7 +74,7 @@ def _prepare(name, data_dir, force):
 
 
 # One measurement each; `_measure` runs it in a fresh process and returns its figures.
-_MEASUREMENTS = {
+_MEASUREMENTS: dict[str, Callable[..., dict[str, Any]]] = {
   'generate': _generate,
   'bare_parse': _bare_parse,
   'preprocess': _preprocess,

@@ -73,7 +73,8 @@ def write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) 
     arrays: name -> numpy array (any fixed-size dtype; written C-contiguous).
     meta: JSON-serialisable metadata returned by `read` unchanged.
   """
-  entries, offset, crc = [], 0, 0
+  entries: list[dict[str, Any]] = []
+  offset, crc = 0, 0
   contiguous = {}
   for name, a in arrays.items():
     a = np.ascontiguousarray(a)
@@ -93,7 +94,7 @@ def write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) 
   pos = 0
   for e in entries:
     crc = zlib.crc32(bytes(e['offset'] - pos), crc)
-    crc = zlib.crc32(memoryview(contiguous[e['name']]).cast('B'), crc)
+    crc = zlib.crc32(memoryview(contiguous[e['name']]).cast('B'), crc)  # type: ignore[arg-type]
     pos = e['offset'] + e['nbytes']
   crc = zlib.crc32(bytes(payload_bytes - pos), crc)
   header = json.dumps(
@@ -113,7 +114,7 @@ def write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) 
       pos = 0
       for e in entries:
         f.write(bytes(e['offset'] - pos))
-        f.write(memoryview(contiguous[e['name']]).cast('B'))
+        f.write(memoryview(contiguous[e['name']]).cast('B'))  # type: ignore[arg-type]
         pos = e['offset'] + e['nbytes']
       f.write(bytes(payload_bytes - pos))
       f.flush()
@@ -168,10 +169,12 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     raise CacheError('payload checksum mismatch (corrupted)')
   arrays = {}
   try:
-    for e in h['arrays']:
-      dtype = np.dtype(e['dtype'])
-      count = int(np.prod(e['shape'], dtype=np.int64))
-      arrays[e['name']] = np.frombuffer(buf, dtype, count, e['offset']).reshape(e['shape'])
+    for entry in h['arrays']:
+      dtype = np.dtype(entry['dtype'])
+      count = int(np.prod(entry['shape'], dtype=np.int64))
+      arrays[entry['name']] = np.frombuffer(buf, dtype, count, entry['offset']).reshape(
+        entry['shape']
+      )
   except (ValueError, KeyError, TypeError) as e:
     raise CacheError(f'inconsistent array table ({e})') from e
   return arrays, h['meta']

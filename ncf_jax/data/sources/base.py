@@ -57,7 +57,7 @@ def settings(cfg) -> Settings:
     source=cfg.source,
     data_dir=os.path.abspath(os.path.expanduser(cfg.data_dir)),
     download=bool(cfg.download),
-    min_ratings=cfg.min_ratings,
+    min_ratings=int(cfg.min_ratings),
   )
 
 

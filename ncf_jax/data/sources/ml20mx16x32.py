@@ -197,7 +197,8 @@ def read_shards(source: ShardFiles) -> ShardRows:
       pos += rows
       logging.info('Read %s (%d rows)', path, rows)
     columns += [users, items]
-  return ShardRows(*columns, where=source.folder)
+  train_users, train_items, test_users, test_items = columns
+  return ShardRows(train_users, train_items, test_users, test_items, where=source.folder)
 
 
 def check_sizes(
