@@ -45,7 +45,7 @@ def build(source: sources.Source, validation: str = 'none') -> Dataset:
   """Reads `source` and makes its `Dataset` (no cache): preprocessed unless it comes split."""
   raw = source.read(validation)
   if isinstance(raw, Dataset):
-    dataset, where = raw, raw.name
+    dataset, where = raw, source.name
   else:
     dataset, where = _preprocess(raw, source, validation), raw.where
   source.check(dataset, where)

@@ -7,7 +7,7 @@
   source.identity()                        # finds the data (downloads if asked): cache header
   raw = source.read(validation)            # on a cache miss: Interactions, or a split Dataset
   dataset = preprocess(raw) if raw is Interactions else raw
-  source.check(dataset, raw.where)         # published sizes and the like
+  source.check(dataset, where)             # published sizes and the like
 
 A source that reads interactions (GroupLens, TFDS, synthetic, fractal) leaves the split to
 the MLPerf preprocessing; one whose data comes split (ml-20mx16x32) builds the `Dataset`
