@@ -11,7 +11,7 @@ import pytest
 
 from configs import default
 from ncf_jax import data
-from ncf_jax.data import cache
+from ncf_jax.data import cache, sources
 from ncf_jax.data.sources import grouplens
 from ncf_jax.data.sources import tfds as tfds_source
 from ncf_jax.errors import UserError
@@ -641,3 +641,67 @@ def test_bad_input_fails_with_one_message_and_loses_nothing_on_disk(tmp_path, na
   assert added <= {str(tmp_path / 'processed' / 'source_hashes.json')}, added
   assert not data.prepare(synthetic_config(tmp_path)).built  # still valid
   assert good.cache_path in after
+
+
+# --- sources: one interface, one registry --------------------------------------------------
+
+
+def test_check_config_checks_the_whole_block_without_reading_data(tmp_path):
+  missing = tmp_path / 'nothing here'
+  for name in data.NAMES:  # valid blocks pass although no data exists
+    data.check_config(config(missing, name, source='grouplens'))
+  assert not missing.exists()
+  with pytest.raises(UserError, match=r"unknown dataset name 'ml-5m'"):
+    data.check_config(config(missing, 'ml-5m'))
+  with pytest.raises(UserError, match=r'fractal_rows=0 is invalid'):
+    data.check_config(config(missing, 'fractal', fractal_rows=0))
+  with pytest.raises(UserError, match=r'ml-20mx16x32 exists only as the GroupLens'):
+    data.check_config(config(missing, 'ml-20mx16x32', source='tfds'))
+
+
+def test_the_registry_picks_the_source_by_name_and_config_source():
+  def chosen(name, kind):
+    return type(data.select(config('/nonexistent', name, source=kind))).__name__
+
+  assert [chosen('ml-1m', k) for k in data.SOURCES] == ['GroupLensSource', 'TfdsSource']
+  assert chosen('synthetic', 'not used') == 'SyntheticSource'
+  assert chosen('ml-20mx16x32', 'grouplens') == 'ShardsSource'
+  fractal = data.select(config('/nonexistent', 'fractal', fractal_base='ml-1m', source='tfds'))
+  assert type(fractal.base).__name__ == 'TfdsSource' and fractal.base.name == 'ml-1m'
+
+
+class _EchoSource(data.Source):
+  """A source added as one class: ROWS as interactions, found through the registry."""
+
+  names = ('echo',)
+  reads = 0
+
+  def cache_params(self):
+    return {'source': 'echo', 'version': 1}
+
+  def identity(self):
+    return 'echo-v1'
+
+  def read(self, validation):
+    type(self).reads += 1
+    users, items, timestamps = (np.array(c) for c in zip(*ROWS))
+    return data.Interactions(
+      users.astype(np.int32), items.astype(np.int32), timestamps.astype(np.int64), 'echo rows'
+    )
+
+
+def test_a_new_source_is_one_class_in_the_registry(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, 'REGISTRY', sources.REGISTRY + (_EchoSource,))
+  monkeypatch.setattr(sources, 'NAMES', sources.NAMES + ('echo',))
+  first = data.prepare(config(tmp_path, 'echo'))
+  again = data.prepare(config(tmp_path, 'echo'))
+  assert first.built and not again.built and _EchoSource.reads == 1
+  assert_expected(again.dataset)
+  assert again.dataset.name == 'echo' and os.path.basename(first.cache_path).startswith('echo-')
+  assert data.cache_params(data.select(config(tmp_path, 'echo')), 'none') == {
+    'name': 'echo',
+    'min_ratings': 3,
+    'preprocess_version': data.PREPROCESS_VERSION,
+    'source': 'echo',
+    'version': 1,
+  }
