@@ -1,4 +1,4 @@
-"""Tests of the binary cache format (ncf_jax.cache)."""
+"""Tests of the binary cache format (ncf_jax.data.cache)."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from ncf_jax import cache
+from ncf_jax.data import cache
 
 
 def _arrays():

@@ -141,10 +141,11 @@ def ml100k_zip(rows):
 def write_tfds_metadata(tfds_dir, file_format, name='ml-20m'):
   """Writes the metadata of a built TFDS dataset (no records, no TensorFlow needed)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.structured import movielens  # noqa: F401 (registers the builder)
 
-  from ncf_jax import movielens as ncf_movielens  # pylint: disable=g-import-not-at-top
+  from ncf_jax.data.sources import tfds as ncf_tfds  # pylint: disable=g-import-not-at-top
 
-  builder = tfds.builder(ncf_movielens.TFDS_NAMES[name], data_dir=str(tfds_dir))
+  builder = tfds.builder(ncf_tfds.TFDS_NAMES[name], data_dir=str(tfds_dir))
   builder.info.set_file_format(file_format, override=True)
   builder.data_path.mkdir(parents=True)
   builder.info.write_to_directory(builder.data_path)

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from ncf_jax import cache, data, movielens
+from ncf_jax import data
+from ncf_jax.data import cache, sources
+from ncf_jax.data.sources import grouplens
+from ncf_jax.data.sources import tfds as tfds_source
 from ncf_jax.errors import UserError
 
 # (raw user, raw movie, timestamp) in file order: 5 users, 12 movies.
@@ -40,7 +43,7 @@ EXPECTED_TEST = [8, 0, 9, 5]
 
 
 def write_ratings(data_dir, name, rows=ROWS, as_zip=False):
-  fmt = movielens.FORMATS[name]
+  fmt = grouplens.FORMATS[name]
   lines = [fmt.header] if fmt.header else []
   lines += [
     fmt.sep.join([str(u), str(i), '4' if fmt.sep != ',' else '3.5', str(t)]) for u, i, t in rows
@@ -86,7 +89,7 @@ def synthetic_config(data_dir, **kwargs):
 @pytest.fixture(autouse=True)
 def _no_size_check_on_tiny_files(monkeypatch):
   # The tiny files use the ml-1m / ml-20m layouts; the published sizes are tested separately.
-  monkeypatch.setattr(movielens, 'KNOWN_SIZES', {})
+  monkeypatch.setattr(grouplens, 'KNOWN_SIZES', {})
 
 
 def assert_expected(ds):
@@ -109,7 +112,7 @@ def test_hand_written_file_gives_the_pinned_dataset(tmp_path):
   assert ds.name == 'ml-latest-small' and ds.oracle is None
 
 
-@pytest.mark.parametrize('name', movielens.NAMES)
+@pytest.mark.parametrize('name', grouplens.NAMES)
 @pytest.mark.parametrize('as_zip', [False, True])
 def test_every_format_folder_or_zip_gives_the_same_dataset(tmp_path, name, as_zip):
   write_ratings(tmp_path, name, as_zip=as_zip)
@@ -364,7 +367,7 @@ def test_missing_file_names_the_expected_paths(tmp_path):
 
 
 def test_published_sizes_are_checked_for_official_names(tmp_path, monkeypatch):
-  monkeypatch.setattr(movielens, 'KNOWN_SIZES', {'ml-1m': (1_000_209, 6_040, 3_706)})
+  monkeypatch.setattr(grouplens, 'KNOWN_SIZES', {'ml-1m': (1_000_209, 6_040, 3_706)})
   write_ratings(tmp_path, 'ml-1m')
   with pytest.raises(
     UserError,
@@ -372,7 +375,7 @@ def test_published_sizes_are_checked_for_official_names(tmp_path, monkeypatch):
     r'1,000,209.*not the official file',
   ):
     data.load(config(tmp_path, 'ml-1m'))
-  monkeypatch.setattr(movielens, 'KNOWN_SIZES', {'ml-1m': (16, 6_040, 3_706)})
+  monkeypatch.setattr(grouplens, 'KNOWN_SIZES', {'ml-1m': (16, 6_040, 3_706)})
   with pytest.raises(UserError, match=r'has 4 users; the official GroupLens ml-1m has 6,040'):
     data.load(config(tmp_path, 'ml-1m'))
 
@@ -406,7 +409,7 @@ def test_second_load_uses_the_cache_without_parsing(tmp_path, monkeypatch):
   def no_build(*args, **kwargs):
     raise AssertionError('rebuilt although the cache is valid')
 
-  monkeypatch.setattr(data, 'build_grouplens', no_build)
+  monkeypatch.setattr(grouplens, 'read_ratings', no_build)
   second = data.prepare(config(tmp_path))
   assert not second.built and second.cache_path == first.cache_path
   assert os.stat(first.cache_path).st_mtime_ns == mtime
@@ -552,8 +555,8 @@ def test_tfds_built_as_tfrecord_says_delete_and_rebuild_as_array_record(tmp_path
 
 
 def test_tfds_build_without_tensorflow_says_install_it_before_downloading(tmp_path, monkeypatch):
-  monkeypatch.setattr(movielens, 'has_tensorflow', lambda: False)
-  monkeypatch.setenv(movielens.URL_ENV, 'http://127.0.0.1:9')  # would fail if reached
+  monkeypatch.setattr(tfds_source, 'has_tensorflow', lambda: False)
+  monkeypatch.setenv(grouplens.URL_ENV, 'http://127.0.0.1:9')  # would fail if reached
   with pytest.raises(
     UserError,
     match=r'building TFDS movielens/100k-ratings needs TensorFlow '
@@ -564,9 +567,9 @@ def test_tfds_build_without_tensorflow_says_install_it_before_downloading(tmp_pa
 
 
 def test_tfds_download_failure_names_the_url_and_what_to_do(tmp_path, monkeypatch):
-  monkeypatch.setattr(movielens, 'has_tensorflow', lambda: True)  # fails before TF is used
+  monkeypatch.setattr(tfds_source, 'has_tensorflow', lambda: True)  # fails before TF is used
   with serve_http({}) as url:  # every path is a 404
-    monkeypatch.setenv(movielens.URL_ENV, url)
+    monkeypatch.setenv(grouplens.URL_ENV, url)
     with pytest.raises(
       UserError,
       match=(
@@ -581,7 +584,7 @@ def test_tfds_download_failure_names_the_url_and_what_to_do(tmp_path, monkeypatc
 def test_tfds_unofficial_zip_in_data_dir_fails_the_checksum_with_one_clear_error(
   tmp_path, monkeypatch
 ):
-  monkeypatch.setattr(movielens, 'has_tensorflow', lambda: True)  # fails before TF is used
+  monkeypatch.setattr(tfds_source, 'has_tensorflow', lambda: True)  # fails before TF is used
   (tmp_path / 'ml-100k.zip').write_bytes(ml100k_zip(ROWS))
   with pytest.raises(
     UserError,
@@ -626,7 +629,7 @@ def test_bad_input_fails_with_one_message_and_loses_nothing_on_disk(tmp_path, na
   good = data.prepare(synthetic_config(tmp_path))  # an unrelated good cache in data_dir
   if text is not None:
     write_ratings(tmp_path, name, rows=())  # create the folder layout, then the content
-    fmt = movielens.FORMATS[name]
+    fmt = grouplens.FORMATS[name]
     with open(tmp_path / fmt.folder / fmt.filename, 'w') as f:
       f.write(text)
   before = _snapshot(tmp_path)
@@ -638,3 +641,67 @@ def test_bad_input_fails_with_one_message_and_loses_nothing_on_disk(tmp_path, na
   assert added <= {str(tmp_path / 'processed' / 'source_hashes.json')}, added
   assert not data.prepare(synthetic_config(tmp_path)).built  # still valid
   assert good.cache_path in after
+
+
+# --- sources: one interface, one registry --------------------------------------------------
+
+
+def test_check_config_checks_the_whole_block_without_reading_data(tmp_path):
+  missing = tmp_path / 'nothing here'
+  for name in data.NAMES:  # valid blocks pass although no data exists
+    data.check_config(config(missing, name, source='grouplens'))
+  assert not missing.exists()
+  with pytest.raises(UserError, match=r"unknown dataset name 'ml-5m'"):
+    data.check_config(config(missing, 'ml-5m'))
+  with pytest.raises(UserError, match=r'fractal_rows=0 is invalid'):
+    data.check_config(config(missing, 'fractal', fractal_rows=0))
+  with pytest.raises(UserError, match=r'ml-20mx16x32 exists only as the GroupLens'):
+    data.check_config(config(missing, 'ml-20mx16x32', source='tfds'))
+
+
+def test_the_registry_picks_the_source_by_name_and_config_source():
+  def chosen(name, kind):
+    return type(data.select(config('/nonexistent', name, source=kind))).__name__
+
+  assert [chosen('ml-1m', k) for k in data.SOURCES] == ['GroupLensSource', 'TfdsSource']
+  assert chosen('synthetic', 'not used') == 'SyntheticSource'
+  assert chosen('ml-20mx16x32', 'grouplens') == 'ShardsSource'
+  fractal = data.select(config('/nonexistent', 'fractal', fractal_base='ml-1m', source='tfds'))
+  assert type(fractal.base).__name__ == 'TfdsSource' and fractal.base.name == 'ml-1m'
+
+
+class _EchoSource(data.Source):
+  """A source added as one class: ROWS as interactions, found through the registry."""
+
+  names = ('echo',)
+  reads = 0
+
+  def cache_params(self):
+    return {'source': 'echo', 'version': 1}
+
+  def identity(self):
+    return 'echo-v1'
+
+  def read(self, validation):
+    type(self).reads += 1
+    users, items, timestamps = (np.array(c) for c in zip(*ROWS))
+    return data.Interactions(
+      users.astype(np.int32), items.astype(np.int32), timestamps.astype(np.int64), 'echo rows'
+    )
+
+
+def test_a_new_source_is_one_class_in_the_registry(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources, 'REGISTRY', sources.REGISTRY + (_EchoSource,))
+  monkeypatch.setattr(sources, 'NAMES', sources.NAMES + ('echo',))
+  first = data.prepare(config(tmp_path, 'echo'))
+  again = data.prepare(config(tmp_path, 'echo'))
+  assert first.built and not again.built and _EchoSource.reads == 1
+  assert_expected(again.dataset)
+  assert again.dataset.name == 'echo' and os.path.basename(first.cache_path).startswith('echo-')
+  assert data.cache_params(data.select(config(tmp_path, 'echo')), 'none') == {
+    'name': 'echo',
+    'min_ratings': 3,
+    'preprocess_version': data.PREPROCESS_VERSION,
+    'source': 'echo',
+    'version': 1,
+  }

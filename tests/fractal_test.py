@@ -1,4 +1,4 @@
-"""Tests of the fractal expansion (ncf_jax.fractal) and name='fractal' in ncf_jax.data.
+"""Tests of the fractal expansion (ncf_jax.data.fractal) and its source, name='fractal'.
 
 Bases are tiny synthetic sets (a few hundred users): the sizes, bounds and determinism of
 the construction, and the properties Belletti et al. (arXiv 1901.08910) claim it keeps:
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from ncf_jax import data, fractal, movielens, synthetic
+from ncf_jax import data
+from ncf_jax.data import fractal, synthetic
+from ncf_jax.data.sources import grouplens
 from ncf_jax.errors import UserError
 
 N, M = 300, 400  # base users, items
@@ -201,7 +203,7 @@ def test_the_cache_key_holds_base_parameters_multipliers_and_seed(tmp_path, monk
 
 
 def test_a_grouplens_base_is_read_raw_and_its_file_is_part_of_the_source(tmp_path, monkeypatch):
-  monkeypatch.setattr(movielens, 'KNOWN_SIZES', {})
+  monkeypatch.setattr(grouplens, 'KNOWN_SIZES', {})
   rng = np.random.default_rng(0)
   folder = tmp_path / 'ml-latest-small'
   folder.mkdir()

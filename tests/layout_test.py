@@ -81,8 +81,8 @@ def test_no_ncf_jax_module_imports_one_that_imports_it_back():
 
 def test_the_synthetic_generator_sits_below_the_dataset_layer():
   graph = import_graph()
-  assert 'ncf_jax.synthetic' in graph['ncf_jax.data']
-  assert 'ncf_jax.data' not in graph['ncf_jax.synthetic']
+  assert 'ncf_jax.data.synthetic' in graph['ncf_jax.data']
+  assert 'ncf_jax.data' not in graph['ncf_jax.data.synthetic']
 
 
 def test_cycle_finder_flags_a_function_level_import_back():

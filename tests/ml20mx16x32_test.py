@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from ncf_jax import data, movielens
+from ncf_jax import data
+from ncf_jax.data.sources import ml20mx16x32
 from ncf_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +25,7 @@ NAME = 'ml-20mx16x32'
 @pytest.fixture(autouse=True)
 def _no_size_check_on_tiny_files(monkeypatch):
   # The published sizes are checked in their own test.
-  monkeypatch.setattr(movielens, 'EXPANDED_KNOWN_SIZES', {})
+  monkeypatch.setattr(ml20mx16x32, 'KNOWN_SIZES', {})
 
 
 def make_split(seed=0, users_per_shard=3, num_items=40, gap=True):
@@ -34,7 +35,7 @@ def make_split(seed=0, users_per_shard=3, num_items=40, gap=True):
   """
   rng = np.random.default_rng(seed)
   split, raw = {}, 0
-  for shard in range(movielens.EXPANDED_SHARDS):
+  for shard in range(ml20mx16x32.SHARDS):
     for _ in range(users_per_shard):
       chosen = rng.choice(num_items, size=int(rng.integers(3, 9)), replace=False)
       split[raw] = (shard, sorted(chosen[1:].tolist()), int(chosen[0]))
@@ -47,7 +48,7 @@ def write_shards(data_dir, split, dtype=np.int64, compressed=True, shuffle=False
   os.makedirs(folder, exist_ok=True)
   save = np.savez_compressed if compressed else np.savez
   rng = np.random.default_rng(1)
-  for shard in range(movielens.EXPANDED_SHARDS):
+  for shard in range(ml20mx16x32.SHARDS):
     train = [(u, i) for u, (s, items, _) in split.items() if s == shard for i in items]
     test = [(u, t) for u, (s, _, t) in split.items() if s == shard]
     train = np.asarray(train, dtype).reshape(-1, 2)
@@ -106,12 +107,12 @@ def test_the_cache_is_reused_and_rebuilt_when_a_shard_changes(tmp_path, monkeypa
   write_shards(tmp_path, split)
   first = data.prepare(config(tmp_path))
   assert first.built and os.path.basename(first.cache_path).startswith(f'{NAME}-')
-  monkeypatch.setattr(movielens, 'read_shards', lambda *a: pytest.fail('read again'))
+  monkeypatch.setattr(ml20mx16x32, 'read_shards', lambda *a: pytest.fail('read again'))
   again = data.prepare(config(tmp_path, min_ratings=5))  # min_ratings is not applied
   assert not again.built and again.cache_path == first.cache_path
   assert_matches(again.dataset, split)
   monkeypatch.undo()
-  monkeypatch.setattr(movielens, 'EXPANDED_KNOWN_SIZES', {})
+  monkeypatch.setattr(ml20mx16x32, 'KNOWN_SIZES', {})
   split[0] = (0, split[0][1], 39)  # another test item for user 0
   write_shards(tmp_path, split)
   rebuilt = data.prepare(config(tmp_path))
@@ -135,7 +136,7 @@ def test_validation_split_holds_out_one_seeded_training_positive_per_user(tmp_pa
 
 
 def test_published_sizes_are_checked(tmp_path, monkeypatch):
-  monkeypatch.setattr(movielens, 'EXPANDED_KNOWN_SIZES', {NAME: (1_223_962_043, 855_776)})
+  monkeypatch.setattr(ml20mx16x32, 'KNOWN_SIZES', {NAME: (1_223_962_043, 855_776)})
   write_shards(tmp_path, make_split())
   with pytest.raises(
     UserError,

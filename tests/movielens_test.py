@@ -1,4 +1,4 @@
-"""Tests of raw MovieLens reading, download and TFDS conversion (ncf_jax.movielens)."""
+"""Tests of raw MovieLens reading, download and TFDS conversion (the grouplens and tfds sources)."""
 
 import hashlib
 import io
@@ -9,7 +9,8 @@ from conftest import serve_http, write_tfds_metadata
 import numpy as np
 import pytest
 
-from ncf_jax import movielens
+from ncf_jax.data.sources import grouplens
+from ncf_jax.data.sources import tfds as tfds_source
 from ncf_jax.errors import UserError
 
 ROWS = [
@@ -22,14 +23,14 @@ ROWS = [
 
 
 def ratings_text(name, rows=ROWS):
-  fmt = movielens.FORMATS[name]
+  fmt = grouplens.FORMATS[name]
   lines = [fmt.header] if fmt.header else []
   lines += [fmt.sep.join(str(v) for v in r) for r in rows]
   return '\n'.join(lines) + '\n'
 
 
 def write_folder(data_dir, name, text):
-  fmt = movielens.FORMATS[name]
+  fmt = grouplens.FORMATS[name]
   path = os.path.join(data_dir, fmt.folder, fmt.filename)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
@@ -38,7 +39,7 @@ def write_folder(data_dir, name, text):
 
 
 def zip_bytes(name, text, extra=()):
-  fmt = movielens.FORMATS[name]
+  fmt = grouplens.FORMATS[name]
   buf = io.BytesIO()
   with zipfile.ZipFile(buf, 'w', zipfile.ZIP_DEFLATED) as z:
     z.writestr(f'{fmt.folder}/', '')
@@ -49,7 +50,7 @@ def zip_bytes(name, text, extra=()):
 
 
 def read(data_dir, name):
-  return movielens.read_ratings(movielens.locate(name, str(data_dir)))
+  return grouplens.read_ratings(grouplens.locate(name, str(data_dir)))
 
 
 def assert_rows(ratings, rows=ROWS):
@@ -59,32 +60,32 @@ def assert_rows(ratings, rows=ROWS):
   assert ratings.users.dtype == np.int32 and ratings.timestamps.dtype == np.int64
 
 
-@pytest.mark.parametrize('name', movielens.NAMES)
+@pytest.mark.parametrize('name', grouplens.NAMES)
 def test_each_format_parses_from_the_extracted_folder(tmp_path, name):
   rows = [(u, i, int(r) if name in ('ml-100k', 'ml-1m') else r, t) for u, i, r, t in ROWS]
   write_folder(tmp_path, name, ratings_text(name, rows))
   ratings = read(tmp_path, name)
   assert_rows(ratings)
-  assert ratings.where.endswith(movielens.FORMATS[name].filename)
+  assert ratings.where.endswith(grouplens.FORMATS[name].filename)
 
 
 @pytest.mark.parametrize('name', ['ml-100k', 'ml-10m', 'ml-20m'])
 def test_zip_gives_the_same_ratings_as_the_folder(tmp_path, name):
   (tmp_path / f'{name}.zip').write_bytes(zip_bytes(name, ratings_text(name)))
-  source = movielens.locate(name, str(tmp_path))
-  assert source.member == (f'{movielens.FORMATS[name].folder}/{movielens.FORMATS[name].filename}')
-  assert_rows(movielens.read_ratings(source))
+  source = grouplens.locate(name, str(tmp_path))
+  assert source.member == (f'{grouplens.FORMATS[name].folder}/{grouplens.FORMATS[name].filename}')
+  assert_rows(grouplens.read_ratings(source))
 
 
 def test_ml10m_zip_member_lives_in_ml_10M100K(tmp_path):
   (tmp_path / 'ml-10m.zip').write_bytes(zip_bytes('ml-10m', ratings_text('ml-10m')))
-  assert movielens.locate('ml-10m', str(tmp_path)).member == 'ml-10M100K/ratings.dat'
+  assert grouplens.locate('ml-10m', str(tmp_path)).member == 'ml-10M100K/ratings.dat'
 
 
 def test_extracted_folder_is_preferred_over_the_zip(tmp_path):
   write_folder(tmp_path, 'ml-1m', ratings_text('ml-1m'))
   (tmp_path / 'ml-1m.zip').write_bytes(b'not read')
-  assert movielens.locate('ml-1m', str(tmp_path)).member is None
+  assert grouplens.locate('ml-1m', str(tmp_path)).member is None
 
 
 def test_crlf_line_endings_parse(tmp_path):
@@ -94,7 +95,7 @@ def test_crlf_line_endings_parse(tmp_path):
 
 def test_missing_files_name_both_paths_and_how_to_get_them(tmp_path):
   with pytest.raises(UserError) as e:
-    movielens.locate('ml-20m', str(tmp_path))
+    grouplens.locate('ml-20m', str(tmp_path))
   msg = str(e.value)
   assert str(tmp_path / 'ml-20m' / 'ratings.csv') in msg
   assert str(tmp_path / 'ml-20m.zip') in msg
@@ -104,7 +105,7 @@ def test_missing_files_name_both_paths_and_how_to_get_them(tmp_path):
 
 def test_missing_data_dir_is_named(tmp_path):
   with pytest.raises(UserError, match=f'data_dir {tmp_path / "nope"} does not exist'):
-    movielens.locate('ml-1m', str(tmp_path / 'nope'))
+    grouplens.locate('ml-1m', str(tmp_path / 'nope'))
   assert not (tmp_path / 'nope').exists()
 
 
@@ -114,13 +115,13 @@ def test_zip_without_the_ratings_member_is_reported(tmp_path):
     z.writestr('other/file.txt', 'x')
   (tmp_path / 'ml-1m.zip').write_bytes(buf.getvalue())
   with pytest.raises(UserError, match='has no member ml-1m/ratings.dat'):
-    movielens.locate('ml-1m', str(tmp_path))
+    grouplens.locate('ml-1m', str(tmp_path))
 
 
 def test_corrupt_zip_is_reported(tmp_path):
   (tmp_path / 'ml-1m.zip').write_bytes(b'PK garbage')
   with pytest.raises(UserError, match='not a readable zip'):
-    movielens.locate('ml-1m', str(tmp_path))
+    grouplens.locate('ml-1m', str(tmp_path))
 
 
 # --- bad input: each message names the file and the 1-based line -----------------------
@@ -150,7 +151,7 @@ def test_malformed_line_inside_a_zip_names_the_member(tmp_path):
 
 
 def test_malformed_line_far_into_a_big_file_gets_the_right_number(tmp_path, monkeypatch):
-  monkeypatch.setattr(movielens, '_DIAGNOSE_BLOCK', 1000)  # many diagnosis blocks
+  monkeypatch.setattr(grouplens, '_DIAGNOSE_BLOCK', 1000)  # many diagnosis blocks
   rows = ''.join(f'{u}::{u % 97}::3::{1000 + u}\n' for u in range(1, 3001))
   path = write_folder(tmp_path, 'ml-1m', rows + '5::6::oops::7::8\n' + rows)
   with pytest.raises(
@@ -225,9 +226,9 @@ def test_known_sizes_mismatch_says_not_the_official_file():
     match=r"has 5 ratings; the official GroupLens ml-20m has "
     r"20,000,263.*not the official file",
   ):
-    movielens.check_known_sizes('ml-20m', 'f.csv', num_ratings=5)
-  movielens.check_known_sizes('ml-20m', 'f.csv', 20_000_263, 138_493, 26_744)
-  movielens.check_known_sizes('ml-100k', 'f', num_ratings=5)  # no published sizes: no check
+    grouplens.check_known_sizes('ml-20m', 'f.csv', num_ratings=5)
+  grouplens.check_known_sizes('ml-20m', 'f.csv', 20_000_263, 138_493, 26_744)
+  grouplens.check_known_sizes('ml-100k', 'f', num_ratings=5)  # no published sizes: no check
 
 
 # --- download from a local server ------------------------------------------------------
@@ -249,16 +250,16 @@ def corrupt_zip(body: bytes) -> bytes:
 def test_download_places_a_checked_zip_that_then_parses(tmp_path):
   body = zip_bytes('ml-latest-small', ratings_text('ml-latest-small'))
   with serve({'/movielens/ml-latest-small.zip': (body, None)}) as base:
-    source = movielens.locate('ml-latest-small', str(tmp_path / 'd'), download=True, base_url=base)
+    source = grouplens.locate('ml-latest-small', str(tmp_path / 'd'), download=True, base_url=base)
   assert os.listdir(tmp_path / 'd') == ['ml-latest-small.zip']
   assert (tmp_path / 'd' / 'ml-latest-small.zip').read_bytes() == body
-  assert_rows(movielens.read_ratings(source))
+  assert_rows(grouplens.read_ratings(source))
 
 
 def test_download_checks_md5_of_names_that_have_one(tmp_path):
   body = zip_bytes('ml-1m', ratings_text('ml-1m', [(1, 2, 3, 4)]))
   with serve({'/movielens/ml-1m.zip': (body, None)}) as base:
-    path = movielens.download_zip(
+    path = grouplens.download_zip(
       'ml-1m', str(tmp_path), base_url=base, md5={'ml-1m': hashlib.md5(body).hexdigest()}
     )
   assert path == str(tmp_path / 'ml-1m.zip')
@@ -268,7 +269,7 @@ def test_download_with_wrong_md5_leaves_no_file(tmp_path):
   body = zip_bytes('ml-1m', ratings_text('ml-1m', [(1, 2, 3, 4)]))
   with serve({'/movielens/ml-1m.zip': (body, None)}) as base:
     with pytest.raises(UserError, match='has MD5 .* expected c4d9eecfca2ab87c1945afe126590906'):
-      movielens.download_zip('ml-1m', str(tmp_path), base_url=base)  # the real MD5 table
+      grouplens.download_zip('ml-1m', str(tmp_path), base_url=base)  # the real MD5 table
   assert os.listdir(tmp_path) == []
 
 
@@ -276,7 +277,7 @@ def test_truncated_download_leaves_no_file(tmp_path):
   body = zip_bytes('ml-100k', ratings_text('ml-100k'))
   with serve({'/movielens/ml-100k.zip': (body[: len(body) // 2], len(body))}) as base:
     with pytest.raises(UserError, match='download of .*ml-100k.zip (is truncated|failed)'):
-      movielens.download_zip('ml-100k', str(tmp_path), base_url=base)
+      grouplens.download_zip('ml-100k', str(tmp_path), base_url=base)
   assert os.listdir(tmp_path) == []
 
 
@@ -284,7 +285,7 @@ def test_corrupt_zip_download_without_md5_fails_the_zip_test_and_leaves_no_file(
   body = corrupt_zip(zip_bytes('ml-100k', ratings_text('ml-100k') * 50))
   with serve({'/movielens/ml-100k.zip': (body, None)}) as base:
     with pytest.raises(UserError, match='ml-100k.zip'):
-      movielens.download_zip('ml-100k', str(tmp_path), base_url=base)
+      grouplens.download_zip('ml-100k', str(tmp_path), base_url=base)
   assert os.listdir(tmp_path) == []
 
 
@@ -299,28 +300,28 @@ def test_cut_zip_served_whole_fails_and_leaves_no_file(tmp_path):
   body = zip_bytes('ml-100k', ratings_text('ml-100k'))
   with serve({'/movielens/ml-100k.zip': (body[:-30], None)}) as base:
     with pytest.raises(UserError, match='download of .*ml-100k.zip failed'):
-      movielens.download_zip('ml-100k', str(tmp_path), base_url=base)
+      grouplens.download_zip('ml-100k', str(tmp_path), base_url=base)
   assert os.listdir(tmp_path) == []
 
 
 def test_http_error_is_a_user_error_and_leaves_no_file(tmp_path):
   with serve({}) as base, pytest.raises(UserError, match='404'):
-    movielens.locate('ml-25m', str(tmp_path), download=True, base_url=base)
+    grouplens.locate('ml-25m', str(tmp_path), download=True, base_url=base)
   assert os.listdir(tmp_path) == []
 
 
 def test_base_url_comes_from_the_environment(tmp_path, monkeypatch):
   body = zip_bytes('ml-100k', ratings_text('ml-100k'))
   with serve({'/movielens/ml-100k.zip': (body, None)}) as base:
-    monkeypatch.setenv(movielens.URL_ENV, base)
-    assert movielens.url('ml-100k') == base + '/ml-100k.zip'
-    movielens.download_zip('ml-100k', str(tmp_path))
+    monkeypatch.setenv(grouplens.URL_ENV, base)
+    assert grouplens.url('ml-100k') == base + '/ml-100k.zip'
+    grouplens.download_zip('ml-100k', str(tmp_path))
   assert os.listdir(tmp_path) == ['ml-100k.zip']
 
 
 def test_default_url_is_the_official_grouplens_one(monkeypatch):
-  monkeypatch.delenv(movielens.URL_ENV, raising=False)
-  assert movielens.url('ml-20m') == 'https://files.grouplens.org/datasets/movielens/ml-20m.zip'
+  monkeypatch.delenv(grouplens.URL_ENV, raising=False)
+  assert grouplens.url('ml-20m') == 'https://files.grouplens.org/datasets/movielens/ml-20m.zip'
 
 
 # --- TFDS --------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def test_tfds_random_mock_records_have_non_numeric_ids_and_say_so(tmp_path):
   ]
   write_tfds_metadata(tmp_path, 'array_record', name='ml-100k')  # built: records are mocked
   with tfds.testing.mock_data(data_dir=str(tmp_path), as_data_source_fn=lambda *a, **k: records):
-    ds = movielens.open_tfds('ml-100k', str(tmp_path), download=False)
+    ds = tfds_source.open_tfds('ml-100k', str(tmp_path), download=False)
     assert len(ds) == 5
     assert set(ds[0]) >= {'user_id', 'movie_id', 'timestamp', 'user_rating'}
     with pytest.raises(
@@ -344,7 +345,7 @@ def test_tfds_random_mock_records_have_non_numeric_ids_and_say_so(tmp_path):
       match=r'TFDS movielens/100k-ratings record 0: user_id .* is '
       'not a numeric id',
     ):
-      movielens.read_tfds(ds, 'ml-100k')
+      tfds_source.read_tfds(ds, 'ml-100k')
 
 
 def tfds_records(rows=ROWS, as_bytes=True):
@@ -369,12 +370,12 @@ def test_tfds_records_convert_to_raw_ratings_in_order(tmp_path, as_bytes):
   records = tfds_records(as_bytes=as_bytes)
   write_tfds_metadata(tmp_path, 'array_record')  # built: records are mocked
   with tfds.testing.mock_data(data_dir=str(tmp_path), as_data_source_fn=lambda *a, **k: records):
-    ds = movielens.open_tfds('ml-20m', str(tmp_path), download=False)
-    ratings = movielens.read_tfds(ds, 'ml-20m')
+    ds = tfds_source.open_tfds('ml-20m', str(tmp_path), download=False)
+    ratings = tfds_source.read_tfds(ds, 'ml-20m')
   assert_rows(ratings)
   assert ratings.where == 'TFDS movielens/20m-ratings'
 
 
 def test_tfds_has_no_ml10m():
   with pytest.raises(UserError, match='ml-10m is not in TensorFlow Datasets'):
-    movielens.open_tfds('ml-10m', '/nonexistent', download=False)
+    tfds_source.open_tfds('ml-10m', '/nonexistent', download=False)

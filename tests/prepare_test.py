@@ -11,7 +11,7 @@ from conftest import ml100k_zip, serve_http
 import numpy as np
 import pytest
 
-from ncf_jax import cache
+from ncf_jax.data import cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable

@@ -1,10 +1,13 @@
-"""Tests of the seeded synthetic MovieLens-like generator (ncf_jax.synthetic)."""
+"""Tests of the seeded synthetic MovieLens-like generator (ncf_jax.data.synthetic)."""
 
 import numpy as np
 import pyarrow.csv as pacsv
 import pytest
 
-from ncf_jax import data, movielens, synthetic
+from configs import default
+from ncf_jax import data
+from ncf_jax.data import synthetic
+from ncf_jax.data.sources import grouplens
 from ncf_jax.errors import UserError
 
 SMALL = dict(num_users=300, num_items=400, mean_interactions=40.0, num_topics=8)
@@ -137,7 +140,7 @@ def test_grouplens_csv_has_the_ml20m_layout_and_parses_back(gen, tmp_path):
   assert set(np.unique(ratings * 2)) <= set(range(1, 11))
   movie = synthetic.raw_movie_ids(gen.num_items, 0)
   assert np.all(np.diff(movie) > 0) and movie[-1] > gen.num_items  # sparse, ascending
-  raw = movielens.read_ratings(movielens.locate('ml-25m', str(tmp_path)))
+  raw = grouplens.read_ratings(grouplens.locate('ml-25m', str(tmp_path)))
   np.testing.assert_array_equal(raw.users, gen.users + 1)
   np.testing.assert_array_equal(raw.items, movie[gen.items])
   np.testing.assert_array_equal(raw.timestamps, gen.timestamps)
@@ -147,7 +150,9 @@ def test_dataset_from_the_csv_equals_the_dataset_built_directly(gen, tmp_path):
   path = tmp_path / 'ml-25m' / 'ratings.csv'
   path.parent.mkdir()
   synthetic.write_grouplens_csv(gen, str(path), seed=0)
-  from_csv = data.build_grouplens(movielens.locate('ml-25m', str(tmp_path)), 20)
+  cfg = default.get_dataset_config()
+  cfg.name, cfg.source, cfg.data_dir, cfg.min_ratings = 'ml-25m', 'grouplens', str(tmp_path), 20
+  from_csv = data.build(data.select(cfg))  # read and preprocess, no cache
   direct, _ = data.preprocess(
     gen.users,
     gen.items,

@@ -21,9 +21,10 @@ import pytest
 
 from configs import default
 from ncf_jax import checkpoint as ckpt_lib
-from ncf_jax import config_checks, models, pipeline, sampling, steps, synthetic, train
+from ncf_jax import config_checks, models, pipeline, sampling, steps, train
 from ncf_jax import data as data_lib
 from ncf_jax import evaluate as evaluate_lib
+from ncf_jax.data import synthetic
 
 GEN = dict(num_users=500, num_items=300, mean_interactions=25.0, num_topics=16, seed=0, noise=0.5)
 OVERFIT = dict(

@@ -8,6 +8,7 @@ preprocess <= 20 s and <= 4x the bare parse, cache load <= 2 s, peak RSS <= 3 GB
 generation <= 30 s.
 """
 
+from collections.abc import Callable
 import json
 import os
 import subprocess
@@ -18,8 +19,10 @@ from typing import Any
 import pyarrow.csv as pacsv
 
 from configs import default
-from ncf_jax import data, movielens, synthetic
+from ncf_jax import data
 from ncf_jax.benchmark import common
+from ncf_jax.data import synthetic
+from ncf_jax.data.sources import grouplens
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,7 +44,7 @@ def _bare_parse(path):
 
 def _preprocess(name, data_dir):
   t = time.perf_counter()
-  ratings = movielens.read_ratings(movielens.locate(name, data_dir))
+  ratings = grouplens.read_ratings(grouplens.locate(name, data_dir))
   parsed = time.perf_counter()
   ds, _ = data.preprocess(
     ratings.users, ratings.items, ratings.timestamps, name=name, min_ratings=20, where=ratings.where
@@ -71,7 +74,7 @@ def _prepare(name, data_dir, force):
 
 
 # One measurement each; `_measure` runs it in a fresh process and returns its figures.
-_MEASUREMENTS = {
+_MEASUREMENTS: dict[str, Callable[..., dict[str, Any]]] = {
   'generate': _generate,
   'bare_parse': _bare_parse,
   'preprocess': _preprocess,

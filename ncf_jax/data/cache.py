@@ -17,8 +17,9 @@ truncated, corrupted or other-version file raises `CacheError` and is never misr
 `write` is atomic: a temp file in the same folder, fsync, then `os.replace`, so a reader
 (or a second writer) only ever sees a complete old file or a complete new one.
 
-Also here: `content_hash`, a source-file content hash memoised by (path, size, mtime_ns) in
-a small JSON, so a valid cache loads without re-hashing a 500 MB ratings file.
+Also here: where the caches live (`cache_dir`), and `content_hash`, a source-file content
+hash memoised by (path, size, mtime_ns) in a small JSON (`source_hash`: the one under
+data_dir), so a valid cache loads without re-hashing a 500 MB ratings file.
 """
 
 from collections.abc import Mapping
@@ -72,7 +73,8 @@ def write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) 
     arrays: name -> numpy array (any fixed-size dtype; written C-contiguous).
     meta: JSON-serialisable metadata returned by `read` unchanged.
   """
-  entries, offset, crc = [], 0, 0
+  entries: list[dict[str, Any]] = []
+  offset, crc = 0, 0
   contiguous = {}
   for name, a in arrays.items():
     a = np.ascontiguousarray(a)
@@ -92,7 +94,7 @@ def write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) 
   pos = 0
   for e in entries:
     crc = zlib.crc32(bytes(e['offset'] - pos), crc)
-    crc = zlib.crc32(memoryview(contiguous[e['name']]).cast('B'), crc)
+    crc = zlib.crc32(memoryview(contiguous[e['name']]).cast('B'), crc)  # type: ignore[arg-type]
     pos = e['offset'] + e['nbytes']
   crc = zlib.crc32(bytes(payload_bytes - pos), crc)
   header = json.dumps(
@@ -112,7 +114,7 @@ def write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) 
       pos = 0
       for e in entries:
         f.write(bytes(e['offset'] - pos))
-        f.write(memoryview(contiguous[e['name']]).cast('B'))
+        f.write(memoryview(contiguous[e['name']]).cast('B'))  # type: ignore[arg-type]
         pos = e['offset'] + e['nbytes']
       f.write(bytes(payload_bytes - pos))
       f.flush()
@@ -167,10 +169,12 @@ def read(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     raise CacheError('payload checksum mismatch (corrupted)')
   arrays = {}
   try:
-    for e in h['arrays']:
-      dtype = np.dtype(e['dtype'])
-      count = int(np.prod(e['shape'], dtype=np.int64))
-      arrays[e['name']] = np.frombuffer(buf, dtype, count, e['offset']).reshape(e['shape'])
+    for entry in h['arrays']:
+      dtype = np.dtype(entry['dtype'])
+      count = int(np.prod(entry['shape'], dtype=np.int64))
+      arrays[entry['name']] = np.frombuffer(buf, dtype, count, entry['offset']).reshape(
+        entry['shape']
+      )
   except (ValueError, KeyError, TypeError) as e:
     raise CacheError(f'inconsistent array table ({e})') from e
   return arrays, h['meta']
@@ -218,3 +222,13 @@ def content_hash(path: str, memo_path: str) -> str:
   except OSError:
     pass
   return digest
+
+
+def cache_dir(data_dir: str) -> str:
+  """Folder of the processed caches (and the source-hash memo) under data_dir."""
+  return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), 'processed')
+
+
+def source_hash(path: str, data_dir: str) -> str:
+  """`content_hash` of a source file, memoised in `<data_dir>/processed/source_hashes.json`."""
+  return content_hash(path, os.path.join(cache_dir(data_dir), 'source_hashes.json'))
