@@ -100,6 +100,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     bad('hr_threshold', config.hr_threshold, 'it must be in (0, 1] or None')
   if config.validation not in data_lib.VALIDATIONS:
     bad('validation', config.validation, f'use one of {", ".join(data_lib.VALIDATIONS)}')
+  data_lib.check_config(config.dataset)  # each source checks its own fields; no data read
   if config.select_metric not in SELECT_METRICS:
     bad('select_metric', config.select_metric, f'use one of {", ".join(SELECT_METRICS)}')
   if int(config.early_stop_patience) < 0:

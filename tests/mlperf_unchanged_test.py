@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from configs import mlperf
-from ncf_jax import data as data_lib
 from ncf_jax import config_checks, models, pipeline, sampling, steps, train
+from ncf_jax import data as data_lib
 
 PINNED_PIPELINE_HASHES = [  # per epoch: (pipeline_hash_first, pipeline_hash_all)
   ('6957becea54c92ce', '3335fcc7a9f0e0ff'),

@@ -17,8 +17,8 @@ import numpy as np
 from ncf_jax import checkpoint as ckpt_lib
 from ncf_jax import dispatch, hashing, steps, writers
 from ncf_jax.errors import UserError
-from ncf_jax.train import results
 from ncf_jax.train.preemption import Interrupted, Preemption
+import ncf_jax.train.results as results
 from ncf_jax.train.run import Run, setup
 from ncf_jax.train.workdir import remove_if_empty
 

@@ -20,8 +20,8 @@ import numpy as np
 from ncf_jax import checkpoint as ckpt_lib
 from ncf_jax import config_checks, memory, models, pipeline, sharding, steps, writers
 from ncf_jax import data as data_lib
-from ncf_jax.train import pretrained
-from ncf_jax.train import workdir as workdir_lib
+import ncf_jax.train.pretrained as pretrained
+import ncf_jax.train.workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
