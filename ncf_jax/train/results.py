@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 if TYPE_CHECKING:
-  from ncf_jax.train.loop import Progress
+  from ncf_jax.train.progress import Progress
   from ncf_jax.train.run import Run
 
 
