@@ -129,10 +129,13 @@ def module_problems(text, where):
     try:
       imported = importlib.import_module(module)
       main_py = os.path.join(*getattr(imported, '__path__', ['']), '__main__.py')
-      if hasattr(imported, '__path__') and os.path.exists(main_py):
-        # A package: `python -m` runs its __main__.py (read, not imported: it runs).
-        if re.search(r'^def main\(', _read(os.path.relpath(main_py, REPO)), re.M):
-          continue
+      # A package: `python -m` runs its __main__.py (read, not imported: it runs).
+      if (
+        hasattr(imported, '__path__')
+        and os.path.exists(main_py)
+        and re.search(r'^def main\(', _read(os.path.relpath(main_py, REPO)), re.M)
+      ):
+        continue
       if not hasattr(imported, 'main'):
         problems.append(f'{where}: python -m {module}: the module has no main')
     except ImportError as e:

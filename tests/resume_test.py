@@ -1,4 +1,4 @@
-"""Checkpoints, resume after SIGKILL and SIGTERM, config checks, and `ncf_jax.evaluate`.
+"""Checkpoints, resume after SIGKILL, SIGTERM and Ctrl-C, config checks, `ncf_jax.evaluate`.
 
 Runs go through the real command (`python -m ncf_jax.train`, 2 CPU devices). A run that
 must be interrupted mid-epoch uses tests/_train_worker.py: the same `main` with each step
@@ -108,24 +108,33 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact_with_sharded_tables_and_data
   _assert_same_run(workdir, h.summary(ref), h.metrics(ref))
 
 
-def test_sigterm_saves_mid_epoch_exits_zero_and_resumes_exactly(tmp_path, data_dir, reference):
+@pytest.mark.parametrize(
+  'sig, name, code', [(signal.SIGTERM, 'SIGTERM', 0), (signal.SIGINT, 'Ctrl-C', 130)]
+)
+def test_sigterm_or_ctrl_c_saves_mid_epoch_and_resumes_exactly(
+  tmp_path, data_dir, reference, sig, name, code
+):
+  # SIGTERM (a preemption) exits 0; Ctrl-C exits 130, an interrupt, after the same save.
   _, ref_summary, ref_metrics = reference
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'terminated.log')
   proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **FLAGS), log, **DELAY)
   try:
     h.wait_for_line(proc, log, f'epoch 1 step 5/{SPE}')
     t0 = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     rc = proc.wait(60)
     took = time.time() - t0
   finally:
     h.stop(proc)
-  assert rc == 0, h.read(log)[-3000:]
+  assert rc == code, h.read(log)[-3000:]
   assert took < 30, took
   steps = h.checkpoint_steps(workdir)
   assert steps[0] == SPE and len(steps) == 2 and SPE + 5 <= steps[1] < 2 * SPE, steps
-  assert 'SIGTERM: saved a checkpoint at step' in h.read(log)
+  assert f'{name}: saved a checkpoint at step' in h.read(log)
+  assert f'Stopped ({name}): ' in h.read(log)
+  assert 'Traceback' not in h.read(log)
   assert h.summary(workdir)['preempted'] is True
+  assert h.summary(workdir)['stop_reason'] == name
   assert len(h.metrics(workdir)) == 1
 
   out = h.run(h.train_cmd(workdir, data_dir, **FLAGS), log=str(tmp_path / 'resumed.log'))

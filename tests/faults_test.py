@@ -1,0 +1,132 @@
+"""Fault injection: what a run does when it is interrupted, doubled or denied its folder.
+
+Each test sets up one fault from the table in docs/training.md ("What survives what") on
+the tiny config, through the real command where the exit code and the terminal output are
+the behaviour, and checks that the run says one line and loses nothing.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import _train_helpers as h
+import pytest
+
+from ncf_jax import train
+from ncf_jax.errors import UserError
+from ncf_jax.train.workdir import WorkdirLock
+
+SPE = h.STEPS_PER_EPOCH
+DELAY = dict(NCF_TEST_STEP_DELAY=0.05)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('data'))
+
+
+def _error_lines(text: str) -> list[str]:
+  return [line for line in text.splitlines() if line.startswith('error:')]
+
+
+def test_a_second_run_on_a_busy_workdir_stops_at_once_naming_the_holder(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  os.makedirs(os.path.join(workdir, 'checkpoints'))
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as f:
+    f.write('{"epoch": 0}\n')
+  holder = WorkdirLock(workdir)  # this process plays the running train command
+  assert holder.acquire() is None
+  try:
+    before = h.tree_digest(workdir)
+    out = h.run(h.train_cmd(workdir, data_dir))
+    assert out.returncode == 2, out.stderr[-3000:]
+    (line,) = _error_lines(out.stderr)
+    assert 'is in use by another run (host ' in line and f'pid {os.getpid()}, since ' in line
+    assert 'Traceback' not in out.stderr
+    assert h.tree_digest(workdir) == before
+    with pytest.raises(UserError, match='in use by another run'):
+      train.train_and_evaluate(h.tiny_config(data_dir), workdir)  # in-process callers too
+    assert h.tree_digest(workdir) == before
+  finally:
+    holder.release()
+
+
+def test_the_workdir_lock_is_released_when_its_holder_is_killed(tmp_path):
+  workdir = str(tmp_path)
+  code = (
+    'import sys, time; from ncf_jax.train.workdir import WorkdirLock; '
+    'lock = WorkdirLock(sys.argv[1]); assert lock.acquire() is None; '
+    'print("locked", flush=True); time.sleep(120)'
+  )
+  proc = subprocess.Popen(
+    [sys.executable, '-c', code, workdir], cwd=h.REPO, stdout=subprocess.PIPE, text=True
+  )
+  try:
+    assert proc.stdout is not None and proc.stdout.readline().strip() == 'locked'
+    assert 'pid' in WorkdirLock(workdir).acquire()  # held: the holder is named
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+  finally:
+    h.stop(proc)
+  lock = WorkdirLock(workdir)
+  assert lock.acquire() is None  # no stale lock after a SIGKILL
+  lock.release()
+
+
+def test_a_second_ctrl_c_aborts_at_once_with_one_line(tmp_path, data_dir):
+  # Slow steps: the second Ctrl-C lands before the step that would honour the first ends
+  # (two signals sent back to back would merge into one).
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'run.log')
+  cmd = h.train_cmd(workdir, data_dir, worker=True, log_every_steps=5)
+  proc = h.start(cmd, log, NCF_TEST_STEP_DELAY=0.5)
+  try:
+    h.wait_for_line(proc, log, f'epoch 0 step 5/{SPE}')
+    proc.send_signal(signal.SIGINT)
+    h.wait_for_line(proc, log, 'press Ctrl-C again to abort')
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(60)
+  finally:
+    h.stop(proc)
+  text = h.read(log)
+  assert rc == 130, text[-3000:]
+  assert 'Traceback' not in text
+  assert _error_lines(text) == [
+    'error: interrupted (Ctrl-C) before the run could save; checkpoints saved before it '
+    'are intact. Rerun the same command to resume.'
+  ]
+  assert h.checkpoint_steps(workdir) == []  # nothing was saved
+  lock = WorkdirLock(workdir)
+  assert lock.acquire() is None
+  lock.release()
+
+
+def _deny_writes_under(monkeypatch, folder: str) -> None:
+  """Makes `folder` refuse new files: chmod for a user, a refusing mkstemp for root (whose
+  permission override ignores chmod; the test's Python may not be reachable by another
+  user)."""
+  os.chmod(folder, 0o555)
+  if os.geteuid() != 0:
+    return
+  real = tempfile.mkstemp
+
+  def mkstemp(*args, **kwargs):
+    if os.path.abspath(kwargs.get('dir') or '') == os.path.abspath(folder):
+      raise PermissionError(13, 'Permission denied')
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(tempfile, 'mkstemp', mkstemp)
+
+
+def test_a_read_only_checkpoints_folder_is_refused_before_anything_compiles(tmp_path, monkeypatch):
+  workdir, data_dir = str(tmp_path / 'run'), str(tmp_path / 'data')
+  os.makedirs(os.path.join(workdir, 'checkpoints'))
+  _deny_writes_under(monkeypatch, os.path.join(workdir, 'checkpoints'))
+  try:
+    with pytest.raises(UserError) as e:
+      train.train_and_evaluate(h.tiny_config(data_dir), workdir)
+    assert 'checkpoints' in str(e.value) and 'is not writable (Permission denied)' in str(e.value)
+    assert not os.path.exists(data_dir)  # refused before the data was even read
+  finally:
+    os.chmod(os.path.join(workdir, 'checkpoints'), 0o755)
