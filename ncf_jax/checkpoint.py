@@ -9,6 +9,11 @@ WORKDIR/checkpoints holds the latest `keep_checkpoints` (what a resume restores)
 with a validation split also keeps WORKDIR/best_checkpoint: the state of its best epoch
 so far, saved with its validation metric; orbax's `best_fn` keeps that one alone.
 
+Every saved step records a digest of each array it holds (`hashing.tree_digests`, computed
+on device) in its meta; `restore` recomputes them from what it read. A step that cannot
+be read or fails its digest raises `Damaged`; `restore_newest_intact` then sets it aside
+(moved to WORKDIR/damaged_checkpoints, never deleted) and falls back to the next older one.
+
 A checkpoint restores into any table layout (`config.sharding`, any device count): arrays
 whose saved row count differs from the target's (row-sharded tables are zero-padded to a
 multiple of the device count) are read whole and re-padded or cut to the target's rows,
@@ -18,6 +23,8 @@ then placed with the target's shardings (`restore`).
 import errno
 import json
 import os
+import shutil
+import time
 from typing import Any
 
 from absl import logging
@@ -28,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import orbax.checkpoint as ocp
 
+from ncf_jax import hashing
 from ncf_jax import sharding as sharding_lib
 from ncf_jax.errors import UserError
 
@@ -56,6 +64,21 @@ RESUMABLE_FIELDS = (
 
 # Folders under the workdir: the latest checkpoints, and the best epoch's.
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best_checkpoint'
+# Where damaged steps are moved (renamed, never deleted).
+DAMAGED_DIR = 'damaged_checkpoints'
+
+
+class Damaged(Exception):
+  """A saved step that cannot be read, or whose arrays fail their recorded digests."""
+
+  def __init__(self, step: int, reason: str):
+    super().__init__(f'step {step}: {reason}')
+    self.step, self.reason = step, reason
+
+
+def _first_line(e: BaseException) -> str:
+  text = ' '.join(str(e).split()) or type(e).__name__
+  return f'{type(e).__name__}: {text[:200]}'
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
@@ -135,6 +158,9 @@ class Checkpoints:
     best checkpoint: orbax keeps the one checkpoint with the highest value of it.
     """
     self.directory = os.path.abspath(os.path.join(workdir, BEST_DIR if best_metric else LATEST_DIR))
+    self.workdir = os.path.abspath(workdir)
+    self.read_only = read_only
+    self.verified: set[int] = set()  # steps saved here, or restored and matching their digests
     best = {}
     if best_metric:
       best = dict(
@@ -191,6 +217,7 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
     """Saves synchronously; a failure leaves earlier checkpoints as they were."""
+    meta = dict(meta, digests=hashing.tree_digests(state))
     try:
       self.manager.save(
         step,
@@ -199,6 +226,7 @@ class Checkpoints:
         force=True,
       )
       self.manager.wait_until_finished()
+      self.verified.add(step)
     except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
       detail = _save_failure_detail(e, self.directory)
       raise UserError(
@@ -211,24 +239,78 @@ class Checkpoints:
     """(state laid out as `abstract_state`'s shapes and shardings, meta) at `step`.
 
     Arrays saved with other row counts (another table layout) are adapted (`_relayout`).
+
+    Raises:
+      Damaged: the step cannot be read, or an array differs from its recorded digest.
     """
     step = self.latest_step() if step is None else step
-    saved = _saved_shapes(self._state_metadata(step), abstract_state)
-    if saved is None:
+    assert step is not None
+    try:
+      saved = _saved_shapes(self._state_metadata(step), abstract_state)
+      read = abstract_state if saved is None else jax.tree.map(_as_saved, abstract_state, saved)
       restored = self.manager.restore(
         step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(read), meta=ocp.args.JsonRestore()),
       )
-      return restored['state'], restored['meta']
-    read = jax.tree.map(_as_saved, abstract_state, saved)
-    restored = self.manager.restore(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardRestore(read), meta=ocp.args.JsonRestore()),
+    except (KeyboardInterrupt, SystemExit, UserError):
+      raise
+    except Exception as e:  # orbax, tensorstore and the OS each raise their own kinds
+      raise Damaged(step, _first_line(e)) from None
+    meta = dict(restored['meta'])
+    _verify(step, restored['state'], meta.pop('digests', None))
+    self.verified.add(step)
+    state = restored['state']
+    if saved is not None:
+      state = _relayout(state, abstract_state, self.directory, step)
+    return state, meta
+
+  def set_aside(self, step: int) -> str:
+    """Moves a damaged step out of the way (never deletes it); returns where it went."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(
+      self.workdir, DAMAGED_DIR, f'{os.path.basename(self.directory)}-{step}-{int(time.time())}'
     )
-    state = _relayout(restored['state'], abstract_state, self.directory, step)
-    return state, restored['meta']
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.move(src, dst)
+    self.manager.reload()
+    return dst
+
+  def restore_newest_intact(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest step that reads and passes its digests, or None
+    when there is no step at all.
+
+    Each damaged step gets one warning line and is set aside (left in place when read-only).
+
+    Raises:
+      UserError: there were steps, and none of them is intact.
+    """
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(abstract_state, step)
+        return step, state, meta
+      except Damaged as e:
+        damaged.append(self._report_damaged(e))
+    if damaged:
+      raise UserError(
+        f'no intact checkpoint in {self.directory}: ' + '; '.join(damaged) + '. Start again '
+        'in a new --workdir (or rerun this command to start this one over).'
+      )
+    return None
+
+  def _report_damaged(self, e: Damaged) -> str:
+    where = 'left in place (read-only)'
+    if not self.read_only:
+      where = f'set aside in {self.set_aside(e.step)}'
+    logging.warning(
+      'Checkpoint step %d in %s is damaged (%s); %s.', e.step, self.directory, e.reason, where
+    )
+    return f'step {e.step} is damaged ({e.reason}), {where}'
+
+  def last_verified(self) -> int | None:
+    """The newest step saved by this process or checked against its digests, if any."""
+    kept = set(self.all_steps()) & self.verified
+    return max(kept) if kept else None
 
   def _state_metadata(self, step: int):
     """The saved state's tree metadata (shapes), read without restoring any array.
@@ -242,11 +324,52 @@ class Checkpoints:
     return ocp.StandardCheckpointHandler().metadata(path / 'state')
 
   def restore_meta(self, step: int | None = None) -> dict:
+    """The step's JSON meta (seed, config, history, digests).
+
+    Raises:
+      Damaged: it cannot be read.
+    """
     step = self.latest_step() if step is None else step
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    assert step is not None
+    try:
+      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = meta['meta']
+    except (KeyboardInterrupt, SystemExit):
+      raise
+    except Exception as e:
+      raise Damaged(step, _first_line(e)) from None
+    if not isinstance(meta, dict):
+      raise Damaged(step, 'its meta is not a JSON object')
+    return {k: v for k, v in meta.items() if k != 'digests'}
+
+  def newest_readable_meta(self) -> tuple[int, dict] | None:
+    """(step, meta) of the newest step whose meta reads; damaged ones are set aside."""
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        meta = self.restore_meta(step)
+        if 'seed' not in meta or 'config' not in meta:
+          raise Damaged(step, 'its meta has no seed or config')
+        return step, meta
+      except Damaged as e:
+        self._report_damaged(e)
+    return None
 
   def close(self):
     self.manager.close()
+
+
+def _verify(step: int, state: Any, want: dict | None) -> None:
+  """Raises Damaged when `state` (as read) differs from the digests saved with it.
+
+  A checkpoint saved before digests were recorded has none: it is used unchecked.
+  """
+  if not want:
+    logging.info('Checkpoint step %d was saved without digests: not verified.', step)
+    return
+  got = hashing.tree_digests(state)
+  bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+  if bad:
+    raise Damaged(step, f'{len(bad)} array(s) differ from their saved digests, e.g. {bad[0]}')
 
 
 def _saved_shapes(metadata, abstract_state):

@@ -92,7 +92,7 @@ def test_nan_loss_after_a_checkpoint_leaves_it_untouched(tmp_path, data_dir, bas
   assert 'NaN or inf at global step' in msg
   bad = int(msg.split('global step ')[1].split(';')[0])
   assert SPE <= bad < SPE + 5, msg
-  assert f'last good checkpoint (step {SPE})' in msg and 'is untouched' in msg
+  assert f'last checkpoint that passed its digest check (step {SPE})' in msg and 'is intact' in msg
   assert h.checkpoint_steps(workdir) == [SPE]
   assert h.tree_digest(os.path.join(workdir, 'checkpoints')) == before
 

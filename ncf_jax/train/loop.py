@@ -376,15 +376,24 @@ def finish(run: Run, state, progress: Progress, test: dict | None, test_hash: st
     )
 
 
+def _last_good(ckpts: ckpt_lib.Checkpoints) -> str:
+  """Names the newest checkpoint known to be intact: saved by this process, or restored
+  and matching its digests (a step never checked is not called intact)."""
+  good = ckpts.last_verified()
+  if good is not None:
+    return (
+      f'the last checkpoint that passed its digest check (step {good}) in {ckpts.directory} '
+      'is intact'
+    )
+  if ckpts.latest_step() is not None:
+    return f'the checkpoints in {ckpts.directory} were not checked by this run'
+  return 'no checkpoint had been saved yet'
+
+
 def _check_finite(state: steps.TrainState, ckpts: ckpt_lib.Checkpoints) -> None:
   bad = int(jax.device_get(state.bad_step))
   if bad >= 0:
-    latest = ckpts.latest_step()
-    where = (
-      f'the last good checkpoint (step {latest}) in {ckpts.directory} is untouched'
-      if latest is not None
-      else 'no checkpoint had been saved yet'
-    )
+    where = _last_good(ckpts)
     raise UserError(
       f'the training loss became NaN or inf at global step {bad}; {where}. '
       'Lower config.learning_rate or check the data.'

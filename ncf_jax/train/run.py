@@ -162,9 +162,10 @@ def _open_checkpoints(config, workdir: str):
   A resume must be compatible with the saved run's config (checked before any work).
   """
   ckpts = ckpt_lib.Checkpoints(workdir, int(config.keep_checkpoints))
-  latest = ckpts.latest_step()
-  saved_meta = ckpts.restore_meta(latest) if latest is not None else None
-  if saved_meta is not None:
+  newest = ckpts.newest_readable_meta()  # a step whose meta is damaged is set aside
+  latest = None if newest is None else newest[0]
+  if newest is not None:
+    saved_meta = newest[1]
     ckpt_lib.check_compatible(saved_meta, config, saved_meta['seed'])
     seed = int(saved_meta['seed'])
   else:
@@ -231,11 +232,12 @@ def _check_memory(config, model, dataset, mesh, key) -> None:
 
 
 def _initial_state(config, ckpts: ckpt_lib.Checkpoints, state, abstract, mesh: Mesh):
-  """(state, meta): the latest checkpoint's, else the initial state (pre-trained if asked)."""
-  latest = ckpts.latest_step()
-  if latest is not None:
-    state, meta = ckpts.restore(abstract, latest)
-    ckpt_lib.log_restored(latest, meta)
+  """(state, meta): the newest intact checkpoint's, else the initial state (pre-trained if
+  asked). Damaged steps are set aside on the way, each with one warning line."""
+  intact = ckpts.restore_newest_intact(abstract)
+  if intact is not None:
+    step, state, meta = intact
+    ckpt_lib.log_restored(step, meta)
     return state, meta
   if config.model.pretrained_gmf or config.model.pretrained_mlp:
     state = state.replace(params=pretrained.load_pretrained(config, state, mesh))
