@@ -58,7 +58,8 @@ from experiments import plots
 
 # Sweeps and seed studies reuse ncf_jax.train's --config (config_flags) and --workdir
 # flags (launch.define_run_flags), so `--config.x=y` means exactly what it means for a run.
-from ncf_jax import config_checks, launch
+from ncf_jax import config_checks, config_paths, launch
+from ncf_jax.config_paths import MISSING
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 FLAGS = flags.FLAGS
@@ -112,26 +113,13 @@ def load_sweep(path: str) -> list[dict[str, Any]]:
   return [dict(p) for p in points]
 
 
-def _flat_fields(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
-  out = []
-  for k, v in config.items():
-    out += (
-      _flat_fields(v, f'{prefix}{k}.')
-      if isinstance(v, ml_collections.ConfigDict)
-      else [f'{prefix}{k}']
-    )
-  return out
-
-
 def _current_value(config: ml_collections.ConfigDict, field: str, config_arg: str):
-  node = config
-  for part in field.split('.'):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      close = difflib.get_close_matches(field, _flat_fields(config), n=3)
-      hint = f'; did you mean {", ".join(PREFIX + c for c in close)}?' if close else '.'
-      raise UserError(f'{PREFIX}{field} is not a field of {config_arg}{hint}')
-    node = node[part]
-  if isinstance(node, ml_collections.ConfigDict):
+  node = config_paths.get(config, field, MISSING)
+  if node is MISSING:
+    close = difflib.get_close_matches(field, config_paths.leaf_paths(config), n=3)
+    hint = f'; did you mean {", ".join(PREFIX + c for c in close)}?' if close else '.'
+    raise UserError(f'{PREFIX}{field} is not a field of {config_arg}{hint}')
+  if config_paths.is_group(node):
     raise UserError(
       f'{PREFIX}{field} is a group of fields in {config_arg}; set its '
       f'fields (e.g. {PREFIX}{field}.{next(iter(node.keys()), "x")}).'
@@ -159,7 +147,7 @@ def apply_overrides(
       )
     format_value(value)  # raises for types a command line cannot carry
     try:
-      config.update_from_flattened_dict({field: value})
+      config_paths.set_value(config, field, value)
     except (KeyError, TypeError, ValueError) as e:
       raise UserError(f'{key}={value!r} has the wrong type: {e}') from None
   return config
@@ -291,7 +279,7 @@ def is_finished(point: Point) -> bool:
   saved = _read_json(os.path.join(point.workdir, 'config.json'))
   if not summary or summary.get('preempted') or saved is None:
     return False
-  expected = json.loads(point.config.to_json_best_effort())
+  expected = config_paths.to_json_dict(point.config)
   # Extra keys a run records besides its config (e.g. resolved_seed) do not count.
   return {k: saved.get(k) for k in expected} == expected
 

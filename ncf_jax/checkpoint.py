@@ -16,7 +16,6 @@ then placed with the target's shardings (`restore`).
 """
 
 import errno
-import json
 import os
 from typing import Any
 
@@ -28,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import orbax.checkpoint as ocp
 
+from ncf_jax import config_paths
 from ncf_jax import sharding as sharding_lib
 from ncf_jax.errors import UserError
 
@@ -58,25 +58,15 @@ RESUMABLE_FIELDS = (
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best_checkpoint'
 
 
-def _flatten(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, (tuple, list)) else v
-  return out
-
-
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   """JSON-safe dict of a config (tuples become lists)."""
-  return json.loads(config.to_json_best_effort())
+  return config_paths.to_json_dict(config)
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, seed: int) -> None:
   """Raises UserError naming every field that a resume may not change."""
-  now = _flatten(config_to_dict(config))
-  before = _flatten(saved['config'])
+  now = config_paths.flatten(config_to_dict(config))
+  before = config_paths.flatten(saved['config'])
   diffs = []
   for k in sorted(set(now) | set(before)):
     if k in RESUMABLE_FIELDS or k == 'seed':
