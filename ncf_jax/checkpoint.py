@@ -27,32 +27,14 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import orbax.checkpoint as ocp
 
+from configs import default as default_config
 from ncf_jax import config_paths
 from ncf_jax import sharding as sharding_lib
 from ncf_jax.errors import UserError
 
-# Fields that may differ between the saved run and a resumed one.
-RESUMABLE_FIELDS = (
-  'num_epochs',
-  'hr_threshold',
-  'eval_every_epochs',
-  'log_every_steps',
-  'checkpoint_every_epochs',
-  'keep_checkpoints',
-  'eval_batch_size',
-  'hash_pipeline',
-  'eval_full_ranking',
-  'full_ranking_chunk',
-  'early_stop_patience',
-  'num_devices',
-  'dataset.data_dir',
-  'dataset.download',
-  'dataset.source',
-  'stall_timeout_s',
-  'steps_per_call',
-  'sharding',
-  'model.first_layer',
-)
+# Fields that may differ between the saved run and a resumed one: declared with the
+# fields, in configs/default.py (this name stays for the docs and older callers).
+RESUMABLE_FIELDS = default_config.RESUMABLE_FIELDS
 
 # Folders under the workdir: the latest checkpoints, and the best epoch's.
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best_checkpoint'
@@ -69,7 +51,7 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, seed: int) 
   before = config_paths.flatten(saved['config'])
   diffs = []
   for k in sorted(set(now) | set(before)):
-    if k in RESUMABLE_FIELDS or k == 'seed':
+    if k in default_config.RESUMABLE_FIELDS or k == 'seed':
       continue
     if now.get(k) != before.get(k):
       diffs.append(f'{k}: saved {before.get(k)!r}, now {now.get(k)!r}')
@@ -80,7 +62,7 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, seed: int) 
       'cannot resume: the workdir holds a run with a different config ('
       + '; '.join(diffs)
       + '). Use a new --workdir, or restore those values. Fields that may change on '
-      'resume: ' + ', '.join(RESUMABLE_FIELDS) + '.'
+      'resume: ' + ', '.join(default_config.RESUMABLE_FIELDS) + '.'
     )
   del seed
 

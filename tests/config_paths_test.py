@@ -135,6 +135,15 @@ def test_unknown_sweep_field_names_the_closest(path, message):
   assert str(e.value) == message
 
 
+def test_resumable_fields_are_declared_with_the_fields():
+  """configs/default.py declares them; each names a leaf; checkpoint reads them there."""
+  config = default.get_config()
+  assert checkpoint.RESUMABLE_FIELDS is default.RESUMABLE_FIELDS
+  assert len(set(default.RESUMABLE_FIELDS)) == len(default.RESUMABLE_FIELDS) == 19
+  leaves = set(config_paths.leaf_paths(config))
+  assert set(default.RESUMABLE_FIELDS) <= leaves
+
+
 def test_check_compatible_ignores_resumable_fields_and_names_the_others():
   config = default.get_config()
   saved = {'config': checkpoint.config_to_dict(config), 'seed': 0}
