@@ -223,7 +223,8 @@ def make_points(
 ) -> list[Point]:
   """Checks every point (fields, types, train's own checks) before anything trains."""
   workdir = os.path.abspath(workdir)
-  points, seen = [], {}
+  points: list[Point] = []
+  seen: dict[str, int] = {}  # point name -> index
   for i, overrides in enumerate(overrides_list):
     name = names[i] if names else point_name(overrides)
     if name in seen:
@@ -400,13 +401,13 @@ def slice_envs(devices: dict[str, Any], parallel: int, env: dict[str, str]) -> l
         f'point; use a --parallel that gives 1, 2 or 4 chips each.'
       )
     for i in range(parallel):
-      ids = ','.join(str(c) for c in range(i * per, (i + 1) * per))
+      chip_ids = ','.join(str(c) for c in range(i * per, (i + 1) * per))
       port = str(8476 + i)
       envs.append(
         {
           **env,
-          'TPU_VISIBLE_CHIPS': ids,
-          'TPU_VISIBLE_DEVICES': ids,
+          'TPU_VISIBLE_CHIPS': chip_ids,
+          'TPU_VISIBLE_DEVICES': chip_ids,
           'TPU_CHIPS_PER_PROCESS_BOUNDS': _TPU_BOUNDS[per],
           'TPU_PROCESS_BOUNDS': '1,1,1',
           'TPU_MESH_CONTROLLER_PORT': port,
@@ -438,7 +439,8 @@ def run_points(points: Sequence[Point], envs: Sequence[dict[str, str]]) -> bool:
     else:
       pending.append((i, point))
   free = list(range(len(envs)))
-  running = {}  # slot -> (index, point, process, log file, start time)
+  # slot -> (index, point, process, log file, start time)
+  running: dict[int, tuple[int, Point, subprocess.Popen, Any, float]] = {}
   stop = {'signals': 0}
 
   def handle(signum, frame):
@@ -654,7 +656,7 @@ def write_results(
 
   curves, styles = [], []
   colour_keys, dash_keys = (shown[:-1], shown[-1:]) if len(shown) > 1 else (shown, [])
-  groups = {'colour': {}, 'dash': {}}
+  groups: dict[str, dict[str, int]] = {'colour': {}, 'dash': {}}
   for r in results:
     colour = repr([r['overrides'].get(k) for k in colour_keys])
     dash = repr([r['overrides'].get(k) for k in dash_keys])
