@@ -49,6 +49,33 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   return d
 
 
+# Fields a resumed run may set differently from the run that saved the checkpoint (how
+# long and how often it evaluates, logs and saves; where the data is read from; the device
+# count and table layout): ncf_jax.checkpoint.check_compatible refuses a difference in any
+# other field. Listed in this order in that refusal.
+RESUMABLE_FIELDS = (
+  'num_epochs',
+  'hr_threshold',
+  'eval_every_epochs',
+  'log_every_steps',
+  'checkpoint_every_epochs',
+  'keep_checkpoints',
+  'eval_batch_size',
+  'hash_pipeline',
+  'eval_full_ranking',
+  'full_ranking_chunk',
+  'early_stop_patience',
+  'num_devices',
+  'dataset.data_dir',
+  'dataset.download',
+  'dataset.source',
+  'stall_timeout_s',
+  'steps_per_call',
+  'sharding',
+  'model.first_layer',
+)
+
+
 def get_config() -> ml_collections.ConfigDict:
   """Returns the default config: small NeuMF on synthetic data, a few minutes on 2 CPUs."""
   config = ml_collections.ConfigDict()

@@ -37,7 +37,7 @@ def zipit(axes: Iterable[list[Point]]) -> list[Point]:
 
 
 def _merge(points) -> Point:
-  out = {}
+  out: Point = {}
   for p in points:
     clash = set(out) & set(p)
     if clash:

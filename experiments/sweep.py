@@ -58,7 +58,8 @@ from experiments import plots
 
 # Sweeps and seed studies reuse ncf_jax.train's --config (config_flags) and --workdir
 # flags (launch.define_run_flags), so `--config.x=y` means exactly what it means for a run.
-from ncf_jax import config_checks, launch
+from ncf_jax import config_checks, config_paths, launch
+from ncf_jax.config_paths import MISSING
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
 
 FLAGS = flags.FLAGS
@@ -112,26 +113,13 @@ def load_sweep(path: str) -> list[dict[str, Any]]:
   return [dict(p) for p in points]
 
 
-def _flat_fields(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
-  out = []
-  for k, v in config.items():
-    out += (
-      _flat_fields(v, f'{prefix}{k}.')
-      if isinstance(v, ml_collections.ConfigDict)
-      else [f'{prefix}{k}']
-    )
-  return out
-
-
 def _current_value(config: ml_collections.ConfigDict, field: str, config_arg: str):
-  node = config
-  for part in field.split('.'):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      close = difflib.get_close_matches(field, _flat_fields(config), n=3)
-      hint = f'; did you mean {", ".join(PREFIX + c for c in close)}?' if close else '.'
-      raise UserError(f'{PREFIX}{field} is not a field of {config_arg}{hint}')
-    node = node[part]
-  if isinstance(node, ml_collections.ConfigDict):
+  node = config_paths.get(config, field, MISSING)
+  if node is MISSING:
+    close = difflib.get_close_matches(field, config_paths.leaf_paths(config), n=3)
+    hint = f'; did you mean {", ".join(PREFIX + c for c in close)}?' if close else '.'
+    raise UserError(f'{PREFIX}{field} is not a field of {config_arg}{hint}')
+  if config_paths.is_group(node):
     raise UserError(
       f'{PREFIX}{field} is a group of fields in {config_arg}; set its '
       f'fields (e.g. {PREFIX}{field}.{next(iter(node.keys()), "x")}).'
@@ -159,7 +147,7 @@ def apply_overrides(
       )
     format_value(value)  # raises for types a command line cannot carry
     try:
-      config.update_from_flattened_dict({field: value})
+      config_paths.set_value(config, field, value)
     except (KeyError, TypeError, ValueError) as e:
       raise UserError(f'{key}={value!r} has the wrong type: {e}') from None
   return config
@@ -235,7 +223,8 @@ def make_points(
 ) -> list[Point]:
   """Checks every point (fields, types, train's own checks) before anything trains."""
   workdir = os.path.abspath(workdir)
-  points, seen = [], {}
+  points: list[Point] = []
+  seen: dict[str, int] = {}  # point name -> index
   for i, overrides in enumerate(overrides_list):
     name = names[i] if names else point_name(overrides)
     if name in seen:
@@ -291,7 +280,7 @@ def is_finished(point: Point) -> bool:
   saved = _read_json(os.path.join(point.workdir, 'config.json'))
   if not summary or summary.get('preempted') or saved is None:
     return False
-  expected = json.loads(point.config.to_json_best_effort())
+  expected = config_paths.to_json_dict(point.config)
   # Extra keys a run records besides its config (e.g. resolved_seed) do not count.
   return {k: saved.get(k) for k in expected} == expected
 
@@ -412,13 +401,13 @@ def slice_envs(devices: dict[str, Any], parallel: int, env: dict[str, str]) -> l
         f'point; use a --parallel that gives 1, 2 or 4 chips each.'
       )
     for i in range(parallel):
-      ids = ','.join(str(c) for c in range(i * per, (i + 1) * per))
+      chip_ids = ','.join(str(c) for c in range(i * per, (i + 1) * per))
       port = str(8476 + i)
       envs.append(
         {
           **env,
-          'TPU_VISIBLE_CHIPS': ids,
-          'TPU_VISIBLE_DEVICES': ids,
+          'TPU_VISIBLE_CHIPS': chip_ids,
+          'TPU_VISIBLE_DEVICES': chip_ids,
           'TPU_CHIPS_PER_PROCESS_BOUNDS': _TPU_BOUNDS[per],
           'TPU_PROCESS_BOUNDS': '1,1,1',
           'TPU_MESH_CONTROLLER_PORT': port,
@@ -450,7 +439,8 @@ def run_points(points: Sequence[Point], envs: Sequence[dict[str, str]]) -> bool:
     else:
       pending.append((i, point))
   free = list(range(len(envs)))
-  running = {}  # slot -> (index, point, process, log file, start time)
+  # slot -> (index, point, process, log file, start time)
+  running: dict[int, tuple[int, Point, subprocess.Popen, Any, float]] = {}
   stop = {'signals': 0}
 
   def handle(signum, frame):
@@ -666,7 +656,7 @@ def write_results(
 
   curves, styles = [], []
   colour_keys, dash_keys = (shown[:-1], shown[-1:]) if len(shown) > 1 else (shown, [])
-  groups = {'colour': {}, 'dash': {}}
+  groups: dict[str, dict[str, int]] = {'colour': {}, 'dash': {}}
   for r in results:
     colour = repr([r['overrides'].get(k) for k in colour_keys])
     dash = repr([r['overrides'].get(k) for k in dash_keys])

@@ -21,7 +21,6 @@ then placed with the target's shardings (`restore`).
 """
 
 import errno
-import json
 import os
 import shutil
 import time
@@ -35,32 +34,14 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ncf_jax import hashing
+from configs import default as default_config
+from ncf_jax import config_paths, hashing
 from ncf_jax import sharding as sharding_lib
 from ncf_jax.errors import UserError
 
-# Fields that may differ between the saved run and a resumed one.
-RESUMABLE_FIELDS = (
-  'num_epochs',
-  'hr_threshold',
-  'eval_every_epochs',
-  'log_every_steps',
-  'checkpoint_every_epochs',
-  'keep_checkpoints',
-  'eval_batch_size',
-  'hash_pipeline',
-  'eval_full_ranking',
-  'full_ranking_chunk',
-  'early_stop_patience',
-  'num_devices',
-  'dataset.data_dir',
-  'dataset.download',
-  'dataset.source',
-  'stall_timeout_s',
-  'steps_per_call',
-  'sharding',
-  'model.first_layer',
-)
+# Fields that may differ between the saved run and a resumed one: declared with the
+# fields, in configs/default.py (this name stays for the docs and older callers).
+RESUMABLE_FIELDS = default_config.RESUMABLE_FIELDS
 
 # Folders under the workdir: the latest checkpoints, and the best epoch's.
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best_checkpoint'
@@ -81,28 +62,18 @@ def _first_line(e: BaseException) -> str:
   return f'{type(e).__name__}: {text[:200]}'
 
 
-def _flatten(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = list(v) if isinstance(v, (tuple, list)) else v
-  return out
-
-
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   """JSON-safe dict of a config (tuples become lists)."""
-  return json.loads(config.to_json_best_effort())
+  return config_paths.to_json_dict(config)
 
 
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, seed: int) -> None:
   """Raises UserError naming every field that a resume may not change."""
-  now = _flatten(config_to_dict(config))
-  before = _flatten(saved['config'])
+  now = config_paths.flatten(config_to_dict(config))
+  before = config_paths.flatten(saved['config'])
   diffs = []
   for k in sorted(set(now) | set(before)):
-    if k in RESUMABLE_FIELDS or k == 'seed':
+    if k in default_config.RESUMABLE_FIELDS or k == 'seed':
       continue
     if now.get(k) != before.get(k):
       diffs.append(f'{k}: saved {before.get(k)!r}, now {now.get(k)!r}')
@@ -113,7 +84,7 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, seed: int) 
       'cannot resume: the workdir holds a run with a different config ('
       + '; '.join(diffs)
       + '). Use a new --workdir, or restore those values. Fields that may change on '
-      'resume: ' + ', '.join(RESUMABLE_FIELDS) + '.'
+      'resume: ' + ', '.join(default_config.RESUMABLE_FIELDS) + '.'
     )
   del seed
 

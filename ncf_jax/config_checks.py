@@ -2,8 +2,8 @@
 
 import ml_collections
 
+from ncf_jax import config_paths, models, pipeline, sampling, sharding, steps
 from ncf_jax import data as data_lib
-from ncf_jax import models, pipeline, sampling, sharding, steps
 from ncf_jax.errors import UserError
 
 # Values of config.select_metric.
@@ -24,12 +24,8 @@ def resolve_model_defaults(config: ml_collections.ConfigDict) -> ml_collections.
     )
   resolved = config.copy_and_resolve_references()
   for path, value in models.DEFAULTS[name].items():
-    *parents, leaf = path.split('.')
-    node = resolved
-    for p in parents:
-      node = node[p]
-    if node[leaf] is None:
-      node[leaf] = value
+    if config_paths.get(resolved, path) is None:
+      config_paths.set_value(resolved, path, value)
   return resolved
 
 
@@ -91,9 +87,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     bad('model.mf_dim', config.model.mf_dim, 'it must be >= 1')
   if not 0 <= float(config.model.dropout) < 1:
     bad('model.dropout', config.model.dropout, 'it must be in [0, 1)')
-  for f in ('l2', 'l2_params'):
-    if not float(config.model[f]) >= 0:
-      bad(f'model.{f}', config.model[f], 'it must be >= 0')
+  for f in ('model.l2', 'model.l2_params'):
+    if not float(config_paths.get(config, f)) >= 0:
+      bad(f, config_paths.get(config, f), 'it must be >= 0')
   if not float(config.model.embed_init_std) > 0:
     bad('model.embed_init_std', config.model.embed_init_std, 'it must be > 0')
   if config.hr_threshold is not None and not 0 < float(config.hr_threshold) <= 1:

@@ -4,6 +4,9 @@ import difflib
 import re
 import sys
 
+from ncf_jax import config_paths
+from ncf_jax.config_paths import MISSING
+
 
 class UserError(Exception):
   """Bad input or configuration: the message says what, where, and what to do."""
@@ -118,8 +121,9 @@ def _flag_error_message(
   bad_value = re.match(r'flag --(config\.[^=]+)=(.*?): (.*)$', text, re.DOTALL)
   if bad_value and bad_value.group(1) in flag_values:
     name, value = bad_value.group(1), bad_value.group(2)
-    current = _lookup(config, name.split('.')[1:]) if config is not None else _MISSING
-    if hasattr(current, 'keys'):
+    path = name[len('config.') :]
+    current = config_paths.get(config, path, MISSING) if config is not None else MISSING
+    if config_paths.is_group(current):
       fields = ', '.join(sorted(current.keys()))
       return (
         f'--{name}={value}: {name} is a group of fields ({fields}); set them one by '
@@ -129,7 +133,7 @@ def _flag_error_message(
     if isinstance(current, (tuple, list)):
       kind = 'tuple'
     expects = _TYPE_WORDS.get(kind, f'a value of type {kind}')
-    now = '' if current is _MISSING else f' ({current!r} in {config_file})'
+    now = '' if current is MISSING else f' ({current!r} in {config_file})'
     return f'{name} takes {expects}{now}, not {value!r} (from --{name}={value}).'
 
   # `--config.<path>` that names no field: the first missing part, and the closest field.
@@ -138,11 +142,10 @@ def _flag_error_message(
       match = re.match(r'--(config\.[^=]+)', arg)
       if not match:
         continue
-      parts = match.group(1).split('.')[1:]
-      for i in range(len(parts)):
-        node = _lookup(config, parts[:i])
-        if not hasattr(node, 'keys') or parts[i] in node:
-          continue
+      parts = config_paths.parts(match.group(1))[1:]
+      i = config_paths.first_unknown(config, parts)
+      if i is not None:
+        node = config_paths.get(config, parts[:i])
         name = '.'.join(['config'] + parts[: i + 1])
         close = difflib.get_close_matches(parts[i], list(node.keys()), n=1, cutoff=0.6)
         hint = f': did you mean {".".join(["config"] + parts[:i] + close)}?' if close else '.'
@@ -152,8 +155,8 @@ def _flag_error_message(
         )
 
   if isinstance(error, flags.UnrecognizedFlagError):
-    close = re.search(r'Did you mean: (\S+)', text)
-    hint = f'; did you mean --{close.group(1)}?' if close else ''
+    suggested = re.search(r'Did you mean: (\S+)', text)
+    hint = f'; did you mean --{suggested.group(1)}?' if suggested else ''
     return f'unknown flag --{error.flagname}{hint} (--help lists the flags).'
   if 'Traceback' in text:  # config_flags embeds the config file's own traceback
     lines = [line for line in text.splitlines() if line.strip(' )^~')]
@@ -161,16 +164,3 @@ def _flag_error_message(
   if isinstance(error, flags.Error):
     return ' '.join(text.split())
   return ' '.join(text.strip('"\'').split())
-
-
-_MISSING = object()
-
-
-def _lookup(config, parts):
-  """The value at a field path in a ConfigDict, or _MISSING."""
-  node = config
-  for part in parts:
-    if not hasattr(node, 'keys') or part not in node:
-      return _MISSING
-    node = node[part]
-  return node

@@ -13,6 +13,8 @@ import sys
 import tempfile
 import time
 
+from ncf_jax import config_paths
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, 'tests', '_train_worker.py')
 
@@ -44,20 +46,13 @@ if not _XLA_CACHE:
 
 
 def _values(data_dir: str, overrides: dict) -> dict:
-  values = dict(TINY, **{'dataset.data_dir': data_dir})
-  values.update({k.replace('__', '.'): v for k, v in overrides.items()})
-  return values
+  """TINY, the data_dir and `overrides` (`a__b=v` spelling) as {'a.b': v}."""
+  return {**TINY, 'dataset.data_dir': data_dir, **config_paths.from_keywords(overrides)}
 
 
 def set_fields(config, values: dict):
   """Sets {'a.b': v} fields of a ConfigDict in place; returns it."""
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return config_paths.override(config, values)
 
 
 def tiny_config(data_dir: str, base=None, **overrides):

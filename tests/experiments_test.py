@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from experiments import bench_report, hyper, seeds, sweep
+from ncf_jax import config_paths
 from ncf_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -509,7 +510,7 @@ def test_a_point_counts_as_finished_only_with_a_final_summary_of_its_own_config(
   config.lock()
   [point] = sweep.make_points(config, 'configs/default.py', {}, [{'config.seed': 1}], str(tmp_path))
   os.makedirs(point.workdir)
-  saved = json.loads(point.config.to_json_best_effort())
+  saved = config_paths.to_json_dict(point.config)  # what train writes to config.json
   summary, config_json = (os.path.join(point.workdir, f) for f in ('summary.json', 'config.json'))
   write(summary, json.dumps({'preempted': False}))
   write(config_json, json.dumps({**saved, 'resolved_seed': 1}))
