@@ -70,6 +70,7 @@ RESUMABLE_FIELDS = (
   'dataset.download',
   'dataset.source',
   'stall_timeout_s',
+  'divergence_factor',
   'steps_per_call',
   'sharding',
   'model.first_layer',
@@ -173,6 +174,10 @@ def get_config() -> ml_collections.ConfigDict:
   # End the run with one clear line (exit 3) when no training step finishes for this many
   # seconds, e.g. a collective stalled by a dead host; 0 = never. Checkpoints stay intact.
   config.stall_timeout_s = 600
+  # End the run with one clear line when an epoch's running train loss exceeds this many
+  # times ln 2, the loss of a freshly initialised model (its logits are near 0): the run
+  # has diverged (a learning rate far too high). 0 = never; a NaN or inf loss always stops.
+  config.divergence_factor = 10.0
   return config
 
 

@@ -92,6 +92,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       bad(f, config_paths.get(config, f), 'it must be >= 0')
   if not float(config.model.embed_init_std) > 0:
     bad('model.embed_init_std', config.model.embed_init_std, 'it must be > 0')
+  if not float(config.divergence_factor) >= 0:
+    bad('divergence_factor', config.divergence_factor, 'it must be >= 0 (0 = never stop)')
   if config.hr_threshold is not None and not 0 < float(config.hr_threshold) <= 1:
     bad('hr_threshold', config.hr_threshold, 'it must be in (0, 1] or None')
   if config.validation not in data_lib.VALIDATIONS:

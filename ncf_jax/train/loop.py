@@ -6,6 +6,7 @@ checkpoints' meta, the stall watchdog's message and the preemption save read.
 """
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -156,7 +157,7 @@ def train_epoch(run: Run, state, progress: Progress, guards: Guards, epoch: int)
     state = _replay_hashes(run, state, items, epoch, first_step, guards.in_flight)
   progress.hash_steps = first_step if config.hash_pipeline else None
   state, stopped = _train_batches(run, state, progress, guards, items, epoch, first_step)
-  _check_finite(state, run.ckpts)
+  _check_health(run, state)
   if stopped:
     _save_preempted(run, state, progress, epoch, guards.preemption.reason or 'SIGTERM')
     return state, None
@@ -203,7 +204,7 @@ def _train_batches(run: Run, state, progress: Progress, guards: Guards, items, e
       progress.hash_steps = step
     bar.add(out['train_loss'], n)  # counted when the device has finished it
     if log_every and step // log_every > (step - n) // log_every:
-      _check_finite(state, run.ckpts)
+      _check_health(run, state)
       run.writer.log_step(epoch, step, spe, state)
   bar.close()
   return state, stopped
@@ -390,8 +391,24 @@ def _last_good(ckpts: ckpt_lib.Checkpoints) -> str:
   return 'no checkpoint had been saved yet'
 
 
-def _check_finite(state: steps.TrainState, ckpts: ckpt_lib.Checkpoints) -> None:
-  bad = int(jax.device_get(state.bad_step))
+def _check_health(run: Run, state: steps.TrainState) -> None:
+  """Stops the run when the loss became NaN/inf, or diverged (`config.divergence_factor`)."""
+  bad, loss_sum, count, step = jax.device_get(
+    (state.bad_step, state.loss_sum, state.loss_count, state.step)
+  )
+  factor = float(run.config.divergence_factor)
+  loss = float(loss_sum) / max(float(count), 1.0)
+  if factor and int(bad) < 0 and loss > factor * math.log(2.0):
+    raise UserError(
+      f'the training loss diverged: its running mean this epoch is {loss:.4g} at global step '
+      f'{int(step)}, over config.divergence_factor x ln 2 = {factor * math.log(2.0):.4g} '
+      f'(a fresh model starts at 0.693); {_last_good(run.ckpts)}. Lower '
+      'config.learning_rate, or pass --config.divergence_factor=0 to train on regardless.'
+    )
+  _check_finite(int(bad), run.ckpts)
+
+
+def _check_finite(bad: int, ckpts: ckpt_lib.Checkpoints) -> None:
   if bad >= 0:
     where = _last_good(ckpts)
     raise UserError(
