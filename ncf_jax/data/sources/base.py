@@ -17,6 +17,7 @@ itself and ignores min_ratings (`applies_min_ratings = False`).
 import abc
 from collections.abc import Callable
 import dataclasses
+import math
 import os
 from typing import Any, ClassVar
 
@@ -24,6 +25,46 @@ import numpy as np
 
 from ncf_jax.data.dataset import Dataset, Interactions
 from ncf_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadLimits:
+  """When a download is abandoned (config.dataset.download_* fields; 0 disables one)."""
+
+  timeout_s: float = 3600.0  # overall deadline
+  min_rate: float = 1024.0  # bytes/s, averaged over each window
+  min_rate_window_s: float = 60.0
+
+  def socket_timeout(self, most: float = 60.0) -> float:
+    """Bound of one socket read: a stalled server cannot block longer than this."""
+    bounds = [most]
+    if self.timeout_s > 0:
+      bounds.append(self.timeout_s)
+    if self.min_rate > 0:
+      bounds.append(self.min_rate_window_s)
+    return min(bounds)
+
+
+_LIMIT_FIELDS = (
+  ('download_timeout_s', 'timeout_s', 'a number of seconds > 0, or 0 for no deadline'),
+  ('download_min_rate', 'min_rate', 'a number of bytes/s > 0, or 0 for no minimum rate'),
+  ('download_min_rate_window_s', 'min_rate_window_s', 'a number of seconds > 0'),
+)
+
+
+def download_limits(cfg) -> DownloadLimits:
+  """Checks the download_* fields of a `config.dataset` block (absent ones: the defaults)."""
+  values = {}
+  for field, attr, what in _LIMIT_FIELDS:
+    value = cfg.get(field, getattr(DownloadLimits, attr)) if hasattr(cfg, 'get') else None
+    if value is None:
+      value = getattr(DownloadLimits, attr)
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value > 0 or (value == 0 and 'or 0' in what))
+    if not ok:
+      raise UserError(f'config.dataset.{field}={value!r} is invalid: it must be {what}.')
+    values[attr] = float(value)
+  return DownloadLimits(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +76,11 @@ class Settings:
   data_dir: str  # absolute, user folder expanded
   download: bool
   min_ratings: int
+  download_limits: DownloadLimits = DownloadLimits()
 
 
 def settings(cfg) -> Settings:
-  """Checks min_ratings and data_dir of a `config.dataset` block; returns the shared values."""
+  """Checks min_ratings, data_dir and the download_* fields of a `config.dataset` block; returns the shared values."""
   if (
     not isinstance(cfg.min_ratings, (int, np.integer))
     or isinstance(cfg.min_ratings, bool)
@@ -58,6 +100,7 @@ def settings(cfg) -> Settings:
     data_dir=os.path.abspath(os.path.expanduser(cfg.data_dir)),
     download=bool(cfg.download),
     min_ratings=int(cfg.min_ratings),
+    download_limits=download_limits(cfg),
   )
 
 
