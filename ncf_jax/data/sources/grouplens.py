@@ -292,7 +292,10 @@ def download_zip(
     raise UserError(f'cannot create data_dir {data_dir} for the download: {e}') from None
   _remove_stale_parts(data_dir, name)
   fd, tmp = cache.public_temp_file(data_dir, f'.{name}.zip.', '.part')
-  fcntl.flock(fd, fcntl.LOCK_EX)  # released by the OS if this process dies
+  # Locked until it is renamed or removed (the dup outlives the writer's close), so the
+  # next download's stale-part cleanup skips it; the OS releases it if this process dies.
+  fcntl.flock(fd, fcntl.LOCK_EX)
+  lock_fd = os.dup(fd)
   sock_timeout = limits.socket_timeout(timeout)
   by_hand = (
     f'the partial file was removed. Download it by hand into {dest}, or set ${URL_ENV} '
@@ -338,6 +341,7 @@ def download_zip(
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    os.close(lock_fd)
   return dest
 
 
