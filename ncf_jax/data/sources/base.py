@@ -45,23 +45,24 @@ class DownloadLimits:
     return min(bounds)
 
 
+# (config field, DownloadLimits attribute, whether 0 (off) is allowed, what it must be).
 _LIMIT_FIELDS = (
-  ('download_timeout_s', 'timeout_s', 'a number of seconds > 0, or 0 for no deadline'),
-  ('download_min_rate', 'min_rate', 'a number of bytes/s > 0, or 0 for no minimum rate'),
-  ('download_min_rate_window_s', 'min_rate_window_s', 'a number of seconds > 0'),
+  ('download_timeout_s', 'timeout_s', True, 'a number of seconds > 0, or 0 for no deadline'),
+  ('download_min_rate', 'min_rate', True, 'a number of bytes/s > 0, or 0 for no minimum rate'),
+  ('download_min_rate_window_s', 'min_rate_window_s', False, 'a number of seconds > 0'),
 )
 
 
 def download_limits(cfg) -> DownloadLimits:
-  """Checks the download_* fields of a `config.dataset` block (absent ones: the defaults)."""
+  """Checks the download_* fields of a `config.dataset` block; an absent field (a block
+  built by hand) takes its default."""
   values = {}
-  for field, attr, what in _LIMIT_FIELDS:
-    value = cfg.get(field, getattr(DownloadLimits, attr)) if hasattr(cfg, 'get') else None
-    if value is None:
-      value = getattr(DownloadLimits, attr)
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > 0 or (value == 0 and 'or 0' in what))
-    if not ok:
+  for field, attr, zero_ok, what in _LIMIT_FIELDS:
+    value = getattr(cfg, field, getattr(DownloadLimits, attr))
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+      value, bool
+    )
+    if not (number and math.isfinite(value) and (value > 0 or (zero_ok and value == 0))):
       raise UserError(f'config.dataset.{field}={value!r} is invalid: it must be {what}.')
     values[attr] = float(value)
   return DownloadLimits(**values)
@@ -80,7 +81,10 @@ class Settings:
 
 
 def settings(cfg) -> Settings:
-  """Checks min_ratings, data_dir and the download_* fields of a `config.dataset` block; returns the shared values."""
+  """Checks a `config.dataset` block's shared fields (min_ratings, data_dir, download_*).
+
+  Returns the shared values.
+  """
   if (
     not isinstance(cfg.min_ratings, (int, np.integer))
     or isinstance(cfg.min_ratings, bool)

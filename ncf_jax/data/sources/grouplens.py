@@ -231,7 +231,7 @@ def _too_big(member: str, name: str, cap: int) -> str:
     why = (
       f'the most a whole GroupLens {name} archive can hold ({ARCHIVE_CAP_FACTOR} x the ratings cap)'
     )
-  return f'member {member} inflates to more than {cap:,} bytes, {why}; a zip bomb?'
+  return f'member {member} inflates to more than {cap:,} bytes, {why}'
 
 
 class MemberTooBig(UserError):
@@ -313,7 +313,10 @@ def download_zip(
         f'download of {src} has MD5 {digest.hexdigest()}, expected '
         f'{md5[name]} (corrupt or not the official file); run it again.'
       )
-    problem = _archive_problem(tmp, name, stream=name not in md5)
+    try:
+      problem = _archive_problem(tmp, name, stream=name not in md5)
+    except _BadCrc as bad:
+      raise UserError(f'download of {src} is corrupt (bad CRC in {bad}); run it again.') from None
     if problem:
       raise UserError(f'download of {src} is refused: {problem}; {by_hand}.')
     os.replace(tmp, dest)
@@ -396,9 +399,17 @@ def _remove_stale_parts(data_dir: str, name: str) -> None:
       os.close(fd)
 
 
+class _BadCrc(Exception):
+  """A member's CRC does not match (its name is the argument)."""
+
+
 def _archive_problem(zpath: str, name: str, stream: bool) -> str | None:
   """Why a zip is refused: an unreadable or too big member (directory entries; if `stream`,
-  every member inflated, CRC-checked and counted against its cap, never held whole)."""
+  every member inflated, CRC-checked and counted against its cap, never held whole).
+
+  Raises:
+    _BadCrc: a member's CRC does not match (streaming only).
+  """
   ratings = f'{FORMATS[name].folder}/{FORMATS[name].filename}'
   cap = ratings_cap(name)
   archive_cap = ARCHIVE_CAP_FACTOR * cap
@@ -423,7 +434,7 @@ def _archive_problem(zpath: str, name: str, stream: bool) -> str | None:
             if count > member_cap:
               return _too_big(info.filename, name, member_cap)
       except zipfile.BadZipFile:
-        return f'it is corrupt (bad CRC in {info.filename})'
+        raise _BadCrc(info.filename) from None
       inflated += count
   return None
 
@@ -437,8 +448,8 @@ def _open(source: RatingsFile):
   # Inflation is capped while it streams: a bomb stops at the cap, whatever its header says.
   cap = ratings_cap(source.name)
   message = (
-    f'{source.path}: {_too_big(source.member, source.name, cap)} It is not the GroupLens '
-    f'{source.name} zip: delete it and re-download (--download), or put the official '
+    f'{source.path}: {_too_big(source.member, source.name, cap)}; it is not the GroupLens '
+    f'{source.name} zip (a zip bomb?): delete it and re-download (--download), or put the official '
     f'{url(source.name)} in {os.path.dirname(source.path)} by hand.'
   )
   return io.BufferedReader(_CappedReader(member, cap, message), 1 << 20)
