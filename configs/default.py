@@ -24,6 +24,12 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   d.data_dir = '~/.cache/ncf_jax'
   # Download the GroupLens zip into data_dir when it is missing (MD5/zip checked).
   d.download = False
+  # Download: overall deadline in seconds (0: none); past it the partial file is removed.
+  d.download_timeout_s = 3600.0
+  # Download: abandoned when a window averages under this many bytes/s (0: no minimum).
+  d.download_min_rate = 1024.0
+  # Download: seconds per min-rate window; also bounds one stalled socket read.
+  d.download_min_rate_window_s = 60.0
   # Users with fewer ratings are dropped (MLPerf: 20; a no-op on ml-1m and ml-20m).
   d.min_ratings = 20
   # Synthetic generator: number of users.

@@ -1,14 +1,19 @@
 """Tests of raw MovieLens reading, download and TFDS conversion (the grouplens and tfds sources)."""
 
+import builtins
 import hashlib
 import io
 import os
+import resource
+import time
 import zipfile
 
 from conftest import serve_http, write_tfds_metadata
 import numpy as np
 import pytest
 
+from configs import default as default_config
+from ncf_jax.data import sources
 from ncf_jax.data.sources import grouplens
 from ncf_jax.data.sources import tfds as tfds_source
 from ncf_jax.errors import UserError
@@ -379,3 +384,142 @@ def test_tfds_records_convert_to_raw_ratings_in_order(tmp_path, as_bytes):
 def test_tfds_has_no_ml10m():
   with pytest.raises(UserError, match='ml-10m is not in TensorFlow Datasets'):
     tfds_source.open_tfds('ml-10m', '/nonexistent', download=False)
+
+
+# --- bounded inflation, unreadable members and files ----------------------------------
+
+
+def bomb_zip(name='ml-100k', rows=8 << 20):
+  """A zip whose ratings member holds `rows` valid rows (64 MiB by default), correct CRC."""
+  fmt = grouplens.FORMATS[name]
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, 'w', zipfile.ZIP_DEFLATED) as z:
+    z.writestr(f'{fmt.folder}/{fmt.filename}', '1\t2\t3\t4\n' * rows)
+  return buf.getvalue()
+
+
+def peak_rss_mib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_zip_bomb_placed_by_hand_is_refused_quickly_naming_the_cap(tmp_path):
+  (tmp_path / 'ml-100k.zip').write_bytes(bomb_zip())
+  cap = grouplens.ratings_cap('ml-100k')
+  assert cap == 100_000 * 64
+  start, rss = time.monotonic(), peak_rss_mib()
+  with pytest.raises(UserError) as e:
+    read(tmp_path, 'ml-100k')
+  assert time.monotonic() - start < 30 and peak_rss_mib() - rss < 200
+  msg = str(e.value)
+  assert str(tmp_path / 'ml-100k.zip') in msg and 'ml-100k/u.data' in msg
+  assert f'more than {cap:,} bytes' in msg and '--download' in msg
+
+
+@pytest.mark.parametrize('name', ['ml-100k', 'ml-1m'])
+def test_bomb_is_stopped_while_streaming_whatever_the_directory_says(tmp_path, name, monkeypatch):
+  # Past `locate` (whose directory check refuses it at once): the capped stream stops it.
+  fmt = grouplens.FORMATS[name]
+  (tmp_path / f'{name}.zip').write_bytes(bomb_zip(name, rows=1 << 20))
+  source = grouplens.RatingsFile(
+    name, str(tmp_path / f'{name}.zip'), f'{fmt.folder}/{fmt.filename}', fmt
+  )
+  monkeypatch.setitem(grouplens.RATING_ROWS, name, 1000)
+  start, rss = time.monotonic(), peak_rss_mib()
+  with pytest.raises(UserError, match=f'inflates to more than {1000 * 64:,} bytes'):
+    grouplens.read_ratings(source)
+  assert time.monotonic() - start < 30 and peak_rss_mib() - rss < 100
+
+
+def patched_zip(flag_bits=None, method=None):
+  """The ml-100k test zip with its member's flag bits or compression method overwritten
+  in both the local header and the central directory (as another zip tool would write)."""
+  body = bytearray(zip_bytes('ml-100k', ratings_text('ml-100k'), extra=()))
+  z = zipfile.ZipFile(io.BytesIO(bytes(body)))
+  info = z.getinfo('ml-100k/u.data')
+  local = info.header_offset
+  central = [
+    i
+    for i in range(len(body))
+    if body[i : i + 4] == b'PK\x01\x02'
+    and body[i + 46 : i + 46 + len(info.filename)] == info.filename.encode()
+  ][0]
+  if flag_bits is not None:
+    body[local + 6 : local + 8] = flag_bits.to_bytes(2, 'little')
+    body[central + 8 : central + 10] = flag_bits.to_bytes(2, 'little')
+  if method is not None:
+    body[local + 8 : local + 10] = method.to_bytes(2, 'little')
+    body[central + 10 : central + 12] = method.to_bytes(2, 'little')
+  return bytes(body)
+
+
+def test_encrypted_member_is_one_message(tmp_path):
+  (tmp_path / 'ml-100k.zip').write_bytes(patched_zip(flag_bits=0x1))
+  with pytest.raises(UserError, match='member ml-100k/u.data is encrypted') as e:
+    read(tmp_path, 'ml-100k')
+  assert str(tmp_path / 'ml-100k.zip') in str(e.value) and '--download' in str(e.value)
+
+
+def test_unsupported_compression_method_is_one_message(tmp_path):
+  (tmp_path / 'ml-100k.zip').write_bytes(patched_zip(method=99))
+  with pytest.raises(UserError, match='uses compression method 99, which cannot be read'):
+    read(tmp_path, 'ml-100k')
+
+
+@pytest.mark.parametrize('flag_bits, method', [(0x1, None), (None, 99)])
+def test_unreadable_member_read_directly_is_a_user_error(tmp_path, flag_bits, method):
+  (tmp_path / 'ml-100k.zip').write_bytes(patched_zip(flag_bits, method))
+  source = grouplens.RatingsFile(
+    'ml-100k', str(tmp_path / 'ml-100k.zip'), 'ml-100k/u.data', grouplens.FORMATS['ml-100k']
+  )
+  with pytest.raises(UserError, match='cannot be read from the zip'):
+    grouplens.read_ratings(source)
+
+
+def deny_reads(monkeypatch, path):
+  """chmod 000 `path`; as root (whom chmod does not stop) make opening it raise instead."""
+  os.chmod(path, 0)
+  if os.geteuid() != 0:
+    return
+  real_open, real_os_open = builtins.open, os.open
+
+  def check(p):
+    if os.fspath(p) == str(path):
+      raise PermissionError(13, 'Permission denied', str(path))
+
+  def fake_open(p, *args, **kwargs):
+    if not isinstance(p, int):
+      check(p)
+    return real_open(p, *args, **kwargs)
+
+  def fake_os_open(p, *args, **kwargs):
+    check(p)
+    return real_os_open(p, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, 'open', fake_open)
+  monkeypatch.setattr(io, 'open', fake_open)  # zipfile opens through io.open
+  monkeypatch.setattr(os, 'open', fake_os_open)
+
+
+def test_unreadable_ratings_file_is_one_message(tmp_path, monkeypatch):
+  path = write_folder(tmp_path, 'ml-1m', ratings_text('ml-1m'))
+  deny_reads(monkeypatch, path)
+  with pytest.raises(UserError, match='cannot be read .*Permission denied.*read access') as e:
+    read(tmp_path, 'ml-1m')
+  assert path in str(e.value)
+
+
+def test_unreadable_ratings_file_is_one_message_when_hashed(tmp_path, monkeypatch):
+  path = write_folder(tmp_path, 'ml-1m', ratings_text('ml-1m'))
+  cfg = default_config.get_dataset_config()
+  cfg.name, cfg.data_dir = 'ml-1m', str(tmp_path)
+  deny_reads(monkeypatch, path)
+  with pytest.raises(UserError, match=f'{path} cannot be read .*Permission denied'):
+    sources.select(cfg).identity()
+
+
+def test_unreadable_zip_is_one_message(tmp_path, monkeypatch):
+  path = tmp_path / 'ml-100k.zip'
+  path.write_bytes(zip_bytes('ml-100k', ratings_text('ml-100k')))
+  deny_reads(monkeypatch, path)
+  with pytest.raises(UserError, match=f'{path} cannot be read .*Permission denied.*read access'):
+    read(tmp_path, 'ml-100k')

@@ -215,3 +215,62 @@ def test_tfds_download_builds_array_record_prints_one_json_line_then_uses_the_ca
   assert json.loads(out2) == summary and len(out2.splitlines()) == 1
   assert {p: os.stat(p).st_mtime_ns for p in mtimes} == mtimes
   assert 'Downloading and preparing' not in err2
+
+
+def one_error_line(rc, out, err):
+  lines = err.strip().splitlines()
+  assert rc == 2 and out == '' and 'Traceback' not in err, err
+  assert lines[-1].startswith('error: ')
+  return lines[-1]
+
+
+def test_slow_mirror_is_one_error_line_and_leaves_no_part_file(tmp_path):
+  import downloads_test  # pylint: disable=g-import-not-at-top
+
+  with downloads_test.trickle_server(size=2000, interval=0.05) as base:
+    line = one_error_line(
+      *prepare(
+        f'--config.dataset.data_dir={tmp_path}',
+        '--config.dataset.name=ml-100k',
+        '--config.dataset.download_min_rate_window_s=1',
+        '--download',
+        env={'NCF_JAX_MOVIELENS_URL': base},
+      )
+    )
+  assert f'download of {base}/ml-100k.zip is too slow' in line
+  assert os.listdir(tmp_path) == []
+
+
+def test_zip_bomb_in_data_dir_is_one_error_line_naming_the_cap(tmp_path):
+  buf = io.BytesIO()
+  with zipfile.ZipFile(buf, 'w', zipfile.ZIP_DEFLATED) as z:
+    z.writestr('ml-100k/u.data', '1\t2\t3\t4\n' * (4 << 20))
+  (tmp_path / 'ml-100k.zip').write_bytes(buf.getvalue())
+  line = one_error_line(
+    *prepare(f'--config.dataset.data_dir={tmp_path}', '--config.dataset.name=ml-100k')
+  )
+  assert 'ml-100k/u.data inflates to more than 6,400,000 bytes' in line
+
+
+def test_encrypted_member_is_one_error_line(tmp_path):
+  import movielens_test  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / 'ml-100k.zip').write_bytes(movielens_test.patched_zip(flag_bits=0x1))
+  line = one_error_line(
+    *prepare(f'--config.dataset.data_dir={tmp_path}', '--config.dataset.name=ml-100k')
+  )
+  assert 'ml-100k/u.data is encrypted' in line
+
+
+@pytest.mark.skipif(
+  os.geteuid() == 0, reason='root reads a chmod 000 file (movielens_test fakes it)'
+)
+def test_chmod_000_ratings_file_is_one_error_line(tmp_path):
+  path = tmp_path / 'ml-100k' / 'u.data'
+  path.parent.mkdir()
+  path.write_text('1\t2\t3\t4\n')
+  path.chmod(0)
+  line = one_error_line(
+    *prepare(f'--config.dataset.data_dir={tmp_path}', '--config.dataset.name=ml-100k')
+  )
+  assert f'{path} cannot be read (Permission denied)' in line

@@ -17,6 +17,7 @@ itself and ignores min_ratings (`applies_min_ratings = False`).
 import abc
 from collections.abc import Callable
 import dataclasses
+import math
 import os
 from typing import Any, ClassVar
 
@@ -24,6 +25,47 @@ import numpy as np
 
 from ncf_jax.data.dataset import Dataset, Interactions
 from ncf_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadLimits:
+  """When a download is abandoned (config.dataset.download_* fields; 0 disables one)."""
+
+  timeout_s: float = 3600.0  # overall deadline
+  min_rate: float = 1024.0  # bytes/s, averaged over each window
+  min_rate_window_s: float = 60.0
+
+  def socket_timeout(self, most: float = 60.0) -> float:
+    """Bound of one socket read: a stalled server cannot block longer than this."""
+    bounds = [most]
+    if self.timeout_s > 0:
+      bounds.append(self.timeout_s)
+    if self.min_rate > 0:
+      bounds.append(self.min_rate_window_s)
+    return min(bounds)
+
+
+# (config field, DownloadLimits attribute, whether 0 (off) is allowed, what it must be).
+_LIMIT_FIELDS = (
+  ('download_timeout_s', 'timeout_s', True, 'a number of seconds > 0, or 0 for no deadline'),
+  ('download_min_rate', 'min_rate', True, 'a number of bytes/s > 0, or 0 for no minimum rate'),
+  ('download_min_rate_window_s', 'min_rate_window_s', False, 'a number of seconds > 0'),
+)
+
+
+def download_limits(cfg) -> DownloadLimits:
+  """Checks the download_* fields of a `config.dataset` block; an absent field (a block
+  built by hand) takes its default."""
+  values = {}
+  for field, attr, zero_ok, what in _LIMIT_FIELDS:
+    value = getattr(cfg, field, getattr(DownloadLimits, attr))
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+      value, bool
+    )
+    if not (number and math.isfinite(value) and (value > 0 or (zero_ok and value == 0))):
+      raise UserError(f'config.dataset.{field}={value!r} is invalid: it must be {what}.')
+    values[attr] = float(value)
+  return DownloadLimits(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +77,14 @@ class Settings:
   data_dir: str  # absolute, user folder expanded
   download: bool
   min_ratings: int
+  download_limits: DownloadLimits = DownloadLimits()
 
 
 def settings(cfg) -> Settings:
-  """Checks min_ratings and data_dir of a `config.dataset` block; returns the shared values."""
+  """Checks a `config.dataset` block's shared fields (min_ratings, data_dir, download_*).
+
+  Returns the shared values.
+  """
   if (
     not isinstance(cfg.min_ratings, (int, np.integer))
     or isinstance(cfg.min_ratings, bool)
@@ -58,6 +104,7 @@ def settings(cfg) -> Settings:
     data_dir=os.path.abspath(os.path.expanduser(cfg.data_dir)),
     download=bool(cfg.download),
     min_ratings=int(cfg.min_ratings),
+    download_limits=download_limits(cfg),
   )
 
 

@@ -7,10 +7,15 @@ files first rewritten in memory to a one-byte separator. Only the error path sca
 bytes again (numpy, block by block) to name the bad line.
 """
 
+import contextlib
 import dataclasses
+import fcntl
+import glob
 import hashlib
 import http.client
+import io
 import os
+import time
 from typing import Any
 import urllib.error
 import urllib.request
@@ -25,6 +30,7 @@ import pyarrow.csv as pacsv
 from ncf_jax.data import cache
 from ncf_jax.data.dataset import Dataset, Interactions
 from ncf_jax.data.sources import base
+from ncf_jax.data.sources.base import DownloadLimits, download_limits  # noqa: F401 (API)
 from ncf_jax.errors import UserError
 
 # Official GroupLens location; NCF_JAX_MOVIELENS_URL (or download(base_url=...)) overrides
@@ -43,6 +49,40 @@ KNOWN_SIZES = {
   'ml-20m': (20_000_263, 138_493, 26_744),
   'ml-1m': (1_000_209, 6_040, 3_706),
 }
+
+
+# Ratings rows of each release with a fixed, published size (GroupLens READMEs; ml-25m:
+# 25,000,095). They bound what a member may inflate to: see `ratings_cap`.
+RATING_ROWS = {
+  'ml-100k': 100_000,
+  'ml-1m': 1_000_209,
+  'ml-10m': 10_000_054,
+  'ml-20m': 20_000_263,
+  'ml-25m': 25_000_095,
+}
+# Bytes per row allowed for the cap. A real row is 20-33 bytes (two ids, a rating, a 9-10
+# digit timestamp, separators, newline): 64 is about twice the published file sizes.
+MAX_BYTES_PER_ROW = 64
+# Cap of a release without a fixed size (ml-latest-small changes over time; about 2.5 MB).
+UNKNOWN_RATINGS_CAP = 1 << 28
+# The whole archive (splits, tags, genome scores, ...) may inflate to this many times the
+# ratings cap: ml-100k's other files are ~7x its u.data, ml-25m's ~0.7x its ratings.csv.
+ARCHIVE_CAP_FACTOR = 4
+# Compression methods zipfile can read (others raise NotImplementedError when opened).
+_READABLE_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+
+
+def ratings_cap(name: str) -> int:
+  """Most bytes the ratings file of release `name` may hold uncompressed (zip bomb bound)."""
+  rows = RATING_ROWS.get(name)
+  return UNKNOWN_RATINGS_CAP if rows is None else rows * MAX_BYTES_PER_ROW
+
+
+def _cap_basis(name: str) -> str:
+  rows = RATING_ROWS.get(name)
+  if rows is None:
+    return f'the cap for a release without a published size, {UNKNOWN_RATINGS_CAP:,} bytes'
+  return f'{rows:,} ratings x {MAX_BYTES_PER_ROW} bytes = {rows * MAX_BYTES_PER_ROW:,} bytes'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +145,7 @@ def locate(
   download: bool = False,
   base_url: str | None = None,
   md5: dict[str, str] | None = None,
+  limits: DownloadLimits | None = None,
 ) -> RatingsFile:
   """Finds the ratings of `name` in data_dir (extracted folder first, then the zip).
 
@@ -114,9 +155,11 @@ def locate(
     download: fetch the zip from GroupLens when neither is there.
     base_url: download location (default: $NCF_JAX_MOVIELENS_URL or BASE_URL).
     md5: expected MD5 per name (default MD5).
+    limits: when a download is abandoned (default DownloadLimits()).
 
   Raises:
-    UserError: not found (and not downloaded), or the zip lacks the ratings member.
+    UserError: not found (and not downloaded), the zip lacks the ratings member, or the
+      member is encrypted, compressed by an unreadable method or bigger than its cap.
   """
   fmt = FORMATS[name]
   plain, zpath = expected_paths(name, data_dir)
@@ -135,21 +178,88 @@ def locate(
         f'--config.dataset.source=tfds, or download {url(name, base_url)} and put the zip '
         f'(or its extracted {fmt.folder}/ folder) in {data_dir}.'
       )
-    zpath = download_zip(name, data_dir, base_url=base_url, md5=md5)
+    zpath = download_zip(name, data_dir, base_url=base_url, md5=md5, limits=limits)
   member = f'{fmt.folder}/{fmt.filename}'
   try:
     with zipfile.ZipFile(zpath) as z:
-      z.getinfo(member)
+      info = z.getinfo(member)
   except KeyError:
     raise UserError(
       f'{zpath} has no member {member}: it is not the GroupLens {name} zip; '
       'delete it and re-download (--download).'
     ) from None
+  except PermissionError as e:
+    raise UserError(_unreadable(zpath, e)) from None
   except (zipfile.BadZipFile, OSError) as e:
     raise UserError(
       f'{zpath} is not a readable zip ({e}); delete it and re-download (--download).'
     ) from None
+  problem = _member_problem(info, name, ratings_cap(name))
+  if problem:
+    raise UserError(
+      f'{zpath}: {problem}; it is not the GroupLens {name} zip. Delete it and re-download '
+      f'(--download), or put the official {url(name, base_url)} in {data_dir} by hand.'
+    )
   return RatingsFile(name, zpath, member, fmt)
+
+
+def _unreadable(path: str, e: OSError) -> str:
+  return (
+    f'{path} cannot be read ({e.strerror or e}); give this user read access to it '
+    '(and its folder), or delete it and re-download (--download).'
+  )
+
+
+def _member_problem(info: zipfile.ZipInfo, name: str, cap: int | None) -> str | None:
+  """What makes a zip member unreadable or too big, from its directory entry (no inflating)."""
+  if info.flag_bits & 0x1:
+    return f'member {info.filename} is encrypted (a GroupLens zip has no password)'
+  if info.compress_type not in _READABLE_METHODS:
+    return (
+      f'member {info.filename} uses compression method {info.compress_type}, which '
+      'cannot be read (stored, deflate, bzip2 and lzma can)'
+    )
+  if cap is not None and info.file_size > cap:
+    return _too_big(info.filename, name, cap)
+  return None
+
+
+def _too_big(member: str, name: str, cap: int) -> str:
+  if member.endswith('/' + FORMATS[name].filename):
+    why = f'the most a GroupLens {name} ratings file can hold ({_cap_basis(name)})'
+  else:
+    why = (
+      f'the most a whole GroupLens {name} archive can hold ({ARCHIVE_CAP_FACTOR} x the ratings cap)'
+    )
+  return f'member {member} inflates to more than {cap:,} bytes, {why}'
+
+
+class MemberTooBig(UserError):
+  """A zip member inflated past its cap while it was streamed."""
+
+
+class _CappedReader(io.RawIOBase):
+  """A zip member as a raw stream that stops with MemberTooBig past `cap` inflated bytes."""
+
+  def __init__(self, member, cap: int, message: str):
+    super().__init__()
+    self._member, self._cap, self._message, self._count = member, cap, message, 0
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, b) -> int:
+    want = min(len(b), self._cap - self._count + 1)
+    data = self._member.read(want)
+    self._count += len(data)
+    if self._count > self._cap:
+      raise MemberTooBig(self._message)
+    b[: len(data)] = data
+    return len(data)
+
+  def close(self) -> None:
+    self._member.close()
+    super().close()
 
 
 def download_zip(
@@ -159,44 +269,62 @@ def download_zip(
   base_url: str | None = None,
   md5: dict[str, str] | None = None,
   timeout: float = 60.0,
+  limits: DownloadLimits | None = None,
 ) -> str:
   """Downloads `<name>.zip` into data_dir atomically and returns its path.
 
-  The bytes go to a hidden `.<name>.zip.*.part` file in data_dir; only after the length,
-  the MD5 (names in `md5`) or a full zip CRC test (others) pass is it renamed to
-  `<name>.zip`. Any failure removes the part file, so nothing that looks complete is left.
+  The bytes go to a hidden `.<name>.zip.*.part` file in data_dir, flock-ed while it is
+  written; only after the length, the MD5 (names in `md5`) and the archive check (every
+  member readable and within its inflated-size cap, streamed: `_archive_problem`) pass is
+  it renamed to `<name>.zip`. Any failure, Ctrl-C included, removes the part file, and a
+  part file left by a killed process (no longer locked) is removed by the next download.
+  The transfer is abandoned past `limits.timeout_s`, or when a window of
+  `limits.min_rate_window_s` averages under `limits.min_rate` bytes/s; one socket read
+  waits at most min(`timeout`, those bounds) seconds.
   """
   md5 = MD5 if md5 is None else md5
+  limits = DownloadLimits() if limits is None else limits
   src = url(name, base_url)
   dest = os.path.join(data_dir, f'{name}.zip')
   try:
     os.makedirs(data_dir, exist_ok=True)
   except OSError as e:
     raise UserError(f'cannot create data_dir {data_dir} for the download: {e}') from None
+  _remove_stale_parts(data_dir, name)
   fd, tmp = cache.public_temp_file(data_dir, f'.{name}.zip.', '.part')
+  # Locked until it is renamed or removed (the dup outlives the writer's close), so the
+  # next download's stale-part cleanup skips it; the OS releases it if this process dies.
+  fcntl.flock(fd, fcntl.LOCK_EX)
+  lock_fd = os.dup(fd)
+  sock_timeout = limits.socket_timeout(timeout)
+  by_hand = (
+    f'the partial file was removed. Download it by hand into {dest}, or set ${URL_ENV} '
+    'to another mirror'
+  )
   logging.info('Downloading %s to %s', src, dest)
   try:
-    digest, total = hashlib.md5(), 0
-    with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(src, timeout=timeout) as r:
+    with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(src, timeout=sock_timeout) as r:
       length = r.headers.get('Content-Length')
-      for block in iter(lambda: r.read(1 << 20), b''):
-        f.write(block)
-        digest.update(block)
-        total += len(block)
+      digest, total = _transfer(r, f, src, limits, by_hand)
     if length is not None and total != int(length):
       raise UserError(f'download of {src} is truncated ({total} of {length} bytes); run it again.')
-    if name in md5:
-      if digest.hexdigest() != md5[name]:
-        raise UserError(
-          f'download of {src} has MD5 {digest.hexdigest()}, expected '
-          f'{md5[name]} (corrupt or not the official file); run it again.'
-        )
-    else:
-      with zipfile.ZipFile(tmp) as z:
-        bad = z.testzip()
-      if bad is not None:
-        raise UserError(f'download of {src} is corrupt (bad CRC in {bad}); run it again.')
+    if name in md5 and digest.hexdigest() != md5[name]:
+      raise UserError(
+        f'download of {src} has MD5 {digest.hexdigest()}, expected '
+        f'{md5[name]} (corrupt or not the official file); run it again.'
+      )
+    try:
+      problem = _archive_problem(tmp, name, stream=name not in md5)
+    except _BadCrc as bad:
+      raise UserError(f'download of {src} is corrupt (bad CRC in {bad}); run it again.') from None
+    if problem:
+      raise UserError(f'download of {src} is refused: {problem}; {by_hand}.')
     os.replace(tmp, dest)
+  except TimeoutError:
+    raise UserError(
+      f'download of {src} stalled: no data for {sock_timeout:g} s; {by_hand} (or raise '
+      'config.dataset.download_min_rate_window_s).'
+    ) from None
   except (
     urllib.error.URLError,
     http.client.HTTPException,
@@ -205,6 +333,10 @@ def download_zip(
     OSError,
     EOFError,
   ) as e:
+    if isinstance(getattr(e, 'reason', None), TimeoutError):  # urlopen wraps a connect timeout
+      raise UserError(
+        f'download of {src} stalled: no answer for {sock_timeout:g} s; {by_hand}.'
+      ) from None
     raise UserError(
       f'download of {src} failed: {e}. Check the network (or '
       f'${URL_ENV}), or download it by hand into {dest}.'
@@ -212,7 +344,99 @@ def download_zip(
   finally:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    os.close(lock_fd)
   return dest
+
+
+def _transfer(r, f, src: str, limits: DownloadLimits, by_hand: str):
+  """Copies response `r` to file `f` under the deadline and minimum rate; (MD5, bytes)."""
+  digest, total = hashlib.md5(), 0
+  start = window_start = time.monotonic()
+  window_bytes = 0
+  while True:
+    block = r.read1(1 << 16)  # returns what one socket read brought (a trickle too)
+    if not block:
+      return digest, total
+    f.write(block)
+    digest.update(block)
+    total += len(block)
+    window_bytes += len(block)
+    now = time.monotonic()
+    if limits.timeout_s > 0 and now - start > limits.timeout_s:
+      raise UserError(
+        f'download of {src} did not finish within config.dataset.download_timeout_s='
+        f'{limits.timeout_s:g} s ({total:,} bytes received); {by_hand} (or raise '
+        'config.dataset.download_timeout_s).'
+      )
+    if limits.min_rate > 0 and now - window_start >= limits.min_rate_window_s:
+      rate = window_bytes / (now - window_start)
+      if rate < limits.min_rate:
+        raise UserError(
+          f'download of {src} is too slow: {rate:,.0f} bytes/s over the last '
+          f'{now - window_start:.0f} s, under config.dataset.download_min_rate='
+          f'{limits.min_rate:g} (averaged over config.dataset.download_min_rate_window_s='
+          f'{limits.min_rate_window_s:g}); {by_hand} (or lower config.dataset.download_min_rate).'
+        )
+      window_start, window_bytes = now, 0
+
+
+def _remove_stale_parts(data_dir: str, name: str) -> None:
+  """Removes `.<name>.zip.*.part` files no process holds (left by a killed download)."""
+  for path in glob.glob(os.path.join(glob.escape(data_dir), f'.{name}.zip.*.part')):
+    try:
+      fd = os.open(path, os.O_RDONLY)
+    except OSError:
+      continue
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      continue  # another download is writing it
+    else:
+      logging.info('Removing %s, left by an interrupted download', path)
+      with contextlib.suppress(OSError):
+        os.unlink(path)
+    finally:
+      os.close(fd)
+
+
+class _BadCrc(Exception):
+  """A member's CRC does not match (its name is the argument)."""
+
+
+def _archive_problem(zpath: str, name: str, stream: bool) -> str | None:
+  """Why a zip is refused: an unreadable or too big member (directory entries; if `stream`,
+  every member inflated, CRC-checked and counted against its cap, never held whole).
+
+  Raises:
+    _BadCrc: a member's CRC does not match (streaming only).
+  """
+  ratings = f'{FORMATS[name].folder}/{FORMATS[name].filename}'
+  cap = ratings_cap(name)
+  archive_cap = ARCHIVE_CAP_FACTOR * cap
+  with zipfile.ZipFile(zpath) as z:
+    infos = z.infolist()
+    for info in infos:
+      problem = _member_problem(info, name, cap if info.filename == ratings else None)
+      if problem:
+        return problem
+    if sum(info.file_size for info in infos) > archive_cap:
+      return _too_big('(all members together)', name, archive_cap)
+    if not stream:
+      return None
+    inflated = 0
+    for info in infos:
+      member_cap = cap if info.filename == ratings else archive_cap - inflated
+      count = 0
+      try:
+        with z.open(info) as m:
+          while block := m.read(1 << 20):
+            count += len(block)
+            if count > member_cap:
+              return _too_big(info.filename, name, member_cap)
+      except zipfile.BadZipFile:
+        raise _BadCrc(info.filename) from None
+      inflated += count
+  return None
 
 
 def _open(source: RatingsFile):
@@ -220,7 +444,15 @@ def _open(source: RatingsFile):
     return open(source.path, 'rb')
   # The member stays readable after the archive is closed (zipfile reference-counts it).
   with zipfile.ZipFile(source.path) as z:
-    return z.open(source.member)
+    member = z.open(source.member)
+  # Inflation is capped while it streams: a bomb stops at the cap, whatever its header says.
+  cap = ratings_cap(source.name)
+  message = (
+    f'{source.path}: {_too_big(source.member, source.name, cap)}; it is not the GroupLens '
+    f'{source.name} zip (a zip bomb?): delete it and re-download (--download), or put the official '
+    f'{url(source.name)} in {os.path.dirname(source.path)} by hand.'
+  )
+  return io.BufferedReader(_CappedReader(member, cap, message), 1 << 20)
 
 
 def _read_bytes(source: RatingsFile) -> bytes:
@@ -282,6 +514,13 @@ def read_ratings(source: RatingsFile) -> Interactions:
       f'{source.where} cannot be read from the zip ({e}); the zip is corrupt: '
       'delete it and re-download (--download).'
     ) from None
+  except (RuntimeError, NotImplementedError) as e:  # encrypted, unknown compression
+    raise UserError(
+      f'{source.where} cannot be read from the zip ({e}); it is not the GroupLens '
+      f'{source.name} zip: delete it and re-download (--download).'
+    ) from None
+  except OSError as e:  # PermissionError, I/O error (pyarrow's ArrowIOError is one too)
+    raise UserError(_unreadable(source.path, e)) from None
 
 
 def _read_ratings(source: RatingsFile) -> Interactions:
@@ -499,14 +738,23 @@ class GroupLensSource(base.Source):
   def ratings_file(self) -> RatingsFile:
     """The located ratings file (found, or downloaded, once)."""
     if self._file is None:
-      self._file = locate(self.name, self.data_dir, download=self.settings.download)
+      self._file = locate(
+        self.name,
+        self.data_dir,
+        download=self.settings.download,
+        limits=self.settings.download_limits,
+      )
     return self._file
 
   def cache_params(self) -> dict[str, Any]:
     return {'source': 'grouplens'}
 
   def identity(self) -> str:
-    return cache.source_hash(self.ratings_file().path, self.data_dir)
+    path = self.ratings_file().path
+    try:
+      return cache.source_hash(path, self.data_dir)
+    except OSError as e:
+      raise UserError(_unreadable(path, e)) from None
 
   def read(self, validation: str) -> Interactions:
     del validation  # the preprocessing splits

@@ -39,7 +39,13 @@ def tfds_build_command(name: str) -> str:
   )
 
 
-def open_tfds(name: str, data_dir: str, download: bool, zip_dir: str | None = None):
+def open_tfds(
+  name: str,
+  data_dir: str,
+  download: bool,
+  zip_dir: str | None = None,
+  limits: grouplens.DownloadLimits | None = None,
+):
   """Returns the `tfds.data_source` of the ratings of `name`, building it first if asked.
 
   Reading an existing build needs no TensorFlow; building does (TFDS's movielens builder
@@ -54,6 +60,7 @@ def open_tfds(name: str, data_dir: str, download: bool, zip_dir: str | None = No
     download: build the dataset when it is not in data_dir.
     zip_dir: where the GroupLens zips live (`config.dataset.data_dir`; default: the
       folder above data_dir).
+    limits: when the zip's download is abandoned (default grouplens.DownloadLimits()).
 
   Raises:
     UserError: not built (and download is off), built in a format data_source cannot
@@ -88,7 +95,7 @@ def open_tfds(name: str, data_dir: str, download: bool, zip_dir: str | None = No
           f'with `{tfds_build_command(name)}` (or --config.dataset.download=True), or use '
           '--config.dataset.source=grouplens.'
         )
-      _build_tfds(tfds, builder, name, data_dir, zip_dir)
+      _build_tfds(tfds, builder, name, data_dir, zip_dir, limits)
     else:
       formats = sorted(f.value for f in builder.info.available_file_formats())
       if not set(formats) & set(_TFDS_READABLE):
@@ -117,7 +124,7 @@ def has_tensorflow() -> bool:
   return importlib.util.find_spec('tensorflow') is not None
 
 
-def _build_tfds(tfds, builder, name: str, data_dir: str, zip_dir: str) -> None:
+def _build_tfds(tfds, builder, name: str, data_dir: str, zip_dir: str, limits=None) -> None:
   """Builds TFDS `name` as array_record from `zip_dir/<name>.zip`, downloading it first."""
   # pylint: disable-next=g-import-not-at-top
   from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
@@ -132,7 +139,7 @@ def _build_tfds(tfds, builder, name: str, data_dir: str, zip_dir: str) -> None:
     )
   zpath = os.path.join(zip_dir, f'{name}.zip')
   if not os.path.isfile(zpath):
-    grouplens.download_zip(name, zip_dir)
+    grouplens.download_zip(name, zip_dir, limits=limits)
   logging.info('Building TFDS %s in %s from %s', tfds_name, data_dir, zpath)
   config = tfds.download.DownloadConfig(manual_dir=zip_dir)
   try:
@@ -221,6 +228,7 @@ class TfdsSource(base.Source):
         os.path.join(self.data_dir, 'tfds'),
         self.settings.download,
         zip_dir=self.data_dir,
+        limits=self.settings.download_limits,
       )
     return self._ds
 
