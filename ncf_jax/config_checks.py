@@ -8,6 +8,7 @@ from ncf_jax.errors import UserError
 
 # Values of config.select_metric.
 SELECT_METRICS = ('hr', 'ndcg')
+INT32_MAX = 2**31 - 1
 
 
 def resolve_model_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -41,6 +42,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   if config.model.name not in models.MODEL_NAMES:
     bad('model.name', config.model.name, f'use one of {", ".join(models.MODEL_NAMES)}')
   config = resolve_model_defaults(config)
+  for f in ('batch_size', 'eval_batch_size', 'num_neg', 'eval_num_neg'):
+    if int(config[f]) > INT32_MAX:  # sizes travel into the compiled steps as int32
+      bad(f, config[f], f'it must be at most {INT32_MAX:,} (int32)')
   if int(config.batch_size) <= 0 or int(config.batch_size) % num_devices:
     bad(
       'batch_size',
@@ -78,7 +82,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     bad(
       'model.first_layer', config.model.first_layer, f'use one of {", ".join(models.FIRST_LAYERS)}'
     )
-  layers = tuple(config.model.mlp_layers)
+  layers = config.model.mlp_layers
+  if isinstance(layers, str) or not all(
+    isinstance(w, int) and not isinstance(w, bool) for w in layers
+  ):
+    bad('model.mlp_layers', layers, "a tuple of integer widths, e.g. '(64,32,16)'")
+  layers = tuple(layers)
   if config.model.name in ('neumf', 'mlp') and (
     len(layers) < 1 or layers[0] % 2 or min(layers) < 1
   ):

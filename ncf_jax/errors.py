@@ -40,6 +40,8 @@ def define_config_file(default: str, help_string: str) -> None:
 
   try:
     config_flags.DEFINE_config_file('config', default, help_string, lock_config=True)
+  except SyntaxError as e:
+    _fail(_config_code_error(e))
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
     load = lambda: parsers.ConfigFileFlagParser('config').parse(default)
     _fail(_flag_error_message(e, sys.argv, flags.FLAGS, load, default))
@@ -68,8 +70,24 @@ def parse_flags(argv):
       f'cannot load the config file ({message}); pass --config=configs/<name>.py '
       'with a file that exists (see configs/).'
     )
+  except SyntaxError as e:
+    _fail(_config_code_error(e))
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
     _fail(_flag_error_message(e, argv, flags.FLAGS))
+  except (NameError, ImportError, ArithmeticError, AssertionError, RuntimeError) as e:
+    _fail(_config_code_error(e))
+
+
+def _config_code_error(e: Exception) -> str:
+  """One line for a config file whose Python fails: where, and what Python said."""
+  if isinstance(e, SyntaxError):
+    where = f'{e.filename}, line {e.lineno}' if e.filename else 'the config file'
+    return f'cannot load the config file: {where}: {e.msg}; fix the file, or pass another --config.'
+  text = ' '.join(str(e).split())[:300]
+  return (
+    f'the config file failed while running ({type(e).__name__}: {text}); fix the file, or '
+    'pass another --config.'
+  )
 
 
 def _fail(message: str):

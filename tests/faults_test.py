@@ -6,6 +6,7 @@ the behaviour, and checks that the run says one line and loses nothing.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -130,3 +131,33 @@ def test_a_read_only_checkpoints_folder_is_refused_before_anything_compiles(tmp_
     assert not os.path.exists(data_dir)  # refused before the data was even read
   finally:
     os.chmod(os.path.join(workdir, 'checkpoints'), 0o755)
+
+
+def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path):
+  bad = tmp_path / 'bad_config.py'
+  bad.write_text('def get_config(:\n  pass\n')
+  out = h.run(
+    [sys.executable, '-m', 'ncf_jax.train', f'--config={bad}', f'--workdir={tmp_path / "run"}']
+  )
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert _error_lines(out.stderr) == [
+    f'error: cannot load the config file: {bad}, line 1: invalid syntax; fix the file, or '
+    'pass another --config.'
+  ]
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize(
+  'field, value, says',
+  [
+    ('model__mlp_layers', ('abc',), 'a tuple of integer widths'),
+    ('batch_size', 2**31, 'it must be at most 2,147,483,647 (int32)'),
+  ],
+)
+def test_values_the_compiled_steps_cannot_take_are_refused_before_the_workdir(
+  tmp_path, data_dir, field, value, says
+):
+  workdir = tmp_path / 'new' / 'run'
+  with pytest.raises(UserError, match=re.escape(f'is invalid: {says}')):
+    train.train_and_evaluate(h.tiny_config(data_dir, **{field: value}), str(workdir))
+  assert not (tmp_path / 'new').exists()
