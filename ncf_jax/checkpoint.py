@@ -35,7 +35,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from configs import default as default_config
-from ncf_jax import config_paths, hashing
+from ncf_jax import config_paths, hashing, writers
 from ncf_jax import sharding as sharding_lib
 from ncf_jax.errors import UserError
 
@@ -47,6 +47,8 @@ RESUMABLE_FIELDS = default_config.RESUMABLE_FIELDS
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best_checkpoint'
 # Where damaged steps are moved (renamed, never deleted).
 DAMAGED_DIR = 'damaged_checkpoints'
+# orbax's own log records (tracebacks of a failed save), kept out of the terminal.
+LIBRARY_LOG = 'checkpoint_errors.log'
 
 
 class Damaged(Exception):
@@ -189,21 +191,23 @@ class Checkpoints:
   def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
     """Saves synchronously; a failure leaves earlier checkpoints as they were."""
     meta = dict(meta, digests=hashing.tree_digests(state))
+    log = os.path.join(self.workdir, LIBRARY_LOG)
     try:
-      self.manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics=metrics,
-        force=True,
-      )
-      self.manager.wait_until_finished()
+      with writers.library_logs_to(log):
+        self.manager.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          metrics=metrics,
+          force=True,
+        )
+        self.manager.wait_until_finished()
       self.verified.add(step)
     except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
       detail = _save_failure_detail(e, self.directory)
       raise UserError(
         f'could not save the checkpoint of step {step} in {self.directory}: {detail}. '
         f'Earlier checkpoints are intact ({self.all_steps() or "none"}); free space or '
-        'fix permissions, then rerun the same command to resume.'
+        f'fix permissions, then rerun the same command to resume (details: {log}).'
       ) from None
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:

@@ -48,6 +48,44 @@ _QUIET = _QuietLibraries()
 _QUIET_LOGGERS = ('absl', 'jax._src.xla_bridge')
 
 
+class _DivertToFile:
+  """Sends the checkpoint libraries' records (orbax, etils, asyncio) to a file instead."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._format = std_logging.Formatter(
+      '%(asctime)s %(levelname)s %(threadName)s %(pathname)s:%(lineno)d] %(message)s'
+    )
+
+  def filter(self, record) -> bool:
+    if not (
+      '/orbax/' in record.pathname or '/etils/' in record.pathname or record.name == 'asyncio'
+    ):
+      return True
+    # A full disk drops them: the run's error line still shows.
+    with contextlib.suppress(OSError), open(self.path, 'a') as f:
+      f.write(self._format.format(record) + '\n')
+    return False
+
+
+@contextlib.contextmanager
+def library_logs_to(path: str):
+  """While active, orbax's (and asyncio's) records go to `path`, not to the terminal.
+
+  A failed save makes orbax log its tracebacks from several threads (100+ lines); the
+  run's own one-line error says what happened, and the details stay in `path`.
+  """
+  divert = _DivertToFile(path)
+  loggers = [logging.get_absl_logger(), std_logging.getLogger('asyncio')]
+  for logger in loggers:
+    logger.addFilter(divert)
+  try:
+    yield
+  finally:
+    for logger in loggers:
+      logger.removeFilter(divert)
+
+
 def quiet_library_logs() -> None:
   """Keeps the run's own log lines readable (idempotent).
 

@@ -7,6 +7,7 @@ the behaviour, and checks that the run says one line and loses nothing.
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -161,3 +162,30 @@ def test_values_the_compiled_steps_cannot_take_are_refused_before_the_workdir(
   with pytest.raises(UserError, match=re.escape(f'is invalid: {says}')):
     train.train_and_evaluate(h.tiny_config(data_dir, **{field: value}), str(workdir))
   assert not (tmp_path / 'new').exists()
+
+
+def _file_size_limit(limit: int):
+  """preexec_fn: files of this process may not grow past `limit` bytes (EFBIG, as a full
+  disk gives ENOSPC), without the SIGXFSZ that would kill it."""
+
+  def apply():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+  return apply
+
+
+def test_a_failed_save_is_one_line_with_orbax_tracebacks_kept_in_a_file(tmp_path):
+  workdir, data_dir = str(tmp_path / 'run'), str(tmp_path / 'data')
+  prepared = h.run([sys.executable, '-m', 'ncf_jax.prepare'] + h.config_flags(data_dir))
+  assert prepared.returncode == 0, prepared.stderr[-2000:]
+  out = subprocess.run(
+    h.train_cmd(workdir, data_dir, num_epochs=1), cwd=h.REPO, env=h.env(2), text=True,
+    capture_output=True, timeout=240, preexec_fn=_file_size_limit(60_000),
+  )  # fmt: skip
+  assert out.returncode == 2, out.stderr[-3000:]
+  (line,) = _error_lines(out.stderr)
+  assert 'could not save the checkpoint of step' in line and 'File too large' in line
+  assert 'Traceback' not in out.stderr and len(out.stderr.splitlines()) < 40
+  with open(os.path.join(workdir, 'checkpoint_errors.log')) as f:
+    assert 'Traceback' in f.read()  # the details are kept, out of the terminal
