@@ -73,7 +73,7 @@ def _measure_mode(
   model_config = layout.model_config(config.model)  # as ncf_jax.train
   model = models.create_model(model_config, dataset.num_users, dataset.num_items, config.dtype)
   init_key, data_key, dropout_key = steps.make_keys(0, mesh)
-  in_flight = dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
+  in_flight = dispatch.InFlight(dispatch.in_flight_limit(list(mesh.devices.flat)))
   data = layout.device_data(dataset)
   build = steps.make_epoch_items(config, layout, data)
   items = build(data, data_key, np.int32(0), in_flight)  # not timed

@@ -1,5 +1,9 @@
 """The epoch builder: every slot's item of an epoch, built on the devices before its steps."""
 
+from collections.abc import Callable
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
@@ -10,7 +14,20 @@ from ncf_jax import dispatch, parallel, pipeline, sampling
 from ncf_jax.parallel import AXIS
 
 
-def make_epoch_items(config, layout: parallel.Layout | Mesh, data):
+@dataclasses.dataclass(frozen=True)
+class EpochBuilder:
+  """`make_epoch_items`' builder: called as (data, data_key, epoch, in_flight=None)."""
+
+  build: Callable[..., jax.Array]
+  programs: tuple  # its jitted functions (compile-count tests)
+  # What it returns, unbuilt (`memory.bytes_per_device` of an epoch before it runs).
+  abstract: Callable[[Any], jax.ShapeDtypeStruct]
+
+  def __call__(self, data, data_key, epoch, in_flight: dispatch.InFlight | None = None):
+    return self.build(data, data_key, epoch, in_flight)
+
+
+def make_epoch_items(config, layout: parallel.Layout | Mesh, data) -> EpochBuilder:
   """The epoch builder: (data, data_key, epoch, in_flight=None) -> every slot's item.
 
   `data` is the layout's device data (`Layout.device_data`, or its shapes: only its sizes
@@ -61,7 +78,7 @@ def make_epoch_items(config, layout: parallel.Layout | Mesh, data):
   )
 
   def build(data, data_key, epoch, in_flight: dispatch.InFlight | None = None):
-    in_flight = in_flight or dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
+    in_flight = in_flight or dispatch.InFlight(dispatch.in_flight_limit(list(mesh.devices.flat)))
     buf = zeros(np.dtype(layout.local_data(data).train_items.dtype))
     for call in range(calls):
       buf, token = fill(buf, data, data_key, epoch, np.int32(call))
@@ -70,11 +87,11 @@ def make_epoch_items(config, layout: parallel.Layout | Mesh, data):
     in_flight.add(items)
     return items
 
-  # Its compiled programs (compile-count tests).
-  build.programs = (zeros, fill) if reshard is None else (zeros, fill, reshard)
-  # What `build` returns, unbuilt (`memory.bytes_per_device` of an epoch before it runs).
-  build.abstract = lambda data: epoch_items_shape(config, layout, data)
-  return build
+  return EpochBuilder(
+    build=build,
+    programs=(zeros, fill) if reshard is None else (zeros, fill, reshard),
+    abstract=lambda data: epoch_items_shape(config, layout, data),
+  )
 
 
 def _epoch_calls(layout: parallel.Layout, data, num_neg: int) -> tuple[int, int]:

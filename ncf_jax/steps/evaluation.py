@@ -1,6 +1,7 @@
 """Evaluation: the compiled eval step (sampled and full ranking), its host loop, params_hash."""
 
 import hashlib
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ def make_eval_step(
       out_specs=P(),
     )
   )
-  step.layout = layout
+  cast(Any, step).layout = layout  # what `evaluate` reads
   return step
 
 
@@ -138,6 +139,7 @@ def evaluate(
     in_flight.add(out['count'])
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     in_flight.add(totals['count'])
+  assert totals is not None, 'no users to evaluate'
   # Digests are sums over (user, column) positions: independent of the eval batch size.
   chain = hashing.chain(hashing.init(), totals.pop('digest'))
   totals = {k: float(v) for k, v in jax.device_get(totals).items()}
