@@ -268,3 +268,22 @@ def test_unsupported_sharding_configs_are_refused_with_one_message(fields, messa
   with pytest.raises(UserError) as e:
     config_checks.validate_config(config, 8)
   assert str(e.value) == message
+
+
+def test_the_config_chooses_the_layout_once_and_the_sharded_one_builds_concat():
+  import ml_collections
+
+  mesh = steps.make_mesh(2)
+  config = ml_collections.ConfigDict({'sharding': 'replicated', 'model': {'first_layer': 'auto'}})
+  replicated = parallel.make_layout(config, mesh)
+  assert isinstance(replicated, parallel.Replicated)
+  assert replicated.model_config(config.model).first_layer == 'auto'
+  # The memory check's way out of a replicated run: the sharded layout and its figure.
+  sharded = replicated.alternative()
+  assert isinstance(sharded, parallel.Sharded) and sharded.alternative() is None
+  assert 'about 1.50 GB per device' in sharded.suggestion(1_500_000_000)
+  assert sharded.model_config(config.model).first_layer == 'concat'
+  assert config.model.first_layer == 'auto'  # a copy is changed, not the config
+  config.sharding = 'sharded'
+  assert isinstance(parallel.make_layout(config, mesh), parallel.Sharded)
+  assert parallel.as_layout(config, sharded) is sharded

@@ -59,7 +59,7 @@ class Layout(abc.ABC):
   @classmethod
   def check_config(cls, config, bad) -> None:
     """Calls `bad(field, value, why)` for a config this mode cannot run (none by default)."""
-    del config, bad  # every config this layout's fields allow
+    del config, bad  # no constraint by default
 
   def model_config(self, model_config):
     """`config.model` as this mode builds it (unchanged by default)."""
