@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from ncf_jax import config_paths, models, pipeline, sampling, sharding, steps
+from ncf_jax import config_paths, models, parallel, pipeline, sampling, steps
 from ncf_jax import data as data_lib
 from ncf_jax.errors import UserError
 
@@ -148,20 +148,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
 
 def _validate_sharding(config, bad) -> None:
-  """config.sharding and the combinations the sharded tables do not support."""
-  mode = config.get('sharding', 'replicated')
-  if mode not in sharding.MODES:
-    bad('sharding', mode, f'use one of {", ".join(sharding.MODES)}')
-  if mode != 'sharded':
-    return
-  first_layer = config.model.get('first_layer', 'concat')
-  if first_layer == 'projected':  # 'auto' reads sharded tables unprojected
-    bad(
-      'model.first_layer',
-      first_layer,
-      "sharding='sharded' looks up the embedding "
-      "tables row by row and supports 'concat' or 'auto' (which then never projects)",
-    )
+  """config.sharding and the combinations its layout does not support."""
+  parallel.validate_config(config, bad)
 
 
 def validate_against_data(config, dataset: data_lib.Dataset) -> None:

@@ -171,9 +171,11 @@ def to_devices(dataset: data_lib.Dataset, mesh: Mesh, axis: str = 'data') -> Spl
 
   def split(key: str) -> jax.Array:
     n = lengths[key]
-    return jax.make_array_from_callback(
-      (ndev * n,), sharding, lambda index: part((index[0].start or 0) // n)[key]
-    )
+
+    def shard(index) -> np.ndarray:  # index: this device's slice of the 1-D array
+      return part((index[0].start or 0) // n)[key]
+
+    return jax.make_array_from_callback((ndev * n,), sharding, shard)
 
   arrays = {k: split(k) for k in keys}
   built.clear()  # the device arrays hold them now

@@ -16,7 +16,7 @@ from ncf_jax.errors import UserError
 
 def device_bytes(tree) -> dict[jax.Device, int]:
   """{local device: bytes of `tree`'s shards on it}; leaves that are not arrays count 0."""
-  out = collections.Counter()
+  out: collections.Counter[jax.Device] = collections.Counter()
   for leaf in jax.tree.leaves(tree):
     if isinstance(leaf, jax.Array):
       for shard in leaf.addressable_shards:
@@ -62,9 +62,10 @@ def available(devices) -> tuple[int | None, int]:
     except (OSError, KeyError, ValueError):
       return None, 0
   limits = [(d.memory_stats() or {}).get('bytes_limit') for d in devices]
-  if not limits or None in limits:
+  known = [int(x) for x in limits if x is not None]
+  if not limits or len(known) < len(limits):
     return None, 0
-  return min(limits), 1
+  return min(known), 1
 
 
 def check_fits(need: dict[str, int], devices, alternative: str = '') -> None:

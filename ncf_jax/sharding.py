@@ -29,15 +29,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-# Values of config.sharding.
-MODES = ('replicated', 'sharded')
 # The parameter name of an embedding table (flax.linen.Embed).
 TABLE = 'embedding'
-
-
-def is_sharded(config) -> bool:
-  """Whether `config` asks for row-sharded tables (configs without the field: no)."""
-  return getattr(config, 'sharding', 'replicated') == 'sharded'
 
 
 def _key_name(k) -> str:

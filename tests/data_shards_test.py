@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from ncf_jax import config_checks, data_shards, models, pipeline, sampling, steps
+from ncf_jax import config_checks, data_shards, models, parallel, pipeline, sampling, steps
 from ncf_jax import data as data_lib
 
 NUM_NEG = 4
@@ -50,9 +50,10 @@ def test_split_batches_are_the_whole_datasets_on_any_device_count(dataset, ndev)
   mesh = steps.make_mesh(ndev)
   key = steps.make_keys(0, mesh)[1]
   config = h.tiny_config('', sharding='sharded', num_neg=NUM_NEG)
-  split = steps.device_data(config, dataset, mesh)
+  layout = parallel.make_layout(config, mesh)
+  split = layout.device_data(dataset)
   assert isinstance(split, data_shards.Split)
-  items = steps.make_epoch_items(config, mesh, split)(split, key, np.int32(1))
+  items = steps.make_epoch_items(config, layout, split)(split, key, np.int32(1))
   local = 170
   batch = ndev * local
 
@@ -104,9 +105,10 @@ def test_split_evaluation_gives_the_replicated_metrics_and_candidates(dataset):
     mesh = steps.make_mesh(ndev)
     model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
     init_key, data_key, _ = steps.make_keys(0, mesh)
-    state = steps.create_train_state(config, model, init_key, mesh)
-    data = steps.device_data(config, dataset, mesh)
-    eval_step = steps.make_eval_step(config, mesh, model, dataset.num_users, dataset.num_items)
+    layout = parallel.make_layout(config, mesh)
+    state = steps.create_train_state(config, model, init_key, layout)
+    data = layout.device_data(dataset)
+    eval_step = steps.make_eval_step(config, layout, model, dataset.num_users, dataset.num_items)
     results[mode, ndev], digests[mode, ndev] = steps.evaluate(
       eval_step, state.params, data, data_key, dataset.num_users, int(config.eval_batch_size)
     )

@@ -93,3 +93,47 @@ def test_cycle_finder_flags_a_function_level_import_back():
   }
   assert find_cycle(graph) == ['p.a', 'p.b', 'p.a']
   assert find_cycle({'p.a': {'p.b'}, 'p.b': set()}) is None
+
+
+def mode_reads(source):
+  """Line numbers where `source` reads the sharding mode or tests the data's layout type:
+  `<x>.sharding` of a name `config`, a `.get('sharding', ...)`, an `is_sharded`, or
+  `isinstance(_, *.Split)`."""
+  lines = []
+  for node in ast.walk(ast.parse(source)):
+    text = ast.unparse(node) if isinstance(node, (ast.Attribute, ast.Name, ast.Call)) else ''
+    config_field = (
+      isinstance(node, ast.Attribute)
+      and node.attr == 'sharding'
+      and isinstance(node.value, ast.Name)
+      and 'config' in node.value.id
+    )
+    call = node.func if isinstance(node, ast.Call) else None
+    name = call.attr if isinstance(call, ast.Attribute) else getattr(call, 'id', '')
+    args = [a.value for a in (node.args if call else ()) if isinstance(a, ast.Constant)]
+    if (
+      config_field
+      or (isinstance(node, (ast.Attribute, ast.Name)) and 'is_sharded' in text)
+      or (name in ('get', 'getattr') and 'sharding' in args)
+      or (name == 'isinstance' and 'Split' in text)
+    ):
+      lines.append(node.lineno)
+  return lines
+
+
+def test_only_the_layout_package_reads_the_sharding_mode():
+  # The mode is chosen once (`parallel.make_layout`); everything else asks the layout.
+  found = {}
+  for name, path in module_sources().items():
+    if name == 'ncf_jax.parallel' or name.startswith('ncf_jax.parallel.'):
+      continue
+    with open(path, encoding='utf-8') as f:
+      lines = mode_reads(f.read())
+    if lines:
+      found[name] = lines
+  # The benchmark's modes section sets the mode it measures (config.update), reading none.
+  assert found == {}, found
+  assert mode_reads("if config.sharding == 'sharded':\n  pass\n") == [1]
+  assert mode_reads("m = config.get('sharding', 'replicated')\n") == [1]
+  assert mode_reads('ok = isinstance(data, data_shards.Split)\n') == [1]
+  assert mode_reads('if sharding.is_sharded(config):\n  pass\n') == [1]

@@ -5,7 +5,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from ncf_jax import memory, steps
+from ncf_jax import memory, parallel, steps
 
 
 def test_replicated_arrays_count_their_full_size_on_every_device():
@@ -75,7 +75,7 @@ def test_host_shapes_are_those_of_the_host_arrays_narrow_and_wide():
 
 def test_the_estimate_before_building_is_what_the_built_run_holds(tmp_path):
   from ncf_jax import data as data_lib
-  from ncf_jax import models, train
+  from ncf_jax import models
 
   for mode, ndev in (('replicated', 2), ('sharded', 8)):
     config = _tiny(str(tmp_path / 'data'), sharding=mode)
@@ -83,13 +83,14 @@ def test_the_estimate_before_building_is_what_the_built_run_holds(tmp_path):
     mesh = steps.make_mesh(ndev)
     model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
     key = steps.make_keys(0, mesh)[0]
-    state = steps.create_train_state(config, model, key, mesh)
-    data = steps.device_data(config, dataset, mesh)
-    items = steps.make_epoch_items(config, mesh, data)(data, key, np.int32(0))
+    layout = parallel.make_layout(config, mesh)
+    state = steps.create_train_state(config, model, key, layout)
+    data = layout.device_data(dataset)
+    items = steps.make_epoch_items(config, layout, data)(data, key, np.int32(0))
     built = memory.bytes_per_device(
       params=state.params, opt_state=state.opt_state, data=data, epoch=items
     )
-    assert train.memory_need(config, model, dataset, mesh, key) == built, mode
+    assert steps.memory_need(config, model, dataset, layout, key) == built, mode
 
 
 def test_a_run_that_cannot_fit_is_refused_before_it_allocates(tmp_path, monkeypatch):

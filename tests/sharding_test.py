@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ncf_jax import checkpoint as ckpt_lib
-from ncf_jax import config_checks, hashing, models, pipeline, sharding, steps, train
+from ncf_jax import config_checks, hashing, models, parallel, pipeline, sharding, steps, train
 from ncf_jax import data as data_lib
 from ncf_jax.errors import UserError
 
@@ -124,7 +124,8 @@ def test_bytes_per_device_show_tables_and_moments_at_one_nth(runs):
 def _state(config, model, mode, ndev, seed=0):
   config.sharding = mode
   mesh = steps.make_mesh(ndev)
-  return steps.create_train_state(config, model, steps.make_keys(seed, mesh)[0], mesh)
+  layout = parallel.make_layout(config, mesh)
+  return steps.create_train_state(config, model, steps.make_keys(seed, mesh)[0], layout)
 
 
 @pytest.mark.slow  # ~40 s on 2 busy cores: a state built per layout
@@ -185,14 +186,15 @@ def test_sharded_gradients_equal_the_replicated_ones_with_both_l2_terms(data_dir
   dataset = data_lib.load(config.dataset)
   model = models.create_model(config.model, dataset.num_users, dataset.num_items, 'float32')
   grads = {}
-  for mode in sharding.MODES:
+  for mode in parallel.MODES:
     config.sharding = mode
     mesh = steps.make_mesh(8)
     init_key, data_key, dropout_key = steps.make_keys(0, mesh)
-    state = steps.create_train_state(config, model, init_key, mesh)
-    data = steps.device_data(config, dataset, mesh)
-    items = steps.make_epoch_items(config, mesh, data)(data, data_key, np.int32(0))
-    grad_step = steps.make_grad_step(config, mesh, state.apply_fn, like=state.params)
+    layout = parallel.make_layout(config, mesh)
+    state = steps.create_train_state(config, model, init_key, layout)
+    data = layout.device_data(dataset)
+    items = steps.make_epoch_items(config, layout, data)(data, data_key, np.int32(0))
+    grad_step = steps.make_grad_step(config, layout, state.apply_fn, like=state.params)
     grads[mode] = jax.device_get(
       grad_step(
         state.params, data, items, (data_key, dropout_key), np.int32(0), np.int32(1), np.int32(1)
@@ -216,9 +218,10 @@ def test_pipeline_hashes_of_sharded_batches_do_not_depend_on_the_device_count(ru
   for ndev in (1, 2):
     mesh = steps.make_mesh(ndev)
     data_key = steps.make_keys(0, mesh)[1]
-    data = steps.device_data(config, dataset, mesh)
-    items = steps.make_epoch_items(config, mesh, data)(data, data_key, np.int32(0))
-    replay = steps.make_hash_replay(config, mesh)
+    layout = parallel.make_layout(config, mesh)
+    data = layout.device_data(dataset)
+    items = steps.make_epoch_items(config, layout, data)(data, data_key, np.int32(0))
+    replay = steps.make_hash_replay(config, layout)
     chain, first = hashing.init(), hashing.init()
     for step in range(steps_per_epoch):
       chain, first = replay(chain, first, data, items, data_key, np.int32(0), np.int32(step))
@@ -236,9 +239,10 @@ def test_sharded_batches_hash_like_the_replicated_ones_on_1_and_2_devices(data_d
     config.sharding = mode
     mesh = steps.make_mesh(ndev)
     data_key = steps.make_keys(0, mesh)[1]
-    data = steps.device_data(config, dataset, mesh)
-    items = steps.make_epoch_items(config, mesh, data)(data, data_key, np.int32(0))
-    replay = steps.make_hash_replay(config, mesh)
+    layout = parallel.make_layout(config, mesh)
+    data = layout.device_data(dataset)
+    items = steps.make_epoch_items(config, layout, data)(data, data_key, np.int32(0))
+    replay = steps.make_hash_replay(config, layout)
     chain, first = hashing.init(), hashing.init()
     for step in range(4):
       chain, first = replay(chain, first, data, items, data_key, np.int32(0), np.int32(step))
@@ -264,3 +268,22 @@ def test_unsupported_sharding_configs_are_refused_with_one_message(fields, messa
   with pytest.raises(UserError) as e:
     config_checks.validate_config(config, 8)
   assert str(e.value) == message
+
+
+def test_the_config_chooses_the_layout_once_and_the_sharded_one_builds_concat():
+  import ml_collections
+
+  mesh = steps.make_mesh(2)
+  config = ml_collections.ConfigDict({'sharding': 'replicated', 'model': {'first_layer': 'auto'}})
+  replicated = parallel.make_layout(config, mesh)
+  assert isinstance(replicated, parallel.Replicated)
+  assert replicated.model_config(config.model).first_layer == 'auto'
+  # The memory check's way out of a replicated run: the sharded layout and its figure.
+  sharded = replicated.alternative()
+  assert isinstance(sharded, parallel.Sharded) and sharded.alternative() is None
+  assert 'about 1.50 GB per device' in sharded.suggestion(1_500_000_000)
+  assert sharded.model_config(config.model).first_layer == 'concat'
+  assert config.model.first_layer == 'auto'  # a copy is changed, not the config
+  config.sharding = 'sharded'
+  assert isinstance(parallel.make_layout(config, mesh), parallel.Sharded)
+  assert parallel.as_layout(config, sharded) is sharded

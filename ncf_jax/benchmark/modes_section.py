@@ -7,10 +7,10 @@ r"""Benchmark section `modes`: both `config.sharding` modes on 1, 2, 4 and 8 dev
 What it measures, per device count N and mode ('replicated': data parallel, everything
 replicated; 'sharded': the embedding tables and their Adam moments split by rows over the
 devices, and the sampler's data split): train-step samples/s of the MLPerf NeuMF at
-ml-20m's sizes (--scale=1), built the way the train loop builds it (`steps.device_data`,
-`steps.make_epoch_items`, `steps.create_train_state`, `steps.make_train_step(like=...)`;
-the sharded mode reads its tables unprojected, `model.first_layer='concat'`, as
-`ncf_jax.train` does), and the bytes one device holds of the params, the Adam state, the
+ml-20m's sizes (--scale=1), built the way the train loop builds it (the mode's
+`parallel.make_layout`, its `device_data` and `model_config`, `steps.make_epoch_items`,
+`steps.create_train_state`, `steps.make_train_step(like=...)`; the sharded mode reads its
+tables unprojected, `model.first_layer='concat'`, as `ncf_jax.train` does), and the bytes one device holds of the params, the Adam state, the
 sampler's data and the epoch's items (`memory.bytes_per_device`, as in summary.json).
 Samples/s is n x batch / seconds of n steps after one untimed warm-up call (compile); the
 epoch is built once, untimed. The batch is the smallest of --batch_sizes (default 65,536:
@@ -63,27 +63,25 @@ def _measure_mode(
   import jax
   import numpy as np
 
-  from ncf_jax import config_checks, dispatch, memory, models, pipeline, steps
+  from ncf_jax import config_checks, dispatch, memory, models, parallel, pipeline, steps
 
   config = config.copy_and_resolve_references()
   config.update(dict(batch_size=batch, sharding=mode, num_devices=num_devices, hash_pipeline=False))
   mesh = steps.make_mesh(num_devices)
   config_checks.validate_config(config, mesh.size)
-  model_config = config.model
-  if mode == 'sharded':  # as ncf_jax.train: a projection would read whole tables
-    model_config = model_config.copy_and_resolve_references()
-    model_config.first_layer = 'concat'
+  layout = parallel.make_layout(config, mesh)
+  model_config = layout.model_config(config.model)  # as ncf_jax.train
   model = models.create_model(model_config, dataset.num_users, dataset.num_items, config.dtype)
   init_key, data_key, dropout_key = steps.make_keys(0, mesh)
-  in_flight = dispatch.InFlight(dispatch.in_flight_limit(mesh.devices.flat))
-  data = steps.device_data(config, dataset, mesh)
-  build = steps.make_epoch_items(config, mesh, data)
+  in_flight = dispatch.InFlight(dispatch.in_flight_limit(list(mesh.devices.flat)))
+  data = layout.device_data(dataset)
+  build = steps.make_epoch_items(config, layout, data)
   items = build(data, data_key, np.int32(0), in_flight)  # not timed
-  state = steps.create_train_state(config, model, init_key, mesh)
+  state = steps.create_train_state(config, model, init_key, layout)
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
   )
-  step = steps.make_train_step(config, mesh, like=abstract)
+  step = steps.make_train_step(config, layout, like=abstract)
   per_epoch = pipeline.steps_per_epoch(dataset.num_train, config.num_neg, batch)
   keys = (data_key, dropout_key)
 
