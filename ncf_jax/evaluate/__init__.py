@@ -142,7 +142,7 @@ def evaluate_checkpoint(
     init_key, data_key, _ = steps.make_keys(seed, mesh)
     model = models.create_model(config.model, dataset.num_users, dataset.num_items, config.dtype)
     shapes = jax.eval_shape(
-      functools.partial(steps.create_train_state, config, model, mesh=mesh), init_key
+      functools.partial(steps.create_train_state, config, model, layout=mesh), init_key
     )
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes

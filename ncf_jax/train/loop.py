@@ -345,7 +345,7 @@ def test_selected(run: Run, best: dict, in_flight: dispatch.InFlight):
       '--workdir.'
     )
   test_step = steps.make_eval_step(
-    config, run.mesh, run.model, run.dataset.num_users, run.dataset.num_items, split='test'
+    config, run.layout, run.model, run.dataset.num_users, run.dataset.num_items, split='test'
   )
   result, digest = steps.evaluate(
     test_step, selected.params, run.data, run.data_key, run.dataset.num_users,
@@ -363,7 +363,7 @@ def test_selected(run: Run, best: dict, in_flight: dispatch.InFlight):
 
 def finish(run: Run, state, progress: Progress, test: dict | None, test_hash: str | None):
   """Writes summary.json, closes the writers and checkpoints, and logs the last line."""
-  phash = steps.params_hash(state.params, run.mesh, run.model)
+  phash = steps.params_hash(state.params, run.layout, run.model)
   logging.info('[params_hash] %s', phash)
   summary = results.summary(run, progress, phash, test, test_hash)
   run.writer.write_summary(summary)
@@ -430,7 +430,7 @@ def _replay_hashes(run: Run, state, items, epoch: int, first_step: int, in_fligh
     first_step - 1,
     epoch,
   )
-  replay = steps.make_hash_replay(run.config, run.mesh)
+  replay = steps.make_hash_replay(run.config, run.layout)
   chain, first = state.hash_chain, state.hash_first
   replays = dispatch.InFlight(in_flight.limit)  # the chain goes on into the donated state
   for step in range(first_step):

@@ -1,11 +1,10 @@
 """NeuMF initialised from trained GMF and MLP runs (the NCF paper's pre-training)."""
 
 import jax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from ncf_jax import checkpoint as ckpt_lib
-from ncf_jax import models, sharding, steps
+from ncf_jax import models, parallel, steps
 from ncf_jax.errors import UserError
 
 
@@ -31,18 +30,16 @@ def _final_params(path: str, name: str):
   return restored['params']
 
 
-def load_pretrained(config, state: steps.TrainState, mesh: Mesh):
+def load_pretrained(config, state: steps.TrainState, layout: parallel.Layout | Mesh):
   """NeuMF params from the final checkpoints of trained GMF / MLP workdirs, placed as
-  `state.params` are."""
+  `state.params` are, in `layout` (a Mesh: `parallel.make_layout(config, mesh)`'s)."""
+  layout = parallel.as_layout(config, layout)
   gmf = _final_params(config.model.pretrained_gmf, 'gmf') if config.model.pretrained_gmf else None
   mlp = _final_params(config.model.pretrained_mlp, 'mlp') if config.model.pretrained_mlp else None
-  current = jax.device_get(sharding.gathered(state.params, mesh))  # whole, on every host
+  current = jax.device_get(layout.gather(state.params))  # whole, on every host
   params = models.neumf_from_pretrained(current, gmf, mlp)
   try:
     # The pretrained runs' tables as saved (either layout): this run's rows.
-    params = jax.tree.map(sharding.fit_rows, params, current)
-    if sharding.is_sharded(config):
-      return jax.device_put(params, sharding.shardings(params, mesh))
-    return jax.device_put(params, NamedSharding(mesh, P()))
+    return layout.place_params(params, like=current)
   except (ValueError, TypeError) as e:
     raise UserError(f'pretrained GMF/MLP shapes do not match this NeuMF config: {e}') from None

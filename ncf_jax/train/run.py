@@ -1,8 +1,8 @@
 """A training run's long-lived objects, built once by `setup(config, workdir)`.
 
-`Run` holds what every stage of the loop reads: the mesh, the dataset and its device
-form, the model, the keys, the compiled programs, the checkpoints and the writer. The
-replicated-or-sharded decision is made here, once, from the config.
+`Run` holds what every stage of the loop reads: the mesh and its layout (replicated or
+sharded, chosen once by `parallel.make_layout`), the dataset and its device form, the
+model, the keys, the compiled programs, the checkpoints, the writer and the workdir lock.
 """
 
 from collections.abc import Callable
@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from ncf_jax import checkpoint as ckpt_lib
-from ncf_jax import config_checks, memory, models, pipeline, sharding, steps, writers
+from ncf_jax import config_checks, memory, models, parallel, pipeline, steps, writers
 from ncf_jax import data as data_lib
 import ncf_jax.train.pretrained as pretrained
 import ncf_jax.train.workdir as workdir_lib
@@ -41,6 +41,7 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: str
   mesh: Mesh
+  layout: parallel.Layout  # how state, data and epoch lie on the mesh (config.sharding)
   seed: int
   dataset: data_lib.Dataset
   model: nn.Module
@@ -133,24 +134,25 @@ def _build(config, workdir: str, mesh: Mesh, lock: workdir_lib.WorkdirLock) -> R
   ckpts, best_ckpts, seed = _open_checkpoints(config, workdir)
   dataset = _load_dataset(config, mesh)
   init_key, data_key, dropout_key = steps.make_keys(seed, mesh)
+  layout = parallel.make_layout(config, mesh)
   model = models.create_model(
-    _model_config(config), dataset.num_users, dataset.num_items, config.dtype
+    layout.model_config(config.model), dataset.num_users, dataset.num_items, config.dtype
   )
-  _check_memory(config, model, dataset, mesh, init_key)
-  data = steps.device_data(config, dataset, mesh)
-  state = steps.create_train_state(config, model, init_key, mesh)
+  steps.check_memory(config, model, dataset, layout, init_key)
+  data = layout.device_data(dataset)
+  state = steps.create_train_state(config, model, init_key, layout)
   logging.info('Model %s: %d parameters.', config.model.name, models.num_params(state.params))
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
   )
-  state, resumed = _initial_state(config, ckpts, state, abstract, mesh)
+  state, resumed = _initial_state(config, ckpts, state, abstract, layout)
   writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
   writer.write_config(ckpt_lib.config_to_dict(config) | {'resolved_seed': seed})
   writer.rewrite_history(resumed['history'] if resumed else [])
-  programs, device_bytes = _build_programs(config, mesh, model, dataset, data, state, abstract)
+  programs, device_bytes = _build_programs(config, layout, model, dataset, data, state, abstract)
   return Run(
-    config=config, workdir=workdir, mesh=mesh, seed=seed, dataset=dataset, model=model,
-    data=data, data_key=data_key, dropout_key=dropout_key, abstract=abstract,
+    config=config, workdir=workdir, mesh=mesh, layout=layout, seed=seed, dataset=dataset,
+    model=model, data=data, data_key=data_key, dropout_key=dropout_key, abstract=abstract,
     programs=programs, ckpts=ckpts, best_ckpts=best_ckpts, writer=writer, resumed=resumed,
     device_bytes=device_bytes, state=state, lock=lock,
   )  # fmt: skip
@@ -192,46 +194,7 @@ def _load_dataset(config, mesh: Mesh) -> data_lib.Dataset:
   return dataset
 
 
-def _model_config(config):
-  model_config = config.model
-  if sharding.is_sharded(config):  # a projection would read whole tables, not row shards
-    model_config = model_config.copy_and_resolve_references()
-    model_config.first_layer = 'concat'
-  return model_config
-
-
-def memory_need(config, model, dataset, mesh, key) -> dict:
-  """Bytes per device (the most any holds) of the state, data and epoch, before building.
-
-  Collective with several processes: every process calls it.
-  """
-  state = steps.create_train_state(config, model, key, mesh, abstract=True)
-  data = steps.abstract_device_data(config, dataset, mesh)
-  epoch = steps.epoch_items_shape(config, mesh, data)
-  return memory.bytes_per_device(
-    params=state.params, opt_state=state.opt_state, data=data, epoch=epoch
-  )
-
-
-def _check_memory(config, model, dataset, mesh, key) -> None:
-  """Refuses, before allocating, a run whose state, data and epoch cannot fit in memory."""
-  need = memory_need(config, model, dataset, mesh, key)
-  alternative = ''
-  if not sharding.is_sharded(config):
-    other = config.copy_and_resolve_references()
-    other.sharding = 'sharded'
-    split = sum(memory_need(other, model, dataset, mesh, key).values())
-    alternative = (
-      f'--config.sharding=sharded splits the tables, their optimizer state, '
-      f'the data and the epoch over the {mesh.size} devices: about '
-      f'{split / 1e9:.2f} GB per device (docs/scale.md).'
-    )
-  memory.check_fits(
-    need, [d for d in mesh.devices.flat if d.process_index == jax.process_index()], alternative
-  )
-
-
-def _initial_state(config, ckpts: ckpt_lib.Checkpoints, state, abstract, mesh: Mesh):
+def _initial_state(config, ckpts: ckpt_lib.Checkpoints, state, abstract, layout: parallel.Layout):
   """(state, meta): the newest intact checkpoint's, else the initial state (pre-trained if
   asked). Damaged steps are set aside on the way, each with one warning line."""
   intact = ckpts.restore_newest_intact(abstract)
@@ -240,19 +203,21 @@ def _initial_state(config, ckpts: ckpt_lib.Checkpoints, state, abstract, mesh: M
     ckpt_lib.log_restored(step, meta)
     return state, meta
   if config.model.pretrained_gmf or config.model.pretrained_mlp:
-    state = state.replace(params=pretrained.load_pretrained(config, state, mesh))
+    state = state.replace(params=pretrained.load_pretrained(config, state, layout))
   return state, None
 
 
-def _build_programs(config, mesh: Mesh, model, dataset, data, state, abstract):
+def _build_programs(config, layout: parallel.Layout, model, dataset, data, state, abstract):
   """The run's jitted programs, and the bytes per device its arrays take."""
-  train_step = steps.make_train_step(config, mesh, like=abstract)
+  train_step = steps.make_train_step(config, layout, like=abstract)
   # k steps per call; an epoch's last (steps left < k) run one per call through train_step.
   per_call = int(config.steps_per_call)
   multi_step = (
-    steps.make_train_step(config, mesh, num_steps=per_call, like=abstract) if per_call > 1 else None
+    steps.make_train_step(config, layout, num_steps=per_call, like=abstract)
+    if per_call > 1
+    else None
   )
-  build_epoch = steps.make_epoch_items(config, mesh, data)
+  build_epoch = steps.make_epoch_items(config, layout, data)
   # The most any device holds of each (collective with several processes: all call it).
   device_bytes = memory.bytes_per_device(
     params=state.params, opt_state=state.opt_state, data=data, epoch=build_epoch.abstract(data)
@@ -260,7 +225,7 @@ def _build_programs(config, mesh: Mesh, model, dataset, data, state, abstract):
   logging.info('Bytes per device (max over devices): %s', device_bytes)
   # Every epoch's evaluation reads the validation split when there is one, else the test.
   eval_step = steps.make_eval_step(
-    config, mesh, model, dataset.num_users, dataset.num_items,
+    config, layout, model, dataset.num_users, dataset.num_items,
     split='valid' if config.validation != 'none' else 'test',
   )  # fmt: skip
   return Programs(train_step, multi_step, build_epoch, eval_step), device_bytes
