@@ -97,7 +97,8 @@ def _save_failure_detail(error: BaseException, directory: str) -> str:
   orbax/tensorstore wrap the OS error (sometimes in an asyncio error from a worker), so
   the chain is searched for ENOSPC, and the free space is checked as a last resort.
   """
-  seen, cur = set(), error
+  seen: set[int] = set()
+  cur: BaseException | None = error
   while cur is not None and id(cur) not in seen:
     seen.add(id(cur))
     if (isinstance(cur, OSError) and cur.errno == errno.ENOSPC) or (
@@ -404,7 +405,7 @@ def _relayout(state, abstract_state, directory: str, step: int):
   )
   out = jax.jit(lambda s: jax.tree.map(fix, s, abstract_state), out_shardings=out_shardings)(state)
   treedef = jax.tree.structure(abstract_state)
-  pairs = treedef.flatten_up_to(out)
+  pairs = treedef.flatten_up_to(out)  # type: ignore[attr-defined]  # in jaxlib, not its stubs
   if any(bool(jax.device_get(bad)) for _, bad in pairs):
     raise UserError(
       f'the checkpoint of step {step} in {directory} has non-zero rows past '

@@ -58,7 +58,7 @@ class InFlight:
 
   def __init__(self, limit: int | None, on_wait: Callable[[], None] | None = None):
     self.limit = limit
-    self._pending = collections.deque()
+    self._pending: collections.deque = collections.deque()
     self._on_wait = on_wait
 
   def add(self, token) -> None:
@@ -88,9 +88,9 @@ class Watchdog:
   def __init__(self, timeout_s: float, describe: Callable[[float], str]):
     self.timeout_s = float(timeout_s)
     self._describe = describe
-    self._last = None
+    self._last: float | None = None
     self._stop = threading.Event()
-    self._thread = None
+    self._thread: threading.Thread | None = None
 
   def beat(self) -> None:
     self._last = time.monotonic()

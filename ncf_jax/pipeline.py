@@ -20,6 +20,7 @@ Positions and slots are uint32 while an epoch's padded positions stay within
 """
 
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -235,6 +236,7 @@ def epoch_items(
   n_slots = epoch_size(data.num_train if num_train is None else num_train, num_neg)
   size = n_slots if size is None else size
   _, neg_kp = epoch_keys(key, epoch)
+  slot: Any  # Wide past NARROW_SLOTS, else uint32
   if isinstance(start, sampling.Wide) or n_slots > sampling.NARROW_SLOTS:
     slot = sampling.wide_add(start, jnp.arange(size, dtype=jnp.uint32))
     last = sampling.to_wide(max(n_slots - 1, 0))

@@ -228,7 +228,7 @@ def abstract_device_data(dataset: data_lib.Dataset, sharding) -> DeviceData:
   return DeviceData(
     num_users=dataset.num_users,
     num_items=dataset.num_items,
-    **{k: jax.ShapeDtypeStruct((n,), dt, sharding=sharding) for k, (n, dt) in shapes.items()},
+    **{k: jax.ShapeDtypeStruct((n,), dt, sharding=sharding) for k, (n, dt) in shapes.items()},  # type: ignore[arg-type]  # shapes stand in for arrays
   )
 
 
@@ -439,7 +439,8 @@ def _rounds(left: jax.Array, right: jax.Array, a, b, round_keys):
 
 def _feistel(x: jax.Array, a: jax.Array, b: jax.Array, round_keys) -> jax.Array:
   """One pass of the mixed-radix Feistel network: a bijection of [0, a * b)."""
-  left, right = _rounds(*_divmod(x, b), a, b, round_keys)  # left in Z_a, right in Z_b
+  high, low = _divmod(x, b)
+  left, right = _rounds(high, low, a, b, round_keys)  # left in Z_a, right in Z_b
   return left * b + right
 
 
@@ -480,7 +481,7 @@ def permute_wide(x, n: int, round_keys) -> Wide:
   return jax.lax.while_loop(lambda y: jnp.any(inside & ~wide_less(y, n)), walk, y)
 
 
-def permute(x: jax.Array, n: jax.Array, round_keys) -> jax.Array:
+def permute(x: jax.Array, n: jax.Array | int, round_keys) -> jax.Array:
   """Keyed pseudo-random bijection of [0, n), evaluated per element (x < n).
 
   Args:

@@ -74,7 +74,7 @@ def _ours(config, model, dev, items, mesh, keys, batch: int, hashed: bool = Fals
     return time.perf_counter() - t
 
   # What one device holds for this contender, as summary.json's `bytes_per_device`.
-  run.bytes_per_device = memory.bytes_per_device(
+  run.bytes_per_device = memory.bytes_per_device(  # type: ignore[attr-defined]
     params=holder[0].params, opt_state=holder[0].opt_state, data=dev, epoch=items
   )
   return run
@@ -86,7 +86,7 @@ def _interleaved(contenders, rounds: int) -> dict[str, list]:
   One untimed round first (compiles, warms caches), then `rounds` rounds in which every
   contender runs its n steps once, so that all sides see the same machine load.
   """
-  rates = {name: [] for name in contenders}
+  rates: dict[str, list[float]] = {name: [] for name in contenders}
   for r in range(rounds + 1):
     for name, (run, n, batch) in contenders.items():
       sec = run(n)
@@ -158,7 +158,7 @@ def _step_rates(
       out[f'{name}_samples_per_sec_b{batch}'] = max(r)
     dense = {k: max(r) for k, r in rates.items() if k != 'torch_sparse_adam'}
     if dense:
-      best = max(dense, key=dense.get)
+      best = max(dense, key=lambda k: dense[k])
       out[f'peer_best_b{batch}'] = best
       out[f'peer_ratio_torch_b{batch}'] = ours / dense[best]
     if 'torch_sparse_adam' in rates:
@@ -199,7 +199,7 @@ def _breakdown(config, model, ds: data.Dataset, keys, batch: int):
       p['mlp']['mlp_item']['embedding'][b['item']],
     ]
   )
-  out = {'breakdown_batch': batch}
+  out: dict[str, float] = {'breakdown_batch': batch}
   out['breakdown_sampling_ms'] = 1e3 * timing.timed(gen, dev1, items1, repeats=3)
   out['breakdown_embedding_gather_ms'] = 1e3 * timing.timed(gather, state.params, b, repeats=3)
   out['breakdown_forward_ms'] = 1e3 * timing.timed(fwd, state.params, b, repeats=3)
