@@ -204,6 +204,7 @@ class Checkpoints:
         self.manager.wait_until_finished()
       self.verified.add(step)
     except (OSError, ValueError) as e:  # tensorstore reports I/O errors as ValueError
+      writers.swallow_closed_loop_errors(log)
       detail = _save_failure_detail(e, self.directory)
       raise UserError(
         f'could not save the checkpoint of step {step} in {self.directory}: {detail}. '

@@ -12,7 +12,9 @@ import logging as std_logging
 import math
 import os
 import sys
+import threading
 import time
+import traceback
 
 from absl import logging
 import jax
@@ -68,6 +70,36 @@ class _DivertToFile:
     return False
 
 
+def _closed_loop_noise(value) -> bool:
+  return isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'
+
+
+def swallow_closed_loop_errors(path: str) -> None:
+  """After a failed save, tensorstore's late callbacks find orbax's event loop closed and
+  print a traceback each, from their own threads, at any later time: from now on such
+  errors (and only those) go to `path` (idempotent; other errors are printed as before)."""
+  if getattr(sys.excepthook, '_ncf_jax_path', None) is not None:
+    return
+  previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def to_file(exc_type, value, tb) -> None:
+    with contextlib.suppress(OSError), open(path, 'a') as f:
+      traceback.print_exception(exc_type, value, tb, file=f)
+
+  def hook(exc_type, value, tb):
+    if not _closed_loop_noise(value):
+      return previous(exc_type, value, tb)
+    return to_file(exc_type, value, tb)
+
+  def unraisable(u):
+    if not _closed_loop_noise(u.exc_value):
+      return previous_unraisable(u)
+    return to_file(u.exc_type, u.exc_value, u.exc_traceback)
+
+  hook._ncf_jax_path = path  # type: ignore[attr-defined]
+  sys.excepthook, sys.unraisablehook = hook, unraisable
+
+
 @contextlib.contextmanager
 def library_logs_to(path: str):
   """While active, orbax's (and asyncio's) records go to `path`, not to the terminal.
@@ -79,11 +111,21 @@ def library_logs_to(path: str):
   loggers = [logging.get_absl_logger(), std_logging.getLogger('asyncio')]
   for logger in loggers:
     logger.addFilter(divert)
+  hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+
+  def to_file(*exc_info):  # tensorstore's callbacks print their errors through these
+    with contextlib.suppress(OSError), open(path, 'a') as f:
+      traceback.print_exception(*exc_info[-3:], file=f)
+
+  sys.excepthook = to_file
+  sys.unraisablehook = lambda u: to_file(u.exc_type, u.exc_value, u.exc_traceback)
+  threading.excepthook = lambda a: to_file(a.exc_type, a.exc_value, a.exc_traceback)
   try:
     yield
   finally:
     for logger in loggers:
       logger.removeFilter(divert)
+    sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
 
 
 def quiet_library_logs() -> None:

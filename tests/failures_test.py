@@ -85,7 +85,7 @@ def test_nan_loss_after_a_checkpoint_leaves_it_untouched(tmp_path, data_dir, bas
   workdir = rewind(baseline, tmp_path / 'run')
   before = h.tree_digest(os.path.join(workdir, 'checkpoints'))
   # The same run resumed with a huge learning rate (the config itself may not change).
-  monkeypatch.setattr(steps, 'make_optimizer', lambda c: optax.adam(1e30))
+  monkeypatch.setattr(steps.state, 'make_optimizer', lambda c: optax.adam(1e30))
   with pytest.raises(UserError) as e:
     train.train_and_evaluate(config(data_dir, log_every_steps=1), workdir)
   msg = str(e.value)
