@@ -59,6 +59,10 @@ class Damaged(Exception):
     self.step, self.reason = step, reason
 
 
+class Mismatch(UserError):
+  """A readable checkpoint whose arrays do not fit this config and dataset."""
+
+
 def _first_line(e: BaseException) -> str:
   text = ' '.join(str(e).split()) or type(e).__name__
   return f'{type(e).__name__}: {text[:200]}'
@@ -352,10 +356,11 @@ def _verify(step: int, state: Any, want: dict | None) -> None:
 def _saved_shapes(metadata, abstract_state):
   """A tree like `abstract_state` of the saved shapes, or None when they are its own.
 
-  Only the first (row) dimension may differ; anything else is left for orbax to report.
+  Only the first (row) dimension may differ: other differences mean the checkpoint holds
+  another model (a UserError, not damage).
   """
   tree = getattr(metadata, 'tree', metadata)
-  differs = []
+  differs, mismatched = [], []
 
   def shape_of(path, want):
     node = tree
@@ -372,9 +377,17 @@ def _saved_shapes(metadata, abstract_state):
     ):
       differs.append(path)
       return shape
+    if shape != tuple(want.shape) and hasattr(node, 'shape'):
+      mismatched.append(f'{jax.tree_util.keystr(path)}: saved {shape}, now {tuple(want.shape)}')
     return tuple(want.shape)
 
   shapes = jax.tree_util.tree_map_with_path(shape_of, abstract_state)
+  if mismatched:
+    raise Mismatch(
+      'the checkpoint holds arrays of other shapes than this config and dataset give ('
+      + '; '.join(mismatched[:3])
+      + '): it belongs to another model or dataset.'
+    )
   return shapes if differs else None
 
 
@@ -408,7 +421,7 @@ def _relayout(state, abstract_state, directory: str, step: int):
   treedef = jax.tree.structure(abstract_state)
   pairs = treedef.flatten_up_to(out)  # type: ignore[attr-defined]  # in jaxlib, not its stubs
   if any(bool(jax.device_get(bad)) for _, bad in pairs):
-    raise UserError(
+    raise Mismatch(
       f'the checkpoint of step {step} in {directory} has non-zero rows past '
       'this run\'s tables: it belongs to another dataset or model size.'
     )

@@ -18,6 +18,7 @@ Read-only: safe to run while a train command is still writing to the same workdi
 import functools
 import os
 
+from absl import logging
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -44,6 +45,37 @@ def _find_step(ckpts: ckpt_lib.Checkpoints, workdir: str, step: int | None) -> i
       f'{", ".join(map(str, saved))}.'
     )
   return step
+
+
+def _damaged(ckpts: ckpt_lib.Checkpoints, e: ckpt_lib.Damaged, explicit: bool) -> None:
+  """A named step that is damaged is an error; the latest one is skipped with a warning
+  (evaluate only reads: the train command sets damaged steps aside)."""
+  if explicit:
+    raise UserError(
+      f'the checkpoint at step {e.step} in {ckpts.directory} is damaged ({e.reason}); '
+      f'evaluate another --step (saved: {", ".join(map(str, sorted(ckpts.all_steps())))}).'
+    )
+  logging.warning('Checkpoint step %d in %s is damaged (%s); trying an older one.',
+                  e.step, ckpts.directory, e.reason)  # fmt: skip
+
+
+def _readable_meta(ckpts: ckpt_lib.Checkpoints, candidates: list[int], explicit: bool):
+  for step in candidates:
+    try:
+      return step, ckpts.restore_meta(step)
+    except ckpt_lib.Damaged as e:
+      _damaged(ckpts, e, explicit)
+  raise UserError(f'no checkpoint in {ckpts.directory} can be read (each is damaged).')
+
+
+def _restore_intact(ckpts: ckpt_lib.Checkpoints, abstract, candidates: list[int], explicit):
+  """(step, state, meta) of the first of `candidates` that reads and passes its digests."""
+  for step in candidates:
+    try:
+      return (step, *ckpts.restore(abstract, step))
+    except ckpt_lib.Damaged as e:
+      _damaged(ckpts, e, explicit)
+  raise UserError(f'no intact checkpoint in {ckpts.directory}: each one is damaged.')
 
 
 def checkpoint_epoch(step: int, steps_per_epoch: int):
@@ -118,8 +150,12 @@ def evaluate_checkpoint(
       )
       if step is None:
         step = ckpts.best_step()
+    explicit = step is not None
     step = _find_step(ckpts, workdir, step)
-    meta = ckpts.restore_meta(step)
+    # The named step only; else the latest, then older ones past any damaged step.
+    candidates = [step] if explicit else sorted(ckpts.all_steps(), reverse=True)
+    step, meta = _readable_meta(ckpts, candidates, explicit)
+    candidates = candidates[candidates.index(step) :]
     config = ml_collections.ConfigDict(meta['config'])
     seed = int(meta['seed'])
     if data_dir:
@@ -148,12 +184,11 @@ def evaluate_checkpoint(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes
     )
     try:
-      state, meta = ckpts.restore(abstract, step)
-    except (ValueError, TypeError, KeyError) as e:
+      step, state, meta = _restore_intact(ckpts, abstract, candidates, explicit)
+    except ckpt_lib.Mismatch as e:
       raise UserError(
         f'the checkpoint at step {step} does not match its config and dataset '
-        f'({dataset.name}: {dataset.num_users} users, {dataset.num_items} items): '
-        f'{str(e).splitlines()[0][:300]}'
+        f'({dataset.name}: {dataset.num_users} users, {dataset.num_items} items): {e}'
       ) from None
   finally:
     ckpts.close()

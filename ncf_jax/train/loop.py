@@ -337,7 +337,14 @@ def test_selected(run: Run, best: dict, in_flight: dispatch.InFlight):
       'it is written with each new best validation metric. Start the run '
       'again in a new --workdir.'
     )
-  selected, meta = best_ckpts.restore(run.abstract, step)
+  try:
+    selected, meta = best_ckpts.restore(run.abstract, step)
+  except ckpt_lib.Damaged as e:
+    raise UserError(
+      f"the best epoch's checkpoint (step {e.step}) is damaged ({e.reason}); it was set aside "
+      f'in {best_ckpts.set_aside(e.step)}. The selected epoch cannot be tested without it: '
+      'train again in a new --workdir.'
+    ) from None
   if meta['epoch'] != best['epoch'] + 1:
     raise UserError(
       f'{best_ckpts.directory} holds epoch {meta["epoch"] - 1}, but the run\'s '
