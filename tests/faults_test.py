@@ -5,9 +5,11 @@ the tiny config, through the real command where the exit code and the terminal o
 the behaviour, and checks that the run says one line and loses nothing.
 """
 
+import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,8 @@ import tempfile
 import _train_helpers as h
 import pytest
 
+from ncf_jax import checkpoint as ckpt_lib
+from ncf_jax import evaluate as evaluate_lib
 from ncf_jax import train
 from ncf_jax.errors import UserError
 from ncf_jax.train.workdir import WorkdirLock
@@ -189,3 +193,113 @@ def test_a_failed_save_is_one_line_with_orbax_tracebacks_kept_in_a_file(tmp_path
   assert 'Traceback' not in out.stderr and len(out.stderr.splitlines()) < 40
   with open(os.path.join(workdir, 'checkpoint_errors.log')) as f:
     assert 'Traceback' in f.read()  # the details are kept, out of the terminal
+
+
+# ----------------------------------------------------------------------------------------
+# Damaged checkpoints: the newest step damaged, the older ones intact.
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory, data_dir):
+  """An uninterrupted in-process 2-epoch run: (workdir, params_hash)."""
+  workdir = str(tmp_path_factory.mktemp('finished'))
+  train.train_and_evaluate(h.tiny_config(data_dir, num_epochs=2), workdir)
+  assert h.checkpoint_steps(workdir) == [SPE, 2 * SPE]
+  return workdir, h.summary(workdir)['params_hash']
+
+
+def _largest_data_file(step_dir: str) -> str:
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, 'state')) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _damage(step_dir: str, kind: str, monkeypatch) -> None:
+  data = _largest_data_file(step_dir)
+  if kind == 'data_file_truncated':
+    os.truncate(data, os.path.getsize(data) // 2)
+  elif kind == 'meta_truncated':
+    meta = os.path.join(step_dir, 'meta', 'metadata')
+    os.truncate(meta, os.path.getsize(meta) // 2)
+  elif kind == 'state_metadata_missing':
+    os.remove(os.path.join(step_dir, 'state', '_METADATA'))
+  elif kind == 'files_zeroed':
+    for root, _, files in os.walk(step_dir):
+      for f in files:
+        path = os.path.join(root, f)
+        with open(path, 'r+b') as fh:
+          fh.write(bytes(os.path.getsize(path)))
+  elif kind == 'one_bit_flipped':
+    with open(data, 'r+b') as fh:
+      fh.seek(os.path.getsize(data) // 2)
+      byte = fh.read(1)[0]
+      fh.seek(-1, 1)
+      fh.write(bytes([byte ^ 0x10]))
+  elif kind == 'array_differs_from_its_digest':  # as a bit flip that still decodes would
+    meta_path = os.path.join(step_dir, 'meta', 'metadata')
+    with open(meta_path) as fh:
+      meta = json.load(fh)
+    path = sorted(meta['digests'])[0]
+    meta['digests'][path] = f'{int(meta["digests"][path], 16) ^ 1:016x}'
+    with open(meta_path, 'w') as fh:
+      json.dump(meta, fh)
+  elif kind == 'step_folder_unreadable':
+    os.chmod(step_dir, 0)
+    if os.geteuid() == 0:  # root reads it anyway: make the read fail as it would for a user
+      step = int(os.path.basename(step_dir))
+      real = ckpt_lib.Checkpoints._state_metadata
+
+      def unreadable(self, s):
+        if s == step:
+          raise PermissionError(13, 'Permission denied', step_dir)
+        return real(self, s)
+
+      monkeypatch.setattr(ckpt_lib.Checkpoints, '_state_metadata', unreadable)
+  else:
+    raise ValueError(kind)
+
+
+DAMAGE = [
+  'data_file_truncated',
+  'meta_truncated',
+  'state_metadata_missing',
+  'files_zeroed',
+  'one_bit_flipped',
+  'array_differs_from_its_digest',
+  'step_folder_unreadable',
+]
+
+
+@pytest.mark.parametrize('kind', DAMAGE)
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_exactly(
+  tmp_path, data_dir, finished, kind, monkeypatch
+):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished[0], workdir)
+  os.remove(os.path.join(workdir, 'summary.json'))
+  _damage(os.path.join(workdir, 'checkpoints', str(2 * SPE)), kind, monkeypatch)
+  train.train_and_evaluate(h.tiny_config(data_dir, num_epochs=2), workdir)
+  assert h.summary(workdir)['params_hash'] == finished[1]  # epoch 1 trained again, exactly
+  assert h.checkpoint_steps(workdir) == [SPE, 2 * SPE]
+  (aside,) = os.listdir(os.path.join(workdir, ckpt_lib.DAMAGED_DIR))
+  assert aside.startswith(f'checkpoints-{2 * SPE}-')  # moved, never deleted
+  os.chmod(os.path.join(workdir, ckpt_lib.DAMAGED_DIR, aside), 0o755)
+
+
+def test_evaluate_skips_a_damaged_latest_step_and_names_a_damaged_chosen_one(tmp_path, finished):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished[0], workdir)
+  _damage(os.path.join(workdir, 'checkpoints', str(2 * SPE)), 'one_bit_flipped', None)
+  assert evaluate_lib.evaluate_checkpoint(workdir)['step'] == SPE
+  with pytest.raises(UserError, match=f'the checkpoint at step {2 * SPE} in .* is damaged'):
+    evaluate_lib.evaluate_checkpoint(workdir, step=2 * SPE)
+  assert h.checkpoint_steps(workdir) == [SPE, 2 * SPE]  # evaluate only reads
+
+
+def test_no_intact_checkpoint_is_one_error_and_nothing_is_deleted(tmp_path, data_dir, finished):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(finished[0], workdir)
+  for step in (SPE, 2 * SPE):
+    _damage(os.path.join(workdir, 'checkpoints', str(step)), 'data_file_truncated', None)
+  with pytest.raises(UserError, match='no intact checkpoint in .*: step 80 is damaged'):
+    train.train_and_evaluate(h.tiny_config(data_dir, num_epochs=2), workdir)
+  assert len(os.listdir(os.path.join(workdir, ckpt_lib.DAMAGED_DIR))) == 2
