@@ -303,3 +303,13 @@ def test_no_intact_checkpoint_is_one_error_and_nothing_is_deleted(tmp_path, data
   with pytest.raises(UserError, match='no intact checkpoint in .*: step 80 is damaged'):
     train.train_and_evaluate(h.tiny_config(data_dir, num_epochs=2), workdir)
   assert len(os.listdir(os.path.join(workdir, ckpt_lib.DAMAGED_DIR))) == 2
+
+
+def test_a_diverging_loss_stops_the_run_with_one_line(tmp_path, data_dir):
+  # Adam at learning rate 10: the epoch's mean loss reaches ~1e5, far from both 6.93 and
+  # float overflow (a NaN or inf has its own message).
+  config = h.tiny_config(data_dir, learning_rate=10.0, num_epochs=2)
+  with pytest.raises(UserError, match=r'the training loss diverged: .* at global step 40') as e:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert 'no checkpoint had been saved yet' in str(e.value)
+  assert 'config.divergence_factor' in str(e.value)
