@@ -30,100 +30,122 @@ def resolve_model_defaults(config: ml_collections.ConfigDict) -> ml_collections.
   return resolved
 
 
+def _bad(field, value, allowed):
+  raise UserError(f'config.{field}={value!r} is invalid: {allowed}.')
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises UserError naming the field, its value and the allowed range.
 
   Checks the values a run will use: None fields take the model's defaults first.
   """
-
-  def bad(field, value, allowed):
-    raise UserError(f'config.{field}={value!r} is invalid: {allowed}.')
-
   if config.model.name not in models.MODEL_NAMES:
-    bad('model.name', config.model.name, f'use one of {", ".join(models.MODEL_NAMES)}')
+    _bad('model.name', config.model.name, f'use one of {", ".join(models.MODEL_NAMES)}')
   config = resolve_model_defaults(config)
+  _check_sizes(config, num_devices)
+  _check_optimizer(config)
+  _check_model(config)
+  _check_protocol(config)
+  _check_loop(config)
+  _validate_sharding(config, _bad)
+
+
+def _check_sizes(config, num_devices: int) -> None:
+  """Batch sizes, negatives and top_k."""
   for f in ('batch_size', 'eval_batch_size', 'num_neg', 'eval_num_neg'):
     if int(config[f]) > INT32_MAX:  # sizes travel into the compiled steps as int32
-      bad(f, config[f], f'it must be at most {INT32_MAX:,} (int32)')
+      _bad(f, config[f], f'it must be at most {INT32_MAX:,} (int32)')
   if int(config.batch_size) <= 0 or int(config.batch_size) % num_devices:
-    bad(
+    _bad(
       'batch_size',
       config.batch_size,
       f'it must be a positive multiple of the global device count ({num_devices})',
     )
   if int(config.eval_batch_size) <= 0 or int(config.eval_batch_size) % num_devices:
-    bad(
+    _bad(
       'eval_batch_size',
       config.eval_batch_size,
       f'it must be a positive multiple of the global device count ({num_devices})',
     )
   if int(config.num_neg) < 1:
-    bad('num_neg', config.num_neg, 'it must be >= 1')
+    _bad('num_neg', config.num_neg, 'it must be >= 1')
   if int(config.eval_num_neg) < 1:
-    bad('eval_num_neg', config.eval_num_neg, 'it must be >= 1')
+    _bad('eval_num_neg', config.eval_num_neg, 'it must be >= 1')
   if not 1 <= int(config.top_k) <= int(config.eval_num_neg) + 1:
-    bad(
+    _bad(
       'top_k', config.top_k, f'it must be in [1, eval_num_neg + 1 = {int(config.eval_num_neg) + 1}]'
     )
+
+
+def _check_optimizer(config) -> None:
+  """The optimizer, its settings and the epoch count."""
   if config.optimizer not in steps.OPTIMIZERS:
-    bad('optimizer', config.optimizer, f'use one of {", ".join(steps.OPTIMIZERS)}')
+    _bad('optimizer', config.optimizer, f'use one of {", ".join(steps.OPTIMIZERS)}')
   if not float(config.learning_rate) > 0:
-    bad('learning_rate', config.learning_rate, 'it must be > 0')
+    _bad('learning_rate', config.learning_rate, 'it must be > 0')
   for f in ('beta1', 'beta2'):
     if not 0 <= float(config[f]) < 1:
-      bad(f, config[f], 'it must be in [0, 1)')
+      _bad(f, config[f], 'it must be in [0, 1)')
   if not float(config.eps) >= 0:
-    bad('eps', config.eps, 'it must be >= 0')
+    _bad('eps', config.eps, 'it must be >= 0')
   if int(config.num_epochs) < 1:
-    bad('num_epochs', config.num_epochs, 'it must be >= 1')
+    _bad('num_epochs', config.num_epochs, 'it must be >= 1')
+
+
+def _check_model(config) -> None:
+  """The model's shapes, regularisation and initialisation."""
   if config.dtype not in ('float32', 'bfloat16'):
-    bad('dtype', config.dtype, "use 'float32' or 'bfloat16'")
+    _bad('dtype', config.dtype, "use 'float32' or 'bfloat16'")
   if config.model.first_layer not in models.FIRST_LAYERS:
-    bad(
+    _bad(
       'model.first_layer', config.model.first_layer, f'use one of {", ".join(models.FIRST_LAYERS)}'
     )
   layers = config.model.mlp_layers
   if isinstance(layers, str) or not all(
     isinstance(w, int) and not isinstance(w, bool) for w in layers
   ):
-    bad('model.mlp_layers', layers, "a tuple of integer widths, e.g. '(64,32,16)'")
+    _bad('model.mlp_layers', layers, "a tuple of integer widths, e.g. '(64,32,16)'")
   layers = tuple(layers)
   if config.model.name in ('neumf', 'mlp') and (
     len(layers) < 1 or layers[0] % 2 or min(layers) < 1
   ):
-    bad('model.mlp_layers', layers, 'positive widths; the first (user+item) must be even')
+    _bad('model.mlp_layers', layers, 'positive widths; the first (user+item) must be even')
   if int(config.model.mf_dim) < 1:
-    bad('model.mf_dim', config.model.mf_dim, 'it must be >= 1')
+    _bad('model.mf_dim', config.model.mf_dim, 'it must be >= 1')
   if not 0 <= float(config.model.dropout) < 1:
-    bad('model.dropout', config.model.dropout, 'it must be in [0, 1)')
+    _bad('model.dropout', config.model.dropout, 'it must be in [0, 1)')
   for f in ('model.l2', 'model.l2_params'):
     if not float(config_paths.get(config, f)) >= 0:
-      bad(f, config_paths.get(config, f), 'it must be >= 0')
+      _bad(f, config_paths.get(config, f), 'it must be >= 0')
   if not float(config.model.embed_init_std) > 0:
-    bad('model.embed_init_std', config.model.embed_init_std, 'it must be > 0')
-  if not float(config.divergence_factor) >= 0:
-    bad('divergence_factor', config.divergence_factor, 'it must be >= 0 (0 = never stop)')
+    _bad('model.embed_init_std', config.model.embed_init_std, 'it must be > 0')
+
+
+def _check_protocol(config) -> None:
+  """The evaluation protocol: the quality target, the validation split, the data."""
   if config.hr_threshold is not None and not 0 < float(config.hr_threshold) <= 1:
-    bad('hr_threshold', config.hr_threshold, 'it must be in (0, 1] or None')
+    _bad('hr_threshold', config.hr_threshold, 'it must be in (0, 1] or None')
   if config.validation not in data_lib.VALIDATIONS:
-    bad('validation', config.validation, f'use one of {", ".join(data_lib.VALIDATIONS)}')
+    _bad('validation', config.validation, f'use one of {", ".join(data_lib.VALIDATIONS)}')
   data_lib.check_config(config.dataset)  # each source checks its own fields; no data read
   if config.select_metric not in SELECT_METRICS:
-    bad('select_metric', config.select_metric, f'use one of {", ".join(SELECT_METRICS)}')
+    _bad('select_metric', config.select_metric, f'use one of {", ".join(SELECT_METRICS)}')
   if int(config.early_stop_patience) < 0:
-    bad('early_stop_patience', config.early_stop_patience, 'it must be >= 0 (0: no early stopping)')
+    _bad(
+      'early_stop_patience', config.early_stop_patience, 'it must be >= 0 (0: no early stopping)'
+    )
   if int(config.full_ranking_chunk) < 1:
-    bad('full_ranking_chunk', config.full_ranking_chunk, 'it must be >= 1')
+    _bad('full_ranking_chunk', config.full_ranking_chunk, 'it must be >= 1')
   if config.validation == 'none':
     if int(config.early_stop_patience):
-      bad(
+      _bad(
         'early_stop_patience',
         config.early_stop_patience,
         'early stopping reads the validation split: set config.validation=leave_one_out, or use 0',
       )
   else:
     if config.hr_threshold is not None:
-      bad(
+      _bad(
         'hr_threshold',
         config.hr_threshold,
         'it stops on the test HR, which a run with a '
@@ -131,20 +153,25 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         'early_stop_patience)',
       )
     if config.match_mlperf:
-      bad(
+      _bad(
         'match_mlperf',
         config.match_mlperf,
         'the MLPerf reference has no validation split: use False with validation=leave_one_out',
       )
+
+
+def _check_loop(config) -> None:
+  """How the loop runs: evaluation and checkpoint cadence, and when it stops."""
+  if not float(config.divergence_factor) >= 0:
+    _bad('divergence_factor', config.divergence_factor, 'it must be >= 0 (0 = never stop)')
   for f in ('eval_every_epochs', 'keep_checkpoints', 'steps_per_call'):
     if int(config[f]) < 1:
-      bad(f, config[f], 'it must be >= 1')
+      _bad(f, config[f], 'it must be >= 1')
   if not float(config.stall_timeout_s) >= 0:
-    bad('stall_timeout_s', config.stall_timeout_s, 'it must be >= 0 (0 disables it)')
+    _bad('stall_timeout_s', config.stall_timeout_s, 'it must be >= 0 (0 disables it)')
   for f in ('log_every_steps', 'checkpoint_every_epochs'):
     if int(config[f]) < 0:
-      bad(f, config[f], 'it must be >= 0')
-  _validate_sharding(config, bad)
+      _bad(f, config[f], 'it must be >= 0')
 
 
 def _validate_sharding(config, bad) -> None:
