@@ -122,67 +122,25 @@ def evaluate_checkpoint(
   Raises:
     UserError: no such workdir, no checkpoint, unknown step, data that does not match.
   """
-  if not workdir:
-    raise UserError('pass --workdir=DIR, the run directory of a train command.')
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  if not os.path.isdir(workdir):
-    raise UserError(f'workdir {workdir!r} does not exist.')
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise UserError(
-      f'{workdir!r} has no checkpoints folder: it is not the workdir of a '
-      f'train command, or no checkpoint was saved yet.'
-    )
-  if split not in pipeline.SPLITS:
-    raise UserError(f'--split={split!r}: use one of {", ".join(pipeline.SPLITS)}.')
-  ckpts = ckpt_lib.Checkpoints(workdir, 1, read_only=True)
+  workdir = _checked_workdir(workdir, split)
+  ckpts, step = _open_checkpoints(workdir, step, best)
   try:
-    if best:
-      latest = ckpts.latest_step()
-      saved = ckpts.restore_meta(_find_step(ckpts, workdir, latest))['config']
-      if saved.get('validation', 'none') == 'none':
-        raise UserError(
-          f'{workdir!r} was trained without a validation split, so it has no '
-          'selected epoch; drop --best.'
-        )
-      ckpts.close()
-      ckpts = ckpt_lib.Checkpoints(
-        workdir, 1, read_only=True, best_metric=f'valid_{saved["select_metric"]}'
-      )
-      if step is None:
-        step = ckpts.best_step()
     explicit = step is not None
     step = _find_step(ckpts, workdir, step)
     # The named step only; else the latest, then older ones past any damaged step.
     candidates = [step] if explicit else sorted(ckpts.all_steps(), reverse=True)
     step, meta = _readable_meta(ckpts, candidates, explicit)
     candidates = candidates[candidates.index(step) :]
-    config = ml_collections.ConfigDict(meta['config'])
-    seed = int(meta['seed'])
-    if data_dir:
-      config.dataset.data_dir = data_dir
-    if split == 'valid' and config.validation == 'none':
-      raise UserError(
-        f'{workdir!r} was trained without a validation split '
-        '(config.validation=none); use --split=test.'
-      )
-
+    config, seed = _saved_config(meta, data_dir, split, workdir)
     mesh = steps.make_mesh(0)
     # Any eval batch gives the same sums; round it up to a multiple of this device count.
-    ebs = -(-int(config.eval_batch_size) // mesh.size) * mesh.size
-    config.eval_batch_size = ebs
+    config.eval_batch_size = -(-int(config.eval_batch_size) // mesh.size) * mesh.size
     config_checks.validate_config(config, 1)  # model and eval fields; batch_size is not used here
     dataset = data_lib.load(config.dataset, config.validation)
     config_checks.validate_against_data(config, dataset)
-    replicated = NamedSharding(mesh, P())
-    data = sampling.to_device(dataset, replicated)
-    init_key, data_key, _ = steps.make_keys(seed, mesh)
     model = models.create_model(config.model, dataset.num_users, dataset.num_items, config.dtype)
-    shapes = jax.eval_shape(
-      functools.partial(steps.create_train_state, config, model, layout=mesh), init_key
-    )
-    abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes
-    )
+    init_key, data_key, _ = steps.make_keys(seed, mesh)
+    abstract = _abstract_state(config, model, mesh, init_key)
     try:
       step, state, meta = _restore_intact(ckpts, abstract, candidates, explicit)
     except ckpt_lib.Mismatch as e:
@@ -193,10 +151,13 @@ def evaluate_checkpoint(
   finally:
     ckpts.close()
 
+  data = sampling.to_device(dataset, NamedSharding(mesh, P()))
   eval_step = steps.make_eval_step(
     config, mesh, model, dataset.num_users, dataset.num_items, split=split
   )
-  result, digest = steps.evaluate(eval_step, state.params, data, data_key, dataset.num_users, ebs)
+  result, digest = steps.evaluate(
+    eval_step, state.params, data, data_key, dataset.num_users, int(config.eval_batch_size)
+  )
   epoch, batch = checkpoint_epoch(
     int(step), pipeline.steps_per_epoch(dataset.num_train, config.num_neg, config.batch_size)
   )
@@ -212,3 +173,64 @@ def evaluate_checkpoint(
     'eval_candidates_hash': digest,
     'seed': seed,
   }
+
+
+def _checked_workdir(workdir: str, split: str) -> str:
+  if not workdir:
+    raise UserError('pass --workdir=DIR, the run directory of a train command.')
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  if not os.path.isdir(workdir):
+    raise UserError(f'workdir {workdir!r} does not exist.')
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise UserError(
+      f'{workdir!r} has no checkpoints folder: it is not the workdir of a '
+      f'train command, or no checkpoint was saved yet.'
+    )
+  if split not in pipeline.SPLITS:
+    raise UserError(f'--split={split!r}: use one of {", ".join(pipeline.SPLITS)}.')
+  return workdir
+
+
+def _open_checkpoints(workdir: str, step: int | None, best: bool):
+  """(read-only checkpoints, step): the latest ones, or with `best` the best one (and its
+  step, when none was named)."""
+  ckpts = ckpt_lib.Checkpoints(workdir, 1, read_only=True)
+  if not best:
+    return ckpts, step
+  try:
+    _find_step(ckpts, workdir, None)  # one checkpoint at least
+    newest = sorted(ckpts.all_steps(), reverse=True)
+    saved = _readable_meta(ckpts, newest, explicit=False)[1]['config']
+  finally:
+    ckpts.close()
+  if saved.get('validation', 'none') == 'none':
+    raise UserError(
+      f'{workdir!r} was trained without a validation split, so it has no '
+      'selected epoch; drop --best.'
+    )
+  ckpts = ckpt_lib.Checkpoints(
+    workdir, 1, read_only=True, best_metric=f'valid_{saved["select_metric"]}'
+  )
+  return ckpts, ckpts.best_step() if step is None else step
+
+
+def _saved_config(meta: dict, data_dir: str | None, split: str, workdir: str):
+  """(config, seed) the checkpoint was trained with; `data_dir` where the data is now."""
+  config = ml_collections.ConfigDict(meta['config'])
+  if data_dir:
+    config.dataset.data_dir = data_dir
+  if split == 'valid' and config.validation == 'none':
+    raise UserError(
+      f'{workdir!r} was trained without a validation split '
+      '(config.validation=none); use --split=test.'
+    )
+  return config, int(meta['seed'])
+
+
+def _abstract_state(config, model, mesh, init_key):
+  """The TrainState's shapes, replicated over `mesh` (evaluation reads whole tables)."""
+  shapes = jax.eval_shape(
+    functools.partial(steps.create_train_state, config, model, layout=mesh), init_key
+  )
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes)
