@@ -17,6 +17,20 @@ from ncf_jax.parallel import AXIS
 from ncf_jax.steps.state import TrainState
 
 
+def _device_share(layout: parallel.Layout, data, items, key, epoch, step, batch_size, num_neg):
+  """(this device's samples of global batch `step`, their positions within the batch).
+
+  Called per device inside shard_map: device d holds samples [d * local, (d + 1) * local).
+  """
+  local = batch_size // layout.ndev
+  start = jax.lax.axis_index(AXIS) * local
+  batch = layout.device_batch(
+    data, items, key, epoch, step, batch_size=batch_size, num_neg=num_neg, start=start,
+    size=local,
+  )  # fmt: skip
+  return batch, start + jnp.arange(local, dtype=jnp.uint32)
+
+
 def _make_per_device_grads(config, layout: parallel.Layout):
   """Per-device body shared by the train step and `make_grad_step`.
 
@@ -31,25 +45,12 @@ def _make_per_device_grads(config, layout: parallel.Layout):
   """
   ndev = layout.ndev
   batch_size, num_neg = int(config.batch_size), int(config.num_neg)
-  local = batch_size // ndev
   l2, l2_params = float(config.model.l2), float(config.model.l2_params)
   use_dropout = float(config.model.dropout) > 0
 
   def grads_fn(params, apply_fn, data, items, keys, epoch, step, global_step):
     data_key, dropout_key = keys
-    start = jax.lax.axis_index(AXIS) * local
-    batch = layout.device_batch(
-      data,
-      items,
-      data_key,
-      epoch,
-      step,
-      batch_size=batch_size,
-      num_neg=num_neg,
-      start=start,
-      size=local,
-    )
-    position = start + jnp.arange(local, dtype=jnp.uint32)  # global, within the batch
+    batch, position = _device_share(layout, data, items, data_key, epoch, step, batch_size, num_neg)
     n_valid = jax.lax.psum(jnp.sum(batch['valid'], dtype=jnp.float32), AXIS)
 
     def logits_fn(p):
@@ -187,22 +188,10 @@ def make_hash_replay(config, layout: parallel.Layout | Mesh):
   """
   layout = parallel.as_layout(config, layout)
   batch_size, num_neg = int(config.batch_size), int(config.num_neg)
-  local = batch_size // layout.ndev
 
   def per_device(chain, first, data, items, data_key, epoch, step):
-    start = jax.lax.axis_index(AXIS) * local
-    batch = layout.device_batch(
-      data,
-      items,
-      data_key,
-      epoch,
-      step,
-      batch_size=batch_size,
-      num_neg=num_neg,
-      start=start,
-      size=local,
-    )
-    return _hash_update(chain, first, batch, start + jnp.arange(local, dtype=jnp.uint32), step)
+    batch, position = _device_share(layout, data, items, data_key, epoch, step, batch_size, num_neg)
+    return _hash_update(chain, first, batch, position, step)
 
   data_spec = layout.data_spec
   return jax.jit(
