@@ -264,3 +264,102 @@ def test_paper_files_must_match(paper, tmp_path):
   write(str(tmp_path / 'toy.test.negative'), '(0,1)\t3\t4\n(5,6)\t7\t8\n')
   with pytest.raises(UserError, match=r'toy.test.negative line 1: its \(user,item\) does not'):
     data.prepare(paper_config(tmp_path, tmp_path / 'toy'))
+
+
+# ------------------------------------------------------------------------------------------
+# Training on them: one tiny epoch each, in one module fixture.
+
+
+def _train_files(folder):
+  """{kind: (dataset overrides)} of small files without timestamps, with string ids, with a
+  threshold, and in the paper's layout."""
+  rng = np.random.default_rng(11)
+  rows = [(u, int(i)) for u in range(60) for i in rng.choice(50, 15, replace=False)]
+  plain = write(folder / 'plain.txt', ''.join(f'{u} {i}\n' for u, i in rows))
+  strings = write(folder / 'strings.csv', 'uid,iid\n' + ''.join(f'u{u},m{i}\n' for u, i in rows))
+  low = [(u, int(i)) for u in range(60) for i in rng.choice(50, 3, replace=False)]
+  rated = write(  # the rows rated 4, other pairs rated 1 or 2 (dropped by threshold 3)
+    folder / 'rated.tsv',
+    'user\titem\trating\n'
+    + ''.join(f'{u}\t{i}\t{1 + k % 2}\n' for k, (u, i) in enumerate(low) if (u, i) not in rows)
+    + ''.join(f'{u}\t{i}\t4\n' for u, i in rows),
+  )
+  prefix = str(folder / 'paper')
+  train = [r for k, r in enumerate(rows) if k % 15]
+  test = [r for k, r in enumerate(rows) if k % 15 == 0]
+  write(prefix + '.train.rating', ''.join(f'{u}\t{i}\t5\t{k}\n' for k, (u, i) in enumerate(train)))
+  write(prefix + '.test.rating', ''.join(f'{u}\t{i}\t5\t0\n' for u, i in test))
+  seen = {}
+  for u, i in rows:
+    seen.setdefault(u, set()).add(i)
+  write(
+    prefix + '.test.negative',
+    ''.join(
+      f'({u},{i})\t' + '\t'.join(str(n) for n in sorted(set(range(50)) - seen[u])[:10]) + '\n'
+      for u, i in test
+    ),
+  )
+  return {
+    'no_timestamps': {'path': plain},
+    'string_ids': {'path': strings},
+    'threshold': {'path': rated, 'implicit_threshold': 3.0},
+    'ncf_paper': {'path': prefix, 'format': 'ncf_paper'},
+  }
+
+
+@pytest.fixture(scope='module')
+def train_one(tmp_path_factory):
+  """Trains one tiny epoch on a kind of file (each kind once per module); its summary."""
+  from _train_helpers import tiny_config
+
+  from ncf_jax import config_checks, train
+
+  folder = tmp_path_factory.mktemp('train')
+  files, done = _train_files(folder), {}
+
+  def run(kind):
+    if kind not in done:
+      config = tiny_config(
+        str(folder / 'data'),
+        num_epochs=1,
+        num_devices=1,
+        batch_size=256,
+        eval_num_neg=10,
+        dataset__name='file',
+        dataset__min_ratings=3,
+        **{f'dataset__{k}': v for k, v in files[kind].items()},
+      )
+      train.train_and_evaluate(config_checks.resolve_model_defaults(config), str(folder / kind))
+      with open(folder / kind / 'summary.json') as f:
+        done[kind] = json.load(f)
+    return done[kind]
+
+  return run
+
+
+def test_the_paper_layout_trains_and_evaluates_on_its_negatives(train_one):
+  summary = train_one('ncf_paper')
+  assert 0 < summary['test_hr'] <= 1 and summary['epochs_done'] == 1, summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['no_timestamps', 'string_ids', 'threshold'])
+def test_each_kind_of_file_trains_and_evaluates(train_one, kind):
+  summary = train_one(kind)
+  assert 0 < summary['test_hr'] <= 1 and summary['epochs_done'] == 1, summary
+
+
+@pytest.mark.parametrize('kind', ['no_timestamps', 'string_ids', 'threshold'])
+def test_each_kind_of_file_evaluates_a_popularity_scorer(tmp_path, kind):
+  import jax
+
+  from ncf_jax import baselines
+
+  fields = _train_files(tmp_path)[kind]
+  ds = data.prepare(file_config(tmp_path / 'data', fields.pop('path'), **fields)).dataset
+  assert (ds.num_users, ds.num_items, ds.num_train) == (60, 50, 60 * 14)
+  key = jax.random.key(0, impl='threefry2x32')
+  hr = baselines.evaluate_scorer(ds, key, baselines.popularity_scorer(ds), num_neg=10, top_k=10)[
+    'hr'
+  ]
+  assert 0 < hr <= 1
