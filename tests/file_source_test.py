@@ -363,3 +363,11 @@ def test_each_kind_of_file_evaluates_a_popularity_scorer(tmp_path, kind):
     'hr'
   ]
   assert 0 < hr <= 1
+
+
+def test_the_id_maps_list_the_kept_users_and_items_only(tmp_path):
+  text = 'user,item\n' + ''.join(f'{u},{i}\n' for u in 'abc' for i in 'wxyz')
+  path = write(tmp_path / 'r.csv', text + 'd,q\nd,w\n')  # d has too few: q goes with it
+  prepared = data.prepare(file_config(tmp_path, path))
+  maps = [json.load(open(f'{prepared.cache_path}.{w}.json')) for w in ('users', 'items')]
+  assert maps == [['a', 'b', 'c'], ['w', 'x', 'y', 'z']]

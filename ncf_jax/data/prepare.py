@@ -71,6 +71,10 @@ def _preprocess(raw: Interactions, source: sources.Source, validation: str) -> D
       within_topic=raw.oracle.within_topic,
     )
     dataset = dataclasses.replace(dataset, oracle=oracle)
+  labels = source.labels
+  if labels is not None and raw.num_items is None:  # the original ids of the kept ids
+    items = np.unique(raw.items[np.isin(raw.users, kept)])
+    source.labels = ([labels[0][u] for u in kept], [labels[1][i] for i in items])
   if raw.test_negatives is not None:  # fixed negatives of the kept users
     negatives = np.ascontiguousarray(raw.test_negatives[kept], np.int32)
     dataset = dataclasses.replace(dataset, test_negatives=negatives)
@@ -212,10 +216,9 @@ def prepare(dataset_config, *, force: bool = False, validation: str = 'none') ->
     'source': source_id,
     'ncf_jax_version': ncf_jax.__version__,
   }
-  labels = getattr(source, 'labels', None)  # a file source's original ids
   try:
-    if labels is not None:  # before the cache: a cache never lacks its id maps
-      file_source.write_labels(path, labels)
+    if source.labels is not None:  # before the cache: a cache never lacks its id maps
+      file_source.write_labels(path, source.labels)
     cache.write(path, _to_arrays(dataset), meta)
   except OSError as e:
     logging.warning('Could not write the processed cache %s (%s); continuing without it.', path, e)
