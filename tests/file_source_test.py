@@ -145,6 +145,7 @@ def test_without_timestamps_the_held_out_item_is_keyed_not_the_file_order(tmp_pa
       r"line 3 column 3: rating 'x'",
     ),
     ('user,item\n1,2\n1,3\n2,3\n', {}, r'no user has at least min_ratings=3'),
+    ('user,item\n1,2\n\n1,3,4\n', {}, r'r.txt line 4: expected 2 fields separated by .,.'),
   ],
 )
 def test_bad_input_is_one_line_naming_the_file_and_line(tmp_path, text, kw, message):
@@ -371,3 +372,28 @@ def test_the_id_maps_list_the_kept_users_and_items_only(tmp_path):
   prepared = data.prepare(file_config(tmp_path, path))
   maps = [json.load(open(f'{prepared.cache_path}.{w}.json')) for w in ('users', 'items')]
   assert maps == [['a', 'b', 'c'], ['w', 'x', 'y', 'z']]
+
+
+def test_more_bad_inputs_are_one_line(tmp_path, paper):
+  csv = write(tmp_path / 'r.csv', 'user,item\n1,2\n')
+  cases = [
+    (file_config(tmp_path, csv, format='parquet'), r'r.csv is not a readable Parquet file'),
+    (
+      file_config(tmp_path, csv, implicit_threshold=3.0),
+      r'implicit_threshold=3.0 needs a rating column',
+    ),
+  ]
+  _, prefix, _, _ = paper
+  bad = str(tmp_path / 'toy')
+  for suffix in ('.test.rating', '.test.negative'):
+    with open(prefix + suffix) as f:
+      write(bad + suffix, f.read())
+  write(bad + '.train.rating', '0\t1\t5\t9\n0\tx\t5\t9\n')
+  cases.append((paper_config(tmp_path, bad), r'toy.train.rating line 2: expected user, item'))
+  for cfg, message in cases:
+    with pytest.raises(UserError, match=message) as e:
+      data.prepare(cfg)
+    assert '\n' not in str(e.value)
+  cfg = file_config(tmp_path, csv, implicit_threshold=float('nan'))
+  with pytest.raises(UserError, match=r'implicit_threshold=nan is invalid'):
+    data.check_config(cfg)

@@ -167,7 +167,7 @@ def _read_table(path: str, fmt: str, columns: dict) -> tuple[pa.Table, str, int]
   """(table of string or typed columns, where, lines before the first data row)."""
   if fmt == 'parquet' or (fmt == 'auto' and _is_parquet(path)):
     try:
-      return pq.read_table(path), path, 1
+      return pq.read_table(path), path, -1
     except (pa.ArrowInvalid, OSError) as e:
       raise UserError(
         f'{path} is not a readable Parquet file ({e}); check config.dataset.format.'
@@ -209,11 +209,14 @@ def _read_table(path: str, fmt: str, columns: dict) -> tuple[pa.Table, str, int]
       ),
     )
   except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-    line = re.search(r'Row #(\d+)', str(e))
-    msg = str(e).splitlines()[0]
+    where, found = path, str(e).splitlines()[0]
+    for number, line in enumerate(data.decode('utf-8', 'replace').splitlines(), 1):
+      if number > header and line.strip() and len(line.split(sep)) != len(names):
+        where, found = f'{path} line {number}', f'{len(line.split(sep))}: {line[:80]!r}'
+        break
     raise UserError(
-      f'{path}{f" line {line.group(1)}" if line else ""}: cannot parse ({msg}); every line needs '
-      f'{len(names)} fields separated by {_sep_name(sep)}.'
+      f'{where}: expected {len(names)} fields separated by {_sep_name(sep)} (as on line 1), '
+      f'found {found}; fix the line or the delimiter (config.dataset.format).'
     ) from None
   return table, path, int(header)
 
@@ -278,6 +281,9 @@ def _bad_row(values: list, ok) -> int:
 
 
 def _line(where: str, header: int, row: int) -> str:
+  """Where data row `row` (0-based) is: its line in a text file, its row in Parquet."""
+  if header < 0:
+    return f'{where} row {row + 1}'
   return f'{where} line {header + row + 1}'
 
 
