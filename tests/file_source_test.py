@@ -397,3 +397,46 @@ def test_more_bad_inputs_are_one_line(tmp_path, paper):
   cfg = file_config(tmp_path, csv, implicit_threshold=float('nan'))
   with pytest.raises(UserError, match=r'implicit_threshold=nan is invalid'):
     data.check_config(cfg)
+
+
+def test_a_devices_part_of_the_data_keeps_its_users_negatives(paper):
+  import jax
+
+  from ncf_jax import data_shards, pipeline, sampling
+
+  d, prefix, negs, tests = paper
+  ds = data.prepare(paper_config(d, prefix)).dataset
+  lo, hi = 3, 7
+  part = sampling.to_device(data_shards.local_dataset(ds, lo, hi))
+  key = jax.random.key(0, impl='threefry2x32')
+  users = jax.numpy.arange(lo, hi, dtype=jax.numpy.int32)
+  items, mask = pipeline.eval_batch(part, key, users, num_neg=PAPER_K, user_base=lo)
+  np.testing.assert_array_equal(items, np.c_[tests[lo:hi], negs[lo:hi]])
+  assert np.asarray(mask).all()
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_on_fixed_negatives_equals_the_replicated_one(paper):
+  import _train_helpers as h
+
+  from ncf_jax import config_checks, models, parallel, steps
+
+  d, prefix, _, _ = paper
+  ds = data.prepare(paper_config(d, prefix)).dataset
+  results = {}
+  for mode, ndev in (('replicated', 2), ('sharded', 8)):
+    config = config_checks.resolve_model_defaults(
+      h.tiny_config('', sharding=mode, eval_batch_size=ndev * 16, eval_num_neg=PAPER_K, top_k=3)
+    )
+    config.model.first_layer = 'concat'
+    mesh = steps.make_mesh(ndev)
+    model = models.create_model(config.model, ds.num_users, ds.num_items, 'float32')
+    init_key, data_key, _ = steps.make_keys(0, mesh)
+    layout = parallel.make_layout(config, mesh)
+    state = steps.create_train_state(config, model, init_key, layout)
+    step = steps.make_eval_step(config, layout, model, ds.num_users, ds.num_items)
+    results[mode] = steps.evaluate(
+      step, state.params, layout.device_data(ds), data_key, ds.num_users, ndev * 16
+    )
+  assert results['sharded'][1] == results['replicated'][1]
+  assert results['sharded'][0] == pytest.approx(results['replicated'][0], abs=1e-6)
