@@ -289,6 +289,8 @@ def _line(where: str, header: int, row: int) -> str:
 
 def _ids(column: pa.ChunkedArray, role: str, where: str, header: int, col: int):
   """(codes int64, sorted unique labels) of an id column: integers, or strings."""
+  if pa.types.is_dictionary(column.type):  # a categorical column (pandas): its values
+    column = pc.cast(column, column.type.value_type)
   if pa.types.is_integer(column.type):
     values = column.to_numpy().astype(np.int64)
   elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
