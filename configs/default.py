@@ -15,7 +15,8 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   """The `dataset` block shared by every config (see ncf_jax.data)."""
   d = ml_collections.ConfigDict()
   # 'synthetic', 'ml-100k', 'ml-1m', 'ml-10m', 'ml-20m', 'ml-25m', 'ml-latest-small',
-  # 'ml-20mx16x32' (GroupLens's published fractal expansion of ml-20m) or 'fractal'.
+  # 'ml-20mx16x32' (GroupLens's published fractal expansion of ml-20m), 'fractal', or
+  # 'file' (your own interactions file: the dataset.path ... fields below, docs/data.md).
   d.name = 'synthetic'
   # Where a MovieLens dataset comes from: 'grouplens' (files or zip in data_dir) or 'tfds'.
   # Ignored for 'synthetic'.
@@ -44,6 +45,25 @@ def get_dataset_config() -> ml_collections.ConfigDict:
   d.synthetic_seed = 0
   # Synthetic generator: share of draws uniform over all items (label noise; it overfits).
   d.synthetic_noise = 0.0
+  # File (name='file'): the interactions file (CSV/TSV/any delimiter, or Parquet); for
+  # format='ncf_paper' the shared prefix of the NCF paper's .train.rating/.test.rating/...
+  d.path = ''
+  # File: 'auto' (Parquet by magic bytes, else text with a sniffed delimiter), 'csv',
+  # 'tsv', 'parquet', or 'ncf_paper' (He et al. 2017's released splits and negatives).
+  d.format = 'auto'
+  # File: the user id column, a header name or a 0-based position as digits ('' = recognised).
+  d.user_col = ''
+  # File: the item id column (as user_col; '' = item, item_id, itemId, movieId, iid).
+  d.item_col = ''
+  # File: the timestamp column (as user_col; '' = timestamp, time or ts when present).
+  d.time_col = ''
+  # File: the rating column (as user_col; '' = rating, weight or score when present).
+  d.rating_col = ''
+  # File: keep only rows with rating >= this (None: keep every row as a positive).
+  d.implicit_threshold = config_dict.placeholder(float)
+  # File without timestamps: the test item is a seeded pseudo-random choice per user
+  # ('seeded'), or the user's last row in the file ('last_row').
+  d.holdout = 'seeded'
   # Fractal expansion (name='fractal'): the dataset expanded, built from this block's fields.
   d.fractal_base = 'synthetic'
   # Fractal expansion: integer multiplier of the base's users (ml-20mx16x32: 16).

@@ -15,10 +15,19 @@ from ncf_jax import data as data_lib
 from ncf_jax import pipeline
 
 
-def hr_ndcg(scores: np.ndarray, mask: np.ndarray, top_k: int) -> dict[str, float]:
-  """HR@K and NDCG@K with column 0 the positive; ties count against the positive."""
-  beats = (scores[:, 1:] >= scores[:, :1]) & mask[:, 1:]
-  rank = beats.sum(axis=1)
+def hr_ndcg(
+  scores: np.ndarray, mask: np.ndarray, top_k: int, items: np.ndarray | None = None
+) -> dict[str, float]:
+  """HR@K and NDCG@K with column 0 the positive; ties count against the positive (with
+  `items`, match_mlperf's rule: `metrics.positive_rank`)."""
+  pos = scores[:, :1]
+  if items is None:
+    beats = scores[:, 1:] >= pos
+  else:
+    column = np.arange(1, items.shape[1])[None, :]
+    place = np.where(items[:, 1:] == items[:, :1], column, items.shape[1]).min(1, keepdims=True)
+    beats = (scores[:, 1:] > pos) | ((scores[:, 1:] == pos) & (column < place))
+  rank = (beats & mask[:, 1:]).sum(axis=1)
   hit = rank < top_k
   ndcg = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
   return {'hr': float(hit.mean()), 'ndcg': float(ndcg.mean())}
@@ -40,7 +49,7 @@ def evaluate_scorer(
   else:
     mask = np.ones(items.shape, bool)
   grid = np.broadcast_to(users[:, None], items.shape)
-  return hr_ndcg(scorer(grid, items), mask, top_k)
+  return hr_ndcg(scorer(grid, items), mask, top_k, items if match_mlperf else None)
 
 
 def popularity_scorer(dataset: data_lib.Dataset):

@@ -85,6 +85,7 @@ def local_dataset(dataset: data_lib.Dataset, lo: int, hi: int) -> data_lib.Datas
     user_offsets=(offsets[lo : hi + 1] - a).astype(np.int32),
     test_items=dataset.test_items[lo:hi],
     valid_items=None if valid is None else valid[lo:hi],
+    test_negatives=None if dataset.test_negatives is None else dataset.test_negatives[lo:hi],
   )
 
 
@@ -98,8 +99,12 @@ def _layout(dataset: data_lib.Dataset, ndev: int):
   users = max(1, int((parts['hi'] - parts['lo']).max()))
   train = max(1, int((offsets[parts['hi']] - offsets[parts['lo']]).max()))
   return parts, sampling.host_shapes(
-    users, dataset.num_items, train, dataset.valid_items is not None
+    users, dataset.num_items, train, dataset.valid_items is not None, _negatives(dataset)
   )
+
+
+def _negatives(dataset: data_lib.Dataset) -> int:
+  return 0 if dataset.test_negatives is None else int(dataset.test_negatives.shape[1])
 
 
 def _split(dataset: data_lib.Dataset, ndev: int, parts, arrays, scalars) -> Split:
@@ -109,6 +114,7 @@ def _split(dataset: data_lib.Dataset, ndev: int, parts, arrays, scalars) -> Spli
     num_users=int(arrays['test_items'].shape[0]) // ndev,
     num_items=dataset.num_items,
     max_degree=int(degrees.max()) if degrees.size else 0,
+    num_test_negatives=_negatives(dataset),
     **arrays,
   )
   return Split(

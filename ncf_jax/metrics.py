@@ -11,14 +11,27 @@ def bce_sum(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array
   return jnp.sum(jnp.where(valid, loss, 0.0))
 
 
-def positive_rank(scores: jax.Array, mask: jax.Array) -> jax.Array:
+def positive_rank(scores: jax.Array, mask: jax.Array, items: jax.Array | None = None) -> jax.Array:
   """Rank (0-based) of column 0 among the masked-in candidates of each row.
 
   Ties count against the positive: a negative scoring equal to it ranks above it, so
   equal scores (a constant model, bf16 rounding) can never inflate the metric.
+
+  With `items` (match_mlperf: the MLPerf reference's rule, docs/mlperf.md 3.3-3.4) a
+  positive that was also drawn among the negatives takes its first draw's place: a tie
+  counts against it only from a negative drawn before that place, never after it. A
+  positive not drawn stays last, so every tie counts against it as without `items`.
   """
   pos = scores[:, :1]
-  beats = (scores[:, 1:] >= pos) & mask[:, 1:]
+  if items is None:
+    beats = (scores[:, 1:] >= pos) & mask[:, 1:]
+    return jnp.sum(beats, axis=1, dtype=jnp.int32)
+  cols = items.shape[1]
+  column = jnp.arange(1, cols, dtype=jnp.int32)[None, :]
+  copy = items[:, 1:] == items[:, :1]
+  place = jnp.min(jnp.where(copy, column, cols), axis=1, keepdims=True)  # cols: not drawn
+  wins_tie = column < place
+  beats = ((scores[:, 1:] > pos) | ((scores[:, 1:] == pos) & wins_tie)) & mask[:, 1:]
   return jnp.sum(beats, axis=1, dtype=jnp.int32)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from ncf_jax import data as data_lib
 from ncf_jax import sampling
+from ncf_jax.errors import UserError
 
 # Slots per call when an epoch is built in slot order: small enough that the sampler's
 # temporaries stay in cache (on the 2-core CPU 2**18 ran 2x faster than 2**20).
@@ -337,6 +338,10 @@ def eval_batch(
   may be drawn); `mask` is False for a repeated item and for a drawn copy of the test
   item, so duplicates count once.
 
+  A dataset with fixed test negatives (`Dataset.test_negatives`, the NCF paper's
+  .test.negative) uses exactly those in the test split (`num_neg` must equal their count;
+  with match_mlperf a repeat counts once); the validation split still samples.
+
   `data` may hold users [user_base, ...) only (`data_shards`); `users` are global ids.
 
   Returns:
@@ -346,6 +351,16 @@ def eval_batch(
   users = users.astype(jnp.int32)
   local = users - user_base
   positive, excluded = held_out(data, local, split)
+  if split == 'test' and data.test_negatives is not None:
+    k = data.num_test_negatives
+    if num_neg != k:
+      raise UserError(
+        f'config.eval_num_neg={num_neg} but the dataset fixes {k} test negatives per user '
+        f'(the NCF paper\'s .test.negative file); set --config.eval_num_neg={k}.'
+      )
+    index = local[:, None] * k + jnp.arange(k, dtype=jnp.int32)[None, :]
+    items = jnp.concatenate([positive[:, None], data.test_negatives[index]], axis=1)
+    return items, first_occurrence(items) if match_mlperf else jnp.ones(items.shape, bool)
   if not match_mlperf:
     negs = sampling.sample_distinct_negatives(data, kp, local, num_neg, excluded, key_users=users)
     items = jnp.concatenate([positive[:, None], negs], axis=1)

@@ -68,9 +68,12 @@ class DeviceData:
   group_base: jax.Array | None = None  # int32, only when not narrow
   word_before: jax.Array | None = None  # int32, only when not narrow
   valid_items: jax.Array | None = None  # int32 [num_users], only with a validation split
+  # int32 [num_users * K]: user u's fixed test negatives at [u * K, (u + 1) * K), or None
+  test_negatives: jax.Array | None = None
   num_users: int = flax.struct.field(pytree_node=False, default=0)
   num_items: int = flax.struct.field(pytree_node=False, default=0)
   max_degree: int = flax.struct.field(pytree_node=False, default=0)
+  num_test_negatives: int = flax.struct.field(pytree_node=False, default=0)  # K, 0: sampled
 
   @property
   def num_train(self) -> int:
@@ -185,6 +188,8 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
   )
   if dataset.valid_items is not None:
     out['valid_items'] = dataset.valid_items.astype(np.int32)
+  if dataset.test_negatives is not None:
+    out['test_negatives'] = dataset.test_negatives.astype(np.int32).reshape(-1)
   if narrow:
     out['groups'] = (occ | (g_base << 16)).astype(np.uint32)
     out['words'] = (words | (before << 16)).astype(np.uint32)
@@ -198,7 +203,9 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
   return out
 
 
-def host_shapes(num_users: int, num_items: int, num_train: int, has_valid: bool) -> dict:
+def host_shapes(
+  num_users: int, num_items: int, num_train: int, has_valid: bool, num_test_negatives: int = 0
+) -> dict:
   """{key: (length, dtype)} of `host_arrays` for these sizes, without building them."""
   narrow = num_items <= NARROW_ITEMS
   item = np.dtype(np.uint16 if narrow else np.int32)
@@ -215,6 +222,8 @@ def host_shapes(num_users: int, num_items: int, num_train: int, has_valid: bool)
   )
   if has_valid:
     out['valid_items'] = (num_users, i32)
+  if num_test_negatives:
+    out['test_negatives'] = (num_users * num_test_negatives, i32)
   if not narrow:
     out.update(group_base=(groups, i32), word_before=(num_train + num_users, i32))
   return out
@@ -222,12 +231,18 @@ def host_shapes(num_users: int, num_items: int, num_train: int, has_valid: bool)
 
 def abstract_device_data(dataset: data_lib.Dataset, sharding) -> DeviceData:
   """`to_device(dataset, sharding)` as shapes with that sharding (nothing is built)."""
+  negatives = 0 if dataset.test_negatives is None else int(dataset.test_negatives.shape[1])
   shapes = host_shapes(
-    dataset.num_users, dataset.num_items, dataset.num_train, dataset.valid_items is not None
+    dataset.num_users,
+    dataset.num_items,
+    dataset.num_train,
+    dataset.valid_items is not None,
+    negatives,
   )
   return DeviceData(
     num_users=dataset.num_users,
     num_items=dataset.num_items,
+    num_test_negatives=negatives,
     **{k: jax.ShapeDtypeStruct((n,), dt, sharding=sharding) for k, (n, dt) in shapes.items()},  # type: ignore[arg-type]  # shapes stand in for arrays
   )
 
@@ -244,6 +259,9 @@ def to_device(dataset: data_lib.Dataset, sharding=None) -> DeviceData:
     num_users=dataset.num_users,
     num_items=dataset.num_items,
     max_degree=int(degrees.max()) if degrees.size else 0,
+    num_test_negatives=0
+    if dataset.test_negatives is None
+    else int(dataset.test_negatives.shape[1]),
     **arrays,
   )
 

@@ -649,7 +649,7 @@ def test_bad_input_fails_with_one_message_and_loses_nothing_on_disk(tmp_path, na
 def test_check_config_checks_the_whole_block_without_reading_data(tmp_path):
   missing = tmp_path / 'nothing here'
   for name in data.NAMES:  # valid blocks pass although no data exists
-    data.check_config(config(missing, name, source='grouplens'))
+    data.check_config(config(missing, name, source='grouplens', path=str(missing / 'r.csv')))
   assert not missing.exists()
   with pytest.raises(UserError, match=r"unknown dataset name 'ml-5m'"):
     data.check_config(config(missing, 'ml-5m'))

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from ncf_jax import metrics
+from ncf_jax import metrics, pipeline
 
 
 def test_bce_sum_matches_the_formula_and_ignores_invalid():
@@ -38,3 +38,29 @@ def test_hr_and_ndcg_sums_by_hand():
   np.testing.assert_allclose(float(out['ndcg_sum']), want, rtol=1e-6)
   out3 = metrics.ranking_sums(rank, weight, top_k=3)
   assert float(out3['hr_sum']) == 3
+
+
+def _reference_rank(scores, items):
+  """The MLPerf reference's rank, literally: negatives then the positive go into a dict
+  keyed by item (a repeat keeps its first place), and heapq.nlargest (stable: the earlier
+  of equal scores first) orders it."""
+  import heapq
+
+  by_item = {}
+  for item, score in zip([*items[1:], items[0]], [*scores[1:], scores[0]]):
+    by_item[int(item)] = float(score)
+  ranked = heapq.nlargest(len(by_item), by_item, key=by_item.get)
+  return ranked.index(int(items[0]))
+
+
+def test_match_mlperf_rank_is_the_reference_rule_with_ties():
+  rng = np.random.default_rng(0)
+  items = rng.integers(0, 12, (400, 16)).astype(np.int32)  # many repeats and test copies
+  item_score = np.round(rng.random((400, 12)) * 3) / 3  # 4 levels: many ties
+  scores = np.take_along_axis(item_score, items, axis=1).astype(np.float32)
+  mask = pipeline.first_occurrence(jnp.asarray(items))
+  got = np.asarray(metrics.positive_rank(jnp.asarray(scores), mask, jnp.asarray(items)))
+  want = [_reference_rank(s, i) for s, i in zip(scores, items)]
+  np.testing.assert_array_equal(got, want)
+  plain = np.asarray(metrics.positive_rank(jnp.asarray(scores), mask))
+  assert (plain >= got).all() and (plain > got).any()  # the rule only moves ties

@@ -52,7 +52,7 @@ def test_unknown_name_is_one_error_line_without_traceback(tmp_path):
   assert rc == 2 and out == ''
   assert err.strip().splitlines() == [
     "error: unknown dataset name 'ml-30m' (config.dataset.name); valid names: synthetic, "
-    'ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest-small, ml-20mx16x32, fractal.'
+    'ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest-small, ml-20mx16x32, fractal, file.'
   ]
 
 

@@ -1,7 +1,7 @@
 """The processed dataset: what every other module consumes.
 
-A source (ncf_jax.data.sources: GroupLens files, TFDS, the ml-20mx16x32 shards, the
-synthetic generator, the fractal expansion) -> preprocessing (MLPerf rules, docs/mlperf.md)
+A source (ncf_jax.data.sources: GroupLens files, TFDS, the ml-20mx16x32 shards, your own
+interactions file, the synthetic generator, the fractal expansion) -> preprocessing (MLPerf rules, docs/mlperf.md)
 -> a cached, checksummed binary -> `Dataset`.
 
   dataset = data.load(config.dataset)   # cache hit: about a second at ml-20m scale

@@ -17,7 +17,8 @@ class Dataset:
   never among u's training positives. With a validation split (`validation=
   'leave_one_out'`), `valid_items[u]` is u's latest interaction before the test one; it
   differs from the test item and is never among u's training positives. Otherwise it is
-  None.
+  None. `test_negatives[u]`, when the data fixes them (the NCF paper's .test.negative),
+  are the K negatives u's test item is ranked against instead of sampled ones.
   """
 
   name: str
@@ -29,6 +30,7 @@ class Dataset:
   test_items: np.ndarray  # int32 [num_users]
   valid_items: np.ndarray | None = None  # int32 [num_users], or None: no validation
   oracle: SyntheticOracle | None = None
+  test_negatives: np.ndarray | None = None  # int32 [num_users, K], or None: sampled
 
   @property
   def num_train(self) -> int:
@@ -58,6 +60,8 @@ class Interactions:
   where: str  # the source (file, TFDS name, ...) for messages
   num_items: int | None = None  # items are already dense with this catalogue size
   oracle: SyntheticOracle | None = None  # planted model over the raw (dense) users
+  # Fixed test negatives per raw user id, int32 [max raw user + 1, K] (NCF paper splits).
+  test_negatives: np.ndarray | None = None
 
   def __len__(self) -> int:
     return int(self.users.shape[0])

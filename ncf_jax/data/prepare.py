@@ -19,6 +19,7 @@ import ncf_jax
 from ncf_jax.data import cache, sources
 from ncf_jax.data.dataset import Dataset, Interactions
 from ncf_jax.data.preprocess import PREPROCESS_VERSION, VALIDATIONS, preprocess
+from ncf_jax.data.sources import file as file_source
 from ncf_jax.data.synthetic import SyntheticOracle
 from ncf_jax.errors import UserError
 
@@ -70,6 +71,13 @@ def _preprocess(raw: Interactions, source: sources.Source, validation: str) -> D
       within_topic=raw.oracle.within_topic,
     )
     dataset = dataclasses.replace(dataset, oracle=oracle)
+  labels = source.labels
+  if labels is not None and raw.num_items is None:  # the original ids of the kept ids
+    items = np.unique(raw.items[np.isin(raw.users, kept)])
+    source.labels = ([labels[0][u] for u in kept], [labels[1][i] for i in items])
+  if raw.test_negatives is not None:  # fixed negatives of the kept users
+    negatives = np.ascontiguousarray(raw.test_negatives[kept], np.int32)
+    dataset = dataclasses.replace(dataset, test_negatives=negatives)
   return dataset
 
 
@@ -81,6 +89,8 @@ def _to_arrays(dataset: Dataset) -> dict[str, np.ndarray]:
   }
   if dataset.valid_items is not None:
     arrays['valid_items'] = dataset.valid_items
+  if dataset.test_negatives is not None:
+    arrays['test_negatives'] = dataset.test_negatives
   if dataset.oracle is not None:
     arrays.update(
       oracle_theta=dataset.oracle.theta,
@@ -94,6 +104,7 @@ def _from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Dataset
   num_users, num_items = int(meta['num_users']), int(meta['num_items'])
   offsets, items = arrays['user_offsets'], arrays['train_items']
   test, valid = arrays['test_items'], arrays.get('valid_items')
+  negs = arrays.get('test_negatives')
   if (
     offsets.dtype != np.int32
     or items.dtype != np.int32
@@ -102,6 +113,7 @@ def _from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Dataset
     or test.shape != (num_users,)
     or int(offsets[-1]) != items.shape[0]
     or (valid is not None and (valid.dtype != np.int32 or valid.shape != (num_users,)))
+    or (negs is not None and (negs.dtype != np.int32 or negs.shape[:1] != (num_users,)))
   ):
     raise cache.CacheError('arrays do not match the header counts')
   degrees = np.diff(offsets)
@@ -122,6 +134,7 @@ def _from_arrays(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Dataset
     test_items=test,
     valid_items=valid,
     oracle=oracle,
+    test_negatives=negs,
   )
 
 
@@ -204,6 +217,8 @@ def prepare(dataset_config, *, force: bool = False, validation: str = 'none') ->
     'ncf_jax_version': ncf_jax.__version__,
   }
   try:
+    if source.labels is not None:  # before the cache: a cache never lacks its id maps
+      file_source.write_labels(path, source.labels)
     cache.write(path, _to_arrays(dataset), meta)
   except OSError as e:
     logging.warning('Could not write the processed cache %s (%s); continuing without it.', path, e)

@@ -45,7 +45,8 @@ def make_eval_step(
       data, data_key, users, num_neg=num_neg, match_mlperf=match_mlperf, split=split, user_base=base
     )
     scores = apply({'params': params}, jnp.broadcast_to(users[:, None], items.shape), items)
-    out = metrics_lib.ranking_sums(metrics_lib.positive_rank(scores, mask), valid, top_k)
+    rank = metrics_lib.positive_rank(scores, mask, items if match_mlperf else None)
+    out = metrics_lib.ranking_sums(rank, valid, top_k)
     cols = 1 + num_neg
     position = users[:, None].astype(jnp.uint32) * jnp.uint32(cols) + jnp.arange(
       cols, dtype=jnp.uint32

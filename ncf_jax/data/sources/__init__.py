@@ -5,13 +5,14 @@
   ml20mx16x32  GroupLens's published ml-20mx16x32 shards (already split)
   synthetic    the seeded generator
   fractal      the fractal expansion of another source's data
+  file         your own interactions file (CSV/TSV/Parquet) or the NCF paper's splits
 
 A new source is a new module with a `base.Source` subclass, listed in REGISTRY.
 """
 
 from typing import Any
 
-from ncf_jax.data.sources import base, fractal, grouplens, ml20mx16x32, synthetic, tfds
+from ncf_jax.data.sources import base, file, fractal, grouplens, ml20mx16x32, synthetic, tfds
 from ncf_jax.data.sources.base import Settings, Source
 from ncf_jax.errors import UserError
 
@@ -22,6 +23,7 @@ REGISTRY: tuple[type[Source], ...] = (
   tfds.TfdsSource,
   ml20mx16x32.ShardsSource,
   fractal.FractalSource,
+  file.FileSource,
 )
 NAMES = tuple(dict.fromkeys(n for s in REGISTRY for n in s.names))
 # The config.dataset.source values (for the names whose sources use the field).

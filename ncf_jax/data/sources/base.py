@@ -122,6 +122,10 @@ class Source(abc.ABC):
   kinds: ClassVar[tuple[str, ...]] = ()
   # Whether config.dataset.min_ratings filters its users (and so is part of the cache key).
   applies_min_ratings: ClassVar[bool] = True
+  # After `read`: the original ids of the raw users and items it returned (a source that
+  # relabels arbitrary ids, `file`); `prepare` keeps those of the kept ids and writes them
+  # next to the cache. None: the ids are the data's own.
+  labels: tuple[list, list] | None = None
 
   def __init__(self, settings: Settings):
     self.settings = settings
