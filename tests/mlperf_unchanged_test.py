@@ -61,7 +61,9 @@ def run(tmp_path_factory):
 def _reference_metrics(config, params, seed):
   """HR@K and NDCG@K by the MLPerf rule, read plainly: the test item's rank is the count
   of distinct candidate negatives scoring at least as high (a drawn copy of the test item
-  and repeated draws count once: the candidates' mask)."""
+  and repeated draws count once: the candidates' mask). A trained model's float scores of
+  two distinct items are never exactly equal, so the reference's tie order (a negative
+  drawn after the test item ranks below it) does not arise here; metrics_test pins it."""
   config = config_checks.resolve_model_defaults(config)
   dataset = data_lib.load(config.dataset, config.validation)
   model = models.create_model(config.model, dataset.num_users, dataset.num_items, config.dtype)
