@@ -190,8 +190,9 @@ def report(checks: list[Check]) -> int:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if argv and argv[0] in ('-h', '--help', '-help', '--helpfull'):
-    print(__doc__)
-    print('Usage: python -m ncf_jax.selfcheck  (no flags)')
+    from ncf_jax.errors import CONFIG_FIELDS_HELP
+
+    print(f'{__doc__.strip()}\n\nFlags: none.\n\n{CONFIG_FIELDS_HELP}')
     return 0
   if argv:
     print(f'error: unexpected arguments: {" ".join(argv)} (--help says what this does)')

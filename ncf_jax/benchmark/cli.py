@@ -40,7 +40,7 @@ def define_flags() -> None:
     'PyTorch peer variants the train section interleaves with ours (when '
     'torch is installed; empty: none).',
   )
-  flags.DEFINE_list('sections', None, 'Sections to run (default: all).')
+  flags.DEFINE_list('sections', None, f'Sections to run, of {", ".join(SECTIONS)} (default: all).')
   flags.DEFINE_float('scale', 1.0, 'Problem size relative to ml-20m (e.g. 0.05).')
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
   flags.DEFINE_string(

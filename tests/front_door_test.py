@@ -1,0 +1,72 @@
+"""The front door: every command's --help and -h, the config field listing, provenance,
+and the one-line messages of a new user's first mistakes."""
+
+import subprocess
+import sys
+
+import _train_helpers as h
+import pytest
+
+from ncf_jax import config_help
+
+COMMANDS = {
+  'ncf_jax.train': ['--workdir', '--config'],
+  'ncf_jax.evaluate': ['--workdir', '--best'],
+  'ncf_jax.prepare': ['--download', '--config'],
+  'ncf_jax.benchmark': ['--sections', 'modes', '--scale'],
+  'ncf_jax.selfcheck': ['PASS'],
+  'ncf_jax.config_help': ['--config'],
+  'experiments.sweep': ['--sweep', '--parallel'],
+  'experiments.seeds': ['--num_seeds'],
+}
+
+
+# CI time: these stand for the rest (one parser, errors.parse_flags, serves every command).
+FAST = ('ncf_jax.train', 'ncf_jax.benchmark', 'ncf_jax.selfcheck')
+
+
+@pytest.mark.parametrize('which', ['fast', pytest.param('rest', marks=pytest.mark.slow)])
+def test_every_command_has_help_that_lists_its_flags_and_the_config_fields(which):
+  procs = {
+    (module, flag): subprocess.Popen(
+      [sys.executable, '-m', module, flag],
+      cwd=h.REPO,
+      env=h.env(1),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for module in COMMANDS
+    if (module in FAST) == (which == 'fast')
+    for flag in (['-h', '--help'] if module == 'ncf_jax.train' else ['-h'])
+  }
+  if which == 'fast':  # and the listing, with a config file and an override
+    out, err = subprocess.Popen(
+      [sys.executable, '-m', 'ncf_jax.config_help', '--config=configs/mlperf.py']
+      + ['--config.num_epochs=3'],
+      cwd=h.REPO,
+      env=h.env(1),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    ).communicate(timeout=120)
+    assert 'num_epochs = 3  (configs/default.py: 8)' in out, err
+  for (module, flag), proc in procs.items():
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (module, flag, err[-2000:])
+    for word in COMMANDS[module]:
+      assert word in out, (module, flag, out)
+    assert 'python -m ncf_jax.config_help' in out, (module, out)
+
+
+def test_config_help_gives_every_field_its_value_and_comment():
+  from configs import default, mlperf
+
+  comments = config_help.field_comments()
+  text = config_help.describe(default.get_config())
+  assert 'dataset.min_ratings = 20\n    Users with fewer ratings are dropped' in text
+  assert "model.name = 'neumf'" in text
+  paths = [line.split(' = ')[0] for line in text.splitlines() if not line.startswith(' ')]
+  assert all(comments[p] for p in paths), [p for p in paths if not comments[p]]
+  mlperf_text = config_help.describe(mlperf.get_config())
+  assert '(configs/default.py: ' in mlperf_text
