@@ -1,6 +1,7 @@
 """The front door: every command's --help and -h, the config field listing, provenance,
 and the one-line messages of a new user's first mistakes."""
 
+import os
 import subprocess
 import sys
 
@@ -70,3 +71,33 @@ def test_config_help_gives_every_field_its_value_and_comment():
   assert all(comments[p] for p in paths), [p for p in paths if not comments[p]]
   mlperf_text = config_help.describe(mlperf.get_config())
   assert '(configs/default.py: ' in mlperf_text
+
+
+def test_provenance_names_the_config_and_reads_git_or_none(monkeypatch):
+  from ncf_jax.train import provenance
+
+  assert provenance.Provenance().name == 'default'
+  origin = provenance.Provenance(
+    ('x/ncf_jax/train/__main__.py', '--a=b c'), 'configs/mlperf.py:runlocal'
+  )
+  assert origin.name == 'mlperf-runlocal'
+  assert origin.command_line() == "python -m ncf_jax.train '--a=b c'"
+  monkeypatch.setenv('PATH', '')  # no git: null, not an error
+  record = origin.record(ended=True)
+  assert record['git_commit'] is None and record['git_dirty'] is None and 'ended' in record
+
+
+def test_an_automatic_workdir_is_named_after_the_config_and_a_file_is_refused(
+  tmp_path, monkeypatch
+):
+  from ncf_jax.errors import UserError
+  from ncf_jax.train import workdir as workdir_lib
+
+  monkeypatch.chdir(tmp_path)
+  made: list = []
+  path = workdir_lib.make_workdir(None, made, 'mlperf-runlocal')
+  assert os.path.basename(path).startswith('mlperf-runlocal-20') and os.path.isdir(path)
+  assert workdir_lib.make_workdir(None, [], 'mlperf-runlocal') != path  # never the same
+  (tmp_path / 'afile').write_text('x')
+  with pytest.raises(UserError, match="'afile' is a file, not a folder"):
+    workdir_lib.make_workdir('afile')

@@ -107,6 +107,15 @@ def test_the_commands_log_each_line_once_without_library_noise(tmp_path, data_di
   assert out.stderr.count('[params_hash] ') == 1
   assert out.stderr.count(f'Done: {workdir} - HR@10 ') == 1
   assert not _tpu_probe_lines(out.stderr), out.stderr[-3000:]
+  # Provenance: the command line, the config file, the checkout and the times.
+  with open(f'{workdir}/command.txt') as f:
+    assert f.read().startswith('python -m ncf_jax.train --workdir=')
+  for name in ('config.json', 'summary.json'):
+    with open(f'{workdir}/{name}') as f:
+      origin = json.load(f)['provenance']
+    assert origin['argv'][1:] == cmd[3:] and origin['config_file'].endswith('configs/default.py')
+    assert {'version', 'git_commit', 'git_dirty', 'host', 'process_count', 'started'} <= set(origin)
+  assert 'ended' in origin
 
   # evaluate: no orbax "read only" warning, and the epoch of metrics.jsonl.
   out = subprocess.run(

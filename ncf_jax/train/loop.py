@@ -7,6 +7,7 @@ checkpoints' meta, the stall watchdog's message and the preemption save read.
 
 import dataclasses
 import math
+import os
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from ncf_jax import dispatch, hashing, steps, writers
 from ncf_jax.errors import UserError
 from ncf_jax.train.preemption import Interrupted, Preemption
 from ncf_jax.train.progress import Progress
+from ncf_jax.train.provenance import Provenance
 import ncf_jax.train.results as results
 from ncf_jax.train.run import Run, setup
 from ncf_jax.train.workdir import remove_if_empty
@@ -45,12 +47,16 @@ def oom_hint(e: Exception) -> str | None:
   return None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> steps.TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str | None, provenance: Provenance | None = None
+) -> steps.TrainState:
   """Trains, evaluates every `eval_every_epochs`, checkpoints, and resumes from `workdir`.
 
-  Writes config.json, metrics.jsonl, summary.json and TensorBoard events to `workdir`.
-  Logs to stderr even from plain Python (`writers.visible_logs`). A run that fails
-  before writing anything removes the folders it created. Returns the final TrainState.
+  Writes config.json, metrics.jsonl, summary.json and TensorBoard events to `workdir`
+  (without one: a new `runs/<config>-<date>-<time>`). `provenance` (the command's) is
+  recorded in config.json and summary.json. Logs to stderr even from plain Python
+  (`writers.visible_logs`). A run that fails before writing anything removes the folders
+  it created. Returns the final TrainState.
   """
   from ncf_jax import config_checks
 
@@ -58,7 +64,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   made: list[str] = []  # folders this run created (deepest first)
   try:
     with writers.visible_logs():
-      run = setup(config, workdir, made)
+      run = setup(config, workdir, made, provenance)
+      if not workdir and run.is_main:
+        print(f'workdir: {run.workdir}', flush=True)
       try:
         return _stages(run)
       finally:
@@ -66,6 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   except BaseException as e:
     if made and jax.process_count() == 1:  # else another process may write there now
       remove_if_empty(made)
+      if not workdir and os.path.isdir(made[0]):  # kept: it holds what the run wrote
+        print(f'workdir: {os.path.relpath(made[0])}', flush=True)
     hint = oom_hint(e) if isinstance(e, jax.errors.JaxRuntimeError) else None
     if hint:
       raise UserError(hint) from None

@@ -97,6 +97,7 @@ def summary(
     'platform': jax.devices()[0].platform,
     'versions': library_versions(),
     'workdir': os.path.abspath(run.workdir),
+    'provenance': run.provenance.record(ended=True),
   }
   if final_test:
     out.update({f'test_{k}': v for k, v in final_test.items() if k.startswith('full_')})
