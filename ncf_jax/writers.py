@@ -254,7 +254,7 @@ class MetricWriter:
   def log_step(self, epoch: int, step: int, steps: int, state) -> None:
     loss_sum, count = jax.device_get((state.loss_sum, state.loss_count))
     logging.info(
-      'epoch %d step %d/%d: train_loss %.5f', epoch, step, steps, loss_sum / max(count, 1.0)
+      'epoch %d step %d/%d: train_loss %.5f', epoch + 1, step, steps, loss_sum / max(count, 1.0)
     )
 
   def write_summary(self, summary: dict) -> None:

@@ -146,7 +146,7 @@ def stall_message(run: Run, progress: Progress, idle: float) -> str:
     else 'no checkpoint had been saved yet; rerun the same command to start again'
   )
   return (
-    f'no training progress for {idle:.0f} s at epoch {progress.epoch}, batch '
+    f'no training progress for {idle:.0f} s at epoch {progress.epoch + 1}, batch '
     f'{progress.step} of {run.steps_per_epoch}: a device or a multi-device collective is '
     f'stalled (another process died or hangs, or a device is wedged). {kept}. '
     'config.stall_timeout_s sets this limit (0 disables it).'
@@ -193,8 +193,9 @@ def _train_batches(run: Run, state, progress: Progress, guards: Guards, items, e
   spe, per_call = run.steps_per_epoch, int(run.config.steps_per_call)
   multi, log_every = run.programs.multi_step, int(run.config.log_every_steps)
   bar = writers.progress(
-    spe, first_step, f'epoch {epoch}', run.is_main, on_wait=guards.watchdog.beat
-  )
+    spe, first_step, f'epoch {epoch + 1}/{int(run.config.num_epochs)}', run.is_main,
+    on_wait=guards.watchdog.beat,
+  )  # fmt: skip
   step, stopped = first_step, False
   while step < spe:
     if guards.preemption.check(progress.calls):
@@ -229,7 +230,7 @@ def _save_preempted(run: Run, state, progress: Progress, epoch: int, reason: str
   logging.info(
     '%s: saved a checkpoint at step %d (epoch %d, batch %d of %d); '
     'rerun the same command to resume.',
-    reason, gstep, epoch, gstep - epoch * run.steps_per_epoch, run.steps_per_epoch,
+    reason, gstep, epoch + 1, gstep - epoch * run.steps_per_epoch, run.steps_per_epoch,
   )  # fmt: skip
   progress.preempted, progress.stop_reason = True, reason
 
@@ -252,13 +253,13 @@ def evaluate_epoch(run: Run, state, progress: Progress, guards: Guards, epoch: i
   progress.eval_hash = digest
   if run.select_key is None:
     record.update(result)
-    logging.info('Iteration %d: HR = %.4f, NDCG = %.4f', epoch, result['hr'], result['ndcg'])
+    logging.info('Iteration %d: HR = %.4f, NDCG = %.4f', epoch + 1, result['hr'], result['ndcg'])
     return False
   record.update({f'valid_{k}': v for k, v in result.items()})
   improved = results.best_record(progress.history + [record], run.select_key) is record
   logging.info(
     'Iteration %d: valid HR = %.4f, NDCG = %.4f, MRR = %.4f%s',
-    epoch, result['hr'], result['ndcg'], result['mrr'], ' (best so far)' if improved else '',
+    epoch + 1, result['hr'], result['ndcg'], result['mrr'], ' (best so far)' if improved else '',
   )  # fmt: skip
   return improved
 
@@ -308,8 +309,8 @@ def _check_stop(run: Run, progress: Progress, epoch: int, record: dict) -> None:
     logging.info(
       'Early stop after epoch %d: valid %s@%d has not improved for %d epochs since epoch '
       '%d (%.4f).',
-      epoch, config.select_metric.upper(), config.top_k, epoch - best['epoch'],
-      best['epoch'], best[key],
+      epoch + 1, config.select_metric.upper(), config.top_k, epoch - best['epoch'],
+      best['epoch'] + 1, best[key],
     )  # fmt: skip
 
 
@@ -357,8 +358,8 @@ def test_selected(run: Run, best: dict, in_flight: dispatch.InFlight):
     ) from None
   if meta['epoch'] != best['epoch'] + 1:
     raise UserError(
-      f'{best_ckpts.directory} holds epoch {meta["epoch"] - 1}, but the run\'s '
-      f'metrics select epoch {best["epoch"]}; start the run again in a new '
+      f'{best_ckpts.directory} holds epoch {meta["epoch"]}, but the run\'s '
+      f'metrics select epoch {best["epoch"] + 1}; start the run again in a new '
       '--workdir.'
     )
   test_step = steps.make_eval_step(
@@ -370,7 +371,7 @@ def test_selected(run: Run, best: dict, in_flight: dispatch.InFlight):
   )  # fmt: skip
   logging.info(
     'Selected epoch %d (valid %s@%d = %.4f): test HR = %.4f, NDCG = %.4f, MRR = %.4f',
-    best['epoch'], config.select_metric.upper(), config.top_k,
+    best['epoch'] + 1, config.select_metric.upper(), config.top_k,
     best[f'valid_{config.select_metric}'], result['hr'], result['ndcg'], result['mrr'],
   )  # fmt: skip
   if config.hash_pipeline:
@@ -445,7 +446,7 @@ def _replay_hashes(run: Run, state, items, epoch: int, first_step: int, in_fligh
     '[pipeline_hash] The checkpoint does not hash batches 0..%d of epoch %d; '
     'recomputing their digests.',
     first_step - 1,
-    epoch,
+    epoch + 1,
   )
   replay = steps.make_hash_replay(run.config, run.layout)
   chain, first = state.hash_chain, state.hash_first

@@ -216,11 +216,23 @@ def _initial_state(config, ckpts: ckpt_lib.Checkpoints, state, abstract, layout:
   intact = ckpts.restore_newest_intact(abstract)
   if intact is not None:
     step, state, meta = intact
-    ckpt_lib.log_restored(step, meta)
+    _log_resumed(step, meta, int(config.num_epochs))
     return state, meta
   if config.model.pretrained_gmf or config.model.pretrained_mlp:
     state = state.replace(params=pretrained.load_pretrained(config, state, layout))
   return state, None
+
+
+def _log_resumed(step: int, meta: dict, num_epochs: int) -> None:
+  """Where a resumed run stands, epochs counted from 1 (meta['epoch']: epochs begun)."""
+  done = len(meta['history'])
+  if done >= num_epochs:
+    logging.info('Resuming from checkpoint at step %d: all %d epochs done.', step, done)
+  else:
+    logging.info(
+      'Resuming from checkpoint at step %d: %d of %d epochs done; continuing with epoch %d.',
+      step, done, num_epochs, done + 1,
+    )  # fmt: skip
 
 
 def _build_programs(config, layout: parallel.Layout, model, dataset, data, state, abstract):
