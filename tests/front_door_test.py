@@ -101,3 +101,20 @@ def test_an_automatic_workdir_is_named_after_the_config_and_a_file_is_refused(
   (tmp_path / 'afile').write_text('x')
   with pytest.raises(UserError, match="'afile' is a file, not a folder"):
     workdir_lib.make_workdir('afile')
+
+
+def test_the_progress_lines_show_the_running_loss_and_samples_per_sec(caplog):
+  import logging
+
+  import jax.numpy as jnp
+
+  from ncf_jax import writers
+
+  caplog.set_level(logging.INFO)
+  bar = writers.progress(4, 0, 'epoch 1/8', True, every_s=0, samples_per_step=1024)
+  for loss in (0.69, 0.6, 0.5, 0.4):
+    bar.add(jnp.float32(loss))
+  bar.close()
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('epoch 1/8: ')]
+  assert lines[-1].startswith('epoch 1/8: 4/4 steps (100%)'), lines
+  assert 'loss 0.4000, ' in lines[-1] and ' samples/s' in lines[-1], lines

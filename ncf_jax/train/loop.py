@@ -194,7 +194,7 @@ def _train_batches(run: Run, state, progress: Progress, guards: Guards, items, e
   multi, log_every = run.programs.multi_step, int(run.config.log_every_steps)
   bar = writers.progress(
     spe, first_step, f'epoch {epoch + 1}/{int(run.config.num_epochs)}', run.is_main,
-    on_wait=guards.watchdog.beat,
+    on_wait=guards.watchdog.beat, samples_per_step=int(run.config.batch_size),
   )  # fmt: skip
   step, stopped = first_step, False
   while step < spe:
@@ -204,9 +204,14 @@ def _train_batches(run: Run, state, progress: Progress, guards: Guards, items, e
     progress.calls += 1
     n = per_call if multi is not None and step + per_call <= spe else 1
     call = multi if multi is not None and n > 1 else run.programs.train_step
+    if progress.calls == 1:
+      logging.info('Compiling the train step…')
+      t_compile = time.time()
     state, out = call(
       state, run.data, items, (run.data_key, run.dropout_key), np.int32(epoch), np.int32(step)
     )
+    if progress.calls == 1:
+      logging.info('Compiled the train step in %.1f s.', time.time() - t_compile)
     guards.in_flight.add(out['train_loss'])
     guards.watchdog.beat()
     step += n
@@ -241,11 +246,18 @@ def evaluate_epoch(run: Run, state, progress: Progress, guards: Guards, epoch: i
   due = (epoch + 1) % int(config.eval_every_epochs) == 0 or epoch + 1 == int(config.num_epochs)
   if not due:
     return False
+  t_eval = time.time()
   result, digest = steps.evaluate(
     run.programs.eval_step, state.params, run.data, run.data_key,
     run.dataset.num_users, int(config.eval_batch_size), guards.in_flight,
   )  # fmt: skip
   guards.watchdog.beat()
+  seconds, progress.evaluations = time.time() - t_eval, progress.evaluations + 1
+  logging.info(
+    'Evaluated %d users in %.1f s (%.0f users/s%s).', run.dataset.num_users, seconds,
+    run.dataset.num_users / max(seconds, 1e-9),
+    ', compiling included' if progress.evaluations == 1 else '',
+  )  # fmt: skip
   if config.hash_pipeline and progress.eval_hash is None:
     logging.info(
       '[pipeline_hash] %s candidates hash: %s', 'Valid' if run.select_key else 'Eval', digest
