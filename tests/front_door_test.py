@@ -118,3 +118,52 @@ def test_the_progress_lines_show_the_running_loss_and_samples_per_sec(caplog):
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('epoch 1/8: ')]
   assert lines[-1].startswith('epoch 1/8: 4/4 steps (100%)'), lines
   assert 'loss 0.4000, ' in lines[-1] and ' samples/s' in lines[-1], lines
+
+
+# ----------------------------------------------------------------------------------------
+# Small misses: each a one-line message, nothing left behind.
+
+
+def test_a_gzip_file_under_the_ratings_name_is_named_as_gzip(tmp_path):
+  import gzip
+
+  from ncf_jax.data.sources import grouplens
+  from ncf_jax.errors import UserError
+
+  fmt = grouplens.FORMATS['ml-100k']
+  path = tmp_path / fmt.folder / fmt.filename
+  path.parent.mkdir(parents=True)
+  path.write_bytes(gzip.compress(b'1\t2\t3\t4\n'))
+  with pytest.raises(UserError, match='is gzip-compressed'):
+    grouplens.read_ratings(grouplens.locate('ml-100k', str(tmp_path)))
+
+
+def test_min_ratings_is_not_suggested_when_it_is_already_enough():
+  import numpy as np
+
+  from ncf_jax.data.preprocess import preprocess
+  from ncf_jax.errors import UserError
+
+  users, items = np.asarray([0, 0, 0, 1, 1, 1]), np.asarray([5, 5, 5, 1, 2, 3])
+  with pytest.raises(UserError, match='repeat one item') as e:
+    preprocess(
+      users, items, np.arange(6), name='x', min_ratings=3, where='w', validation='leave_one_out'
+    )
+  assert 'min_ratings=3 or more' not in str(e.value)
+
+
+def test_a_failed_download_removes_the_data_dir_it_created(tmp_path, monkeypatch):
+  from conftest import serve_http
+
+  from configs import default
+  from ncf_jax import prepare
+  from ncf_jax.errors import UserError
+
+  config = default.get_config()
+  config.dataset.name = 'ml-1m'
+  config.dataset.data_dir = str(tmp_path / 'data' / 'movielens')
+  with serve_http({}) as base:
+    monkeypatch.setenv('NCF_JAX_MOVIELENS_URL', base)
+    with pytest.raises(UserError, match='download of '):
+      prepare.run(config, download=True)
+  assert os.listdir(tmp_path) == []
