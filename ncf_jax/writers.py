@@ -318,11 +318,15 @@ class DeviceProgress:
     self._pending: collections.deque = collections.deque()
     self._on_wait = on_wait
     self._samples_per_step = samples_per_step
-    self._done, self._start = 0, time.time()
+    self._done, self._start, self._shown = 0, time.time(), 0.0
 
   def _finished(self, token, steps: int) -> None:
     """A finished call: the bar moves, and shows its loss and the samples/s so far."""
     self._done += steps
+    now = time.time()
+    if now - self._shown < 0.5 and self._done < getattr(self.bar, 'total', 0):
+      return  # reads the loss (a device-to-host copy) twice a second at most
+    self._shown = now
     if hasattr(self.bar, 'set_postfix_str') and hasattr(token, 'shape') and token.size == 1:
       text = f'loss {float(token):.4f}'
       if self._samples_per_step:
