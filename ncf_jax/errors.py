@@ -57,6 +57,9 @@ def parse_flags(argv):
   """
   from absl import flags
 
+  if any(a in HELP_FLAGS for a in argv[1:]):
+    print(command_help(flags.FLAGS), flush=True)
+    sys.exit(0)
   try:
     rest = flags.FLAGS(argv)
     if 'config' in flags.FLAGS:
@@ -76,6 +79,33 @@ def parse_flags(argv):
     _fail(_flag_error_message(e, argv, flags.FLAGS))
   except (NameError, ImportError, ArithmeticError, AssertionError, RuntimeError) as e:
     _fail(_config_code_error(e))
+
+
+HELP_FLAGS = ('-h', '--help', '-help', '--helpshort', '--helpfull', '-?')
+
+
+def command_help(flag_values) -> str:
+  """`--help`/`-h`: the command's docstring, its flags, and how to list every config field."""
+  main = sys.modules.get('__main__')
+  doc = (getattr(main, '__doc__', None) or '').strip()
+  rows: list[tuple[str, str, str]] = []
+  for module, module_flags in sorted(flag_values.flags_by_module_dict().items()):
+    if not module.startswith(('ncf_jax', 'experiments', '__main__')) and not module.endswith('.py'):
+      continue  # absl's, orbax's, jax's own flags
+    for flag in module_flags:
+      if flag.name.startswith('config.') or any(r[0] == flag.name for r in rows):
+        continue
+      rows.append((flag.name, ' '.join((flag.help or '').split()), flag.default_as_str))
+  lines = [doc, '', 'Flags:'] if doc else ['Flags:']
+  for name, text, default in sorted(rows):
+    lines.append(f'  --{name}: {text}' + (f' (default: {default})' if default else ''))
+  return '\n'.join(lines + ['', CONFIG_FIELDS_HELP])
+
+
+CONFIG_FIELDS_HELP = (
+  'Config fields are set with --config.<field>=<value>. To list every field with its value\n'
+  'and comment: python -m ncf_jax.config_help [--config=configs/<file>.py]'
+)
 
 
 def _config_code_error(e: Exception) -> str:

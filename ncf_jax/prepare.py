@@ -9,6 +9,7 @@ Prints one JSON line: {"dataset", "num_users", "num_items", "num_train", "num_te
 """
 
 import json
+import os
 
 from absl import app, flags
 
@@ -39,7 +40,12 @@ def run(config, *, download: bool = False, force: bool = False) -> dict:
   dataset_config = config.dataset
   if download:
     dataset_config.download = True
-  prepared = data.prepare(dataset_config, force=force, validation=config.validation)
+  created = _missing_dirs(os.path.expanduser(str(dataset_config.data_dir)))
+  try:
+    prepared = data.prepare(dataset_config, force=force, validation=config.validation)
+  except BaseException:
+    _remove_empty(created)  # a failed download leaves no empty data_dir behind
+    raise
   if prepared.cache_path is None:
     raise UserError(
       f'could not write the processed cache under {dataset_config.data_dir} '
@@ -57,6 +63,25 @@ def run(config, *, download: bool = False, force: bool = False) -> dict:
   }
   print(json.dumps(summary), flush=True)
   return summary
+
+
+def _missing_dirs(path: str) -> list[str]:
+  """`path` and those of its parents that do not exist yet, deepest first."""
+  missing, path = [], os.path.abspath(path)
+  while not os.path.exists(path):
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing
+
+
+def _remove_empty(dirs: list[str]) -> None:
+  """Removes the folders of `dirs` (deepest first) whose tree holds no file."""
+  for top in dirs:
+    try:
+      for root, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+        os.rmdir(root)  # fails (and stops) at the first folder that is not empty
+    except OSError:
+      return
 
 
 @exit_on_user_error

@@ -254,7 +254,7 @@ class MetricWriter:
   def log_step(self, epoch: int, step: int, steps: int, state) -> None:
     loss_sum, count = jax.device_get((state.loss_sum, state.loss_count))
     logging.info(
-      'epoch %d step %d/%d: train_loss %.5f', epoch, step, steps, loss_sum / max(count, 1.0)
+      'epoch %d step %d/%d: train_loss %.5f', epoch + 1, step, steps, loss_sum / max(count, 1.0)
     )
 
   def write_summary(self, summary: dict) -> None:
@@ -276,6 +276,10 @@ class _PlainProgress:
     self.total, self.n, self.desc, self.every_s = total, initial, desc, every_s
     self._start = self._last = time.time()
     self._initial = initial
+    self.postfix = ''  # the running loss and samples/s (DeviceProgress sets it)
+
+  def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+    self.postfix = text
 
   def update(self, k: int) -> None:
     self.n += k
@@ -284,12 +288,13 @@ class _PlainProgress:
       self._last = now
       rate = (self.n - self._initial) / max(now - self._start, 1e-9)
       logging.info(
-        '%s: %d/%d steps (%.0f%%), %.1f steps/s',
+        '%s: %d/%d steps (%.0f%%), %.1f steps/s%s',
         self.desc,
         self.n,
         self.total,
         100.0 * self.n / max(self.total, 1),
         rate,
+        f', {self.postfix}' if self.postfix else '',
       )
 
   def close(self) -> None:
@@ -306,24 +311,45 @@ class DeviceProgress:
   order, so the bar keeps moving with the device until the epoch's last step.
   """
 
-  def __init__(self, bar, on_wait: Callable[[], None] | None = None):
+  def __init__(
+    self, bar, on_wait: Callable[[], None] | None = None, samples_per_step: int | None = None
+  ):
     self.bar = bar
     self._pending: collections.deque = collections.deque()
     self._on_wait = on_wait
+    self._samples_per_step = samples_per_step
+    self._done, self._start, self._shown = 0, time.time(), 0.0
+
+  def _finished(self, token, steps: int) -> None:
+    """A finished call: the bar moves, and shows its loss and the samples/s so far."""
+    self._done += steps
+    now = time.time()
+    if now - self._shown < 0.5 and self._done < getattr(self.bar, 'total', 0):
+      return  # reads the loss (a device-to-host copy) twice a second at most
+    self._shown = now
+    if hasattr(self.bar, 'set_postfix_str') and hasattr(token, 'shape') and token.size == 1:
+      text = f'loss {float(token):.4f}'
+      if self._samples_per_step:
+        rate = self._done * self._samples_per_step / max(time.time() - self._start, 1e-9)
+        text += f', {rate:,.0f} samples/s'
+      self.bar.set_postfix_str(text, refresh=False)
 
   def add(self, token, steps: int = 1) -> None:
     """Counts `steps` steps (one compiled call's) when `token` is ready."""
     self._pending.append((token, steps))
-    done = 0
+    done, last = 0, None
     while self._pending and self._pending[0][0].is_ready():
-      done += self._pending.popleft()[1]
+      last, k = self._pending.popleft()
+      done += k
     if done:
+      self._finished(last, done)
       self.bar.update(done)
 
   def close(self) -> None:
     while self._pending:
       token, steps = self._pending.popleft()
       token.block_until_ready()
+      self._finished(token, steps)
       self.bar.update(steps)
       if self._on_wait is not None:
         self._on_wait()
@@ -343,9 +369,11 @@ def progress(
   enabled: bool,
   on_wait: Callable[[], None] | None = None,
   every_s: float = 30.0,
+  samples_per_step: int | None = None,
 ) -> DeviceProgress:
   """A tqdm bar on a terminal, a log line every `every_s` s otherwise; see DeviceProgress.
 
   `on_wait` is called after each wait for a step in `close` (the stall watchdog's beat).
+  Both show the last finished call's loss and, given `samples_per_step`, samples/s.
   """
-  return DeviceProgress(_bar(total, initial, desc, enabled, every_s), on_wait)
+  return DeviceProgress(_bar(total, initial, desc, enabled, every_s), on_wait, samples_per_step)

@@ -398,7 +398,7 @@ def test_a_stalled_step_ends_the_command_with_one_line_and_keeps_the_checkpoint(
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1, proc.stderr[-3000:]
   assert 'no training progress for' in errors[0]
-  assert f'epoch 1, batch 10 of {SPE}' in errors[0]
+  assert f'epoch 2, batch 10 of {SPE}' in errors[0]
   assert f'the last checkpoint (step {SPE})' in errors[0] and 'rerun the same command' in errors[0]
   assert 'Traceback' not in proc.stderr and 'rendezvous' not in proc.stderr
   assert h.checkpoint_steps(workdir) == [SPE]

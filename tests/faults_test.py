@@ -88,7 +88,7 @@ def test_a_second_ctrl_c_aborts_at_once_with_one_line(tmp_path, data_dir):
   cmd = h.train_cmd(workdir, data_dir, worker=True, log_every_steps=5)
   proc = h.start(cmd, log, NCF_TEST_STEP_DELAY=0.5)
   try:
-    h.wait_for_line(proc, log, f'epoch 0 step 5/{SPE}')
+    h.wait_for_line(proc, log, f'epoch 1 step 5/{SPE}')
     proc.send_signal(signal.SIGINT)
     h.wait_for_line(proc, log, 'press Ctrl-C again to abort')
     proc.send_signal(signal.SIGINT)

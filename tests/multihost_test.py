@@ -142,7 +142,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(runs, tmp_path):
     NCF_TEST_STEP_DELAY=0.05,
   )
   try:
-    h.wait_for_line(procs[0], logs[0], f'epoch 1 step 5/{SPE}', timeout=TIMEOUT)
+    h.wait_for_line(procs[0], logs[0], f'epoch 2 step 5/{SPE}', timeout=TIMEOUT)
   except AssertionError:
     for p in procs:
       h.stop(p)

@@ -146,3 +146,24 @@ def test_with_drive_the_data_and_the_workdir_go_on_drive(tmp_path, monkeypatch):
   assert resolve_paths('~/data', 'runs/colab', drive)[0] == str(tmp_path / 'home' / 'data')
   data_dir, workdir = resolve_paths(None, 'runs/colab', drive)
   assert resolve_paths(data_dir, workdir, drive) == (data_dir, workdir)  # running it again
+
+
+def test_the_install_cell_keeps_the_runtime_s_jax(tmp_path):
+  """pip never replaces the runtime's accelerator jax/jaxlib; ncf_jax goes in with --no-deps."""
+  import ast
+
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  cell = next(c for c in notebook.cells if 'def pip_commands' in c.source)
+  tree = ast.parse(cell.source)
+  (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == 'pip_commands']
+  namespace = {'sys': sys}
+  exec(compile(ast.Module([fn], []), NOTEBOOK, 'exec'), namespace)  # pylint: disable=exec-used
+  with open(os.path.join(REPO, 'requirements.txt')) as f:
+    requirements, ncf = namespace['pip_commands']('repo', f.read().splitlines())
+  assert requirements[:4] == [sys.executable, '-m', 'pip', 'install']
+  names = [re.split(r'[<>=!~\[; ]', r)[0].lower() for r in requirements[5:]]
+  assert 'jax' not in names and 'jaxlib' not in names and {'flax', 'optax'} <= set(names)
+  assert ncf[-3:] == ['--no-deps', '-e', 'repo']
+  assert 'RESTART NEEDED' in cell.source and 'USE_DRIVE = True to keep it' in ''.join(
+    c.source for c in notebook.cells
+  )

@@ -59,7 +59,7 @@ def _kill_in_epoch_1_then_resume(tmp_path, data_dir, fields) -> str:
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'killed.log')
   proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **fields), log, **DELAY)
   try:
-    h.wait_for_line(proc, log, f'epoch 1 step 5/{SPE}')
+    h.wait_for_line(proc, log, f'epoch 2 step 5/{SPE}')
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
   finally:
@@ -119,7 +119,7 @@ def test_sigterm_or_ctrl_c_saves_mid_epoch_and_resumes_exactly(
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'terminated.log')
   proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **FLAGS), log, **DELAY)
   try:
-    h.wait_for_line(proc, log, f'epoch 1 step 5/{SPE}')
+    h.wait_for_line(proc, log, f'epoch 2 step 5/{SPE}')
     t0 = time.time()
     proc.send_signal(sig)
     rc = proc.wait(60)
@@ -158,7 +158,7 @@ def test_turning_the_hash_on_at_a_mid_epoch_resume_still_hashes_the_whole_epoch(
     h.train_cmd(workdir, data_dir, worker=True, hash_pipeline=False, **FLAGS), log, **DELAY
   )
   try:
-    h.wait_for_line(proc, log, f'epoch 1 step 10/{SPE}')
+    h.wait_for_line(proc, log, f'epoch 2 step 10/{SPE}')
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, h.read(log)[-3000:]
   finally:

@@ -351,7 +351,7 @@ def test_cli_trains_and_writes_its_outputs(data_dir, tmp_path):
   )
   assert out.returncode == 0, out.stderr[-2000:]
   for line in (
-    'Iteration 0: HR = ',
+    'Iteration 1: HR = ',
     '[params_hash] ',
     '[pipeline_hash] First batch hash: ',
     '[pipeline_hash] All batches hash: ',

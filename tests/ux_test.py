@@ -74,7 +74,7 @@ def test_a_python_caller_sees_every_run_line_once_unless_it_set_up_logging(tmp_p
   )
   assert out.returncode == 0, out.stderr[-3000:]
   first, second = out.stderr.split('-- caller sets up logging --')
-  assert first.count('Iteration 0: HR = ') == 1, first[-3000:]
+  assert first.count('Iteration 1: HR = ') == 1, first[-3000:]
   assert first.count('[params_hash] ') == 1
   assert first.count('[pipeline_hash] All batches hash: ') == 1
   epoch0 = h.metrics(str(tmp_path / 'run'))[0]  # the first run's result
@@ -85,14 +85,14 @@ def test_a_python_caller_sees_every_run_line_once_unless_it_set_up_logging(tmp_p
     .split('] ', 1)[1]
     .startswith(
       f'Done: {tmp_path / "run"} - HR@10 {epoch0["hr"]:.4f}, NDCG@10 '
-      f'{epoch0["ndcg"]:.4f} (epoch 0), '
+      f'{epoch0["ndcg"]:.4f} (epoch 1), '
     )
   )
   assert done[0].endswith(' s; summary.json')
   assert not _tpu_probe_lines(out.stderr)
   # The caller's own handler (absl's basicConfig one) shows the lines, once, in its format.
-  assert second.count('Iteration 1: HR = ') == 1, second[-3000:]
-  assert second.count('INFO:absl:Iteration 1: HR = ') == 1
+  assert second.count('Iteration 2: HR = ') == 1, second[-3000:]
+  assert second.count('INFO:absl:Iteration 2: HR = ') == 1
   assert second.count('[params_hash] ') == 1
 
 
@@ -103,10 +103,19 @@ def test_the_commands_log_each_line_once_without_library_noise(tmp_path, data_di
     cmd, cwd=h.REPO, env=_env_without_platforms(), capture_output=True, text=True, timeout=300
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stderr.count('Iteration 0: HR = ') == 1, out.stderr[-3000:]
+  assert out.stderr.count('Iteration 1: HR = ') == 1, out.stderr[-3000:]
   assert out.stderr.count('[params_hash] ') == 1
   assert out.stderr.count(f'Done: {workdir} - HR@10 ') == 1
   assert not _tpu_probe_lines(out.stderr), out.stderr[-3000:]
+  # Provenance: the command line, the config file, the checkout and the times.
+  with open(f'{workdir}/command.txt') as f:
+    assert f.read().startswith('python -m ncf_jax.train --workdir=')
+  for name in ('config.json', 'summary.json'):
+    with open(f'{workdir}/{name}') as f:
+      origin = json.load(f)['provenance']
+    assert origin['argv'][1:] == cmd[3:] and origin['config_file'].endswith('configs/default.py')
+    assert {'version', 'git_commit', 'git_dirty', 'host', 'process_count', 'started'} <= set(origin)
+  assert 'ended' in origin
 
   # evaluate: no orbax "read only" warning, and the epoch of metrics.jsonl.
   out = subprocess.run(
@@ -120,13 +129,16 @@ def test_the_commands_log_each_line_once_without_library_noise(tmp_path, data_di
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'read only' not in out.stderr and not _tpu_probe_lines(out.stderr), out.stderr
   epoch = h.metrics(workdir)[-1]['epoch']
-  assert f'checkpoint step {SPE} (end of epoch {epoch}) of ' in out.stdout
+  assert f'checkpoint step {SPE} (end of epoch {epoch + 1}) of ' in out.stdout  # from 1
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['epoch'] == epoch == 0 and result['batch'] is None
 
 
 def test_checkpoint_epochs_are_numbered_as_in_metrics_jsonl():
-  assert evaluate_lib.checkpoint_epoch(40, 40) == (0, None)  # end of epoch 0
+  assert evaluate_lib.checkpoint_epoch(40, 40) == (
+    0,
+    None,
+  )  # end of epoch 0 (metrics.jsonl's count)
   assert evaluate_lib.checkpoint_epoch(120, 40) == (2, None)
   assert evaluate_lib.checkpoint_epoch(57, 40) == (1, 17)  # SIGTERM in epoch 1
   assert evaluate_lib.checkpoint_epoch(0, 40) == (None, 0)
@@ -360,16 +372,16 @@ def _summary(**overrides):
 def test_the_done_line_names_the_workdir_and_the_headline_metrics():
   history = [{'epoch': 6, 'hr': 0.6}, {'epoch': 7, 'hr': 0.68771}]
   assert train.done_line('runs/demo', _summary(), history, 10, 8.06) == (
-    'Done: runs/demo - HR@10 0.6877, NDCG@10 0.4655 (epoch 7), 8.1 s; summary.json'
+    'Done: runs/demo - HR@10 0.6877, NDCG@10 0.4655 (epoch 8), 8.1 s; summary.json'
   )
   validated = _summary(validation='leave_one_out', best_epoch=4, valid_hr=0.7, valid_ndcg=0.5)
   assert train.done_line('runs/v', validated, [], 10, 20.0) == (
-    'Done: runs/v - test HR@10 0.6877, NDCG@10 0.4655 (selected epoch 4), 20.0 s; summary.json'
+    'Done: runs/v - test HR@10 0.6877, NDCG@10 0.4655 (selected epoch 5), 20.0 s; summary.json'
   )
   stopped = dict(validated, preempted=True, test_hr=None, test_ndcg=None)
   assert train.done_line('runs/v', stopped, [], 10, 3.0) == (
     'Stopped (SIGTERM): runs/v - valid HR@10 0.7000, NDCG@10 0.5000 (best epoch so '
-    'far: 4), 3.0 s; summary.json; rerun the same command to resume.'
+    'far: 5), 3.0 s; summary.json; rerun the same command to resume.'
   )
   assert 'no epoch evaluated yet' in train.done_line(
     'runs/x', _summary(test_hr=None, test_ndcg=None, preempted=True), [], 10, 1.0

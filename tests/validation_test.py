@@ -226,7 +226,7 @@ def test_a_kill_mid_run_then_resume_keeps_the_same_best_epoch(tmp_path):
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'killed.log')
   proc = h.start(h.train_cmd(workdir, data_dir, worker=True, **CLI), log, NCF_TEST_STEP_DELAY=0.03)
   try:  # the best epoch is behind it, the stop not yet reached
-    h.wait_for_line(proc, log, f'epoch {best + 1} step 5/{spe}')
+    h.wait_for_line(proc, log, f'epoch {best + 2} step 5/{spe}')
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
   finally:

@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 from absl import flags
@@ -40,7 +41,7 @@ def define_flags() -> None:
     'PyTorch peer variants the train section interleaves with ours (when '
     'torch is installed; empty: none).',
   )
-  flags.DEFINE_list('sections', None, 'Sections to run (default: all).')
+  flags.DEFINE_list('sections', None, f'Sections to run, of {", ".join(SECTIONS)} (default: all).')
   flags.DEFINE_float('scale', 1.0, 'Problem size relative to ml-20m (e.g. 0.05).')
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
   flags.DEFINE_string(
@@ -70,18 +71,20 @@ def main(argv):
   figures = {}
   try:
     for n in names:
+      print(f'[benchmark] section {n}...', file=sys.stderr, flush=True)
       section = importlib.import_module(f'ncf_jax.benchmark.{SECTIONS[n]}')
-      figures.update(
-        section.run(
-          common.Args(
-            scale=FLAGS.scale,
-            workdir=workdir,
-            config=FLAGS.config,
-            batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),
-            torch_variants=tuple(FLAGS.torch_variants or ()),
-          )
+      found = section.run(
+        common.Args(
+          scale=FLAGS.scale,
+          workdir=workdir,
+          config=FLAGS.config,
+          batch_sizes=tuple(int(b) for b in FLAGS.batch_sizes),
+          torch_variants=tuple(FLAGS.torch_variants or ()),
         )
       )
+      for k, v in found.items():  # as it goes; stdout gets the table (or JSON) at the end
+        print(f'[benchmark] {n}: {k} = {v}', file=sys.stderr, flush=True)
+      figures.update(found)
   finally:
     if FLAGS.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)

@@ -130,7 +130,12 @@ def preprocess(
     icode = items.astype(np.int32, copy=False)
 
   held_out = 2 if validation == 'leave_one_out' else 1
-  hint = f'Use --config.dataset.min_ratings={held_out + 1} or more (MLPerf: 20).'
+  hint = (
+    f'Use --config.dataset.min_ratings={held_out + 1} or more (MLPerf: 20).'
+    if min_ratings <= held_out
+    else 'Its ratings repeat one item (min_ratings counts ratings, not distinct items): '
+    'remove the repeats or raise config.dataset.min_ratings (MLPerf: 20).'
+  )
   test_pos = _latest_rows(ucode, timestamps, num_users)
   test_items = icode[test_pos]
   held_rows = [test_pos]

@@ -35,6 +35,14 @@ def define_flags() -> None:
   )
 
 
+def describe_epoch(epoch: int | None, batch: int | None) -> str:
+  """`end of epoch 3` or `epoch 3, batch 17`: epochs counted from 1, as in the logs (the
+  JSON line's `epoch` counts from 0, as metrics.jsonl does)."""
+  if epoch is None:
+    return 'before training'
+  return f'end of epoch {epoch + 1}' if batch is None else f'epoch {epoch + 1}, batch {batch}'
+
+
 @exit_on_user_error
 def main(argv):
   if len(argv) > 1:
@@ -45,7 +53,7 @@ def main(argv):
   )
   k = result['top_k']
   split = '' if result['split'] == 'test' else f' ({result["split"]} split)'
-  when = evaluate.describe_epoch(result['epoch'], result['batch'])
+  when = describe_epoch(result['epoch'], result['batch'])
   print(
     f'checkpoint step {result["step"]} ({when}) of {result["workdir"]}'
     f'{split}: HR@{k} = {result["hr"]:.4f}, NDCG@{k} = {result["ndcg"]:.4f}, '

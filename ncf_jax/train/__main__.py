@@ -10,9 +10,11 @@ import sys
 
 from absl import app, flags, logging
 import jax
+from ml_collections import config_flags
 
 from ncf_jax import launch, train, writers
 from ncf_jax.errors import UserError, exit_on_user_error, parse_flags
+from ncf_jax.train import provenance
 from ncf_jax.train.preemption import Interrupted
 
 
@@ -32,7 +34,9 @@ def main(argv: list[str]) -> None:
     jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
   )  # fmt: skip
   try:
-    train.train_and_evaluate(config, FLAGS.workdir)
+    config_file = config_flags.get_config_filename(FLAGS['config'])
+    origin = provenance.from_command_line(config_file)
+    train.train_and_evaluate(config, FLAGS.workdir, origin)
   except Interrupted:
     sys.exit(130)  # saved; the log's last lines say where and how to resume
   except KeyboardInterrupt:

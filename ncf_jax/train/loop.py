@@ -7,6 +7,7 @@ checkpoints' meta, the stall watchdog's message and the preemption save read.
 
 import dataclasses
 import math
+import os
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from ncf_jax import dispatch, hashing, steps, writers
 from ncf_jax.errors import UserError
 from ncf_jax.train.preemption import Interrupted, Preemption
 from ncf_jax.train.progress import Progress
+from ncf_jax.train.provenance import Provenance
 import ncf_jax.train.results as results
 from ncf_jax.train.run import Run, setup
 from ncf_jax.train.workdir import remove_if_empty
@@ -45,12 +47,16 @@ def oom_hint(e: Exception) -> str | None:
   return None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -> steps.TrainState:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str | None, provenance: Provenance | None = None
+) -> steps.TrainState:
   """Trains, evaluates every `eval_every_epochs`, checkpoints, and resumes from `workdir`.
 
-  Writes config.json, metrics.jsonl, summary.json and TensorBoard events to `workdir`.
-  Logs to stderr even from plain Python (`writers.visible_logs`). A run that fails
-  before writing anything removes the folders it created. Returns the final TrainState.
+  Writes config.json, metrics.jsonl, summary.json and TensorBoard events to `workdir`
+  (without one: a new `runs/<config>-<date>-<time>`). `provenance` (the command's) is
+  recorded in config.json and summary.json. Logs to stderr even from plain Python
+  (`writers.visible_logs`). A run that fails before writing anything removes the folders
+  it created. Returns the final TrainState.
   """
   from ncf_jax import config_checks
 
@@ -58,7 +64,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   made: list[str] = []  # folders this run created (deepest first)
   try:
     with writers.visible_logs():
-      run = setup(config, workdir, made)
+      run = setup(config, workdir, made, provenance)
+      if not workdir and run.is_main:
+        print(f'workdir: {run.workdir}', flush=True)
       try:
         return _stages(run)
       finally:
@@ -66,6 +74,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None) -
   except BaseException as e:
     if made and jax.process_count() == 1:  # else another process may write there now
       remove_if_empty(made)
+      if not workdir and os.path.isdir(made[0]):  # kept: it holds what the run wrote
+        print(f'workdir: {os.path.relpath(made[0])}', flush=True)
     hint = oom_hint(e) if isinstance(e, jax.errors.JaxRuntimeError) else None
     if hint:
       raise UserError(hint) from None
@@ -136,7 +146,7 @@ def stall_message(run: Run, progress: Progress, idle: float) -> str:
     else 'no checkpoint had been saved yet; rerun the same command to start again'
   )
   return (
-    f'no training progress for {idle:.0f} s at epoch {progress.epoch}, batch '
+    f'no training progress for {idle:.0f} s at epoch {progress.epoch + 1}, batch '
     f'{progress.step} of {run.steps_per_epoch}: a device or a multi-device collective is '
     f'stalled (another process died or hangs, or a device is wedged). {kept}. '
     'config.stall_timeout_s sets this limit (0 disables it).'
@@ -183,8 +193,9 @@ def _train_batches(run: Run, state, progress: Progress, guards: Guards, items, e
   spe, per_call = run.steps_per_epoch, int(run.config.steps_per_call)
   multi, log_every = run.programs.multi_step, int(run.config.log_every_steps)
   bar = writers.progress(
-    spe, first_step, f'epoch {epoch}', run.is_main, on_wait=guards.watchdog.beat
-  )
+    spe, first_step, f'epoch {epoch + 1}/{int(run.config.num_epochs)}', run.is_main,
+    on_wait=guards.watchdog.beat, samples_per_step=int(run.config.batch_size),
+  )  # fmt: skip
   step, stopped = first_step, False
   while step < spe:
     if guards.preemption.check(progress.calls):
@@ -193,9 +204,14 @@ def _train_batches(run: Run, state, progress: Progress, guards: Guards, items, e
     progress.calls += 1
     n = per_call if multi is not None and step + per_call <= spe else 1
     call = multi if multi is not None and n > 1 else run.programs.train_step
+    if progress.calls == 1:
+      logging.info('Compiling the train step…')
+      t_compile = time.time()
     state, out = call(
       state, run.data, items, (run.data_key, run.dropout_key), np.int32(epoch), np.int32(step)
     )
+    if progress.calls == 1:
+      logging.info('Compiled the train step in %.1f s.', time.time() - t_compile)
     guards.in_flight.add(out['train_loss'])
     guards.watchdog.beat()
     step += n
@@ -219,7 +235,7 @@ def _save_preempted(run: Run, state, progress: Progress, epoch: int, reason: str
   logging.info(
     '%s: saved a checkpoint at step %d (epoch %d, batch %d of %d); '
     'rerun the same command to resume.',
-    reason, gstep, epoch, gstep - epoch * run.steps_per_epoch, run.steps_per_epoch,
+    reason, gstep, epoch + 1, gstep - epoch * run.steps_per_epoch, run.steps_per_epoch,
   )  # fmt: skip
   progress.preempted, progress.stop_reason = True, reason
 
@@ -230,11 +246,18 @@ def evaluate_epoch(run: Run, state, progress: Progress, guards: Guards, epoch: i
   due = (epoch + 1) % int(config.eval_every_epochs) == 0 or epoch + 1 == int(config.num_epochs)
   if not due:
     return False
+  t_eval = time.time()
   result, digest = steps.evaluate(
     run.programs.eval_step, state.params, run.data, run.data_key,
     run.dataset.num_users, int(config.eval_batch_size), guards.in_flight,
   )  # fmt: skip
   guards.watchdog.beat()
+  seconds, progress.evaluations = time.time() - t_eval, progress.evaluations + 1
+  logging.info(
+    'Evaluated %d users in %.1f s (%.0f users/s%s).', run.dataset.num_users, seconds,
+    run.dataset.num_users / max(seconds, 1e-9),
+    ', compiling included' if progress.evaluations == 1 else '',
+  )  # fmt: skip
   if config.hash_pipeline and progress.eval_hash is None:
     logging.info(
       '[pipeline_hash] %s candidates hash: %s', 'Valid' if run.select_key else 'Eval', digest
@@ -242,13 +265,13 @@ def evaluate_epoch(run: Run, state, progress: Progress, guards: Guards, epoch: i
   progress.eval_hash = digest
   if run.select_key is None:
     record.update(result)
-    logging.info('Iteration %d: HR = %.4f, NDCG = %.4f', epoch, result['hr'], result['ndcg'])
+    logging.info('Iteration %d: HR = %.4f, NDCG = %.4f', epoch + 1, result['hr'], result['ndcg'])
     return False
   record.update({f'valid_{k}': v for k, v in result.items()})
   improved = results.best_record(progress.history + [record], run.select_key) is record
   logging.info(
     'Iteration %d: valid HR = %.4f, NDCG = %.4f, MRR = %.4f%s',
-    epoch, result['hr'], result['ndcg'], result['mrr'], ' (best so far)' if improved else '',
+    epoch + 1, result['hr'], result['ndcg'], result['mrr'], ' (best so far)' if improved else '',
   )  # fmt: skip
   return improved
 
@@ -298,8 +321,8 @@ def _check_stop(run: Run, progress: Progress, epoch: int, record: dict) -> None:
     logging.info(
       'Early stop after epoch %d: valid %s@%d has not improved for %d epochs since epoch '
       '%d (%.4f).',
-      epoch, config.select_metric.upper(), config.top_k, epoch - best['epoch'],
-      best['epoch'], best[key],
+      epoch + 1, config.select_metric.upper(), config.top_k, epoch - best['epoch'],
+      best['epoch'] + 1, best[key],
     )  # fmt: skip
 
 
@@ -347,8 +370,8 @@ def test_selected(run: Run, best: dict, in_flight: dispatch.InFlight):
     ) from None
   if meta['epoch'] != best['epoch'] + 1:
     raise UserError(
-      f'{best_ckpts.directory} holds epoch {meta["epoch"] - 1}, but the run\'s '
-      f'metrics select epoch {best["epoch"]}; start the run again in a new '
+      f'{best_ckpts.directory} holds epoch {meta["epoch"]}, but the run\'s '
+      f'metrics select epoch {best["epoch"] + 1}; start the run again in a new '
       '--workdir.'
     )
   test_step = steps.make_eval_step(
@@ -360,7 +383,7 @@ def test_selected(run: Run, best: dict, in_flight: dispatch.InFlight):
   )  # fmt: skip
   logging.info(
     'Selected epoch %d (valid %s@%d = %.4f): test HR = %.4f, NDCG = %.4f, MRR = %.4f',
-    best['epoch'], config.select_metric.upper(), config.top_k,
+    best['epoch'] + 1, config.select_metric.upper(), config.top_k,
     best[f'valid_{config.select_metric}'], result['hr'], result['ndcg'], result['mrr'],
   )  # fmt: skip
   if config.hash_pipeline:
@@ -435,7 +458,7 @@ def _replay_hashes(run: Run, state, items, epoch: int, first_step: int, in_fligh
     '[pipeline_hash] The checkpoint does not hash batches 0..%d of epoch %d; '
     'recomputing their digests.',
     first_step - 1,
-    epoch,
+    epoch + 1,
   )
   replay = steps.make_hash_replay(run.config, run.layout)
   chain, first = state.hash_chain, state.hash_first

@@ -21,6 +21,7 @@ class Progress:
   preempted: bool = False
   stop_reason: str | None = None  # what stopped it midway: 'SIGTERM' or 'Ctrl-C'
   calls: int = 0  # train calls in this process (the preemption check's counter)
+  evaluations: int = 0  # evaluations in this process (the first one compiles)
   t_start: float = dataclasses.field(default_factory=time.time)
   t_epoch: float = 0.0
 

@@ -97,6 +97,7 @@ def summary(
     'platform': jax.devices()[0].platform,
     'versions': library_versions(),
     'workdir': os.path.abspath(run.workdir),
+    'provenance': run.provenance.record(ended=True),
   }
   if final_test:
     out.update({f'test_{k}': v for k, v in final_test.items() if k.startswith('full_')})
@@ -108,10 +109,11 @@ def summary(
 def done_line(workdir: str, summary: dict, history: list, top_k: int, wall_s: float) -> str:
   """The run's last line: where its outputs are and its headline result.
 
-  `Done: runs/demo - HR@10 0.6877, NDCG@10 0.4655 (epoch 7), 8.1 s; summary.json`: the
+  `Done: runs/demo - HR@10 0.6877, NDCG@10 0.4655 (epoch 8), 8.1 s; summary.json`: the
   run's result as in summary.json, i.e. the selected epoch's test metrics with a
   validation split (the best validation epoch so far if it was stopped before the
-  test), else the last evaluated epoch's.
+  test), else the last evaluated epoch's. Epochs count from 1 here (summary.json's
+  `best_epoch` and metrics.jsonl's `epoch` from 0).
   """
 
   def metrics(prefix, label):
@@ -121,11 +123,11 @@ def done_line(workdir: str, summary: dict, history: list, top_k: int, wall_s: fl
 
   if summary['validation'] == 'none' and summary['test_hr'] is not None:
     last = next(r['epoch'] for r in reversed(history) if r.get('hr') is not None)
-    what = f'{metrics("test_", "")} (epoch {last})'
+    what = f'{metrics("test_", "")} (epoch {last + 1})'
   elif summary['validation'] != 'none' and summary['test_hr'] is not None:
-    what = f'{metrics("test_", "test ")} (selected epoch {summary["best_epoch"]})'
+    what = f'{metrics("test_", "test ")} (selected epoch {summary["best_epoch"] + 1})'
   elif summary['validation'] != 'none' and summary['valid_hr'] is not None:
-    what = f'{metrics("valid_", "valid ")} (best epoch so far: {summary["best_epoch"]})'
+    what = f'{metrics("valid_", "valid ")} (best epoch so far: {summary["best_epoch"] + 1})'
   else:
     what = 'no epoch evaluated yet'
   if summary['preempted']:

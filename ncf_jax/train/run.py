@@ -21,6 +21,7 @@ from ncf_jax import checkpoint as ckpt_lib
 from ncf_jax import config_checks, memory, models, parallel, pipeline, steps, writers
 from ncf_jax import data as data_lib
 import ncf_jax.train.pretrained as pretrained
+from ncf_jax.train.provenance import Provenance
 import ncf_jax.train.workdir as workdir_lib
 
 
@@ -57,6 +58,7 @@ class Run:
   device_bytes: dict[str, int]
   state: steps.TrainState | None  # the state to start from; `take_state` hands it over
   lock: workdir_lib.WorkdirLock  # held until `close`: one run per workdir
+  provenance: Provenance  # where the run came from (config.json, summary.json)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -110,24 +112,32 @@ def resolve_seed(config: ml_collections.ConfigDict) -> int:
   return seed
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | None, made: list | None = None) -> Run:
+def setup(
+  config: ml_collections.ConfigDict,
+  workdir: str | None,
+  made: list | None = None,
+  provenance: Provenance | None = None,
+) -> Run:
   """Checks the config, makes the workdir, loads the data, builds (or restores) the state.
 
   `made` receives the folders created here, so that a failed run can remove them.
   """
   writers.quiet_library_logs()
+  provenance = provenance or Provenance()
   mesh = steps.make_mesh(int(config.num_devices))
   config_checks.validate_config(config, mesh.size)
-  workdir = workdir_lib.make_workdir(workdir, made)
+  workdir = workdir_lib.make_workdir(workdir, made, provenance.name)
   lock = workdir_lib.lock_workdir(workdir)
   try:
-    return _build(config, workdir, mesh, lock)
+    return _build(config, workdir, mesh, lock, provenance)
   except BaseException:
     lock.release()
     raise
 
 
-def _build(config, workdir: str, mesh: Mesh, lock: workdir_lib.WorkdirLock) -> Run:
+def _build(
+  config, workdir: str, mesh: Mesh, lock: workdir_lib.WorkdirLock, provenance: Provenance
+) -> Run:
   """`setup` once the workdir is this run's: checkpoints, data, model, state, programs."""
   for name in (ckpt_lib.LATEST_DIR, ckpt_lib.BEST_DIR):
     workdir_lib.check_writable(os.path.join(workdir, name))
@@ -147,14 +157,20 @@ def _build(config, workdir: str, mesh: Mesh, lock: workdir_lib.WorkdirLock) -> R
   )
   state, resumed = _initial_state(config, ckpts, state, abstract, layout)
   writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  writer.write_config(ckpt_lib.config_to_dict(config) | {'resolved_seed': seed})
+  writer.write_config(
+    ckpt_lib.config_to_dict(config) | {'resolved_seed': seed, 'provenance': provenance.record()}
+  )
+  command = provenance.command_line()
+  if command is not None and jax.process_index() == 0:  # as a sweep point's
+    with open(os.path.join(workdir, 'command.txt'), 'w') as f:
+      f.write(command + '\n')
   writer.rewrite_history(resumed['history'] if resumed else [])
   programs, device_bytes = _build_programs(config, layout, model, dataset, data, state, abstract)
   return Run(
     config=config, workdir=workdir, mesh=mesh, layout=layout, seed=seed, dataset=dataset,
     model=model, data=data, data_key=data_key, dropout_key=dropout_key, abstract=abstract,
     programs=programs, ckpts=ckpts, best_ckpts=best_ckpts, writer=writer, resumed=resumed,
-    device_bytes=device_bytes, state=state, lock=lock,
+    device_bytes=device_bytes, state=state, lock=lock, provenance=provenance,
   )  # fmt: skip
 
 
@@ -200,11 +216,23 @@ def _initial_state(config, ckpts: ckpt_lib.Checkpoints, state, abstract, layout:
   intact = ckpts.restore_newest_intact(abstract)
   if intact is not None:
     step, state, meta = intact
-    ckpt_lib.log_restored(step, meta)
+    _log_resumed(step, meta, int(config.num_epochs))
     return state, meta
   if config.model.pretrained_gmf or config.model.pretrained_mlp:
     state = state.replace(params=pretrained.load_pretrained(config, state, layout))
   return state, None
+
+
+def _log_resumed(step: int, meta: dict, num_epochs: int) -> None:
+  """Where a resumed run stands, epochs counted from 1 (meta['epoch']: epochs begun)."""
+  done = len(meta['history'])
+  if done >= num_epochs:
+    logging.info('Resuming from checkpoint at step %d: all %d epochs done.', step, done)
+  else:
+    logging.info(
+      'Resuming from checkpoint at step %d: %d of %d epochs done; continuing with epoch %d.',
+      step, done, num_epochs, done + 1,
+    )  # fmt: skip
 
 
 def _build_programs(config, layout: parallel.Layout, model, dataset, data, state, abstract):

@@ -43,17 +43,38 @@ def remove_if_empty(dirs: list[str]) -> None:
       return
 
 
-def make_workdir(workdir: str | None, made: list[str] | None = None) -> str:
-  """Creates (or checks) the run's folder; appends the folders it created to `made`."""
+def _new_run_dir(name: str) -> str:
+  """A new folder `runs/<name>-<date>-<time>` (`-2`, `-3`... if taken), created."""
+  base = os.path.join('runs', f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
+  for i in range(1, 1000):
+    path = base if i == 1 else f'{base}-{i}'
+    try:
+      os.mkdir(path)
+      return path
+    except FileExistsError:
+      continue
+  return tempfile.mkdtemp(prefix=os.path.basename(base) + '-', dir='runs')
+
+
+def make_workdir(workdir: str | None, made: list[str] | None = None, name: str = 'default') -> str:
+  """Creates (or checks) the run's folder; appends the folders it created to `made`.
+
+  Without `workdir`, a new `runs/<name>-<date>-<time>` (`name`: the config's, e.g.
+  `mlperf-runlocal`).
+  """
   made = [] if made is None else made
   if not workdir and jax.process_count() > 1:
     raise UserError('a multi-process run needs --workdir (the same shared folder on every host).')
   if not workdir:
     made[:0] = _missing_dirs('runs')
     os.makedirs('runs', exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix=time.strftime('%Y%m%d-%H%M%S-'), dir='runs')
+    workdir = _new_run_dir(name)
     made.insert(0, os.path.abspath(workdir))
-    print(f'workdir: {workdir}', flush=True)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UserError(
+      f'workdir {workdir!r} is a file, not a folder; pass a --workdir that is a folder (or '
+      'does not exist yet).'
+    )
   try:
     made[:0] = _missing_dirs(workdir)
     os.makedirs(workdir, exist_ok=True)

@@ -467,6 +467,11 @@ def _seps_in(line: str):
 def _check_first_line(first: bytes, source: RatingsFile) -> None:
   """Empty file, header and separator checks on the first line (cheap, before parsing)."""
   fmt, where = source.fmt, source.where
+  if first.startswith(b'\x1f\x8b'):
+    raise UserError(
+      f'{where} is gzip-compressed, not the GroupLens {source.name} text: decompress it '
+      '(gunzip) or restore the original file.'
+    )
   if not first:
     raise UserError(
       f'{where} is empty: expected MovieLens {source.name} ratings. Delete it '
