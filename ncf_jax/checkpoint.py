@@ -426,12 +426,3 @@ def _relayout(state, abstract_state, directory: str, step: int):
       'this run\'s tables: it belongs to another dataset or model size.'
     )
   return jax.tree.unflatten(treedef, [x for x, _ in pairs])
-
-
-def log_restored(step: int, meta: dict) -> None:
-  logging.info(
-    'Resuming from checkpoint at step %d (epoch %d, %d epochs done).',
-    step,
-    meta['epoch'],
-    len(meta['history']),
-  )
