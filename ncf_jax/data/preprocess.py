@@ -106,83 +106,25 @@ def preprocess(
     UserError: no rating, no user left after the filter, or a user without a validation
       item or any training positive (names the raw user id).
   """
-  n = int(users.shape[0])
-  if n == 0:
+  if int(users.shape[0]) == 0:
     raise UserError(f'{where} has no ratings.')
-  ucode, uraw = factorize(users)
-  counts = np.bincount(ucode)
-  keep = counts >= min_ratings
-  if not keep.all():
-    if not keep.any():
-      raise UserError(
-        f'{where}: no user has at least min_ratings={min_ratings} ratings (the '
-        f'most is {int(counts.max())}); lower config.dataset.min_ratings.'
-      )
-    rows = keep[ucode]
-    ucode = (np.cumsum(keep, dtype=np.int32) - 1)[ucode[rows]]
-    uraw, items, timestamps = uraw[keep], items[rows], timestamps[rows]
-    n = int(ucode.shape[0])
+  ucode, uraw, items, timestamps = _filter_users(users, items, timestamps, min_ratings, where)
   num_users = int(uraw.shape[0])
   if num_items is None:
     icode, iraw = factorize(items)
     num_items = int(iraw.shape[0])
   else:
     icode = items.astype(np.int32, copy=False)
-
-  held_out = 2 if validation == 'leave_one_out' else 1
-  hint = (
-    f'Use --config.dataset.min_ratings={held_out + 1} or more (MLPerf: 20).'
-    if min_ratings <= held_out
-    else 'Its ratings repeat one item (min_ratings counts ratings, not distinct items): '
-    'remove the repeats or raise config.dataset.min_ratings (MLPerf: 20).'
-  )
-  test_pos = _latest_rows(ucode, timestamps, num_users)
-  test_items = icode[test_pos]
-  held_rows = [test_pos]
-  valid_items = None
-  if validation == 'leave_one_out':
-    eligible = icode != test_items[ucode]  # the test row, and repeats of its item, are out
-    valid_pos = _latest_rows(ucode, timestamps, num_users, eligible)
-    del eligible
-    if (valid_pos < 0).any():
-      u = int(np.argmax(valid_pos < 0))
-      raise UserError(
-        f'{where}: user {int(uraw[u])} has no rating left for validation after holding '
-        f'out its latest one as the test item (config.validation=leave_one_out needs two '
-        f'distinct items and a training positive per user). {hint}'
-      )
-    valid_items = icode[valid_pos]
-    held_rows.append(valid_pos)
-
-  # Training positives: all other rows, as sorted unique (user, item) keys.
-  is_held = np.zeros(n, bool)
-  for pos in held_rows:
-    is_held[pos] = True
-  train = ucode.astype(np.int64)
-  train *= num_items
-  train += icode
-  train = train[~is_held]
-  del is_held
-  train.sort(kind='stable')  # timsort: linear on already ordered input
-  train_users = train // num_items
-  keep_row = np.empty(train.shape[0], bool)
-  keep_row[:1] = True
-  np.not_equal(train[1:], train[:-1], out=keep_row[1:])
-  user_base = np.arange(num_users, dtype=np.int64) * num_items
-  for held in (test_items, valid_items):  # a repeat of a held-out pair is not training
-    if held is not None:
-      keep_row &= train != (user_base + held)[train_users]
-  train_items = (train - train_users * num_items)[keep_row].astype(np.int32)
-  train_users = train_users[keep_row].astype(np.int32)
-  del train, keep_row
+  held = _HeldOut(ucode, uraw, icode, timestamps, num_users, validation, min_ratings, where)
+  train_users, train_items = _training_positives(ucode, icode, num_users, num_items, held)
   degrees = np.bincount(train_users, minlength=num_users)
   if not degrees.all():
     u = int(np.argmin(degrees))
-    what = 'its latest rating' if held_out == 1 else 'its two latest items'
+    what = 'its latest rating' if held.count == 1 else 'its two latest items'
     raise UserError(
       f'{where}: user {int(uraw[u])} has no training positive left after holding out '
       f'{what} (it rated {int(np.count_nonzero(ucode == u))} time(s), '
-      f'min_ratings={min_ratings}). {hint}'
+      f'min_ratings={min_ratings}). {held.hint}'
     )
   offsets = np.zeros(num_users + 1, np.int64)
   np.cumsum(degrees, out=offsets[1:])
@@ -195,7 +137,83 @@ def preprocess(
     train_users=train_users,
     train_items=train_items,
     user_offsets=offsets.astype(np.int32),
-    test_items=test_items.astype(np.int32),
-    valid_items=None if valid_items is None else valid_items.astype(np.int32),
+    test_items=held.test_items.astype(np.int32),
+    valid_items=None if held.valid_items is None else held.valid_items.astype(np.int32),
   )
   return dataset, uraw
+
+
+def _filter_users(users, items, timestamps, min_ratings: int, where: str):
+  """(dense user ids, their raw ids, items, timestamps) of the users with at least
+  `min_ratings` rows, in file order."""
+  ucode, uraw = factorize(users)
+  counts = np.bincount(ucode)
+  keep = counts >= min_ratings
+  if not keep.all():
+    if not keep.any():
+      raise UserError(
+        f'{where}: no user has at least min_ratings={min_ratings} ratings (the '
+        f'most is {int(counts.max())}); lower config.dataset.min_ratings.'
+      )
+    rows = keep[ucode]
+    ucode = (np.cumsum(keep, dtype=np.int32) - 1)[ucode[rows]]
+    uraw, items, timestamps = uraw[keep], items[rows], timestamps[rows]
+  return ucode, uraw, items, timestamps
+
+
+class _HeldOut:
+  """Each user's test item (its latest row; the last among equals) and, with
+  validation='leave_one_out', its validation item (the latest of the other items)."""
+
+  def __init__(self, ucode, uraw, icode, timestamps, num_users, validation, min_ratings, where):
+    held_out = 2 if validation == 'leave_one_out' else 1
+    hint = (
+      f'Use --config.dataset.min_ratings={held_out + 1} or more (MLPerf: 20).'
+      if min_ratings <= held_out
+      else 'Its ratings repeat one item (min_ratings counts ratings, not distinct items): '
+      'remove the repeats or raise config.dataset.min_ratings (MLPerf: 20).'
+    )
+    test_pos = _latest_rows(ucode, timestamps, num_users)
+    test_items = icode[test_pos]
+    held_rows = [test_pos]
+    valid_items = None
+    if validation == 'leave_one_out':
+      eligible = icode != test_items[ucode]  # the test row, and repeats of its item, are out
+      valid_pos = _latest_rows(ucode, timestamps, num_users, eligible)
+      del eligible
+      if (valid_pos < 0).any():
+        u = int(np.argmax(valid_pos < 0))
+        raise UserError(
+          f'{where}: user {int(uraw[u])} has no rating left for validation after holding '
+          f'out its latest one as the test item (config.validation=leave_one_out needs two '
+          f'distinct items and a training positive per user). {hint}'
+        )
+      valid_items = icode[valid_pos]
+      held_rows.append(valid_pos)
+    self.count, self.hint, self.rows = held_out, hint, held_rows
+    self.test_items, self.valid_items = test_items, valid_items
+
+
+def _training_positives(ucode, icode, num_users: int, num_items: int, held: _HeldOut):
+  """Every row that is not held out, as sorted unique (user, item) pairs without any
+  repeat of a user's held-out items."""
+  is_held = np.zeros(ucode.shape[0], bool)
+  for pos in held.rows:
+    is_held[pos] = True
+  train = ucode.astype(np.int64)
+  train *= num_items
+  train += icode
+  train = train[~is_held]
+  del is_held
+  train.sort(kind='stable')  # timsort: linear on already ordered input
+  train_users = train // num_items
+  keep_row = np.empty(train.shape[0], bool)
+  keep_row[:1] = True
+  np.not_equal(train[1:], train[:-1], out=keep_row[1:])
+  user_base = np.arange(num_users, dtype=np.int64) * num_items
+  for out in (held.test_items, held.valid_items):  # a repeat of a held-out pair is not training
+    if out is not None:
+      keep_row &= train != (user_base + out)[train_users]
+  train_items = (train - train_users * num_items)[keep_row].astype(np.int32)
+  train_users = train_users[keep_row].astype(np.int32)
+  return train_users, train_items
