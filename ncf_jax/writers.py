@@ -76,10 +76,12 @@ def _closed_loop_noise(value) -> bool:
 
 def swallow_closed_loop_errors(path: str) -> None:
   """After a failed save, tensorstore's late callbacks find orbax's event loop closed and
-  print a traceback each, from their own threads, at any later time: from now on such
-  errors (and only those) go to `path` (idempotent; other errors are printed as before)."""
+  print a traceback each, from their own threads, and asyncio reports the save's futures
+  ("exception was never retrieved") when they are collected, at any later time: from now
+  on those (and only those) go to `path` (idempotent; other errors print as before)."""
   if getattr(sys.excepthook, '_ncf_jax_path', None) is not None:
     return
+  std_logging.getLogger('asyncio').addFilter(_DivertToFile(path))
   previous, previous_unraisable = sys.excepthook, sys.unraisablehook
 
   def to_file(exc_type, value, tb) -> None:
