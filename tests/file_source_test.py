@@ -440,3 +440,47 @@ def test_sharded_evaluation_on_fixed_negatives_equals_the_replicated_one(paper):
     )
   assert results['sharded'][1] == results['replicated'][1]
   assert results['sharded'][0] == pytest.approx(results['replicated'][0], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+  'kind',
+  [
+    'string_ids',  # no timestamps either: the seeded hold-out, relabelled string ids
+    pytest.param('no_timestamps', marks=pytest.mark.slow),
+    pytest.param('threshold', marks=pytest.mark.slow),
+    pytest.param('ncf_paper', marks=pytest.mark.slow),
+  ],
+)
+def test_each_kind_of_file_trains_validates_and_evaluates_from_the_command_line(tmp_path, kind):
+  import sys
+
+  import _train_helpers as h
+
+  fields = _train_files(tmp_path)[kind]
+  flags = [f'--config.dataset.{k}={v}' for k, v in fields.items()] + [
+    '--config.dataset.name=file',
+    f'--config.dataset.data_dir={tmp_path / "data"}',
+    '--config.dataset.min_ratings=3',
+    '--config.validation=leave_one_out',
+    '--config.eval_num_neg=10',
+    '--config.batch_size=256',
+    '--config.num_epochs=2',
+    '--config.num_devices=1',
+  ]
+  workdir = str(tmp_path / 'run')
+  cmd = [
+    sys.executable,
+    '-m',
+    'ncf_jax.train',
+    '--config=configs/default.py',
+    f'--workdir={workdir}',
+  ]
+  out = h.run(cmd + flags, devices=1)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = h.summary(workdir)
+  assert summary['best_epoch'] in (0, 1) and 0 < summary['valid_hr'] <= 1, summary
+  assert 0 < summary['test_hr'] <= 1
+  args = [f'--workdir={workdir}', '--best', '--split=valid']
+  out = h.run([sys.executable, '-m', 'ncf_jax.evaluate'] + args, devices=1)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout.splitlines()[-1])['hr'] == summary['valid_hr']
