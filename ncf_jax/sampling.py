@@ -121,16 +121,22 @@ def groups_per_user(num_items: int) -> int:
 
 def host_arrays(dataset: data_lib.Dataset) -> dict:
   """NumPy arrays of the device form (bitmap index and remap targets), built on host."""
-  n_items, n_users, n_train = dataset.num_items, dataset.num_users, dataset.num_train
-  narrow = n_items <= NARROW_ITEMS
   offsets = dataset.user_offsets.astype(np.int64)
   degrees = np.diff(offsets)
   users = dataset.train_users.astype(np.int64)
   items = dataset.train_items.astype(np.int64)
   start_each = np.repeat(offsets[:-1], degrees)  # each positive's user's first index
-  local = np.arange(n_train, dtype=np.int64) - start_each
-  gpu = groups_per_user(n_items)
+  local = np.arange(dataset.num_train, dtype=np.int64) - start_each
+  index = _bitmap_index(users, items, local, offsets, degrees, dataset.num_items)
+  remap = _remap_targets(users, items, local, start_each, offsets, degrees, dataset.num_items)
+  return _device_form(dataset, items, remap, *index)
 
+
+def _bitmap_index(users, items, local, offsets, degrees, n_items: int):
+  """(words, before, occ, g_base): each user's positives as CHUNK-bit words with the count
+  of positives before each, and per GROUP of chunks an occupancy mask and a base index."""
+  n_users, n_train = degrees.shape[0], users.shape[0]
+  gpu = groups_per_user(n_items)
   # Non-empty chunks, in (user, chunk) order since positives are sorted by (user, item).
   chunk = items // CHUNK
   first = (
@@ -163,6 +169,12 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
   g_base = np.cumsum(counts) - counts  # exclusive, over all users
   g_base -= np.repeat(g_base[::gpu], gpu) if n_users else 0
 
+  return words, before, occ, g_base
+
+
+def _remap_targets(users, items, local, start_each, offsets, degrees, n_items: int):
+  """f_u's targets: for each positive slot, the non-positive it maps to (see `sample`)."""
+  n_users, n_train = degrees.shape[0], users.shape[0]
   # f_u's targets: the non-positives in [m, num_items), listed ascending. Candidates are
   # m + t for t < degree; those that are positives (the ones >= m) are struck out.
   m = n_items - degrees
@@ -178,6 +190,13 @@ def host_arrays(dataset: data_lib.Dataset) -> dict:
   remap = np.zeros(n_train, np.int64)
   remap[dest] = cand[kept]
 
+  return remap
+
+
+def _device_form(dataset: data_lib.Dataset, items, remap, words, before, occ, g_base) -> dict:
+  """The arrays `to_device` places, packed narrow (uint16 items, 16-bit fields) when the
+  catalogue allows it."""
+  narrow = dataset.num_items <= NARROW_ITEMS
   item_dtype = np.uint16 if narrow else np.int32
   out = dict(
     train_users=dataset.train_users.astype(np.int32),

@@ -142,25 +142,8 @@ def generate(
   rng = np.random.Generator(np.random.PCG64(seed))
   k = num_topics
 
-  # Items: balanced random topics, random within-topic popularity rank.
-  item_topic = (rng.permutation(num_items) % k).astype(np.int32)
-  by_topic = np.lexsort((rng.permutation(num_items), item_topic)).astype(np.int32)
-  topic_size = np.bincount(item_topic, minlength=k)
-  topic_start = np.concatenate([[0], np.cumsum(topic_size)[:-1]])
-  rank = np.empty(num_items, np.int64)
-  rank[by_topic] = np.arange(num_items) - np.repeat(topic_start, topic_size)
-  size_of_item = topic_size[item_topic].astype(np.float64)
-  within = _power_cdf(rank + 1.0, size_of_item) - _power_cdf(rank, size_of_item)
-
-  # Users: topic weights and heavy-tailed targets.
-  theta = rng.dirichlet(np.full(k, DIRICHLET_ALPHA), size=num_users)
-  theta = (1.0 - TOPIC_FLOOR) * theta + TOPIC_FLOOR / k
-  theta /= theta.sum(axis=1, keepdims=True)
-  extra = (mean_interactions - MIN_INTERACTIONS) * rng.lognormal(
-    -(ACTIVITY_SIGMA**2) / 2, ACTIVITY_SIGMA, num_users
-  )
-  target = np.minimum(MIN_INTERACTIONS + np.rint(extra).astype(np.int64), num_items // 2)
-  start = _T0 + rng.integers(0, _SPAN, num_users)
+  item_topic, by_topic, topic_size, topic_start, within = _items(rng, num_items, k)
+  theta, target, start = _users(rng, num_users, num_items, k, mean_interactions)
 
   bounds = (
     np.searchsorted(np.cumsum(target), np.arange(_CHUNK_DRAWS, target.sum(), _CHUNK_DRAWS), 'left')
@@ -191,6 +174,33 @@ def generate(
     theta=theta.astype(np.float32), item_topic=item_topic, within_topic=within.astype(np.float32)
   )
   return SyntheticData(num_users, num_items, users[:pos], items[:pos], timestamps[:pos], oracle)
+
+
+def _items(rng, num_items: int, k: int):
+  """Items: balanced random topics, random within-topic popularity rank (draws from `rng`
+  in a fixed order: the data set is a function of the seed)."""
+  item_topic = (rng.permutation(num_items) % k).astype(np.int32)
+  by_topic = np.lexsort((rng.permutation(num_items), item_topic)).astype(np.int32)
+  topic_size = np.bincount(item_topic, minlength=k)
+  topic_start = np.concatenate([[0], np.cumsum(topic_size)[:-1]])
+  rank = np.empty(num_items, np.int64)
+  rank[by_topic] = np.arange(num_items) - np.repeat(topic_start, topic_size)
+  size_of_item = topic_size[item_topic].astype(np.float64)
+  within = _power_cdf(rank + 1.0, size_of_item) - _power_cdf(rank, size_of_item)
+  return item_topic, by_topic, topic_size, topic_start, within
+
+
+def _users(rng, num_users: int, num_items: int, k: int, mean_interactions: float):
+  """Users: topic weights, heavy-tailed interaction targets, and first timestamps."""
+  theta = rng.dirichlet(np.full(k, DIRICHLET_ALPHA), size=num_users)
+  theta = (1.0 - TOPIC_FLOOR) * theta + TOPIC_FLOOR / k
+  theta /= theta.sum(axis=1, keepdims=True)
+  extra = (mean_interactions - MIN_INTERACTIONS) * rng.lognormal(
+    -(ACTIVITY_SIGMA**2) / 2, ACTIVITY_SIGMA, num_users
+  )
+  target = np.minimum(MIN_INTERACTIONS + np.rint(extra).astype(np.int64), num_items // 2)
+  start = _T0 + rng.integers(0, _SPAN, num_users)
+  return theta, target, start
 
 
 def _draw(rng, theta, counts, topic_size, topic_start, by_topic, num_items, noise):
