@@ -100,6 +100,7 @@ RESUMABLE_FIELDS = (
   'dataset.download_min_rate_window_s',
   'stall_timeout_s',
   'divergence_factor',
+  'test_at_end',
   'steps_per_call',
   'sharding',
   'model.first_layer',
@@ -170,6 +171,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.validation = 'none'
   # Validation metric that selects the best epoch and drives early stopping: 'hr' or 'ndcg'.
   config.select_metric = 'hr'
+  # With a validation split: test the selected epoch once at the end. False for the points
+  # of a hyperparameter search, which must not read the test split (experiments.compare).
+  config.test_at_end = True
   # Stop when select_metric has not improved for this many epochs; 0 = run num_epochs.
   config.early_stop_patience = 0
   # Reproduce the MLPerf reference's eval sampling (with replacement, duplicates count once).

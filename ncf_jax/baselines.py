@@ -18,8 +18,8 @@ from ncf_jax import pipeline
 def hr_ndcg(
   scores: np.ndarray, mask: np.ndarray, top_k: int, items: np.ndarray | None = None
 ) -> dict[str, float]:
-  """HR@K and NDCG@K with column 0 the positive; ties count against the positive (with
-  `items`, match_mlperf's rule: `metrics.positive_rank`)."""
+  """HR@K, NDCG@K and MRR@K with column 0 the positive; ties count against the positive
+  (with `items`, match_mlperf's rule: `metrics.positive_rank`)."""
   pos = scores[:, :1]
   if items is None:
     beats = scores[:, 1:] >= pos
@@ -30,7 +30,8 @@ def hr_ndcg(
   rank = (beats & mask[:, 1:]).sum(axis=1)
   hit = rank < top_k
   ndcg = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
-  return {'hr': float(hit.mean()), 'ndcg': float(ndcg.mean())}
+  mrr = np.where(hit, 1.0 / (rank + 1.0), 0.0)
+  return {'hr': float(hit.mean()), 'ndcg': float(ndcg.mean()), 'mrr': float(mrr.mean())}
 
 
 def evaluate_scorer(
@@ -41,9 +42,13 @@ def evaluate_scorer(
   num_neg: int,
   top_k: int,
   match_mlperf: bool = False,
+  split: str = 'test',
 ) -> dict[str, float]:
-  """HR/NDCG of `scorer(users [U, C], items [U, C]) -> scores` on the run's candidates."""
-  users, items = pipeline.eval_candidates(dataset, key, num_neg=num_neg, match_mlperf=match_mlperf)
+  """HR/NDCG/MRR of `scorer(users [U, C], items [U, C]) -> scores` on the run's candidates
+  of `split` (a run's `data_key` gives exactly the candidates its own evaluation uses)."""
+  users, items = pipeline.eval_candidates(
+    dataset, key, num_neg=num_neg, match_mlperf=match_mlperf, split=split
+  )
   if match_mlperf:
     mask = np.asarray(pipeline.first_occurrence(jnp.asarray(items)))
   else:

@@ -143,6 +143,13 @@ def _check_protocol(config) -> None:
         config.early_stop_patience,
         'early stopping reads the validation split: set config.validation=leave_one_out, or use 0',
       )
+    if not config.test_at_end:
+      _bad(
+        'test_at_end',
+        config.test_at_end,
+        'without a validation split the test split is what each epoch evaluates: use True, '
+        'or set config.validation=leave_one_out',
+      )
   else:
     if config.hr_threshold is not None:
       _bad(

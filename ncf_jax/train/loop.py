@@ -103,7 +103,7 @@ def _stages(run: Run) -> steps.TrainState:
       improved = evaluate_epoch(run, state, progress, guards, epoch, record)
       end_epoch(run, state, progress, guards, epoch, record, improved)
     best = results.best_record(progress.history, run.select_key)
-    if run.select_key and not progress.preempted and best is not None:
+    if run.select_key and run.config.test_at_end and not progress.preempted and best is not None:
       test, test_hash = test_selected(run, best, in_flight)
       watchdog.beat()
   finish(run, state, progress, test, test_hash)

@@ -1,5 +1,7 @@
 """NeuMF initialised from trained GMF and MLP runs (the NCF paper's pre-training)."""
 
+import os
+
 import jax
 from jax.sharding import Mesh
 
@@ -8,9 +10,19 @@ from ncf_jax import models, parallel, steps
 from ncf_jax.errors import UserError
 
 
+def _trained_checkpoints(path: str) -> ckpt_lib.Checkpoints:
+  """The selected epoch's checkpoint of a run with a validation split (the NCF recipe:
+  GMF and MLP each selected on validation), else the run's latest checkpoints."""
+  best = os.path.join(path, ckpt_lib.BEST_DIR)
+  if os.path.isdir(best) and any(name.isdigit() for name in os.listdir(best)):
+    return ckpt_lib.Checkpoints(path, 1, read_only=True, best_metric='selected')
+  return ckpt_lib.Checkpoints(path, 1, read_only=True)
+
+
 def _final_params(path: str, name: str):
-  """The parameters of the latest checkpoint of a trained `name` ('gmf'/'mlp') workdir."""
-  ck = ckpt_lib.Checkpoints(path, 1)
+  """The parameters of a trained `name` ('gmf'/'mlp') workdir: its selected epoch's with a
+  validation split, else its latest checkpoint's."""
+  ck = _trained_checkpoints(path)
   step = ck.latest_step()
   if step is None:
     raise UserError(

@@ -71,6 +71,7 @@ def summary(
     'epochs_done': len(history),
     'validation': run.config.validation,
     'select_metric': run.select_key,
+    'test_at_end': bool(run.config.test_at_end),
     'best_epoch': None if best is None else best['epoch'],
     **{
       f'valid_{k}': None if best is None else best.get(f'valid_{k}') for k in ('hr', 'ndcg', 'mrr')
@@ -127,7 +128,12 @@ def done_line(workdir: str, summary: dict, history: list, top_k: int, wall_s: fl
   elif summary['validation'] != 'none' and summary['test_hr'] is not None:
     what = f'{metrics("test_", "test ")} (selected epoch {summary["best_epoch"] + 1})'
   elif summary['validation'] != 'none' and summary['valid_hr'] is not None:
-    what = f'{metrics("valid_", "valid ")} (best epoch so far: {summary["best_epoch"] + 1})'
+    epoch = summary['best_epoch'] + 1
+    what = f'{metrics("valid_", "valid ")} ' + (
+      f'(selected epoch {epoch}; test not evaluated: config.test_at_end=False)'
+      if summary.get('test_at_end') is False and not summary['preempted']
+      else f'(best epoch so far: {epoch})'
+    )
   else:
     what = 'no epoch evaluated yet'
   if summary['preempted']:
