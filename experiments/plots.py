@@ -94,3 +94,40 @@ def seed_boxplot(
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=80)
+
+
+def compare_bars(
+  models: Sequence[tuple[str, dict[str, dict]]], path: str, *, top_k: int = 10, title: str = ''
+) -> None:
+  """One panel per metric, one bar per model: the mean over seeds with its 95 % interval.
+
+  `models` is [(name, {metric: {'mean': m, 'ci95': [lo, hi] or None}})], metrics 'hr',
+  'ndcg', 'mrr'; a model without a mean is left out of that panel.
+  """
+  metrics = ['hr', 'ndcg', 'mrr']
+  fig = Figure(figsize=(4.2 * len(metrics), 4))
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+  palette = matplotlib.colormaps['tab10'].colors  # type: ignore[attr-defined]  # a ListedColormap
+  for ax, metric in zip(axes, metrics):
+    names, means, low, high, colors = [], [], [], [], []
+    for i, (name, stats) in enumerate(models):
+      s = stats.get(metric) or {}
+      if s.get('mean') is None:
+        continue
+      lo, hi = s['ci95'] if s.get('ci95') else (s['mean'], s['mean'])
+      names.append(name)
+      means.append(s['mean'])
+      low.append(s['mean'] - lo)
+      high.append(hi - s['mean'])
+      colors.append(palette[i % len(palette)])
+    positions = list(range(len(names)))
+    ax.bar(positions, means, yerr=[low, high], capsize=4, color=colors)
+    ax.set_xticks(positions)
+    ax.set_xticklabels(names, rotation=30, ha='right', fontsize=8)
+    ax.set(ylabel=f'test {metric.upper()}@{top_k}', title=f'{metric.upper()}@{top_k}')
+    ax.grid(True, axis='y', alpha=0.3)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)

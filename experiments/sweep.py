@@ -54,7 +54,7 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
-from experiments import plots
+from experiments import plots, search
 
 # Sweeps and seed studies reuse ncf_jax.train's --config (config_flags) and --workdir
 # flags (launch.define_run_flags), so `--config.x=y` means exactly what it means for a run.
@@ -320,6 +320,7 @@ def point_result(point: Point) -> dict[str, Any]:
     # The selected epoch (validation runs), its validation HR and the run's test HR.
     'best_epoch': summary.get('best_epoch'),
     'valid_hr': summary.get('valid_hr'),
+    'valid_ndcg': summary.get('valid_ndcg'),
     'test_hr': summary.get('test_hr'),
     # The test maximum over epochs (runs without validation): not a selected result.
     'test_hr_max_over_epochs': max_over_epochs('hr'),
@@ -509,6 +510,11 @@ def run_points(points: Sequence[Point], envs: Sequence[dict[str, str]]) -> bool:
 
 def result_line(summary: dict) -> str:
   """What a finished run reports: its selected test HR, or the test maximum over epochs."""
+  if summary.get('best_epoch') is not None and summary.get('test_hr') is None:
+    return (
+      f'valid HR {summary.get("valid_hr") or float("nan"):.4f} (epoch '
+      f'{summary["best_epoch"]}, test not evaluated)'
+    )
   if summary.get('best_epoch') is not None:
     return (
       f'test HR {summary.get("test_hr") or float("nan"):.4f} (epoch '
@@ -569,10 +575,21 @@ def markdown_table(
 
 
 def write_results(
-  points: Sequence[Point], workdir: str, *, title: str, preamble: str
+  points: Sequence[Point],
+  workdir: str,
+  *,
+  title: str,
+  preamble: str,
+  selected: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-  """results.csv, results.md and curves.png in `workdir`; returns the rows."""
+  """results.csv, results.md and curves.png in `workdir`; returns the rows.
+
+  `selected` (a `--select` sweep): the points ran without the test split; the table shows
+  their validation metrics and marks the winner, whose test metrics `selected` holds.
+  """
   results = [point_result(p) for p in points]
+  for r in results:
+    r['selected'] = selected is not None and r['name'] == selected['name']
   keys = []
   for p in points:
     keys += [k for k in p.overrides if k not in keys]
@@ -590,6 +607,8 @@ def write_results(
     'params_hash',
     'status',
   ]
+  if selected is not None:  # the search points' test metrics were never computed
+    columns = ['valid_ndcg', 'selected'] + [c for c in columns if c != 'test_hr']
   with open(os.path.join(workdir, 'results.csv'), 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(['name'] + keys + columns)
@@ -604,26 +623,31 @@ def write_results(
   top_k = int(config.top_k)
   validated = config.validation != 'none'
   shown = varying_keys(points)
-  # A validated sweep reports each point's selected epoch and its test HR; otherwise the
-  # test maximum over epochs, named so that nobody takes it for a selected result.
-  metric_header, metric_cells = (
-    (
-      ['best epoch', f'valid HR@{top_k}', f'test HR@{top_k}'],
-      lambda r: [
-        fmt(r['best_epoch'], ''),
-        fmt(r['valid_hr'], 'metric'),
-        fmt(r['test_hr'], 'metric'),
-      ],
-    )
-    if validated
-    else (
-      [f'max test HR@{top_k} over epochs', f'max test NDCG@{top_k} over epochs'],
-      lambda r: [
-        fmt(r['test_hr_max_over_epochs'], 'metric'),
-        fmt(r['test_ndcg_max_over_epochs'], 'metric'),
-      ],
-    )
-  )
+  # A `--select` sweep reports validation metrics and marks the winner (its points never
+  # read the test split); another validated sweep each point's selected epoch and its test
+  # HR; otherwise the test maximum over epochs, named so that nobody takes it for a
+  # selected result.
+  if selected is not None:
+    metric_header = ['best epoch', f'valid HR@{top_k}', f'valid NDCG@{top_k}', 'selected']
+    metric_cells = lambda r: [  # noqa: E731
+      fmt(r['best_epoch'], ''),
+      fmt(r['valid_hr'], 'metric'),
+      fmt(r['valid_ndcg'], 'metric'),
+      '**selected**' if r['selected'] else '',
+    ]
+  elif validated:
+    metric_header = ['best epoch', f'valid HR@{top_k}', f'test HR@{top_k}']
+    metric_cells = lambda r: [  # noqa: E731
+      fmt(r['best_epoch'], ''),
+      fmt(r['valid_hr'], 'metric'),
+      fmt(r['test_hr'], 'metric'),
+    ]
+  else:
+    metric_header = [f'max test HR@{top_k} over epochs', f'max test NDCG@{top_k} over epochs']
+    metric_cells = lambda r: [  # noqa: E731
+      fmt(r['test_hr_max_over_epochs'], 'metric'),
+      fmt(r['test_ndcg_max_over_epochs'], 'metric'),
+    ]
   header = (
     [k[len(PREFIX) :] for k in shown]
     + metric_header
@@ -651,6 +675,8 @@ def write_results(
   notes += (
     '; train samples/s is the median over epochs after the first (the first includes compilation).'
   )
+  if selected is not None:
+    preamble += '\n\n' + selected_line(selected, top_k)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(f'# {title}\n\n{preamble}\n\n{table}\n{notes}\n\n![HR curves](curves.png)\n')
 
@@ -694,6 +720,46 @@ def write_results(
   return results
 
 
+def selected_line(selected: dict[str, Any], top_k: int) -> str:
+  """The result of a `--select` sweep, as results.md states it."""
+  m = selected['select_metric']
+  return (
+    f'**Selected on validation {m.upper()}@{top_k}: `{selected["name"]}`** (valid '
+    f'{m.upper()}@{top_k} {selected[f"valid_{m}"]:.4f}, epoch {selected["best_epoch"] + 1}). '
+    f'Its test split, evaluated once after the selection: HR@{top_k} {selected["test_hr"]:.4f}, '
+    f'NDCG@{top_k} {selected["test_ndcg"]:.4f}, MRR@{top_k} {selected["test_mrr"]:.4f}. '
+    'No other point evaluated the test split (config.test_at_end=False).'
+  )
+
+
+def evaluate_selected(point: Point, select_metric: str, env: dict[str, str]) -> dict[str, Any]:
+  """Tests the selected point's selected epoch (`ncf_jax.evaluate --best --split=test`,
+  read-only) and records it in WORKDIR/selected.json."""
+  proc = subprocess.run(
+    [sys.executable, '-m', 'ncf_jax.evaluate', f'--workdir={point.workdir}', '--best',
+     '--split=test'],
+    env=env, capture_output=True, text=True, check=False,
+  )  # fmt: skip
+  if proc.returncode:
+    raise UserError(f'testing the selected point {point.name} failed: {proc.stderr.strip()[-500:]}')
+  test = json.loads(proc.stdout.strip().splitlines()[-1])
+  row = point_result(point)
+  selected = {
+    'name': point.name,
+    'overrides': point.overrides,
+    'select_metric': select_metric,
+    'best_epoch': row['best_epoch'],
+    'valid_hr': row['valid_hr'],
+    'valid_ndcg': row['valid_ndcg'],
+    **{f'test_{k}': test[k] for k in ('hr', 'ndcg', 'mrr')},
+    'test_step': test['step'],
+    'workdir': point.workdir,
+  }
+  with open(os.path.join(os.path.dirname(point.workdir), 'selected.json'), 'w') as f:
+    json.dump(selected, f, indent=2, default=list)
+  return selected
+
+
 def this_command(module: str) -> str:
   return shlex.join(['python', '-m', module] + sys.argv[1:])
 
@@ -713,6 +779,24 @@ def define_flags() -> None:
   launch.define_run_flags()  # --config and --workdir mean what they mean for a train run
   flags.DEFINE_string('sweep', None, 'Sweep file defining get_sweep().')
   flags.DEFINE_integer('parallel', 1, 'Points run at once, each on its share of the devices.')
+  flags.DEFINE_bool(
+    'select',
+    False,
+    'Validated search: the points run without the test split (config.test_at_end=False), '
+    'the best by validation config.select_metric is selected and only it is tested.',
+  )
+
+
+def select_points(config, base: dict[str, Any], overrides_list: list[dict]) -> list[dict]:
+  """The overrides a `--select` sweep runs: each point's own, with the test split off."""
+  if config.validation == 'none':
+    raise UserError(
+      '--select chooses on a validation split, and the config has config.validation=none; '
+      'pass --config.validation=leave_one_out.'
+    )
+  if PREFIX + 'test_at_end' in base or any(PREFIX + 'test_at_end' in o for o in overrides_list):
+    raise UserError('--select sets config.test_at_end=False for every point; drop that field.')
+  return [{**o, PREFIX + 'test_at_end': False} for o in overrides_list]
 
 
 @exit_on_user_error
@@ -721,7 +805,14 @@ def main(argv):
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   config, config_file, base, workdir = base_config()
   overrides_list = load_sweep(FLAGS.sweep)
-  points = make_points(config, config_file, base, overrides_list, workdir)
+  if FLAGS.select:
+    names = [point_name(o) for o in overrides_list]
+    run_list = select_points(config, base, overrides_list)
+    points = make_points(config, config_file, base, run_list, workdir, names=names)
+    for point, own in zip(points, overrides_list):
+      point.overrides = own  # the table shows the sweep file's values
+  else:
+    points = make_points(config, config_file, base, overrides_list, workdir)
   envs = prepare_envs(FLAGS.parallel)
   os.makedirs(workdir, exist_ok=True)
   _say(f'Sweep {FLAGS.sweep}: {len(points)} points in {os.path.abspath(workdir)}')
@@ -731,7 +822,18 @@ def main(argv):
     f'Sweep `{FLAGS.sweep}` on `{config_file}`, {len(points)} points.\n\n'
     f'Command: `{this_command("experiments.sweep")}`'
   )
-  results = write_results(points, workdir, title=f'Sweep {sweep_name}', preamble=preamble)
+  selected = None
+  if FLAGS.select and completed:
+    won = search.select([point_result(p) for p in points], str(config.select_metric))
+    if won is None:
+      raise UserError(
+        'no point of the sweep finished, so none can be selected; see their train.log.'
+      )
+    selected = evaluate_selected(points[won], str(config.select_metric), envs[0])
+    _say(selected_line(selected, int(config.top_k)).replace('**', '').replace('`', ''))
+  results = write_results(
+    points, workdir, title=f'Sweep {sweep_name}', preamble=preamble, selected=selected
+  )
   _say(f'Wrote {os.path.join(workdir, "results.md")}, results.csv and curves.png.')
   if not completed:
     raise UserError(
