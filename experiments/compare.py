@@ -520,6 +520,7 @@ def main(argv):
   if FLAGS.num_seeds < 1:
     raise UserError(f'--num_seeds={FLAGS.num_seeds}; it must be >= 1.')
   check_config(config, base, config_file)
+  commit = git_commit()  # of the code that trains, before anything runs
   space = load_space(FLAGS.search)
   seeds = [int(config.seed) + i for i in range(FLAGS.num_seeds)]
   envs = sweep.prepare_envs(FLAGS.parallel)
@@ -541,7 +542,7 @@ def main(argv):
     )
   result = {
     'command': sweep.this_command('experiments.compare'),
-    'commit': git_commit(),
+    'commit': commit,
     'config_file': config_file,
     'search': FLAGS.search,
     'select_metric': str(config.select_metric),

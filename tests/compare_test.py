@@ -326,3 +326,23 @@ def test_the_full_comparison_with_the_default_search_and_pretraining(tmp_path):
   for name in ('mf', 'gmf', 'mlp', 'neumf'):
     axes = {t['axis'] for t in result['models'][name]['search']}
     assert axes == {'learning_rate', 'model.l2', 'embedding size', 'num_neg'}
+
+
+def test_pretraining_starts_from_the_selected_epoch_when_the_run_has_one(tmp_path):
+  import shutil
+
+  import jax.numpy as jnp
+
+  from ncf_jax import checkpoint as ckpt_lib
+  from ncf_jax.train import pretrained
+
+  meta = {'config': {'model': {'name': 'gmf'}}, 'seed': 0}
+  latest = ckpt_lib.Checkpoints(str(tmp_path), 3)
+  latest.save(2, {'params': {'w': jnp.full(3, 2.0)}}, meta)
+  best = ckpt_lib.Checkpoints(str(tmp_path), 1, best_metric='valid_hr')
+  best.save(1, {'params': {'w': jnp.full(3, 1.0)}}, meta, metrics={'valid_hr': 0.5})
+  latest.close()
+  best.close()
+  assert float(pretrained._final_params(str(tmp_path), 'gmf')['w'][0]) == 1.0
+  shutil.rmtree(tmp_path / ckpt_lib.BEST_DIR)  # a run without a validation split
+  assert float(pretrained._final_params(str(tmp_path), 'gmf')['w'][0]) == 2.0
