@@ -31,11 +31,9 @@ command to continue: the search retraces its finished points and goes on.
 
 from collections.abc import Sequence
 import csv
-import importlib.util
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -296,6 +294,10 @@ class Comparison:
     self.search_model(name)
     self.train_seeds(name)
 
+  def relative(self, row: dict) -> dict:
+    """`row` with its workdir relative to the comparison's (results.json moves with it)."""
+    return {**row, 'workdir': os.path.relpath(row['workdir'], self.runner.workdir)}
+
   def model_result(self, name: str) -> dict[str, Any]:
     rows = self.rows[name]
     out: dict[str, Any] = {f'test_{m}': summarize([r[f'test_{m}'] for r in rows]) for m in METRICS}
@@ -308,9 +310,9 @@ class Comparison:
       [r['best_epoch'] + 1 if r['best_epoch'] is not None else None for r in rows]
     )
     out['seconds'] = summarize([r['seconds'] for r in rows])
-    out['seeds'] = rows
+    out['seeds'] = [self.relative(r) for r in rows]
     out['search'] = [
-      {'axis': t.axis, **{k: _jsonable(v) for k, v in t.row.items()}}
+      {'axis': t.axis, **{k: _jsonable(v) for k, v in self.relative(t.row).items()}}
       for t in self.trials.get(name, [])
     ]
     return out
@@ -466,16 +468,7 @@ def load_space(arg: str):
     return None
   if not os.path.isfile(arg):
     raise UserError(f'--search={arg!r}: use default, none, or a file defining get_space(model).')
-  name = '_space_' + re.sub(r'\W', '_', os.path.basename(arg))
-  spec = importlib.util.spec_from_file_location(name, arg)
-  if spec is None or spec.loader is None:
-    raise UserError(f'--search={arg!r} is not a Python file.')
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'--search={arg!r} failed to load: {type(e).__name__}: {e}') from None
-  get_space = getattr(module, 'get_space', None)
+  get_space = getattr(sweep.load_file(arg, 'search'), 'get_space', None)
   if not callable(get_space):
     raise UserError(f'{arg} has no get_space(model) returning a list of search.Axis.')
   return get_space

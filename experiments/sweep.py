@@ -70,22 +70,27 @@ PREFIX = 'config.'
 # Sweep files and points.
 
 
+def load_file(path: str, flag: str):
+  """The Python module of a file named by `--<flag>=path`; a UserError when it fails to load."""
+  name = f'_{flag}_' + re.sub(r'\W', '_', os.path.splitext(os.path.basename(path))[0])
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise UserError(f'--{flag}={path!r} is not a Python file.')
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'--{flag}={path!r} failed to load: {type(e).__name__}: {e}') from None
+  return module
+
+
 def load_sweep(path: str) -> list[dict[str, Any]]:
   """The points of a sweep file: `get_sweep()`, checked to be a list of config dicts."""
   if not path:
     raise UserError('pass --sweep=experiments/sweeps/<name>.py.')
   if not os.path.isfile(path):
     raise UserError(f'--sweep={path!r}: no such file (sweep files live in experiments/sweeps/).')
-  name = '_sweep_' + re.sub(r'\W', '_', os.path.splitext(os.path.basename(path))[0])
-  spec = importlib.util.spec_from_file_location(name, path)
-  if spec is None or spec.loader is None:
-    raise UserError(f'--sweep={path!r} is not a Python file.')
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # pylint: disable=broad-except
-    raise UserError(f'--sweep={path!r} failed to load: {type(e).__name__}: {e}') from None
-  get_sweep = getattr(module, 'get_sweep', None)
+  get_sweep = getattr(load_file(path, 'sweep'), 'get_sweep', None)
   if not callable(get_sweep):
     raise UserError(
       f'{path} has no get_sweep(); define one that returns a list of '
