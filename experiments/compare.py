@@ -346,7 +346,9 @@ def _std(stats: dict) -> str:
 def _setting_text(selected: dict) -> str:
   if not selected:
     return sweep.DASH
-  return ', '.join(f'{k}={sweep._name_value(v)}' for k, v in selected.items())
+  return ', '.join(
+    f'{k.removeprefix(search.PREFIX)}={sweep._name_value(v)}' for k, v in selected.items()
+  )
 
 
 def write_reports(result: dict, workdir: str) -> None:
