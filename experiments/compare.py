@@ -343,6 +343,10 @@ def _std(stats: dict) -> str:
   return sweep.DASH if stats['std'] is None else f'{stats["std"]:.4f}'
 
 
+def _unprefixed(setting: dict) -> dict:
+  return {k.removeprefix(search.PREFIX): v for k, v in setting.items()}
+
+
 def _setting_text(selected: dict) -> str:
   if not selected:
     return sweep.DASH
@@ -408,7 +412,7 @@ def write_reports(result: dict, workdir: str) -> None:
       [t['axis'], _setting_text(t['setting']) if t['setting'] else '(the config)',
        sweep.fmt(t['valid_hr'], 'metric'), sweep.fmt(t['valid_ndcg'], 'metric'),
        sweep.fmt(None if t['best_epoch'] is None else t['best_epoch'] + 1, ''), t['status'],
-       '**selected**' if t['setting'] == won else '']
+       '**selected**' if _unprefixed(t['setting']) == won else '']
       for t in r['search']
     ]  # fmt: skip
     sections.append(

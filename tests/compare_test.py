@@ -227,6 +227,8 @@ def test_a_tiny_comparison_selects_on_validation_resumes_and_ignores_the_test_sp
     assert os.path.getsize(tmp_path / 'ra' / name) > 0
   assert (tmp_path / 'ra' / 'results.png').read_bytes()[:8] == PNG
   assert [r['model'] for r in read_csv(tmp_path / 'ra' / 'results.csv')] == ['popularity', 'gmf']
+  report = (tmp_path / 'ra' / 'results.md').read_text()
+  assert report.count('**selected**') == 1  # the winner among gmf's search points
 
   # No search point read the test split; each seed run tested once.
   search_dir = tmp_path / 'ra' / 'gmf' / 'search'
